@@ -1,0 +1,79 @@
+//! Types shared by podmeter's kernel programs and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel writes these
+//! structures into BPF maps and the agent reads the same bytes back. Change a
+//! layout on both sides at once; the size assertions below catch drift.
+#![no_std]
+
+/// Capacity, in cgroups, of the per-cgroup counter maps unless the agent
+/// overrides it at load time (`--max-cgroups`). Per-CPU hash maps are
+/// preallocated: kernel memory is `entries × CPUs × value size`.
+pub const DEFAULT_MAX_CGROUPS: u32 = 4096;
+
+/// Index into [`DROPS`](crate) counters: an update to the CPU map failed.
+pub const DROP_CPU: u32 = 0;
+/// Index into the drop counters: an update to the network map failed.
+pub const DROP_NET: u32 = 1;
+/// Number of drop counters.
+pub const DROP_SLOTS: u32 = 2;
+
+/// Period of the per-CPU sampling tick, in nanoseconds.
+///
+/// `sched_switch` alone only bills a task when it leaves the CPU; a busy loop
+/// alone on a core may run for seconds without a switch. The tick bills the
+/// slice in progress and records which cgroup is on the CPU, so the agent can
+/// add the not-yet-billed remainder at scrape time.
+pub const TICK_PERIOD_NS: u64 = 100_000_000;
+
+/// On-CPU time and context switches of one cgroup, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuCounters {
+    /// Nanoseconds tasks of this cgroup spent on the CPU.
+    pub time_ns: u64,
+    /// Times a task of this cgroup left the CPU.
+    pub switches: u64,
+}
+
+/// Traffic of one cgroup (by socket cgroup), per CPU.
+///
+/// Ingress and egress write disjoint fields, so an egress program interrupted
+/// by ingress softirq on the same CPU cannot lose the other's update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Bytes received, IP header included (`skb->len` at the cgroup hook).
+    pub rx_bytes: u64,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes transmitted, IP header included.
+    pub tx_bytes: u64,
+    /// Packets transmitted.
+    pub tx_packets: u64,
+}
+
+/// What one CPU is running since its last switch or tick.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OnCpu {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) up to which this CPU's time
+    /// has been billed; 0 until the first event on this CPU.
+    pub since_ns: u64,
+    /// cgroup id of the task on the CPU, once a tick has seen it; 0 while
+    /// unknown (right after a switch) or while the CPU is idle.
+    pub cgroup_id: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<CpuCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<NetCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `repr(C)` integers with no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::CpuCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OnCpu {}
+}

@@ -1,0 +1,54 @@
+//! The maps the programs share with the agent, and the one way to add to a
+//! per-cgroup counter.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
+use podmeter_common::{CpuCounters, DEFAULT_MAX_CGROUPS, DROP_SLOTS, NetCounters, OnCpu};
+
+/// On-CPU time per cgroup id. Capacity is set by the agent at load time.
+#[map]
+pub(crate) static PM_CPU: PerCpuHashMap<u64, CpuCounters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+/// Traffic per socket cgroup id. Capacity is set by the agent at load time.
+#[map]
+pub(crate) static PM_NET: PerCpuHashMap<u64, NetCounters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+/// What each CPU runs since its last switch or tick (one slot, per CPU).
+#[map]
+pub(crate) static PM_ONCPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// Updates lost because a counter map was full, by `DROP_*` index.
+#[map]
+pub(crate) static PM_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_SLOTS, 0);
+
+/// Returns this CPU's slot for `cgroup_id` in `map`, creating it zeroed if
+/// needed. `None` means the map is full; the caller's loss is counted in
+/// `PM_DROPS[drop_slot]`.
+#[inline(always)]
+pub(crate) fn slot<V: Default>(
+    map: &PerCpuHashMap<u64, V>,
+    cgroup_id: u64,
+    drop_slot: u32,
+) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(cgroup_id) {
+        return Some(v);
+    }
+    // NOEXIST: another program on this CPU (ingress softirq over egress) may
+    // have created the key meanwhile; overwriting would lose its update.
+    let _ = map.insert(cgroup_id, V::default(), u64::from(BPF_NOEXIST));
+    match map.get_ptr_mut(cgroup_id) {
+        Some(v) => Some(v),
+        None => {
+            if let Some(d) = PM_DROPS.get_ptr_mut(drop_slot) {
+                // SAFETY: per-CPU slot; the pointer is valid for this program run.
+                unsafe { *d += 1 };
+            }
+            None
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Finding the cgroup2 mount (and the v1 memory controller on hybrid hosts)
+//! from `/proc/self/mountinfo`, never from a hard-coded path.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+
+/// Where podmeter reads cgroups from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mounts {
+    /// The cgroup2 mount: ids are inode numbers of directories below it.
+    pub unified: PathBuf,
+    /// The cgroup v1 `memory` controller, on hybrid hosts.
+    pub memory_v1: Option<PathBuf>,
+}
+
+/// Why the cgroup2 hierarchy could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Nothing of type cgroup2 is mounted.
+    #[error(
+        "no cgroup2 filesystem is mounted (checked /proc/self/mountinfo); podmeter needs cgroup v2 \
+         or a hybrid host with the unified hierarchy (e.g. /sys/fs/cgroup/unified); \
+         if it is mounted elsewhere in this container, pass --cgroup-root"
+    )]
+    NoCgroup2,
+    /// `--cgroup-root` names something that is not a cgroup2 mount.
+    #[error(
+        "--cgroup-root {path}: not a cgroup2 filesystem; point it at the cgroup2 mount (e.g. /sys/fs/cgroup)"
+    )]
+    NotCgroup2 {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// `--cgroup-root` cannot be inspected.
+    #[error("--cgroup-root {path}: {source}")]
+    Inaccessible {
+        /// The path given.
+        path: PathBuf,
+        /// What the kernel said.
+        source: nix::Error,
+    },
+    /// mountinfo could not be read.
+    #[error("reading /proc/self/mountinfo: {0}")]
+    Mountinfo(#[from] io::Error),
+}
+
+impl Mounts {
+    /// Detects the mounts of this host; `cgroup_root` overrides the cgroup2 one.
+    pub fn detect(cgroup_root: Option<&Path>) -> Result<Self, MountError> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let unified = match cgroup_root {
+            Some(path) => {
+                let fs = statfs(path).map_err(|source| MountError::Inaccessible {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+                    return Err(MountError::NotCgroup2 {
+                        path: path.to_owned(),
+                    });
+                }
+                path.to_owned()
+            }
+            None => find_cgroup2(&mountinfo).ok_or(MountError::NoCgroup2)?,
+        };
+        let memory_v1 = find_v1_controller(&mountinfo, "memory");
+        Ok(Self { unified, memory_v1 })
+    }
+}
+
+/// One line of mountinfo, the fields podmeter needs.
+struct Mount<'a> {
+    root: &'a str,
+    point: PathBuf,
+    fstype: &'a str,
+    super_opts: &'a str,
+}
+
+fn parse_line(line: &str) -> Option<Mount<'_>> {
+    // id parent major:minor root point opts [optional...] - fstype source super
+    let (pre, post) = line.split_once(" - ")?;
+    let mut pre = pre.split(' ');
+    let root = pre.nth(3)?;
+    let point = unescape(pre.next()?);
+    let mut post = post.split(' ');
+    let fstype = post.next()?;
+    let super_opts = post.nth(1).unwrap_or("");
+    Some(Mount {
+        root,
+        point: PathBuf::from(point),
+        fstype,
+        super_opts,
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup2 mount: the conventional places first, then any whole-tree one.
+pub fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    let mounts: Vec<_> = mountinfo
+        .lines()
+        .filter_map(parse_line)
+        .filter(|m| m.fstype == "cgroup2")
+        .collect();
+    for preferred in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if let Some(m) = mounts.iter().find(|m| m.point == Path::new(preferred)) {
+            return Some(m.point.clone());
+        }
+    }
+    mounts
+        .iter()
+        .find(|m| m.root == "/")
+        .or(mounts.first())
+        .map(|m| m.point.clone())
+}
+
+/// A cgroup v1 controller's mount (hybrid hosts), by controller name.
+pub fn find_v1_controller(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(parse_line)
+        .filter(|m| m.fstype == "cgroup")
+        .find(|m| m.super_opts.split(',').any(|o| o == controller))
+        .map(|m| m.point)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+30 25 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 30 0:28 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const PURE_V2: &str = "\
+25 1 0:22 / /sys rw - sysfs sysfs rw
+30 25 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+    const CONTAINER: &str = "\
+600 500 0:26 / /host/sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+601 500 0:26 /kubepods /sys/fs/cgroup ro,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_host() {
+        assert_eq!(find_cgroup2(HYBRID), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            find_v1_controller(HYBRID, "memory"),
+            Some("/sys/fs/cgroup/memory".into())
+        );
+    }
+
+    #[test]
+    fn pure_v2_host() {
+        assert_eq!(find_cgroup2(PURE_V2), Some("/sys/fs/cgroup".into()));
+        assert_eq!(find_v1_controller(PURE_V2, "memory"), None);
+    }
+
+    #[test]
+    fn prefers_conventional_then_whole_tree() {
+        // /sys/fs/cgroup here is a namespaced sub-tree; /host/... is whole.
+        assert_eq!(find_cgroup2(CONTAINER), Some("/sys/fs/cgroup".into()));
+        let only_host = CONTAINER.lines().next().unwrap();
+        assert_eq!(find_cgroup2(only_host), Some("/host/sys/fs/cgroup".into()));
+    }
+
+    #[test]
+    fn none_and_garbage() {
+        assert_eq!(find_cgroup2(""), None);
+        assert_eq!(find_cgroup2("garbage\n- - -\n1 2 3"), None);
+        assert_eq!(find_v1_controller("x - cgroup", "memory"), None);
+    }
+
+    #[test]
+    fn escaped_mount_point() {
+        let line = "40 25 0:30 / /mnt/with\\040space rw - cgroup2 cgroup2 rw";
+        assert_eq!(find_cgroup2(line), Some("/mnt/with space".into()));
+    }
+}

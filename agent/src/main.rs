@@ -1,0 +1,187 @@
+//! podmeter: per-pod and per-container CPU, memory and network usage from
+//! eBPF, exported for Prometheus. See the README for the metrics.
+
+mod bpf;
+mod cgroup;
+mod http;
+mod metrics;
+mod preflight;
+mod tracker;
+
+use std::{fs, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing::{debug, info, warn};
+
+use crate::{cgroup::Mounts, tracker::Tracker};
+
+/// Default port: clear of node-exporter (9100), kube-state-metrics
+/// (8080/8081) and the kubelet (10250/10255).
+const DEFAULT_LISTEN: &str = "0.0.0.0:9740";
+
+/// Per-pod and per-container CPU, memory and network usage from eBPF, for Prometheus.
+///
+/// podmeter counts CPU time (sched_switch) and traffic (cgroup_skb) per cgroup
+/// in the kernel, names each cgroup (Kubernetes pod and container from the
+/// kubelet's cgroup layout, otherwise the cgroup path), and serves the totals
+/// at /metrics. It needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN), a
+/// kernel with BTF (5.8+) and a cgroup2 hierarchy (pure v2 or hybrid).
+#[derive(Debug, Parser)]
+#[command(name = "podmeter", version, max_term_width = 100)]
+struct Cli {
+    /// Address to serve /metrics, /healthz and /readyz on.
+    #[arg(long, env = "PODMETER_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// The cgroup2 mount to read. Default: found in /proc/self/mountinfo
+    /// (/sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid
+    /// ones). Set it when the host's hierarchy is mounted elsewhere, e.g.
+    /// /host/sys/fs/cgroup in a container.
+    #[arg(long, env = "PODMETER_CGROUP_ROOT", value_name = "PATH")]
+    cgroup_root: Option<PathBuf>,
+
+    /// Node name put on every series. Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Log filter: error, warn, info, debug, trace, or tracing directives
+    /// such as `podmeter=debug`.
+    #[arg(long, env = "PODMETER_LOG", default_value = "info")]
+    log_level: String,
+
+    /// How long the series of a deleted cgroup keep their final values
+    /// before they go (a few scrape intervals, so the last increase is seen).
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    grace_period: Duration,
+
+    /// How often to rescan the cgroup tree and read memory. New cgroups are
+    /// also picked up at once when a scrape meets an unknown one.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    refresh_interval: Duration,
+
+    /// Capacity of the per-cgroup kernel maps. Kernel memory is about
+    /// 48 bytes × CPUs per entry; updates beyond it are counted in
+    /// podmeter_bpf_map_dropped_updates_total.
+    #[arg(long, default_value_t = podmeter_common::DEFAULT_MAX_CGROUPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    max_cgroups: u32,
+
+    /// Kernel BTF to require (for tests of the missing-BTF error).
+    #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
+    btf_path: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("podmeter: error: --log-level {:?}: {e}", cli.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podmeter: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    preflight::privileges()?;
+    preflight::btf(&cli.btf_path)?;
+    let mounts = Mounts::detect(cli.cgroup_root.as_deref())?;
+    let listener = preflight::bind(cli.listen)?;
+    let node = cli
+        .node_name
+        .clone()
+        .unwrap_or_else(|| read_trimmed("/proc/sys/kernel/hostname"));
+    let kernel = read_trimmed("/proc/sys/kernel/osrelease");
+    info!(
+        cgroup2 = %mounts.unified.display(),
+        memory_v1 = ?mounts.memory_v1,
+        %node,
+        %kernel,
+        "starting podmeter {}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let (attached, maps) = bpf::load(&mounts.unified, cli.max_cgroups)?;
+    info!(
+        max_cgroups = cli.max_cgroups,
+        "attached sched_switch, a CPU tick on every online CPU, and cgroup_skb ingress/egress at {}",
+        mounts.unified.display()
+    );
+
+    let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period));
+    let stats = tracker.refresh().context("first scan of the cgroup tree")?;
+    info!(cgroups = stats.cgroups, "scanned the cgroup tree");
+
+    let exporter = Arc::new(metrics::Exporter::new(tracker.clone(), node, &kernel)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        info!("serving http://{}/metrics", cli.listen);
+
+        tokio::spawn(refresh_loop(tracker.clone(), cli.refresh_interval));
+        let app = http::App {
+            exporter,
+            tracker,
+            max_scan_age: (cli.refresh_interval * 3).max(Duration::from_secs(30)),
+        };
+        http::serve(listener, app, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+
+    drop(attached);
+    info!("programs detached; exiting");
+    Ok(())
+}
+
+/// Rescans on a timer, or sooner when a scrape asks.
+async fn refresh_loop(tracker: Arc<Tracker>, every: Duration) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = tracker.wake.notified() => {}
+        }
+        let t = tracker.clone();
+        match tokio::task::spawn_blocking(move || t.refresh()).await {
+            Ok(Ok(stats)) if stats.departed + stats.retired > 0 => info!(
+                cgroups = stats.cgroups,
+                departed = stats.departed,
+                retired = stats.retired,
+                "cgroup tree changed"
+            ),
+            Ok(Ok(stats)) => debug!(cgroups = stats.cgroups, "cgroup scan"),
+            Ok(Err(e)) => warn!("cgroup scan failed: {e}"),
+            Err(e) => warn!("cgroup scan panicked: {e}"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received; stopping"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping"),
+    }
+}

@@ -1,0 +1,299 @@
+//! Which cgroups podmeter reports, under which identity, for how long.
+//!
+//! Two paths share a [`Tracker`]:
+//! * the scrape path ([`Tracker::snapshot`]) reads the kernel maps and joins
+//!   them with the current [`Index`]; it does no filesystem work, so it never
+//!   waits on anything slow;
+//! * the refresh path ([`Tracker::refresh`], in the background every
+//!   `--refresh-interval`, and at once when a scrape meets an unknown id)
+//!   walks the cgroup2 tree, parses new paths, reads memory, and retires
+//!   cgroups that have been gone longer than the grace period.
+//!
+//! A cgroup that disappears keeps its final values for the grace period so
+//! its last increase is not lost between scrapes; then its series go and its
+//! kernel map entries are deleted, which keeps cardinality bounded by what
+//! is alive plus what died within the grace period.
+
+use std::{
+    collections::HashMap,
+    io,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    time::{Duration, Instant},
+};
+
+use aya::maps::MapError;
+use podmeter_common::{CpuCounters, NetCounters};
+use tokio::sync::Notify;
+
+use crate::{
+    bpf::Maps,
+    cgroup::{Identity, Mounts, identity, memory, tree},
+};
+
+/// A cgroup podmeter knows by path.
+#[derive(Debug)]
+pub struct Cgroup {
+    /// Path relative to the cgroup2 root, `/a/b`.
+    pub path: String,
+    /// What the path says about its owner.
+    pub identity: Identity,
+}
+
+/// The id → cgroup view the scrape path reads; replaced whole by each refresh.
+#[derive(Debug, Default)]
+pub struct Index {
+    live: HashMap<u64, Arc<Cgroup>>,
+    /// Gone from the tree, with when that was noticed.
+    departed: HashMap<u64, (Arc<Cgroup>, Instant)>,
+    /// Counted by the kernel but never seen in the tree, with first sighting.
+    unresolved: HashMap<u64, Instant>,
+    /// Working set by id, for counted cgroups (departed: last value read).
+    memory: HashMap<u64, u64>,
+}
+
+impl Index {
+    fn get(&self, id: u64) -> Option<&Arc<Cgroup>> {
+        self.live
+            .get(&id)
+            .or_else(|| self.departed.get(&id).map(|(c, _)| c))
+    }
+}
+
+/// One cgroup's numbers in a scrape.
+#[derive(Debug)]
+pub struct Row {
+    /// The cgroup.
+    pub cgroup: Arc<Cgroup>,
+    /// CPU counters, if the cgroup ran.
+    pub cpu: Option<CpuCounters>,
+    /// Traffic counters, if it had sockets with traffic.
+    pub net: Option<NetCounters>,
+    /// Memory working set, if its hierarchy accounts memory.
+    pub memory: Option<u64>,
+}
+
+/// Everything one scrape exposes.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Per-cgroup rows.
+    pub rows: Vec<Row>,
+    /// Updates lost to full maps, `[cpu, net]`.
+    pub dropped: [u64; 2],
+    /// Entries in the counter maps, `[cpu, net]`.
+    pub entries: [usize; 2],
+    /// Counter map capacity.
+    pub capacity: u32,
+    /// Cgroups by state: `[live and counted, departed, unresolved]`.
+    pub tracked: [usize; 3],
+}
+
+/// What one refresh did, for logs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RefreshStats {
+    /// Cgroups in the tree.
+    pub cgroups: usize,
+    /// Newly departed.
+    pub departed: usize,
+    /// Retired after the grace period (map entries deleted).
+    pub retired: usize,
+}
+
+/// See the module docs.
+pub struct Tracker {
+    mounts: Mounts,
+    grace: Duration,
+    maps: Mutex<Maps>,
+    index: RwLock<Arc<Index>>,
+    /// Last exported CPU time per id: keeps the counter monotonic when a
+    /// racing read comes out low (see `Maps::read`).
+    last_cpu: Mutex<HashMap<u64, u64>>,
+    /// Wakes the refresher early.
+    pub wake: Notify,
+    last_refresh: Mutex<Option<Result<Instant, String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the exporter down with it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Tracker {
+    /// A tracker over `maps`, with no cgroups known until the first refresh.
+    pub fn new(mounts: Mounts, maps: Maps, grace: Duration) -> Self {
+        Self {
+            mounts,
+            grace,
+            maps: Mutex::new(maps),
+            index: RwLock::new(Arc::default()),
+            last_cpu: Mutex::default(),
+            wake: Notify::new(),
+            last_refresh: Mutex::new(None),
+        }
+    }
+
+    fn index(&self) -> Arc<Index> {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The scrape path: kernel counters joined with the current index.
+    pub fn snapshot(&self) -> Result<Snapshot, MapError> {
+        let index = self.index();
+        let (reading, capacity) = {
+            let maps = lock(&self.maps);
+            (maps.read()?, maps.capacity())
+        };
+        let mut ids: Vec<u64> = reading
+            .cpu
+            .keys()
+            .chain(reading.net.keys())
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+
+        let mut rows = Vec::with_capacity(ids.len());
+        let mut unknown = false;
+        let mut live = 0;
+        let mut last_cpu = lock(&self.last_cpu);
+        for id in ids {
+            let Some(cgroup) = index.get(id) else {
+                unknown |= !index.unresolved.contains_key(&id);
+                continue;
+            };
+            live += usize::from(index.live.contains_key(&id));
+            let cpu = reading.cpu.get(&id).map(|c| {
+                let last = last_cpu.entry(id).or_insert(0);
+                *last = (*last).max(c.time_ns);
+                CpuCounters {
+                    time_ns: *last,
+                    ..*c
+                }
+            });
+            rows.push(Row {
+                cgroup: cgroup.clone(),
+                cpu,
+                net: reading.net.get(&id).copied(),
+                memory: index.memory.get(&id).copied(),
+            });
+        }
+        drop(last_cpu);
+        if unknown {
+            self.wake.notify_one();
+        }
+        Ok(Snapshot {
+            tracked: [live, index.departed.len(), index.unresolved.len()],
+            rows,
+            dropped: reading.dropped,
+            entries: [reading.cpu.len(), reading.net.len()],
+            capacity,
+        })
+    }
+
+    /// The refresh path: rescan the tree, read memory, retire the departed.
+    pub fn refresh(&self) -> io::Result<RefreshStats> {
+        let result = self.refresh_inner();
+        *lock(&self.last_refresh) = Some(match &result {
+            Ok(_) => Ok(Instant::now()),
+            Err(e) => Err(e.to_string()),
+        });
+        result
+    }
+
+    fn refresh_inner(&self) -> io::Result<RefreshStats> {
+        let paths = tree::scan(&self.mounts.unified)?;
+        let old = self.index();
+        let now = Instant::now();
+        let mut stats = RefreshStats {
+            cgroups: paths.len(),
+            ..Default::default()
+        };
+
+        let mut live = HashMap::with_capacity(paths.len());
+        for (id, path) in paths {
+            let cgroup = match old.live.get(&id) {
+                Some(c) if c.path == path => c.clone(),
+                _ => Arc::new(Cgroup {
+                    identity: identity::parse(&path),
+                    path,
+                }),
+            };
+            live.insert(id, cgroup);
+        }
+
+        let mut retire = Vec::new();
+        let mut departed = HashMap::new();
+        for (id, cgroup) in &old.live {
+            if !live.contains_key(id) {
+                departed.insert(*id, (cgroup.clone(), now));
+                stats.departed += 1;
+            }
+        }
+        for (id, (cgroup, since)) in &old.departed {
+            if live.contains_key(id) {
+                continue;
+            }
+            if now.duration_since(*since) < self.grace {
+                departed.insert(*id, (cgroup.clone(), *since));
+            } else {
+                retire.push(*id);
+            }
+        }
+
+        let counted = lock(&self.maps).ids();
+        let mut unresolved = HashMap::new();
+        let mut memory = HashMap::new();
+        for &id in &counted {
+            if let Some(cgroup) = live.get(&id) {
+                if let Some(ws) = memory::working_set(&self.mounts, &cgroup.path) {
+                    memory.insert(id, ws);
+                }
+            } else if departed.contains_key(&id) {
+                if let Some(&ws) = old.memory.get(&id) {
+                    memory.insert(id, ws);
+                }
+            } else if !retire.contains(&id) {
+                // Died before any scan saw it (or a socket outlived its
+                // cgroup): nothing to name it by. Keep it out of the series
+                // and drop its counters after the grace period.
+                let first = old.unresolved.get(&id).copied().unwrap_or(now);
+                if now.duration_since(first) < self.grace {
+                    unresolved.insert(id, first);
+                } else {
+                    retire.push(id);
+                }
+            }
+        }
+
+        if !retire.is_empty() {
+            lock(&self.maps).forget(&retire);
+            let mut last_cpu = lock(&self.last_cpu);
+            for id in &retire {
+                last_cpu.remove(id);
+            }
+            stats.retired = retire.len();
+        }
+
+        *self.index.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Index {
+            live,
+            departed,
+            unresolved,
+            memory,
+        });
+        Ok(stats)
+    }
+
+    /// `Ok` when the last refresh succeeded within `max_age`; otherwise why not.
+    pub fn ready(&self, max_age: Duration) -> Result<(), String> {
+        match &*lock(&self.last_refresh) {
+            None => Err("no cgroup scan has completed yet".into()),
+            Some(Err(e)) => Err(format!("last cgroup scan failed: {e}")),
+            Some(Ok(at)) if at.elapsed() > max_age => {
+                Err(format!("last cgroup scan was {:?} ago", at.elapsed()))
+            }
+            Some(Ok(_)) => Ok(()),
+        }
+    }
+}

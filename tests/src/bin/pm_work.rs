@@ -1,0 +1,146 @@
+//! `pm-work`: the workloads podmeter's integration tests measure.
+//!
+//! It first joins the network namespace and cgroups it is given, so that
+//! everything it then does (CPU, sockets, memory) belongs to the test's
+//! cgroup from the first instruction. It reports what it did on stdout, one
+//! `key value` line per fact, for the test to compare with podmeter.
+
+use std::{
+    fs::{self, File},
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use nix::sched::{CloneFlags, setns};
+
+#[derive(Parser)]
+struct Cli {
+    /// cgroup directories to join (e.g. the cgroup2 one and the v1 memory one).
+    #[arg(long)]
+    cgroup: Vec<PathBuf>,
+    /// Network namespace (under /var/run/netns) to join.
+    #[arg(long)]
+    netns: Option<String>,
+    #[command(subcommand)]
+    work: Work,
+}
+
+#[derive(Subcommand)]
+enum Work {
+    /// Spin on the CPU until killed.
+    Burn,
+    /// Allocate and touch this many MiB, say `ready`, then wait to be killed.
+    HoldMemory { mib: usize },
+    /// Accept one TCP connection, read to EOF, print `received <bytes>`.
+    TcpSink { listen: String },
+    /// Send `bytes` over TCP, half-close, wait for the peer to close.
+    TcpSend { to: String, bytes: u64 },
+    /// Receive UDP datagrams until `count` arrived or 3 s pass quietly.
+    UdpSink { listen: String, count: u64 },
+    /// Send `count` datagrams of `size` bytes.
+    UdpSend { to: String, count: u64, size: usize },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(ns) = &cli.netns {
+        let f =
+            File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+        setns(f, CloneFlags::CLONE_NEWNET).context("setns")?;
+    }
+    for cg in &cli.cgroup {
+        fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining {}", cg.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    match cli.work {
+        Work::Burn => {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        Work::HoldMemory { mib } => {
+            let mut v = vec![0u8; mib << 20];
+            for i in (0..v.len()).step_by(4096) {
+                v[i] = 1;
+            }
+            std::hint::black_box(&v);
+            writeln!(out, "ready")?;
+            out.flush()?;
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        Work::TcpSink { listen } => {
+            let l = TcpListener::bind(&listen)?;
+            writeln!(out, "listening {}", l.local_addr()?.port())?;
+            out.flush()?;
+            let (mut s, _) = l.accept()?;
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            drop(s);
+            writeln!(out, "received {total}")?;
+        }
+        Work::TcpSend { to, bytes } => {
+            let mut s = TcpStream::connect(&to)?;
+            let chunk = vec![0x5au8; 1 << 16];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                s.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            s.shutdown(Shutdown::Write)?;
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest)?;
+            writeln!(out, "sent {bytes}")?;
+        }
+        Work::UdpSink { listen, count } => {
+            let s = UdpSocket::bind(&listen)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            writeln!(out, "listening {}", s.local_addr()?.port())?;
+            out.flush()?;
+            let mut buf = vec![0u8; 65536];
+            let (mut n, mut bytes) = (0u64, 0u64);
+            while n < count {
+                match s.recv(&mut buf) {
+                    Ok(len) => {
+                        n += 1;
+                        bytes += len as u64;
+                    }
+                    Err(_) => break, // quiet for 3 s: the sender is done
+                }
+            }
+            writeln!(out, "received {n} {bytes}")?;
+        }
+        Work::UdpSend { to, count, size } => {
+            let s = UdpSocket::bind(if to.starts_with('[') {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            })?;
+            let payload = vec![0xa5u8; size];
+            for i in 0..count {
+                s.send_to(&payload, &to)?;
+                if i % 64 == 63 {
+                    // Pace so the receiver's buffer never overflows.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            writeln!(out, "sent {count}")?;
+        }
+    }
+    Ok(())
+}

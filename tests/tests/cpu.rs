@@ -1,0 +1,234 @@
+//! CPU time per cgroup against the kernel's own accounting, for every
+//! kubelet cgroup layout, and the identity podmeter derives from each.
+
+use std::{thread::sleep, time::Duration};
+
+use podmeter_tests::{Agent, Scrape, TestCgroup, TestTree};
+
+const CPU: &str = "podmeter_container_cpu_usage_seconds_total";
+
+/// A kubelet-style cgroup and what podmeter must say about it.
+struct Case {
+    rel: String,
+    pod_uid: &'static str,
+    container_id: String,
+    runtime: &'static str,
+    qos: &'static str,
+}
+
+fn cid(n: u8) -> String {
+    format!("{n:02x}").repeat(32)
+}
+
+fn cases() -> Vec<Case> {
+    let uids = [
+        "0a000000-0000-4000-8000-000000000001",
+        "0a000000-0000-4000-8000-000000000002",
+        "0a000000-0000-4000-8000-000000000003",
+        "0a000000-0000-4000-8000-000000000004",
+        "0a000000-0000-4000-8000-000000000005",
+        "0a000000-0000-4000-8000-000000000006",
+    ];
+    let sd = |u: &str| u.replace('-', "_");
+    vec![
+        // cgroupfs driver, all three QoS classes (containerd names bare ids).
+        Case {
+            rel: format!("kubepods/burstable/pod{}/{}", uids[0], cid(1)),
+            pod_uid: uids[0],
+            container_id: cid(1),
+            runtime: "",
+            qos: "Burstable",
+        },
+        Case {
+            rel: format!("kubepods/besteffort/pod{}/crio-{}", uids[1], cid(2)),
+            pod_uid: uids[1],
+            container_id: cid(2),
+            runtime: "crio",
+            qos: "BestEffort",
+        },
+        Case {
+            rel: format!("kubepods/pod{}/{}", uids[2], cid(3)),
+            pod_uid: uids[2],
+            container_id: cid(3),
+            runtime: "",
+            qos: "Guaranteed",
+        },
+        // systemd driver, all three QoS classes and runtimes.
+        Case {
+            rel: format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+                sd(uids[3]),
+                cid(4)
+            ),
+            pod_uid: uids[3],
+            container_id: cid(4),
+            runtime: "containerd",
+            qos: "Burstable",
+        },
+        Case {
+            rel: format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{}.scope",
+                sd(uids[4]),
+                cid(5)
+            ),
+            pod_uid: uids[4],
+            container_id: cid(5),
+            runtime: "crio",
+            qos: "BestEffort",
+        },
+        Case {
+            rel: format!(
+                "kubepods.slice/kubepods-pod{}.slice/docker-{}.scope",
+                sd(uids[5]),
+                cid(6)
+            ),
+            pod_uid: uids[5],
+            container_id: cid(6),
+            runtime: "docker",
+            qos: "Guaranteed",
+        },
+    ]
+}
+
+fn labels(c: &Case) -> [(&str, &str); 4] {
+    [
+        ("pod_uid", c.pod_uid),
+        ("container_id", &c.container_id),
+        ("runtime", c.runtime),
+        ("qos", c.qos),
+    ]
+}
+
+/// Reads the kernel's numbers on both sides of a scrape, so both describe
+/// (nearly) the same instant.
+fn measure(agent: &Agent, cgroups: &[TestCgroup]) -> (Scrape, Vec<f64>) {
+    let before: Vec<f64> = cgroups.iter().map(TestCgroup::cpu_stat_seconds).collect();
+    let scrape = agent.scrape();
+    let after: Vec<f64> = cgroups.iter().map(TestCgroup::cpu_stat_seconds).collect();
+    (
+        scrape,
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| (a + b) / 2.0)
+            .collect(),
+    )
+}
+
+#[test]
+fn cpu_seconds_per_kubelet_cgroup_match_cpu_stat_within_2_percent() {
+    let tree = TestTree::new("cpu");
+    let cases = cases();
+    let cgroups: Vec<TestCgroup> = cases.iter().map(|c| tree.cgroup(&c.rel)).collect();
+    let host = tree.cgroup("system.slice/burn.service");
+    let agent = Agent::start(&[]);
+    let _burners: Vec<_> = cgroups
+        .iter()
+        .chain([&host])
+        .map(|cg| cg.spawn(None, &["burn"]))
+        .collect();
+
+    let first = agent.scrape_until(Duration::from_secs(15), "every burner's series", |s| {
+        cases.iter().all(|c| s.value(CPU, &labels(c)).is_some())
+            && s.cgroup("cpu_usage_seconds_total", &host.path).is_some()
+    });
+    // Identity: each layout parsed to the right pod, container, runtime, QoS,
+    // and no pod cgroup leaked into the host families.
+    for c in &cases {
+        let found = first.find(CPU, &[("pod_uid", c.pod_uid)]);
+        assert_eq!(found.len(), 1, "{}: {found:?}", c.rel);
+        assert_eq!(found[0].0["container_id"], c.container_id, "{}", c.rel);
+        assert_eq!(found[0].0["runtime"], c.runtime, "{}", c.rel);
+        assert_eq!(found[0].0["qos"], c.qos, "{}", c.rel);
+        assert!(
+            first
+                .cgroup(
+                    "cpu_usage_seconds_total",
+                    &format!("/{}/{}", tree.name, c.rel)
+                )
+                .is_none()
+        );
+    }
+
+    let all: Vec<TestCgroup> = cgroups.into_iter().chain([host]).collect();
+    let (s0, k0) = measure(&agent, &all);
+    sleep(Duration::from_secs(6));
+    let (s1, k1) = measure(&agent, &all);
+
+    let mut pm: Vec<f64> = cases
+        .iter()
+        .map(|c| s1.value(CPU, &labels(c)).unwrap() - s0.value(CPU, &labels(c)).unwrap())
+        .collect();
+    let host_path = &all.last().unwrap().path;
+    pm.push(
+        s1.cgroup("cpu_usage_seconds_total", host_path).unwrap()
+            - s0.cgroup("cpu_usage_seconds_total", host_path).unwrap(),
+    );
+    for (i, (p, (a, b))) in pm.iter().zip(k1.iter().zip(&k0)).enumerate() {
+        let kernel = a - b;
+        // Seven burners on this machine's cores: each gets a real share.
+        assert!(
+            kernel > 0.5,
+            "cgroup {i} barely ran ({kernel} s): the test measured nothing"
+        );
+        let err = (p - kernel).abs() / kernel;
+        eprintln!(
+            "cgroup {i}: podmeter {p:.4} s, cpu.stat {kernel:.4} s, error {:.3} %",
+            err * 100.0
+        );
+        assert!(
+            err < 0.02,
+            "cgroup {i}: podmeter {p} s vs cpu.stat {kernel} s ({:.2} %)",
+            err * 100.0
+        );
+    }
+    // Seven busy loops share two CPUs: the scheduler switches between them.
+    for c in &cases {
+        let switches = s1
+            .value("podmeter_container_context_switches_total", &labels(c))
+            .unwrap();
+        assert!(switches > 10.0, "{}: {switches} context switches", c.rel);
+    }
+}
+
+/// A task that rarely leaves its CPU must still show current CPU time at
+/// every scrape, not only when it is switched out.
+#[test]
+fn running_slice_is_billed_at_every_scrape() {
+    let tree = TestTree::new("slice");
+    let cg = tree.cgroup("spin");
+    let agent = Agent::start(&[]);
+    let mut burner = cg.spawn(None, &["burn"]);
+    // Pin it to the last CPU so it is rarely preempted.
+    let last_cpu = std::thread::available_parallelism().unwrap().get() - 1;
+    let _ = std::process::Command::new("taskset")
+        .args(["-pc", &last_cpu.to_string(), &burner.pid().to_string()])
+        .output();
+    agent.scrape_until(Duration::from_secs(15), "the spinner's series", |s| {
+        s.cgroup("cpu_usage_seconds_total", &cg.path).is_some()
+    });
+
+    let cgs = [cg];
+    let mut prev = measure(&agent, &cgs);
+    for _ in 0..8 {
+        sleep(Duration::from_millis(400));
+        let next = measure(&agent, &cgs);
+        let pm = next
+            .0
+            .cgroup("cpu_usage_seconds_total", &cgs[0].path)
+            .unwrap()
+            - prev
+                .0
+                .cgroup("cpu_usage_seconds_total", &cgs[0].path)
+                .unwrap();
+        let kernel = next.1[0] - prev.1[0];
+        assert!(kernel > 0.2, "the spinner did not run ({kernel} s)");
+        // Billing only at switch-out would show ~0 here for most intervals.
+        assert!(
+            (pm - kernel).abs() < 0.1 * kernel + 0.005,
+            "interval: podmeter {pm:.4} s vs cpu.stat {kernel:.4} s"
+        );
+        prev = next;
+    }
+    burner.kill();
+}

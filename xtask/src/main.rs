@@ -1,0 +1,188 @@
+//! `cargo xtask`: everything around the cargo build that needs the host —
+//! installing the eBPF toolchain, running the agent, running the privileged
+//! test suite.
+
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "podmeter's developer tasks",
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent): Debian LLVM 22,
+    /// the pinned nightly with rust-src, bpf-linker (cached outside the
+    /// clone), Prometheus, bpftool, iproute2, stress-ng, iperf3.
+    Setup,
+    /// Build the agent (with the eBPF object embedded).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and start podmeter on this host (needs root); arguments after
+    /// `--` go to podmeter, e.g. `cargo xtask run -- --listen 127.0.0.1:9740`.
+    Run {
+        /// Arguments for podmeter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the privileged integration tests
+    /// (real eBPF, cgroups, traffic, Prometheus; needs root).
+    Test {
+        /// Only run integration tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// cargo fmt --check and clippy -D warnings, userspace and eBPF crates.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::all(),
+        Task::Build { release } => build(release),
+        Task::Run { args } => run(args),
+        Task::Test { filter } => test(filter),
+        Task::Lint => lint(),
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace root; fails with the command line.
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
+    cmd.current_dir(root());
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.env("PATH", setup::path_with_tools());
+    c
+}
+
+fn build(release: bool) -> Result<()> {
+    setup::all()?;
+    let mut c = cargo();
+    c.args(["build", "--package", "podmeter"]);
+    if release {
+        c.arg("--release");
+    }
+    sh(&mut c)
+}
+
+fn is_root() -> bool {
+    // The effective uid is the 'Uid:' line's second field.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    if !is_root() {
+        bail!("podmeter loads eBPF programs and needs root: run `sudo -E cargo xtask run`");
+    }
+    build(true)?;
+    let bin = root().join("target/release/podmeter");
+    let listen = args
+        .iter()
+        .position(|a| a == "--listen")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--listen=").map(str::to_owned))
+        })
+        .unwrap_or_else(|| "0.0.0.0:9740".into());
+    let port = listen.rsplit(':').next().unwrap_or("9740");
+    eprintln!(
+        "podmeter: metrics at http://127.0.0.1:{port}/metrics (Ctrl-C stops it and detaches its programs)"
+    );
+    sh(Command::new(bin).args(args))
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the integration tests load eBPF programs and make cgroups: run `sudo -E cargo xtask test`"
+        );
+    }
+    setup::all()?;
+    // One profile for everything: the agent under test is the release build.
+    sh(cargo().args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "podmeter-tests",
+        "--exclude",
+        "podmeter-ebpf",
+    ]))?;
+    sh(cargo().args(["build", "--release", "--package", "podmeter"]))?;
+    let mut c = cargo();
+    c.args(["test", "--release", "--package", "podmeter-tests", "--"])
+        .arg("--test-threads=1")
+        .env("PODMETER_BIN", root().join("target/release/podmeter"));
+    if let Some(f) = filter {
+        c.arg(f);
+    }
+    sh(&mut c)
+}
+
+fn lint() -> Result<()> {
+    setup::all()?;
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    sh(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate only builds for the BPF target with its nightly.
+    let toolchain = setup::ebpf_toolchain()?;
+    sh(Command::new("rustup")
+        .env("PATH", setup::path_with_tools())
+        .args([
+            "run",
+            &toolchain,
+            "cargo",
+            "clippy",
+            "--package",
+            "podmeter-ebpf",
+            "--release",
+        ])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+}

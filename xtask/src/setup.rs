@@ -1,0 +1,179 @@
+//! `cargo xtask setup`: install what building and testing podmeter needs,
+//! idempotently, so a fresh machine gets there with one command and a warm
+//! one returns in a second.
+//!
+//! Expensive builds are cached outside the clone, keyed by version, under
+//! `$PODMETER_CACHE` (default `/var/cache/podmeter`).
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{root, sh};
+
+/// bpf-linker release, and the LLVM major it is built against. The LLVM
+/// major must equal the one of the pinned nightly's rustc.
+const BPF_LINKER: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+
+/// Debian packages: LLVM for bpf-linker's build, then the tools the tests
+/// and benchmarks drive.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "clang-22",
+    "libclang-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "libxml2-dev",
+    "prometheus",
+    "bpftool",
+    "iproute2",
+    "stress-ng",
+    "iperf3",
+    "curl",
+];
+
+/// Cache directory for builds that outlive a clone.
+pub fn cache_dir() -> PathBuf {
+    env::var_os("PODMETER_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/podmeter"), PathBuf::from)
+}
+
+fn bpf_linker_dir() -> PathBuf {
+    cache_dir().join(format!("bpf-linker-{BPF_LINKER}-llvm{LLVM_MAJOR}"))
+}
+
+/// PATH with the cached tools first, for child processes.
+pub fn path_with_tools() -> String {
+    let bin = bpf_linker_dir().join("bin");
+    match env::var("PATH") {
+        Ok(p) => format!("{}:{p}", bin.display()),
+        Err(_) => bin.display().to_string(),
+    }
+}
+
+/// The nightly pinned in `agent-ebpf/rust-toolchain.toml`.
+pub fn ebpf_toolchain() -> Result<String> {
+    let file = root().join("agent-ebpf/rust-toolchain.toml");
+    let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|r| r.trim_start().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .next()
+        .with_context(|| format!("no channel in {}", file.display()))
+}
+
+/// Everything, in dependency order.
+pub fn all() -> Result<()> {
+    apt()?;
+    nightly()?;
+    bpf_linker()
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    sh(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed; setup needs root and Debian's package servers")?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly() -> Result<()> {
+    let tc = ebpf_toolchain()?;
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", &tc])
+        .output()
+        .map(|o| {
+            let s = String::from_utf8_lossy(&o.stdout);
+            o.status.success() && s.contains("rust-src") && s.contains("clippy")
+        })
+        .unwrap_or(false);
+    if has_src {
+        return Ok(());
+    }
+    eprintln!("setup: installing Rust {tc} with rust-src and clippy (for the eBPF crate)");
+    sh(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        &tc,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+        "--component",
+        "clippy",
+    ]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let dir = bpf_linker_dir();
+    let bin = dir.join("bin/bpf-linker");
+    if !ok(Command::new(&bin).arg("--version")) {
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER} against LLVM {LLVM_MAJOR} into {} (a few minutes, once)",
+            dir.display()
+        );
+        let llvm = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+        if !Path::new(&llvm).exists() {
+            bail!(
+                "{llvm} is missing; install llvm-{LLVM_MAJOR}-dev (cargo xtask setup does, as root)"
+            );
+        }
+        sh(
+            Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    "--locked",
+                    "--force",
+                    &format!("bpf-linker@{BPF_LINKER}"),
+                ])
+                .args([
+                    "--no-default-features",
+                    "--features",
+                    &format!("llvm-{LLVM_MAJOR}"),
+                ])
+                .arg("--root")
+                .arg(&dir)
+                .env("LLVM_PREFIX", &llvm),
+        )?;
+    }
+    // Make it visible to a plain `cargo build` too (rustc calls `bpf-linker`).
+    let cargo_home = env::var_os("CARGO_HOME").map_or_else(
+        || PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"),
+        PathBuf::from,
+    );
+    let link = cargo_home.join("bin/bpf-linker");
+    if fs::read_link(&link).ok().as_deref() != Some(bin.as_path()) {
+        let _ = fs::remove_file(&link);
+        if let Err(e) = std::os::unix::fs::symlink(&bin, &link) {
+            eprintln!(
+                "setup: note: could not link {} ({e}); `cargo xtask` still finds bpf-linker",
+                link.display()
+            );
+        }
+    }
+    Ok(())
+}
