@@ -279,7 +279,10 @@ pub struct NetNs(pub String);
 impl NetNs {
     /// `ip netns add <name>` with loopback up.
     pub fn new(name: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", name]);
         ip(&["-n", name, "link", "set", "lo", "up"]);
         Self(name.to_owned())

@@ -1,0 +1,219 @@
+//! What happens over time: cgroups that go away, churn, memory, and the
+//! agent's own start and stop.
+
+use std::{
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use podmeter_tests::{Agent, TestTree, memory_v1_root, podmeter_prog_ids};
+
+const CPU: &str = "cpu_usage_seconds_total";
+
+#[test]
+fn deleted_cgroup_keeps_final_values_for_the_grace_period_then_goes() {
+    let tree = TestTree::new("grace");
+    let cg = tree.cgroup("short-lived");
+    let agent = Agent::start(&["--grace-period", "4s", "--refresh-interval", "250ms"]);
+    let mut burner = cg.spawn(None, &["burn"]);
+    agent.scrape_until(Duration::from_secs(15), "the burner's CPU", |s| {
+        s.cgroup(CPU, &cg.path).is_some_and(|v| v > 0.3)
+    });
+    burner.kill();
+    let final_kernel = cg.cpu_stat_seconds();
+    cg.remove();
+    let removed = Instant::now();
+
+    // Within the grace period: still there, at the final value.
+    sleep(Duration::from_secs(1));
+    let s = agent.scrape();
+    let during = s
+        .cgroup(CPU, &cg.path)
+        .expect("series kept during the grace period");
+    assert!(
+        (during - final_kernel).abs() / final_kernel < 0.02,
+        "final value {during} vs cpu.stat {final_kernel}"
+    );
+    assert_eq!(
+        s.value("podmeter_tracked_cgroups", &[("state", "departed")]),
+        Some(1.0)
+    );
+
+    // After it: gone, and so are its kernel map entries.
+    let gone = agent.scrape_until(Duration::from_secs(10), "the series to go", |s| {
+        s.cgroup(CPU, &cg.path).is_none()
+    });
+    let after = removed.elapsed();
+    assert!(
+        after >= Duration::from_secs(4),
+        "went after {after:?}, before the 4 s grace period"
+    );
+    assert_eq!(
+        gone.value("podmeter_tracked_cgroups", &[("state", "departed")]),
+        Some(0.0)
+    );
+    assert!(
+        agent.log().contains("retired=1"),
+        "retirement not logged:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn churn_leaves_series_and_map_entries_bounded() {
+    let tree = TestTree::new("churn");
+    let agent = Agent::start(&["--grace-period", "8s", "--refresh-interval", "200ms"]);
+    let baseline = agent.scrape();
+    let entries = |s: &podmeter_tests::Scrape| {
+        s.value("podmeter_bpf_map_entries", &[("map", "cpu")])
+            .unwrap()
+    };
+    let base_entries = entries(&baseline);
+
+    // 40 cgroups, each running briefly, then deleted.
+    for i in 0..40 {
+        let cg = tree.cgroup(&format!("job-{i}"));
+        let mut w = cg.spawn(None, &["burn"]);
+        sleep(Duration::from_millis(30));
+        w.kill();
+        // Give the scan a chance to see some of them by name, not all.
+        if i % 4 == 0 {
+            agent.scrape();
+            sleep(Duration::from_millis(250));
+        }
+        cg.remove();
+    }
+    let peak = entries(&agent.scrape());
+    assert!(
+        peak >= base_entries + 40.0,
+        "the churn did not reach the maps ({base_entries} → {peak})"
+    );
+
+    let settled = agent.scrape_until(
+        Duration::from_secs(25),
+        "the churned cgroups to be retired",
+        |s| {
+            s.value("podmeter_tracked_cgroups", &[("state", "departed")]) == Some(0.0)
+                && s.value("podmeter_tracked_cgroups", &[("state", "unresolved")]) == Some(0.0)
+        },
+    );
+    assert!(
+        entries(&settled) <= base_entries + 2.0,
+        "map entries stayed at {} (baseline {base_entries})",
+        entries(&settled)
+    );
+    let leftover = settled
+        .find("podmeter_cgroup_cpu_usage_seconds_total", &[])
+        .into_iter()
+        .filter(|(l, _)| l["cgroup"].contains("/job-"))
+        .count();
+    assert_eq!(leftover, 0, "churned cgroups still exported");
+    assert_eq!(
+        settled.value("podmeter_bpf_map_dropped_updates_total", &[("map", "cpu")]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn memory_working_set_matches_the_kernel() {
+    let tree = TestTree::new("mem");
+    let cg = tree.cgroup("holder");
+    let agent = Agent::start(&["--refresh-interval", "250ms"]);
+    let mut holder = cg.spawn(None, &["hold-memory", "96"]);
+    assert_eq!(holder.line(), ["ready"]);
+
+    // The kernel's working set, computed the way the kubelet does.
+    let kernel = || -> f64 {
+        let (dir, usage, inactive) = match std::fs::read_to_string(cg.dir().join("memory.current"))
+        {
+            Ok(u) => (cg.dir().to_owned(), u, "inactive_file"),
+            Err(_) => {
+                assert!(
+                    memory_v1_root().is_some(),
+                    "no memory accounting on this host"
+                );
+                let d = cg.dirs[1].clone();
+                (
+                    d.clone(),
+                    std::fs::read_to_string(d.join("memory.usage_in_bytes")).unwrap(),
+                    "total_inactive_file",
+                )
+            }
+        };
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap();
+        let inactive: f64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{inactive} ")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        usage.trim().parse::<f64>().unwrap() - inactive
+    };
+    let metric = "memory_working_set_bytes";
+    let s = agent.scrape_until(Duration::from_secs(15), "the holder's memory", |s| {
+        s.cgroup(metric, &cg.path)
+            .is_some_and(|v| v > 90.0 * 1048576.0)
+    });
+    let pm = s.cgroup(metric, &cg.path).unwrap();
+    let k = kernel();
+    eprintln!("working set: podmeter {pm} bytes, kernel {k} bytes");
+    assert!(
+        pm >= 96.0 * 1048576.0,
+        "{pm} bytes is less than the 96 MiB touched"
+    );
+    assert!((pm - k).abs() / k < 0.05, "podmeter {pm} vs kernel {k}");
+    holder.kill();
+}
+
+#[test]
+fn sigterm_detaches_every_program() {
+    let before = podmeter_prog_ids();
+    let mut agent = Agent::start(&[]);
+    let ours: Vec<u64> = podmeter_prog_ids()
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        4,
+        "expected sched_switch, tick, ingress, egress: {ours:?}"
+    );
+    let status = agent.stop();
+    assert!(status.success(), "exit status {status}");
+    let left: Vec<u64> = podmeter_prog_ids()
+        .into_iter()
+        .filter(|id| ours.contains(id))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "programs still loaded after SIGTERM: {left:?}"
+    );
+    assert!(agent.log().contains("programs detached"), "{}", agent.log());
+}
+
+#[test]
+fn health_endpoints_answer() {
+    let agent = Agent::start(&[]);
+    assert_eq!(agent.get("/healthz").unwrap(), (200, "ok\n".to_owned()));
+    assert_eq!(agent.get("/readyz").unwrap(), (200, "ready\n".to_owned()));
+    assert_eq!(agent.get("/nope").unwrap().0, 404);
+    let s = agent.scrape();
+    assert_eq!(s.value("podmeter_build_info", &[]), Some(1.0));
+    assert!(
+        s.value("podmeter_bpf_map_capacity_entries", &[("map", "net")])
+            .is_some_and(|v| v >= 16.0)
+    );
+    // The idle task is never billed: the root cgroup gets far less than
+    // wall-clock × CPUs even on an idle machine.
+    sleep(Duration::from_secs(2));
+    let a = agent.scrape().cgroup(CPU, "/").unwrap_or(0.0);
+    sleep(Duration::from_secs(2));
+    let b = agent.scrape().cgroup(CPU, "/").unwrap_or(0.0);
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!(
+        b - a < 2.0 * cpus * 0.9,
+        "root cgroup billed {} s in 2 s: idle time counted?",
+        b - a
+    );
+}
