@@ -48,13 +48,13 @@ fn account(switch: bool) {
     if !idle {
         // SAFETY: helper without preconditions.
         cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        if cpu.since_ns != 0 {
-            if let Some(c) = slot(&PM_CPU, cgroup_id, DROP_CPU) {
-                // SAFETY: per-CPU slot, not shared with another context.
-                let c = unsafe { &mut *c };
-                c.time_ns += now.saturating_sub(cpu.since_ns);
-                c.switches += u64::from(switch);
-            }
+        if cpu.since_ns != 0
+            && let Some(c) = slot(&PM_CPU, cgroup_id, DROP_CPU)
+        {
+            // SAFETY: per-CPU slot, not shared with another context.
+            let c = unsafe { &mut *c };
+            c.time_ns += now.saturating_sub(cpu.since_ns);
+            c.switches += u64::from(switch);
         }
     }
     cpu.since_ns = now;

@@ -168,6 +168,19 @@ fn sample(labels: Vec<LabelPair>, kind: MetricType, value: f64) -> Metric {
     m
 }
 
+/// A self-metric family with one label, one sample per `(value, sample)`.
+fn by_label(
+    (name, help, labels): (&str, &str, &[&str]),
+    kind: MetricType,
+    values: &[(&str, f64)],
+) -> MetricFamily {
+    let ms = values
+        .iter()
+        .map(|(v, x)| sample(vec![label(labels[0], v)], kind, *x))
+        .collect();
+    family(name.to_owned(), help, kind, ms)
+}
+
 fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name);
@@ -217,47 +230,37 @@ impl CgroupCollector {
         }
 
         let [tracked, entries, capacity, dropped] = SELF_FAMILIES;
-        let per =
-            |values: [(&str, f64); 3], k: MetricType, (name, help, l): (&str, &str, &[&str])| {
-                let ms = values
-                    .iter()
-                    .filter(|(v, _)| !v.is_empty())
-                    .map(|(v, x)| sample(vec![label(l[0], v)], k, *x))
-                    .collect();
-                family(name.to_owned(), help, k, ms)
-            };
-        out.push(per(
-            [
-                ("live", snap.tracked[0] as f64),
-                ("departed", snap.tracked[1] as f64),
-                ("unresolved", snap.tracked[2] as f64),
-            ],
-            MetricType::GAUGE,
+        let cap = f64::from(snap.capacity);
+        let [live, departed, unresolved] = snap.tracked.map(|n| n as f64);
+        out.push(by_label(
             tracked,
+            MetricType::GAUGE,
+            &[
+                ("live", live),
+                ("departed", departed),
+                ("unresolved", unresolved),
+            ],
         ));
-        out.push(per(
-            [
+        out.push(by_label(
+            entries,
+            MetricType::GAUGE,
+            &[
                 (MAPS[0], snap.entries[0] as f64),
                 (MAPS[1], snap.entries[1] as f64),
-                ("", 0.0),
             ],
-            MetricType::GAUGE,
-            entries,
         ));
-        let cap = f64::from(snap.capacity);
-        out.push(per(
-            [(MAPS[0], cap), (MAPS[1], cap), ("", 0.0)],
-            MetricType::GAUGE,
+        out.push(by_label(
             capacity,
+            MetricType::GAUGE,
+            &[(MAPS[0], cap), (MAPS[1], cap)],
         ));
-        out.push(per(
-            [
+        out.push(by_label(
+            dropped,
+            MetricType::COUNTER,
+            &[
                 (MAPS[0], snap.dropped[0] as f64),
                 (MAPS[1], snap.dropped[1] as f64),
-                ("", 0.0),
             ],
-            MetricType::COUNTER,
-            dropped,
         ));
         out
     }

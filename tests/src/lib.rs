@@ -28,7 +28,7 @@ pub fn unified_root() -> PathBuf {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let points: Vec<&str> = mountinfo
         .lines()
-        .filter_map(|l| l.split_once(" - ").map(|(pre, post)| (pre, post)))
+        .filter_map(|l| l.split_once(" - "))
         .filter(|(_, post)| post.starts_with("cgroup2 "))
         .filter_map(|(pre, _)| pre.split(' ').nth(4))
         .collect();

@@ -103,9 +103,9 @@ pub fn parse(path: &str) -> Identity {
 
 /// `kubepods/[burstable|besteffort/]pod<uid>/...`, given what follows `kubepods`.
 fn cgroupfs_pod<'a>(after: &'a [&'a str]) -> Option<(String, Qos, &'a [&'a str])> {
-    let (qos, rest) = match after.first()? {
-        &"burstable" => (Qos::Burstable, &after[1..]),
-        &"besteffort" => (Qos::BestEffort, &after[1..]),
+    let (qos, rest) = match *after.first()? {
+        "burstable" => (Qos::Burstable, &after[1..]),
+        "besteffort" => (Qos::BestEffort, &after[1..]),
         _ => (Qos::Guaranteed, after),
     };
     let uid = pod_uid(rest.first()?.strip_prefix("pod")?)?;
@@ -116,9 +116,7 @@ fn cgroupfs_pod<'a>(after: &'a [&'a str]) -> Option<(String, Qos, &'a [&'a str])
 /// name carries the QoS: `...kubepods-burstable-pod<uid>.slice`.
 fn systemd_pod<'a>(from: &'a [&'a str]) -> Option<(String, Qos, &'a [&'a str])> {
     for (i, seg) in from.iter().enumerate() {
-        let Some(name) = seg.strip_suffix(".slice") else {
-            return None;
-        };
+        let name = seg.strip_suffix(".slice")?;
         let Some(at) = name.rfind("-pod") else {
             continue;
         };
