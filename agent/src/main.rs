@@ -66,7 +66,7 @@ struct Cli {
     #[arg(long, default_value_t = podmeter_common::DEFAULT_MAX_CGROUPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     max_cgroups: u32,
 
-    /// Kernel BTF to require (for tests of the missing-BTF error).
+    /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
     #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
     btf_path: PathBuf,
 }
@@ -120,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
-    let (attached, maps) = bpf::load(&mounts.unified, cli.max_cgroups)?;
+    let (attached, maps) = bpf::load(&mounts.unified, &cli.btf_path, cli.max_cgroups)?;
     info!(
         max_cgroups = cli.max_cgroups,
         "attached sched_switch, a CPU tick on every online CPU, and cgroup_skb ingress/egress at {}",

@@ -5,6 +5,8 @@
 //! [`Attached`]: dropping it (or the process dying) detaches everything, so a
 //! stopped agent leaves nothing in `bpftool prog list`.
 
+mod btf;
+
 use std::{collections::HashMap, fs::File, io, path::Path};
 
 use aya::{
@@ -88,10 +90,16 @@ pub struct Reading {
 /// Loads the embedded object with counter maps of `max_cgroups` entries and
 /// attaches every program: `sched_switch`, a tick on each online CPU, and
 /// `cgroup_skb` ingress/egress at `cgroup2_root`.
-pub fn load(cgroup2_root: &Path, max_cgroups: u32) -> Result<(Attached, Maps), BpfError> {
+pub fn load(
+    cgroup2_root: &Path,
+    btf_path: &Path,
+    max_cgroups: u32,
+) -> Result<(Attached, Maps), BpfError> {
+    let sum_exec_offset = sum_exec_runtime_offset(btf_path);
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("PM_CPU", max_cgroups)
         .map_max_entries("PM_NET", max_cgroups)
+        .override_global("SUM_EXEC_RUNTIME_OFFSET", &sum_exec_offset, true)
         .load(OBJECT)?;
 
     let prog = |name| BpfError::Missing(name);
@@ -153,6 +161,32 @@ pub fn load(cgroup2_root: &Path, max_cgroups: u32) -> Result<(Attached, Maps), B
         capacity: max_cgroups,
     };
     Ok((Attached { _ebpf: ebpf }, maps))
+}
+
+/// Where the kernel keeps a task's accounted CPU time, so the programs bill
+/// exactly what `cpu.stat` counts. 0 (bill wall-clock time between events,
+/// which includes a VM's steal time) if BTF cannot tell.
+fn sum_exec_runtime_offset(btf_path: &Path) -> u64 {
+    let found = std::fs::read(btf_path)
+        .map_err(|e| e.to_string())
+        .and_then(|data| {
+            btf::Btf::parse(&data)
+                .and_then(|b| b.offset("task_struct", &["se", "sum_exec_runtime"]))
+                .map_err(|e| e.to_string())
+        });
+    match found {
+        Ok(off) => {
+            tracing::debug!(offset = off, "task_struct.se.sum_exec_runtime");
+            off
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot locate task_struct.se.sum_exec_runtime in {} ({e}); billing wall-clock time between switches, which includes steal time on VMs",
+                btf_path.display()
+            );
+            0
+        }
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>

@@ -1,0 +1,265 @@
+//! Just enough of a BTF reader to find a struct member's offset in the
+//! running kernel, e.g. `task_struct.se.sum_exec_runtime`.
+//!
+//! The kernel programs are built without CO-RE relocations (Rust has no
+//! `preserve_access_index`), so the agent looks offsets up in
+//! `/sys/kernel/btf/vmlinux` and hands them to the programs as globals.
+//! aya parses BTF too but keeps member access crate-private, and the one
+//! standalone BTF crate is LGPL; this reader is the ~100 lines needed.
+//!
+//! Format: <https://docs.kernel.org/bpf/btf.html>.
+
+/// Why an offset could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    /// Not BTF, or truncated.
+    #[error("malformed BTF: {0}")]
+    Malformed(&'static str),
+    /// A kind this reader does not know: a newer kernel's BTF.
+    #[error("unknown BTF kind {0}")]
+    UnknownKind(u32),
+    /// The struct or member does not exist in this kernel.
+    #[error("no {0} in kernel BTF")]
+    NotFound(String),
+}
+
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+struct Type<'a> {
+    name_off: u32,
+    info: u32,
+    size_or_type: u32,
+    extra: &'a [u8],
+}
+
+impl Type<'_> {
+    fn kind(&self) -> u32 {
+        (self.info >> 24) & 0x1f
+    }
+    fn vlen(&self) -> usize {
+        (self.info & 0xffff) as usize
+    }
+    fn kind_flag(&self) -> bool {
+        self.info >> 31 == 1
+    }
+}
+
+/// A parsed BTF blob.
+pub struct Btf<'a> {
+    /// Index = type id; id 0 is `void`.
+    types: Vec<Type<'a>>,
+    strings: &'a [u8],
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+impl<'a> Btf<'a> {
+    /// Parses little-endian BTF (the only kind podmeter's targets produce).
+    pub fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
+        if data.get(0..2) != Some(&[0x9f, 0xeb][..]) {
+            return Err(BtfError::Malformed("bad magic"));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let section = |off: usize, len: usize| {
+            data.get(hdr_len + off..hdr_len + off + len)
+                .ok_or(BtfError::Malformed("section out of bounds"))
+        };
+        let (mut rest, strings) = (section(type_off, type_len)?, section(str_off, str_len)?);
+        let mut types = vec![Type {
+            name_off: 0,
+            info: 0,
+            size_or_type: 0,
+            extra: &[],
+        }];
+        while !rest.is_empty() {
+            let (name_off, info, size_or_type) =
+                (u32_at(rest, 0)?, u32_at(rest, 4)?, u32_at(rest, 8)?);
+            let t = Type {
+                name_off,
+                info,
+                size_or_type,
+                extra: &[],
+            };
+            let vlen = t.vlen();
+            let extra_len = match t.kind() {
+                1 | 14 | 17 => 4,             // int, var, decl_tag
+                2 | 7..=12 | 16 | 18 => 0, // ptr, fwd, typedef, qualifiers, func, float, type_tag
+                3 => 12,                   // array
+                4 | 5 | 15 | 19 => 12 * vlen, // struct, union, datasec, enum64
+                6 | 13 => 8 * vlen,        // enum, func_proto
+                k => return Err(BtfError::UnknownKind(k)),
+            };
+            let extra = rest
+                .get(12..12 + extra_len)
+                .ok_or(BtfError::Malformed("truncated type"))?;
+            types.push(Type { extra, ..t });
+            rest = &rest[12 + extra_len..];
+        }
+        Ok(Self { types, strings })
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let s = self.strings.get(off as usize..).unwrap_or_default();
+        let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+        std::str::from_utf8(&s[..end]).unwrap_or_default()
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type id.
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            match self.types.get(id as usize) {
+                Some(t)
+                    if matches!(
+                        t.kind(),
+                        KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+                    ) =>
+                {
+                    id = t.size_or_type;
+                }
+                _ => break,
+            }
+        }
+        id
+    }
+
+    fn struct_id(&self, name: &str) -> Option<u32> {
+        (1..self.types.len() as u32).find(|&id| {
+            let t = &self.types[id as usize];
+            t.kind() == KIND_STRUCT && t.vlen() > 0 && self.name(t.name_off) == name
+        })
+    }
+
+    /// `(member type id, bit offset)` of `member` in struct/union `id`,
+    /// looking inside anonymous members (randomised layouts nest them).
+    fn member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+        let t = self.types.get(id as usize)?;
+        if !matches!(t.kind(), KIND_STRUCT | KIND_UNION) {
+            return None;
+        }
+        for m in t.extra.chunks_exact(12) {
+            let (name_off, ty, raw) = (u32_at(m, 0).ok()?, u32_at(m, 4).ok()?, u32_at(m, 8).ok()?);
+            let bits = if t.kind_flag() {
+                raw & 0x00ff_ffff
+            } else {
+                raw
+            };
+            if name_off == 0 {
+                if let Some((mt, inner)) = self.member(self.resolve(ty), member) {
+                    return Some((mt, bits + inner));
+                }
+            } else if self.name(name_off) == member {
+                return Some((ty, bits));
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a member path such as `task_struct` → `["se", "sum_exec_runtime"]`.
+    pub fn offset(&self, struct_name: &str, path: &[&str]) -> Result<u64, BtfError> {
+        let mut id = self
+            .struct_id(struct_name)
+            .ok_or_else(|| BtfError::NotFound(format!("struct {struct_name}")))?;
+        let mut bits = 0u64;
+        for (i, m) in path.iter().enumerate() {
+            let (ty, off) = self.member(id, m).ok_or_else(|| {
+                BtfError::NotFound(format!("{struct_name}.{}", path[..=i].join(".")))
+            })?;
+            bits += u64::from(off);
+            id = self.resolve(ty);
+        }
+        if !bits.is_multiple_of(8) {
+            return Err(BtfError::NotFound(format!(
+                "byte-aligned {struct_name}.{}",
+                path.join(".")
+            )));
+        }
+        Ok(bits / 8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(matches!(Btf::parse(b""), Err(BtfError::Malformed(_))));
+        assert!(matches!(
+            Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0]),
+            Err(BtfError::Malformed(_))
+        ));
+        let mut hdr = vec![0x9f, 0xeb, 1, 0];
+        for v in [24u32, 0, 12, 12, 1] {
+            hdr.extend(v.to_le_bytes());
+        }
+        hdr.extend([0u8; 12]); // one type of kind 0 (void): unknown
+        hdr.push(0);
+        assert!(matches!(Btf::parse(&hdr), Err(BtfError::UnknownKind(0))));
+    }
+
+    /// Against this machine's kernel, checked with bpftool's own reading.
+    #[test]
+    fn task_struct_offsets_match_bpftool() {
+        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            eprintln!("skipped: no /sys/kernel/btf/vmlinux on this machine");
+            return;
+        };
+        let btf = Btf::parse(&data).unwrap();
+        let off = btf
+            .offset("task_struct", &["se", "sum_exec_runtime"])
+            .unwrap();
+        assert!(off > 0 && off.is_multiple_of(8), "{off}");
+        assert!(btf.offset("task_struct", &["no_such_member"]).is_err());
+        assert!(btf.offset("no_such_struct", &["se"]).is_err());
+
+        let Ok(out) = std::process::Command::new("bpftool")
+            .args([
+                "btf",
+                "dump",
+                "file",
+                "/sys/kernel/btf/vmlinux",
+                "format",
+                "raw",
+            ])
+            .output()
+        else {
+            eprintln!("bpftool not installed: checked the offset's shape only");
+            return;
+        };
+        let dump = String::from_utf8_lossy(&out.stdout);
+        let member_bits = |st: &str, m: &str| -> u64 {
+            let start = dump.find(&format!("STRUCT '{st}' size=")).unwrap();
+            let block = &dump[start..];
+            let line = block
+                .lines()
+                .skip(1)
+                .take_while(|l| l.starts_with('\t'))
+                .find(|l| l.contains(&format!("'{m}' type_id=")))
+                .unwrap();
+            line.split("bits_offset=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let expected = (member_bits("task_struct", "se")
+            + member_bits("sched_entity", "sum_exec_runtime"))
+            / 8;
+        assert_eq!(off, expected);
+    }
+}
