@@ -45,6 +45,35 @@ enum Work {
     UdpSend { to: String, count: u64, size: usize },
 }
 
+/// `tcpi_bytes_sent` and `tcpi_bytes_retrans` from `TCP_INFO` (Linux 4.19+),
+/// read at their uapi offsets: the libc crate's `tcp_info` predates them.
+fn tcp_bytes_sent(s: &TcpStream) -> Result<(u64, u64)> {
+    use std::os::fd::AsRawFd as _;
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf is writable for len bytes; the kernel writes at most len.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "getsockopt(TCP_INFO): {}",
+        std::io::Error::last_os_error()
+    );
+    anyhow::ensure!(
+        len >= 216,
+        "kernel's tcp_info too short ({len} bytes) for tcpi_bytes_retrans"
+    );
+    let at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
+    Ok((at(200), at(208)))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(ns) = &cli.netns {
@@ -105,7 +134,10 @@ fn main() -> Result<()> {
             s.shutdown(Shutdown::Write)?;
             let mut rest = Vec::new();
             s.read_to_end(&mut rest)?;
-            writeln!(out, "sent {bytes}")?;
+            // Payload bytes that left, retransmissions included: what the
+            // wire (and podmeter) saw, beyond what the application wrote.
+            let (sent, retrans) = tcp_bytes_sent(&s)?;
+            writeln!(out, "sent {bytes} {sent} {retrans}")?;
         }
         Work::UdpSink { listen, count } => {
             let s = UdpSocket::bind(&listen)?;
