@@ -4,6 +4,7 @@
 mod bpf;
 mod cgroup;
 mod http;
+mod kube;
 mod metrics;
 mod preflight;
 mod tracker;
@@ -66,6 +67,32 @@ struct Cli {
     #[arg(long, default_value_t = podmeter_common::DEFAULT_MAX_CGROUPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     max_cgroups: u32,
 
+    /// Kubeconfig for the Kubernetes API (pod, namespace and container
+    /// names). Default: in-cluster service account, else $KUBECONFIG or
+    /// ~/.kube/config; with none of them podmeter runs in host mode.
+    #[arg(long, env = "KUBECONFIG", value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Do not use the Kubernetes API even if one is configured.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    no_kubernetes: bool,
+
+    /// How long a new pod cgroup's series wait for its names from the API
+    /// before they go out without them (a series' labels stay stable, and
+    /// the kernel keeps counting meanwhile, so nothing is lost).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    metadata_wait: Duration,
+
+    /// Add owner_kind and owner_name labels (the pod's controller) to pod
+    /// series. Off by default to keep cardinality low.
+    #[arg(long)]
+    owner_labels: bool,
+
+    /// Copy these pod labels onto pod series as label_<key>
+    /// (comma-separated keys, e.g. app.kubernetes.io/name,team).
+    #[arg(long, value_delimiter = ',', value_name = "KEYS")]
+    pod_labels: Vec<String>,
+
     /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
     #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
     btf_path: PathBuf,
@@ -127,16 +154,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         mounts.unified.display()
     );
 
-    let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period));
-    let stats = tracker.refresh().context("first scan of the cgroup tree")?;
-    info!(cgroups = stats.cgroups, "scanned the cgroup tree");
-
-    let exporter = Arc::new(metrics::Exporter::new(tracker.clone(), node, &kernel)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let label_options = kube::LabelOptions {
+            owner: cli.owner_labels,
+            pod_labels: cli.pod_labels.clone(),
+        };
+        let extra_labels = label_options.names();
+        let client = if cli.no_kubernetes {
+            None
+        } else {
+            kube::client(cli.kubeconfig.as_deref())
+                .await
+                .context("Kubernetes API client")?
+        };
+        let pods = client.map(|c| {
+            let n = extra_labels.len();
+            (
+                kube::PodStore::watch(c, &node, label_options),
+                n,
+                cli.metadata_wait,
+            )
+        });
+
+        let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, pods));
+        let stats = tracker.refresh().context("first scan of the cgroup tree")?;
+        info!(cgroups = stats.cgroups, "scanned the cgroup tree");
+        let exporter = Arc::new(metrics::Exporter::new(
+            tracker.clone(),
+            node,
+            &kernel,
+            extra_labels,
+        )?);
+
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         info!("serving http://{}/metrics", cli.listen);

@@ -1,8 +1,10 @@
 //! Prometheus exposition of podmeter's numbers.
 //!
 //! [`CgroupCollector`] turns each scrape's [`Snapshot`] into metric families:
-//! `podmeter_container_*` for cgroups the kubelet made (labels `pod_uid`,
-//! `container_id` — empty for the pod-level cgroup — `runtime`, `qos`) and
+//! `podmeter_container_*` for cgroups the kubelet made (labels `namespace`,
+//! `pod`, `container` from the Kubernetes API, `pod_uid`, `container_id` —
+//! empty for the pod-level cgroup — `runtime`, `qos`, and the optional
+//! owner and pod-label labels) and
 //! `podmeter_cgroup_*` for everything else (label `cgroup`, the path). Every
 //! series also carries `node`. Counters are exclusive, not hierarchical: a
 //! cgroup is billed for the tasks and sockets directly in it, so summing
@@ -16,6 +18,7 @@ use prometheus::{
 
 use crate::{
     cgroup::Identity,
+    kube::Names,
     tracker::{Row, Snapshot, Tracker},
 };
 use std::sync::Arc;
@@ -85,19 +88,35 @@ const MAPS: [&str; 2] = ["cpu", "net"];
 pub struct CgroupCollector {
     tracker: Arc<Tracker>,
     node: String,
+    extra_labels: Vec<String>,
     descs: Vec<Desc>,
 }
 
+/// Labels of every `podmeter_container_*` series, before the optional ones.
+const CONTAINER_LABELS: [&str; 8] = [
+    "node",
+    "namespace",
+    "pod",
+    "container",
+    "pod_uid",
+    "container_id",
+    "runtime",
+    "qos",
+];
+
 impl CgroupCollector {
-    /// A collector for `tracker`'s cgroups, labelled with `node`.
-    pub fn new(tracker: Arc<Tracker>, node: String) -> Self {
+    /// A collector for `tracker`'s cgroups, labelled with `node`; pod
+    /// series also carry `extra_labels` (see `kube::LabelOptions`).
+    pub fn new(tracker: Arc<Tracker>, node: String, extra_labels: Vec<String>) -> Self {
         let mut descs = Vec::new();
+        let container_labels: Vec<&str> = CONTAINER_LABELS
+            .iter()
+            .copied()
+            .chain(extra_labels.iter().map(String::as_str))
+            .collect();
         for spec in &SPECS {
             for (prefix, labels) in [
-                (
-                    CONTAINER_PREFIX,
-                    &["node", "pod_uid", "container_id", "runtime", "qos"][..],
-                ),
+                (CONTAINER_PREFIX, &container_labels[..]),
                 (CGROUP_PREFIX, &["node", "cgroup"][..]),
             ] {
                 descs.push(desc(&format!("{prefix}{}", spec.suffix), spec.help, labels));
@@ -106,9 +125,13 @@ impl CgroupCollector {
         for (name, help, labels) in SELF_FAMILIES {
             descs.push(desc(name, help, labels));
         }
+        for (name, help) in [KUBE_PODS, KUBE_ERRORS] {
+            descs.push(desc(name, help, &[]));
+        }
         Self {
             tracker,
             node,
+            extra_labels,
             descs,
         }
     }
@@ -127,7 +150,7 @@ fn desc(name: &str, help: &str, labels: &[&str]) -> Desc {
 const SELF_FAMILIES: [(&str, &str, &[&str]); 4] = [
     (
         "podmeter_tracked_cgroups",
-        "Cgroups podmeter tracks, by state: live (counted and in the tree), departed (in the grace period), unresolved (counted, never seen in the tree).",
+        "Cgroups podmeter tracks, by state: live (counted and in the tree), departed (in the grace period), unresolved (counted, never seen in the tree), awaiting_metadata (pod cgroups held back until the API names them).",
         &["state"],
     ),
     (
@@ -146,6 +169,15 @@ const SELF_FAMILIES: [(&str, &str, &[&str]); 4] = [
         &["map"],
     ),
 ];
+
+const KUBE_PODS: (&str, &str) = (
+    "podmeter_kubernetes_pods",
+    "Pods of this node in the Kubernetes API watch's store.",
+);
+const KUBE_ERRORS: (&str, &str) = (
+    "podmeter_kubernetes_watch_errors_total",
+    "Errors of the Kubernetes API pod watch; each is retried with backoff, serving the last known names meanwhile.",
+);
 
 fn label(name: &str, value: &str) -> LabelPair {
     let mut l = LabelPair::default();
@@ -193,13 +225,27 @@ fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> M
 impl CgroupCollector {
     fn labels(&self, row: &Row) -> Vec<LabelPair> {
         match &row.cgroup.identity {
-            Identity::Pod(p) => vec![
-                label("node", &self.node),
-                label("pod_uid", &p.pod_uid),
-                label("container_id", p.container_id.as_deref().unwrap_or("")),
-                label("runtime", p.runtime.unwrap_or("")),
-                label("qos", p.qos.as_str()),
-            ],
+            Identity::Pod(p) => {
+                let names = row.names.as_deref();
+                let name = |f: fn(&Names) -> &str| names.map_or("", f);
+                let mut labels = vec![
+                    label("node", &self.node),
+                    label("namespace", name(|n| &n.namespace)),
+                    label("pod", name(|n| &n.pod)),
+                    label("container", name(|n| &n.container)),
+                    label("pod_uid", &p.pod_uid),
+                    label("container_id", p.container_id.as_deref().unwrap_or("")),
+                    label("runtime", p.runtime.unwrap_or("")),
+                    label("qos", p.qos.as_str()),
+                ];
+                for (i, l) in self.extra_labels.iter().enumerate() {
+                    let v = names
+                        .and_then(|n| n.extra.get(i))
+                        .map_or("", String::as_str);
+                    labels.push(label(l, v));
+                }
+                labels
+            }
             Identity::Host => vec![label("node", &self.node), label("cgroup", &row.cgroup.path)],
         }
     }
@@ -231,7 +277,7 @@ impl CgroupCollector {
 
         let [tracked, entries, capacity, dropped] = SELF_FAMILIES;
         let cap = f64::from(snap.capacity);
-        let [live, departed, unresolved] = snap.tracked.map(|n| n as f64);
+        let [live, departed, unresolved, awaiting] = snap.tracked.map(|n| n as f64);
         out.push(by_label(
             tracked,
             MetricType::GAUGE,
@@ -239,8 +285,16 @@ impl CgroupCollector {
                 ("live", live),
                 ("departed", departed),
                 ("unresolved", unresolved),
+                ("awaiting_metadata", awaiting),
             ],
         ));
+        if let Some((pods, errors)) = snap.kubernetes {
+            let one = |(name, help): (&str, &str), kind, v: f64| {
+                family(name.to_owned(), help, kind, vec![sample(vec![], kind, v)])
+            };
+            out.push(one(KUBE_PODS, MetricType::GAUGE, pods as f64));
+            out.push(one(KUBE_ERRORS, MetricType::COUNTER, errors as f64));
+        }
         out.push(by_label(
             entries,
             MetricType::GAUGE,
@@ -294,9 +348,18 @@ pub struct Exporter {
 
 impl Exporter {
     /// Registers everything podmeter exposes.
-    pub fn new(tracker: Arc<Tracker>, node: String, kernel: &str) -> prometheus::Result<Self> {
+    pub fn new(
+        tracker: Arc<Tracker>,
+        node: String,
+        kernel: &str,
+        extra_labels: Vec<String>,
+    ) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        registry.register(Box::new(CgroupCollector::new(tracker, node.clone())))?;
+        registry.register(Box::new(CgroupCollector::new(
+            tracker,
+            node.clone(),
+            extra_labels,
+        )))?;
         let build = IntGauge::with_opts(
             Opts::new(
                 "podmeter_build_info",

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use crate::{
     bpf::Maps,
     cgroup::{Identity, Mounts, identity, memory, tree},
+    kube::{Lookup, Names, PodStore},
 };
 
 /// A cgroup podmeter knows by path.
@@ -37,6 +38,8 @@ pub struct Cgroup {
     pub path: String,
     /// What the path says about its owner.
     pub identity: Identity,
+    /// When a scan first saw it.
+    pub first_seen: Instant,
 }
 
 /// The id → cgroup view the scrape path reads; replaced whole by each refresh.
@@ -70,6 +73,8 @@ pub struct Row {
     pub net: Option<NetCounters>,
     /// Memory working set, if its hierarchy accounts memory.
     pub memory: Option<u64>,
+    /// Kubernetes names, for pod cgroups (empty values where unknown).
+    pub names: Option<Arc<Names>>,
 }
 
 /// Everything one scrape exposes.
@@ -83,8 +88,12 @@ pub struct Snapshot {
     pub entries: [usize; 2],
     /// Counter map capacity.
     pub capacity: u32,
-    /// Cgroups by state: `[live and counted, departed, unresolved]`.
-    pub tracked: [usize; 3],
+    /// Cgroups by state: `[live and counted, departed, unresolved,
+    /// awaiting metadata]`.
+    pub tracked: [usize; 4],
+    /// Pods in the API watch's store, and watch errors so far, when the
+    /// Kubernetes API is in use.
+    pub kubernetes: Option<(usize, u64)>,
 }
 
 /// What one refresh did, for logs.
@@ -110,6 +119,16 @@ pub struct Tracker {
     /// Wakes the refresher early.
     pub wake: Notify,
     last_refresh: Mutex<Option<Result<Instant, String>>>,
+    /// The node's pods from the API, if one is configured.
+    pods: Option<PodStore>,
+    /// How long a pod cgroup's series wait for its names before going out
+    /// without them.
+    metadata_wait: Duration,
+    /// Names once complete, per cgroup id: a series' labels never change
+    /// back, even after the pod left the API.
+    names: Mutex<HashMap<u64, Arc<Names>>>,
+    /// Names for pod cgroups when nothing better is known.
+    unnamed: Arc<Names>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,8 +138,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Tracker {
     /// A tracker over `maps`, with no cgroups known until the first refresh.
-    pub fn new(mounts: Mounts, maps: Maps, grace: Duration) -> Self {
+    pub fn new(
+        mounts: Mounts,
+        maps: Maps,
+        grace: Duration,
+        pods: Option<(PodStore, usize, Duration)>,
+    ) -> Self {
+        let (pods, extra_labels, metadata_wait) = match pods {
+            Some((p, n, w)) => (Some(p), n, w),
+            None => (None, 0, Duration::ZERO),
+        };
         Self {
+            pods,
+            metadata_wait,
+            names: Mutex::default(),
+            unnamed: Arc::new(Names {
+                extra: vec![String::new(); extra_labels],
+                ..Default::default()
+            }),
             mounts,
             grace,
             maps: Mutex::new(maps),
@@ -156,12 +191,39 @@ impl Tracker {
 
         let mut rows = Vec::with_capacity(ids.len());
         let mut unknown = false;
-        let mut live = 0;
+        let (mut live, mut awaiting) = (0, 0);
+        let pods = self.pods.as_ref().map(|p| (p, p.by_uid()));
+        let mut names = lock(&self.names);
         let mut last_cpu = lock(&self.last_cpu);
         for id in ids {
             let Some(cgroup) = index.get(id) else {
                 unknown |= !index.unresolved.contains_key(&id);
                 continue;
+            };
+            let names = match (&cgroup.identity, &pods) {
+                (Identity::Host, _) => None,
+                (Identity::Pod(_), None) => Some(self.unnamed.clone()),
+                (Identity::Pod(p), Some((store, by_uid))) => match names.get(&id) {
+                    Some(n) => Some(n.clone()),
+                    None => {
+                        let waited = cgroup.first_seen.elapsed() >= self.metadata_wait;
+                        match store.lookup(by_uid, &p.pod_uid, p.container_id.as_deref()) {
+                            Lookup::Complete(n) => {
+                                let n = Arc::new(n);
+                                names.insert(id, n.clone());
+                                Some(n)
+                            }
+                            Lookup::PodOnly(n) if waited => Some(Arc::new(n)),
+                            Lookup::Unknown if waited => Some(self.unnamed.clone()),
+                            // Counters keep accumulating in the kernel: the
+                            // first export, once named, loses nothing.
+                            _ => {
+                                awaiting += 1;
+                                continue;
+                            }
+                        }
+                    }
+                },
             };
             live += usize::from(index.live.contains_key(&id));
             let cpu = reading.cpu.get(&id).map(|c| {
@@ -177,14 +239,18 @@ impl Tracker {
                 cpu,
                 net: reading.net.get(&id).copied(),
                 memory: index.memory.get(&id).copied(),
+                names,
             });
         }
         drop(last_cpu);
+        drop(names);
         if unknown {
             self.wake.notify_one();
         }
         Ok(Snapshot {
-            tracked: [live, index.departed.len(), index.unresolved.len()],
+            tracked: [live, index.departed.len(), index.unresolved.len(), awaiting],
+            kubernetes: pods
+                .map(|(p, _)| (p.len(), p.errors.load(std::sync::atomic::Ordering::Relaxed))),
             rows,
             dropped: reading.dropped,
             entries: [reading.cpu.len(), reading.net.len()],
@@ -218,6 +284,7 @@ impl Tracker {
                 _ => Arc::new(Cgroup {
                     identity: identity::parse(&path),
                     path,
+                    first_seen: now,
                 }),
             };
             live.insert(id, cgroup);
@@ -269,9 +336,10 @@ impl Tracker {
 
         if !retire.is_empty() {
             lock(&self.maps).forget(&retire);
-            let mut last_cpu = lock(&self.last_cpu);
+            let (mut last_cpu, mut names) = (lock(&self.last_cpu), lock(&self.names));
             for id in &retire {
                 last_cpu.remove(id);
+                names.remove(id);
             }
             stats.retired = retire.len();
         }
