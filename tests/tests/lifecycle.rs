@@ -217,3 +217,27 @@ fn health_endpoints_answer() {
         b - a
     );
 }
+
+/// In a DaemonSet the host's /sys/fs/cgroup is mounted somewhere else;
+/// `--cgroup-root` takes that directory on pure v2 and hybrid hosts alike.
+#[test]
+fn cgroup_root_may_name_the_hosts_cgroup_directory() {
+    let tree = TestTree::new("root");
+    let cg = tree.cgroup("via-root");
+    let agent = Agent::start(&[
+        "--cgroup-root",
+        "/sys/fs/cgroup",
+        "--refresh-interval",
+        "250ms",
+    ]);
+    let _w = cg.spawn(None, &["hold-memory", "16"]);
+    agent.scrape_until(
+        Duration::from_secs(15),
+        "CPU and memory via --cgroup-root",
+        |s| {
+            s.cgroup(CPU, &cg.path).is_some()
+                && s.cgroup("memory_working_set_bytes", &cg.path)
+                    .is_some_and(|m| m >= 16.0 * 1048576.0)
+        },
+    );
+}

@@ -29,7 +29,8 @@ pub enum MountError {
     NoCgroup2,
     /// `--cgroup-root` names something that is not a cgroup2 mount.
     #[error(
-        "--cgroup-root {path}: not a cgroup2 filesystem; point it at the cgroup2 mount (e.g. /sys/fs/cgroup)"
+        "--cgroup-root {path}: not a cgroup2 filesystem, nor a directory with one at unified/; \
+         point it at the cgroup2 mount or at the host's /sys/fs/cgroup"
     )]
     NotCgroup2 {
         /// The path given.
@@ -49,27 +50,50 @@ pub enum MountError {
 }
 
 impl Mounts {
-    /// Detects the mounts of this host; `cgroup_root` overrides the cgroup2 one.
+    /// Detects the mounts of this host. `cgroup_root` overrides detection:
+    /// either the cgroup2 mount itself, or a directory holding a hybrid
+    /// host's hierarchies (`<dir>/unified` and `<dir>/memory`), such as the
+    /// host's /sys/fs/cgroup mounted into a container.
     pub fn detect(cgroup_root: Option<&Path>) -> Result<Self, MountError> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-        let unified = match cgroup_root {
-            Some(path) => {
-                let fs = statfs(path).map_err(|source| MountError::Inaccessible {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
-                    return Err(MountError::NotCgroup2 {
-                        path: path.to_owned(),
-                    });
-                }
-                path.to_owned()
-            }
-            None => find_cgroup2(&mountinfo).ok_or(MountError::NoCgroup2)?,
+        let Some(path) = cgroup_root else {
+            return Ok(Self {
+                unified: find_cgroup2(&mountinfo).ok_or(MountError::NoCgroup2)?,
+                memory_v1: find_v1_controller(&mountinfo, "memory"),
+            });
         };
-        let memory_v1 = find_v1_controller(&mountinfo, "memory");
-        Ok(Self { unified, memory_v1 })
+        let inaccessible = |source| MountError::Inaccessible {
+            path: path.to_owned(),
+            source,
+        };
+        if statfs(path).map_err(inaccessible)?.filesystem_type() == CGROUP2_SUPER_MAGIC {
+            // A cgroup2 mount given directly: a hybrid host's v1 memory
+            // controller is its sibling, if mounted alongside.
+            let sibling = path
+                .parent()
+                .map(|p| p.join("memory"))
+                .filter(|m| is_v1_memory(m));
+            return Ok(Self {
+                unified: path.to_owned(),
+                memory_v1: sibling.or_else(|| find_v1_controller(&mountinfo, "memory")),
+            });
+        }
+        let unified = path.join("unified");
+        if statfs(&unified).is_ok_and(|fs| fs.filesystem_type() == CGROUP2_SUPER_MAGIC) {
+            let memory = path.join("memory");
+            return Ok(Self {
+                unified,
+                memory_v1: is_v1_memory(&memory).then_some(memory),
+            });
+        }
+        Err(MountError::NotCgroup2 {
+            path: path.to_owned(),
+        })
     }
+}
+
+fn is_v1_memory(dir: &Path) -> bool {
+    dir.join("memory.usage_in_bytes").exists()
 }
 
 /// One line of mountinfo, the fields podmeter needs.
