@@ -2,6 +2,8 @@
 //! installing the eBPF toolchain, running the agent, running the privileged
 //! test suite.
 
+mod cluster;
+mod image;
 mod setup;
 
 use std::{
@@ -51,6 +53,26 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings, userspace and eBPF crates.
     Lint,
+    /// A real single-node Kubernetes cluster on this machine (needs root).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
+    /// and import it into the local cluster's containerd if it is up.
+    Image,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Build (once, cached) and start etcd, the control plane, containerd and
+    /// a kubelet; wait until the node is Ready.
+    Up,
+    /// Stop everything and remove every process, mount, netns, interface,
+    /// cgroup and file the cluster made.
+    Down,
+    /// Say whether the node is up and Ready.
+    Status,
 }
 
 fn main() -> Result<()> {
@@ -60,6 +82,19 @@ fn main() -> Result<()> {
         Task::Run { args } => run(args),
         Task::Test { filter } => test(filter),
         Task::Lint => lint(),
+        Task::Cluster { action } => match action {
+            ClusterAction::Up => cluster::up(),
+            ClusterAction::Down => cluster::down(),
+            ClusterAction::Status => cluster::status(),
+        },
+        Task::Image => {
+            let tar = podmeter_image()?;
+            if cluster::containerd_sock().exists() {
+                image::import(&tar, &cluster::containerd_sock())?;
+                eprintln!("image: imported {PODMETER_IMAGE} into the cluster's containerd");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -157,6 +192,32 @@ fn test(filter: Option<String>) -> Result<()> {
         c.arg(f);
     }
     sh(&mut c)
+}
+
+/// The image reference the manifests use.
+const PODMETER_IMAGE: &str = "localhost/podmeter:dev";
+
+/// Builds the release agent and its OCI image; returns the tarball.
+fn podmeter_image() -> Result<PathBuf> {
+    build(true)?;
+    let target = root().join("target");
+    let bin = target.join("podmeter.stripped");
+    sh(Command::new("strip")
+        .arg("-o")
+        .arg(&bin)
+        .arg(target.join("release/podmeter")))?;
+    let tar = target.join("podmeter.oci.tar");
+    image::build(
+        &image::Spec {
+            name: PODMETER_IMAGE,
+            files: image::with_libs(&bin, "/podmeter")?,
+            symlinks: vec![],
+            entrypoint: vec!["/podmeter".into()],
+        },
+        &tar,
+    )?;
+    eprintln!("image: {PODMETER_IMAGE} written to {}", tar.display());
+    Ok(tar)
 }
 
 fn lint() -> Result<()> {

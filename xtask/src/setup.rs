@@ -71,7 +71,7 @@ pub fn ebpf_toolchain() -> Result<String> {
 
 /// Everything, in dependency order.
 pub fn all() -> Result<()> {
-    apt()?;
+    apt(PACKAGES)?;
     nightly()?;
     bpf_linker()
 }
@@ -80,8 +80,9 @@ fn ok(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Installs the Debian `packages` that are missing.
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
