@@ -172,6 +172,7 @@ pub fn up() -> Result<()> {
     ] {
         fs::create_dir_all(state(d))?;
     }
+    fs::create_dir_all(state("cmd"))?;
     fs::create_dir_all(RUN)?;
 
     node_address()?;
@@ -302,14 +303,22 @@ fn kubeconfigs() -> Result<()> {
     Ok(())
 }
 
-/// Starts `bin` in its own session, logging to `logs/<name>.log`.
+/// Starts `bin` in its own process group, logging to `logs/<name>.log`.
+/// The command is kept as `cmd/<name>.sh` (pid in `pids/<name>.pid`), so
+/// tests can stop a component and start it again exactly as `up` did.
 fn spawn(name: &str, bin: &Path, args: &[String]) -> Result<()> {
-    let log = fs::File::create(state(&format!("logs/{name}.log")))?;
-    let child = Command::new(bin)
-        .args(args)
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let mut script = format!("#!/bin/sh\nexec {}", quote(&bin.display().to_string()));
+    for a in args {
+        script += " ";
+        script += &quote(a);
+    }
+    script += &format!(" >>{} 2>&1\n", state(&format!("logs/{name}.log")).display());
+    let path = state(&format!("cmd/{name}.sh"));
+    fs::write(&path, script)?;
+    let child = Command::new("sh")
+        .arg(&path)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
@@ -370,6 +379,8 @@ fn apiserver() -> Result<()> {
             "--bind-address=0.0.0.0".into(),
             "--secure-port=6443".into(),
             format!("--advertise-address={NODE_IP}"),
+            // The node name does not resolve; its address does.
+            "--kubelet-preferred-address-types=InternalIP".into(),
             format!("--tls-cert-file={p}/apiserver.crt"),
             format!("--tls-private-key-file={p}/apiserver.key"),
             format!("--client-ca-file={p}/ca.crt"),
@@ -519,6 +530,7 @@ tlsCertFile: {p}/kubelet.crt
 tlsPrivateKeyFile: {p}/kubelet.key
 readOnlyPort: 0
 healthzPort: 0
+podLogsDir: {state}/pod-logs
 clusterDomain: cluster.local
 resolvConf: /etc/resolv.conf
 serializeImagePulls: false
@@ -527,7 +539,8 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 "#,
         sock = containerd_sock().display(),
-        p = p.display()
+        p = p.display(),
+        state = STATE,
     );
     fs::write(state("kubelet.yaml"), config)?;
     spawn(
@@ -713,9 +726,9 @@ pub fn down() -> Result<()> {
     for link in [BRIDGE, NODE_LINK] {
         let _ = run_quiet(Command::new("ip").args(["link", "del", link]));
     }
-    // kube-proxy's rules.
-    for table in ["nat", "filter", "mangle"] {
-        flush_kube_chains(table);
+    // kube-proxy's rules: every KUBE-* chain and every jump to one.
+    for family in ["iptables", "ip6tables"] {
+        remove_kube_rules(family);
     }
     let _ = fs::remove_dir_all(RUN);
     if Path::new(STATE).exists() {
@@ -724,32 +737,20 @@ pub fn down() -> Result<()> {
     Ok(())
 }
 
-/// Removes the KUBE-* chains kube-proxy added, and the jumps to them.
-fn flush_kube_chains(table: &str) {
-    let Ok(out) = Command::new("iptables-save").args(["-t", table]).output() else {
-        return;
-    };
+/// Rewrites the ruleset without the KUBE-* chains kube-proxy added and the
+/// jumps to them, leaving every other rule as it was.
+fn remove_kube_rules(family: &str) {
+    let Ok(out) = Command::new(format!("{family}-save")).output() else { return };
     let text = String::from_utf8_lossy(&out.stdout);
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("-A ") && l.contains("KUBE-"))
-    {
-        let chain = line.split_whitespace().nth(1).unwrap_or("");
-        if !chain.starts_with("KUBE-") {
-            let rule: Vec<&str> = line[3..].split_whitespace().collect();
-            let _ = run_quiet(
-                Command::new("iptables")
-                    .args(["-t", table, "-D"])
-                    .args(&rule),
-            );
+    if !text.contains("KUBE-") {
+        return;
+    }
+    let kept: String = text.lines().filter(|l| !l.contains("KUBE-")).map(|l| format!("{l}\n")).collect();
+    let restore = Command::new(format!("{family}-restore")).stdin(Stdio::piped()).spawn();
+    if let Ok(mut child) = restore {
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = std::io::Write::write_all(&mut stdin, kept.as_bytes());
         }
-    }
-    for line in text.lines().filter(|l| l.starts_with(":KUBE-")) {
-        let chain = line[1..].split_whitespace().next().unwrap_or("");
-        let _ = run_quiet(Command::new("iptables").args(["-t", table, "-F", chain]));
-    }
-    for line in text.lines().filter(|l| l.starts_with(":KUBE-")) {
-        let chain = line[1..].split_whitespace().next().unwrap_or("");
-        let _ = run_quiet(Command::new("iptables").args(["-t", table, "-X", chain]));
+        let _ = child.wait();
     }
 }

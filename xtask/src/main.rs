@@ -75,8 +75,18 @@ enum ClusterAction {
     Status,
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
+fn main() -> std::process::ExitCode {
+    match dispatch(Cli::parse().task) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    match task {
         Task::Setup => setup::all(),
         Task::Build { release } => build(release),
         Task::Run { args } => run(args),
@@ -108,7 +118,9 @@ fn root() -> PathBuf {
 
 /// Runs a command in the workspace root; fails with the command line.
 pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
-    cmd.current_dir(root());
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
