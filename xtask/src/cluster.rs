@@ -84,6 +84,11 @@ fn etcd_bin() -> PathBuf {
     setup::cache_dir().join(format!("etcd-{ETCD}/bin/etcd"))
 }
 
+/// The kubectl binary of the cluster's release.
+pub fn kubectl_bin() -> PathBuf {
+    k8s_bin("kubectl")
+}
+
 /// kubectl against the cluster.
 pub fn kubectl() -> Command {
     let mut c = Command::new(k8s_bin("kubectl"));
@@ -552,6 +557,9 @@ imageGCLowThresholdPercent: 99
             format!("--root-dir={}", state("kubelet").display()),
             format!("--node-ip={NODE_IP}"),
             format!("--hostname-override={NODE}"),
+            // cAdvisor (inside the kubelet) finds containers through
+            // containerd; ours is not at the default socket.
+            format!("--containerd={}", containerd_sock().display()),
         ],
     )
 }
@@ -740,13 +748,21 @@ pub fn down() -> Result<()> {
 /// Rewrites the ruleset without the KUBE-* chains kube-proxy added and the
 /// jumps to them, leaving every other rule as it was.
 fn remove_kube_rules(family: &str) {
-    let Ok(out) = Command::new(format!("{family}-save")).output() else { return };
+    let Ok(out) = Command::new(format!("{family}-save")).output() else {
+        return;
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     if !text.contains("KUBE-") {
         return;
     }
-    let kept: String = text.lines().filter(|l| !l.contains("KUBE-")).map(|l| format!("{l}\n")).collect();
-    let restore = Command::new(format!("{family}-restore")).stdin(Stdio::piped()).spawn();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.contains("KUBE-"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let restore = Command::new(format!("{family}-restore"))
+        .stdin(Stdio::piped())
+        .spawn();
     if let Ok(mut child) = restore {
         if let Some(mut stdin) = child.stdin.take() {
             let _ = std::io::Write::write_all(&mut stdin, kept.as_bytes());

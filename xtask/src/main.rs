@@ -50,6 +50,17 @@ enum Task {
     Test {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
+        /// Skip the end-to-end tests on the local Kubernetes cluster.
+        #[arg(long)]
+        no_cluster: bool,
+    },
+    /// Only the end-to-end tests: cluster up, images, tests, cluster down.
+    E2e {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+        /// Leave the cluster running afterwards (for debugging).
+        #[arg(long)]
+        keep: bool,
     },
     /// cargo fmt --check and clippy -D warnings, userspace and eBPF crates.
     Lint,
@@ -90,7 +101,8 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Setup => setup::all(),
         Task::Build { release } => build(release),
         Task::Run { args } => run(args),
-        Task::Test { filter } => test(filter),
+        Task::Test { filter, no_cluster } => test(filter, no_cluster),
+        Task::E2e { filter, keep } => e2e(filter, keep),
         Task::Lint => lint(),
         Task::Cluster { action } => match action {
             ClusterAction::Up => cluster::up(),
@@ -178,7 +190,7 @@ fn run(args: Vec<String>) -> Result<()> {
     sh(Command::new(bin).args(args))
 }
 
-fn test(filter: Option<String>) -> Result<()> {
+fn test(filter: Option<String>, no_cluster: bool) -> Result<()> {
     if !is_root() {
         bail!(
             "the integration tests load eBPF programs and make cgroups: run `sudo -E cargo xtask test`"
@@ -200,10 +212,78 @@ fn test(filter: Option<String>) -> Result<()> {
     c.args(["test", "--release", "--package", "podmeter-tests", "--"])
         .arg("--test-threads=1")
         .env("PODMETER_BIN", root().join("target/release/podmeter"));
-    if let Some(f) = filter {
+    if let Some(f) = &filter {
         c.arg(f);
     }
-    sh(&mut c)
+    sh(&mut c)?;
+    if no_cluster {
+        return Ok(());
+    }
+    e2e(filter, false)
+}
+
+/// The end-to-end tests on the local cluster, which is torn down after
+/// them whatever happens.
+fn e2e(filter: Option<String>, keep: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    cluster::up()?;
+    eprintln!(
+        "e2e: cluster up in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let result = (|| {
+        image::import(&podmeter_image()?, &cluster::containerd_sock())?;
+        image::import(&testwork_image()?, &cluster::containerd_sock())?;
+        let mut c = cargo();
+        c.args([
+            "test",
+            "--release",
+            "--package",
+            "podmeter-tests",
+            "--test",
+            "e2e",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env("PODMETER_KUBECTL", cluster::kubectl_bin())
+        .env("KUBECONFIG", cluster::kubeconfig());
+        if let Some(f) = &filter {
+            c.arg(f);
+        }
+        sh(&mut c)
+    })();
+    if keep {
+        eprintln!("e2e: cluster left running (--keep); `cargo xtask cluster down` removes it");
+        return result;
+    }
+    let down = cluster::down();
+    result.and(down)
+}
+
+/// busybox and the tests' `pm-work` helper, for the e2e workloads.
+fn testwork_image() -> Result<PathBuf> {
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "podmeter-tests",
+        "--bin",
+        "pm-work",
+    ]))?;
+    let mut files = image::with_libs(&root().join("target/release/pm-work"), "/pm-work")?;
+    files.push((PathBuf::from("/bin/busybox"), "/bin/busybox".into()));
+    let tar = root().join("target/testwork.oci.tar");
+    image::build(
+        &image::Spec {
+            name: "localhost/podmeter-testwork:dev",
+            files,
+            symlinks: vec![("/bin/sh".into(), "busybox".into())],
+            entrypoint: vec!["/pm-work".into()],
+        },
+        &tar,
+    )?;
+    Ok(tar)
 }
 
 /// The image reference the manifests use.

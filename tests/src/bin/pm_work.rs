@@ -25,6 +25,10 @@ struct Cli {
     /// Network namespace (under /var/run/netns) to join.
     #[arg(long)]
     netns: Option<String>,
+    /// After the work, stay alive (so the container, and its cgroup, stay
+    /// around to be scraped) until killed.
+    #[arg(long)]
+    linger: bool,
     #[command(subcommand)]
     work: Work,
 }
@@ -86,6 +90,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("joining {}", cg.display()))?;
     }
     let mut out = std::io::stdout().lock();
+    let linger = cli.linger;
     match cli.work {
         Work::Burn => {
             let mut x: u64 = 0;
@@ -173,6 +178,11 @@ fn main() -> Result<()> {
             }
             writeln!(out, "sent {count}")?;
         }
+    }
+    out.flush()?;
+    drop(out);
+    while linger {
+        std::thread::sleep(Duration::from_secs(3600));
     }
     Ok(())
 }

@@ -1,0 +1,530 @@
+//! End to end on a real single-node cluster (`cargo xtask cluster up`):
+//! podmeter runs as a DaemonSet pod, next to real pods, with names from the
+//! real kube-apiserver. `cargo xtask test` starts the cluster, imports the
+//! images and runs these; on their own they are ignored.
+
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use podmeter_tests::{Kube, Namespace, Scrape};
+
+const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
+const STATE: &str = "/var/lib/podmeter-cluster";
+const CPU: &str = "podmeter_container_cpu_usage_seconds_total";
+
+/// (Re)deploys podmeter from deploy/manifests with test-friendly timings;
+/// returns the metrics URL of its pod.
+fn podmeter(kube: &Kube) -> String {
+    let manifest = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/podmeter.yaml"),
+    )
+    .unwrap();
+    let manifest = manifest.replace(
+        "            - --listen=0.0.0.0:9740\n",
+        "            - --listen=0.0.0.0:9740\n            - --grace-period=10s\n            - --refresh-interval=1s\n            - --metadata-wait=5s\n",
+    );
+    assert!(
+        manifest.contains("--grace-period=10s"),
+        "manifest layout changed"
+    );
+    kube.apply(&manifest);
+    kube.run(&[
+        "-n",
+        "podmeter",
+        "rollout",
+        "status",
+        "daemonset/podmeter",
+        "--timeout=120s",
+    ]);
+    let ip = kube.until(Duration::from_secs(60), "a Ready podmeter pod", || {
+        let pods = kube.json(&[
+            "pods",
+            "-n",
+            "podmeter",
+            "-l",
+            "app.kubernetes.io/name=podmeter",
+        ]);
+        pods["items"].as_array()?.iter().find_map(|p| {
+            let ready = p["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let deleting = !p["metadata"]["deletionTimestamp"].is_null();
+            (ready && !deleting)
+                .then(|| p["status"]["podIP"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    });
+    format!("http://{ip}:9740/metrics")
+}
+
+fn scrape(url: &str) -> Scrape {
+    let body = ureq::get(url)
+        .call()
+        .expect("scrape podmeter")
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    Scrape::parse(&body)
+}
+
+fn scrape_until(url: &str, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = scrape(url);
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last scrape:\n{}",
+            s.text
+        );
+        sleep(Duration::from_millis(500));
+    }
+}
+
+/// A pod running pm-work with `args`.
+fn work_pod(name: &str, ns: &str, args: &[&str], extra_spec: &str, resources: &str) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n{extra_spec}  containers:\n  - name: work\n    image: {WORK_IMAGE}\n    imagePullPolicy: Never\n    command: [\"/pm-work\"]\n    args: [{}]\n{resources}",
+        args.join(", ")
+    )
+}
+
+fn container_id(pod: &serde_json::Value) -> String {
+    let id = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .expect("containerID");
+    id.split_once("://").unwrap().1.to_owned()
+}
+
+/// The cgroup2 directory of a container, wherever the kubelet put it.
+fn container_cgroup(id: &str) -> std::path::PathBuf {
+    let root = podmeter_tests::unified_root().join("kubepods");
+    fn find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+        for e in fs::read_dir(dir).ok()?.flatten() {
+            if e.file_type().ok()?.is_dir() {
+                if e.file_name() == name {
+                    return Some(e.path());
+                }
+                if let Some(p) = find(&e.path(), name) {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+    find(&root, id)
+        .unwrap_or_else(|| panic!("no cgroup for container {id} under {}", root.display()))
+}
+
+fn cpu_stat(dir: &Path) -> f64 {
+    let s = fs::read_to_string(dir.join("cpu.stat")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .unwrap()
+        .trim()
+        .parse::<f64>()
+        .unwrap()
+        / 1e6
+}
+
+/// cAdvisor's `container_cpu_usage_seconds_total` for a container, with its
+/// timestamp (cAdvisor samples on its own housekeeping schedule).
+fn cadvisor_cpu(kube: &Kube, ns: &str, pod: &str, container: &str) -> Option<(f64, f64)> {
+    let text = kube.run(&[
+        "get",
+        "--raw",
+        "/api/v1/nodes/podmeter-node/proxy/metrics/cadvisor",
+    ]);
+    let want = [
+        format!("container=\"{container}\""),
+        format!("namespace=\"{ns}\""),
+        format!("pod=\"{pod}\""),
+    ];
+    text.lines()
+        .filter(|l| l.starts_with("container_cpu_usage_seconds_total{"))
+        .find(|l| want.iter().all(|w| l.contains(w.as_str())))
+        .and_then(|l| {
+            let mut it = l.rsplit(' ');
+            let ts: f64 = it.next()?.parse().ok()?;
+            let v: f64 = it.next()?.parse().ok()?;
+            Some((v, ts / 1000.0))
+        })
+}
+
+#[test]
+#[ignore = "needs the local cluster: cargo xtask test runs it"]
+fn daemonset_names_pods_and_cpu_matches_cgroups_and_cadvisor() {
+    let kube = Kube::from_env();
+    let url = podmeter(&kube);
+    let ns = Namespace::new(&kube, "e2e-cpu");
+    let guaranteed = "    resources:\n      requests: {cpu: 300m, memory: 64Mi}\n      limits: {cpu: 300m, memory: 64Mi}\n";
+    let burstable = "    resources:\n      requests: {cpu: 100m}\n      limits: {cpu: 500m}\n";
+    kube.apply(&work_pod("burn-g", &ns.name, &["burn"], "", guaranteed));
+    kube.apply(&work_pod("burn-b", &ns.name, &["burn"], "", burstable));
+    let pods = [("burn-g", "Guaranteed"), ("burn-b", "Burstable")];
+    let mut cgroups = Vec::new();
+    for (pod, qos) in pods {
+        let p = kube.pod_phase(&ns.name, pod, "Running");
+        let id = container_id(&p);
+        let uid = p["metadata"]["uid"].as_str().unwrap().to_owned();
+        let s = scrape_until(&url, "the burner's named series", |s| {
+            s.value(CPU, &[("pod", pod), ("container", "work")])
+                .is_some()
+        });
+        let found = s.find(CPU, &[("pod", pod)]);
+        let labels = &found
+            .iter()
+            .find(|(l, _)| l["container"] == "work")
+            .unwrap()
+            .0;
+        assert_eq!(labels["namespace"], ns.name);
+        assert_eq!(labels["pod_uid"], uid);
+        assert_eq!(labels["container_id"], id);
+        assert_eq!(labels["qos"], qos);
+        assert_eq!(labels["node"], "podmeter-node");
+        cgroups.push((pod, container_cgroup(&id)));
+    }
+
+    // Against the containers' own cgroups (2 %) and cAdvisor (5 %), as rates
+    // over the same 30 s.
+    let measure = || {
+        let k0: Vec<f64> = cgroups.iter().map(|(_, d)| cpu_stat(d)).collect();
+        let s = scrape(&url);
+        let k1: Vec<f64> = cgroups.iter().map(|(_, d)| cpu_stat(d)).collect();
+        let pm: Vec<f64> = cgroups
+            .iter()
+            .map(|(p, _)| s.value(CPU, &[("pod", p), ("container", "work")]).unwrap())
+            .collect();
+        let kernel: Vec<f64> = k0.iter().zip(&k1).map(|(a, b)| (a + b) / 2.0).collect();
+        let cadvisor: Vec<Option<(f64, f64)>> = cgroups
+            .iter()
+            .map(|(p, _)| cadvisor_cpu(&kube, &ns.name, p, "work"))
+            .collect();
+        (Instant::now(), pm, kernel, cadvisor)
+    };
+    let (t0, pm0, k0, c0) = measure();
+    sleep(Duration::from_secs(30));
+    let (t1, pm1, k1, c1) = measure();
+    let wall = (t1 - t0).as_secs_f64();
+    for (i, (pod, _)) in cgroups.iter().enumerate() {
+        let (pm, kernel) = (pm1[i] - pm0[i], k1[i] - k0[i]);
+        let err = (pm - kernel).abs() / kernel;
+        eprintln!(
+            "{pod}: podmeter {pm:.3} s, cgroup cpu.stat {kernel:.3} s over {wall:.1} s ({:.2} %)",
+            err * 100.0
+        );
+        assert!(kernel > 0.1 * wall, "{pod} barely ran");
+        assert!(err < 0.02, "{pod}: podmeter {pm} s vs cpu.stat {kernel} s");
+        let ((cv0, ct0), (cv1, ct1)) = (
+            c0[i].expect("cAdvisor series"),
+            c1[i].expect("cAdvisor series"),
+        );
+        let cadvisor_rate = (cv1 - cv0) / (ct1 - ct0);
+        let pm_rate = pm / wall;
+        let err = (pm_rate - cadvisor_rate).abs() / cadvisor_rate;
+        eprintln!(
+            "{pod}: podmeter {pm_rate:.4} CPU/s, cAdvisor {cadvisor_rate:.4} CPU/s ({:.2} %)",
+            err * 100.0
+        );
+        assert!(
+            err < 0.05,
+            "{pod}: podmeter {pm_rate} vs cAdvisor {cadvisor_rate} CPU/s"
+        );
+    }
+}
+
+fn pod_ip(kube: &Kube, ns: &str, name: &str) -> String {
+    kube.pod_phase(ns, name, "Running")["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits for the line starting with `word` that a lingering pm-work pod
+/// prints when its work is done; returns it split on whitespace.
+fn report(kube: &Kube, ns: &str, name: &str, word: &str) -> Vec<String> {
+    kube.until(
+        Duration::from_secs(120),
+        &format!("{ns}/{name} to report {word}"),
+        || {
+            let logs = kube.try_run(&["logs", "-n", ns, name]).ok()?;
+            let line = logs.lines().find(|l| l.starts_with(word))?;
+            Some(line.split_whitespace().map(str::to_owned).collect())
+        },
+    )
+}
+
+fn net(s: &Scrape, ns: &str, pod: &str, metric: &str) -> f64 {
+    s.value(
+        &format!("podmeter_container_network_{metric}"),
+        &[("namespace", ns), ("pod", pod), ("container", "work")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+#[ignore = "needs the local cluster: cargo xtask test runs it"]
+fn pod_traffic_tcp_udp_and_host_network_is_billed_to_the_pods() {
+    let kube = Kube::from_env();
+    let url = podmeter(&kube);
+    let ns = Namespace::new(&kube, "e2e-net");
+    const BYTES: u64 = 20_000_000;
+
+    // TCP between two pods over the pod network.
+    kube.apply(&work_pod(
+        "tcp-server",
+        &ns.name,
+        &["--linger", "tcp-sink", "0.0.0.0:7000"],
+        "",
+        "",
+    ));
+    let ip = pod_ip(&kube, &ns.name, "tcp-server");
+    kube.apply(&work_pod(
+        "tcp-client",
+        &ns.name,
+        &[
+            "--linger",
+            "tcp-send",
+            &format!("{ip}:7000"),
+            &BYTES.to_string(),
+        ],
+        "",
+        "",
+    ));
+    let sent = report(&kube, &ns.name, "tcp-client", "sent");
+    let on_wire: f64 = sent[2].parse().unwrap();
+    let s = scrape_until(&url, "TCP bytes", |s| {
+        net(s, &ns.name, "tcp-client", "transmit_bytes_total") >= on_wire
+            && net(s, &ns.name, "tcp-server", "receive_bytes_total") >= BYTES as f64
+    });
+    let (tx, txp) = (
+        net(&s, &ns.name, "tcp-client", "transmit_bytes_total"),
+        net(&s, &ns.name, "tcp-client", "transmit_packets_total"),
+    );
+    eprintln!("tcp client: {tx} bytes in {txp} packets for {on_wire} payload bytes on the wire");
+    assert!(
+        tx >= on_wire + 40.0 * txp && tx <= on_wire + 120.0 * txp,
+        "TCP tx {tx} in {txp} packets for {on_wire}"
+    );
+
+    // UDP: exact sizes, 28 header bytes per datagram.
+    kube.apply(&work_pod(
+        "udp-server",
+        &ns.name,
+        &["--linger", "udp-sink", "0.0.0.0:7001", "1000"],
+        "",
+        "",
+    ));
+    let ip = pod_ip(&kube, &ns.name, "udp-server");
+    kube.apply(&work_pod(
+        "udp-client",
+        &ns.name,
+        &[
+            "--linger",
+            "udp-send",
+            &format!("{ip}:7001"),
+            "1000",
+            "1000",
+        ],
+        "",
+        "",
+    ));
+    report(&kube, &ns.name, "udp-client", "sent");
+    let got = report(&kube, &ns.name, "udp-server", "received");
+    let received: f64 = got[1].parse().unwrap();
+    let s = scrape_until(&url, "UDP bytes", |s| {
+        net(s, &ns.name, "udp-server", "receive_packets_total") >= received
+    });
+    assert_eq!(
+        net(&s, &ns.name, "udp-client", "transmit_bytes_total"),
+        1000.0 * 1028.0
+    );
+    assert_eq!(
+        net(&s, &ns.name, "udp-client", "transmit_packets_total"),
+        1000.0
+    );
+    assert_eq!(
+        net(&s, &ns.name, "udp-server", "receive_bytes_total"),
+        received * 1028.0
+    );
+
+    // A hostNetwork pod shares the node's network namespace, but its
+    // sockets are in its own cgroup: its traffic is billed to it.
+    kube.apply(&work_pod(
+        "tcp-server2",
+        &ns.name,
+        &["--linger", "tcp-sink", "0.0.0.0:7002"],
+        "",
+        "",
+    ));
+    let ip = pod_ip(&kube, &ns.name, "tcp-server2");
+    kube.apply(&work_pod(
+        "host-client",
+        &ns.name,
+        &[
+            "--linger",
+            "tcp-send",
+            &format!("{ip}:7002"),
+            &BYTES.to_string(),
+        ],
+        "  hostNetwork: true\n",
+        "",
+    ));
+    report(&kube, &ns.name, "host-client", "sent");
+    let s = scrape_until(&url, "hostNetwork pod bytes", |s| {
+        net(s, &ns.name, "host-client", "transmit_bytes_total") >= BYTES as f64
+    });
+    let tx = net(&s, &ns.name, "host-client", "transmit_bytes_total");
+    eprintln!("hostNetwork client: {tx} bytes");
+    assert!(
+        tx <= BYTES as f64 * 1.02,
+        "hostNetwork pod billed {tx} bytes for {BYTES}"
+    );
+}
+
+#[test]
+#[ignore = "needs the local cluster: cargo xtask test runs it"]
+fn restarted_container_is_named_and_deleted_pod_series_go() {
+    let kube = Kube::from_env();
+    let url = podmeter(&kube);
+    let _ns = Namespace::new(&kube, "e2e-life");
+    // Spins ~1 s, exits non-zero, and is restarted with a new container id.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: restarter\n  namespace: e2e-life\nspec:\n  restartPolicy: Always\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: work\n    image: localhost/podmeter-testwork:dev\n    imagePullPolicy: Never\n    command: [\"/bin/sh\", \"-c\", \"i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; exit 1\"]\n";
+    kube.apply(pod);
+    let (first, second) = kube.until(
+        Duration::from_secs(120),
+        "a restart with a new container id",
+        || {
+            let p = kube.json(&["pod", "-n", "e2e-life", "restarter"]);
+            let st = &p["status"]["containerStatuses"][0];
+            let now = st["containerID"].as_str()?.split_once("://")?.1.to_owned();
+            let before = st["lastState"]["terminated"]["containerID"]
+                .as_str()?
+                .split_once("://")?
+                .1
+                .to_owned();
+            (now != before).then_some((before, now))
+        },
+    );
+    let s = scrape_until(&url, "the restarted container's series", |s| {
+        s.value(CPU, &[("container_id", second.as_str())]).is_some()
+    });
+    for id in [&first, &second] {
+        if let Some((labels, _)) = s.find(CPU, &[("container_id", id.as_str())]).first() {
+            assert_eq!(labels["container"], "work", "container {id}");
+            assert_eq!(labels["pod"], "restarter");
+        }
+    }
+    let uid = kube.json(&["pod", "-n", "e2e-life", "restarter"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    kube.run(&[
+        "delete",
+        "pod",
+        "-n",
+        "e2e-life",
+        "restarter",
+        "--wait=true",
+    ]);
+    let gone_at = Instant::now();
+    // Grace period 10 s, rescans every 1 s.
+    scrape_until(&url, "the deleted pod's series to go", |s| {
+        s.find(CPU, &[("pod_uid", uid.as_str())]).is_empty()
+    });
+    assert!(gone_at.elapsed() < Duration::from_secs(40));
+}
+
+/// Stops kube-apiserver; starts it again (as `cluster up` did) on drop.
+struct ApiserverOutage;
+
+impl ApiserverOutage {
+    fn start() -> Self {
+        let pid = fs::read_to_string(format!("{STATE}/pids/kube-apiserver.pid")).unwrap();
+        assert!(
+            Command::new("kill")
+                .arg(pid.trim())
+                .status()
+                .unwrap()
+                .success()
+        );
+        Self
+    }
+}
+
+impl Drop for ApiserverOutage {
+    fn drop(&mut self) {
+        // The same command `cluster up` ran, detached again.
+        let restart =
+            format!("sh {STATE}/cmd/kube-apiserver.sh & echo $! > {STATE}/pids/kube-apiserver.pid");
+        let _ = Command::new("sh").args(["-c", &restart]).status();
+    }
+}
+
+#[test]
+#[ignore = "needs the local cluster: cargo xtask test runs it"]
+fn api_outage_keeps_last_names_and_recovers() {
+    let kube = Kube::from_env();
+    let url = podmeter(&kube);
+    let ns = Namespace::new(&kube, "e2e-api");
+    kube.apply(&work_pod(
+        "before",
+        &ns.name,
+        &["burn"],
+        "",
+        "    resources:\n      limits: {cpu: 100m}\n",
+    ));
+    kube.pod_phase(&ns.name, "before", "Running");
+    scrape_until(&url, "the first pod's names", |s| {
+        s.value(CPU, &[("pod", "before"), ("container", "work")])
+            .is_some()
+    });
+
+    {
+        let _outage = ApiserverOutage::start();
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            let s = scrape(&url);
+            assert!(
+                s.value(CPU, &[("pod", "before"), ("container", "work")])
+                    .is_some(),
+                "names lost during the outage:\n{}",
+                s.text
+            );
+            sleep(Duration::from_secs(1));
+        }
+        assert!(
+            kube.try_run(&["get", "--raw", "/readyz"]).is_err(),
+            "the API was never down"
+        );
+    }
+    kube.until(Duration::from_secs(90), "kube-apiserver back", || {
+        kube.try_run(&["get", "--raw", "/readyz"]).ok()
+    });
+    let errors = scrape(&url)
+        .value("podmeter_kubernetes_watch_errors_total", &[])
+        .unwrap();
+    assert!(errors >= 1.0, "the outage went unnoticed");
+
+    kube.apply(&work_pod(
+        "after",
+        &ns.name,
+        &["burn"],
+        "",
+        "    resources:\n      limits: {cpu: 100m}\n",
+    ));
+    kube.pod_phase(&ns.name, "after", "Running");
+    scrape_until(&url, "a new pod named after the outage", |s| {
+        s.value(CPU, &[("pod", "after"), ("container", "work")])
+            .is_some()
+    });
+}
