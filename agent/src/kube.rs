@@ -233,10 +233,18 @@ fn container_name<'a>(pod: &'a Pod, id: &str) -> Option<&'a str> {
         .flatten()
         .flatten()
         .find(|s: &&ContainerStatus| {
-            s.container_id
-                .as_deref()
-                .and_then(|c| c.split_once("://"))
-                .is_some_and(|(_, cid)| cid.eq_ignore_ascii_case(id))
+            // The running instance, or the one before it: a container that
+            // restarted between two scrapes is still named.
+            let last = s
+                .last_state
+                .as_ref()
+                .and_then(|l| l.terminated.as_ref())
+                .and_then(|t| t.container_id.as_deref());
+            [s.container_id.as_deref(), last]
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.split_once("://"))
+                .any(|(_, cid)| cid.eq_ignore_ascii_case(id))
         })
         .map(|s| s.name.as_str())
 }
@@ -288,6 +296,22 @@ mod tests {
         assert_eq!(container_name(&p, "def456"), Some("sidecar"));
         assert_eq!(container_name(&p, "0ff"), Some("init"));
         assert_eq!(container_name(&p, "abc"), None);
+        let mut restarted = p.clone();
+        let st = &mut restarted
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0];
+        st.last_state = Some(k8s_openapi::api::core::v1::ContainerState {
+            terminated: Some(k8s_openapi::api::core::v1::ContainerStateTerminated {
+                container_id: Some("containerd://prev1".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(container_name(&restarted, "prev1"), Some("app"));
         assert_eq!(container_name(&Pod::default(), "abc123"), None);
     }
 
