@@ -181,8 +181,10 @@ fn main() -> Result<()> {
     }
     out.flush()?;
     drop(out);
-    while linger {
-        std::thread::sleep(Duration::from_secs(3600));
+    if linger {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
     Ok(())
 }
