@@ -406,19 +406,7 @@ impl Agent {
         what: &str,
         ok: impl Fn(&Scrape) -> bool,
     ) -> Scrape {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.scrape();
-            if ok(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last scrape:\n{}",
-                s.text
-            );
-            sleep(Duration::from_millis(200));
-        }
+        poll_scrape(timeout, what, || self.scrape(), ok)
     }
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
@@ -448,6 +436,29 @@ impl Drop for Agent {
             eprintln!("--- podmeter log ---\n{}", self.log());
         }
         let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// Calls `scrape` until `ok` holds for what it returns, or panics after
+/// `timeout` showing the last scrape.
+pub fn poll_scrape(
+    timeout: Duration,
+    what: &str,
+    scrape: impl Fn() -> Scrape,
+    ok: impl Fn(&Scrape) -> bool,
+) -> Scrape {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = scrape();
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last scrape:\n{}",
+            s.text
+        );
+        sleep(Duration::from_millis(250));
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Kube, Namespace, Scrape};
+use podmeter_tests::{Kube, Namespace, Scrape, poll_scrape};
 
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
 const STATE: &str = "/var/lib/podmeter-cluster";
@@ -74,19 +74,7 @@ fn scrape(url: &str) -> Scrape {
 }
 
 fn scrape_until(url: &str, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = scrape(url);
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last scrape:\n{}",
-            s.text
-        );
-        sleep(Duration::from_millis(500));
-    }
+    poll_scrape(Duration::from_secs(90), what, || scrape(url), ok)
 }
 
 /// A pod running pm-work with `args`.

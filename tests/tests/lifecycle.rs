@@ -283,3 +283,32 @@ fn idle_is_never_billed_and_busy_time_all_is() {
         "podmeter billed {pm:.3} s, the machine was busy {busy:.3} s"
     );
 }
+
+/// A full map loses updates, and says so: never silently.
+#[test]
+fn full_maps_count_what_they_drop() {
+    let tree = TestTree::new("full");
+    let agent = Agent::start(&["--max-cgroups", "16"]);
+    let cgroups: Vec<_> = (0..24).map(|i| tree.cgroup(&format!("c{i}"))).collect();
+    let _work: Vec<_> = cgroups
+        .iter()
+        .map(|cg| cg.spawn(None, &["hold-memory", "1"]))
+        .collect();
+    let s = agent.scrape_until(
+        Duration::from_secs(15),
+        "dropped updates to be counted",
+        |s| {
+            s.value("podmeter_bpf_map_dropped_updates_total", &[("map", "cpu")])
+                .is_some_and(|d| d > 0.0)
+        },
+    );
+    assert_eq!(
+        s.value("podmeter_bpf_map_capacity_entries", &[("map", "cpu")]),
+        Some(16.0)
+    );
+    assert!(
+        s.value("podmeter_bpf_map_entries", &[("map", "cpu")])
+            .unwrap()
+            <= 16.0
+    );
+}
