@@ -329,8 +329,9 @@ impl Collector for CgroupCollector {
         match self.tracker.snapshot() {
             Ok(snap) => self.families(&snap),
             Err(e) => {
-                // Self-metrics still go out; the failure is logged and shows
-                // as missing cgroup series, not as a failed scrape.
+                // The registry's other metrics (build info, scrape duration)
+                // still go out; the failure is logged and shows as missing
+                // cgroup series rather than a failed scrape.
                 tracing::error!("reading BPF maps: {e}");
                 Vec::new()
             }
