@@ -171,16 +171,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("Kubernetes API client")?
         };
-        let pods = client.map(|c| {
-            let n = extra_labels.len();
-            (
-                kube::PodStore::watch(c, &node, label_options),
-                n,
-                cli.metadata_wait,
-            )
+        let naming = client.map(|c| tracker::PodNaming {
+            extra_labels: extra_labels.len(),
+            store: kube::PodStore::watch(c, &node, label_options),
+            wait: cli.metadata_wait,
         });
 
-        let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, pods));
+        let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, naming));
         let stats = tracker.refresh().context("first scan of the cgroup tree")?;
         info!(cgroups = stats.cgroups, "scanned the cgroup tree");
         let exporter = Arc::new(metrics::Exporter::new(

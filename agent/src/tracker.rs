@@ -107,6 +107,16 @@ pub struct RefreshStats {
     pub retired: usize,
 }
 
+/// How pod cgroups get their Kubernetes names.
+pub struct PodNaming {
+    /// The node's pods from the API.
+    pub store: PodStore,
+    /// Number of optional labels (`kube::LabelOptions::names`).
+    pub extra_labels: usize,
+    /// How long a new pod cgroup waits for its names (`--metadata-wait`).
+    pub wait: Duration,
+}
+
 /// See the module docs.
 pub struct Tracker {
     mounts: Mounts,
@@ -138,14 +148,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Tracker {
     /// A tracker over `maps`, with no cgroups known until the first refresh.
-    pub fn new(
-        mounts: Mounts,
-        maps: Maps,
-        grace: Duration,
-        pods: Option<(PodStore, usize, Duration)>,
-    ) -> Self {
-        let (pods, extra_labels, metadata_wait) = match pods {
-            Some((p, n, w)) => (Some(p), n, w),
+    pub fn new(mounts: Mounts, maps: Maps, grace: Duration, naming: Option<PodNaming>) -> Self {
+        let (pods, extra_labels, metadata_wait) = match naming {
+            Some(n) => (Some(n.store), n.extra_labels, n.wait),
             None => (None, 0, Duration::ZERO),
         };
         Self {

@@ -71,6 +71,23 @@ pub struct OnCpu {
     pub runtime_ns: u64,
 }
 
+// Userspace sums each map value over CPUs.
+impl core::ops::AddAssign for CpuCounters {
+    fn add_assign(&mut self, o: Self) {
+        self.time_ns += o.time_ns;
+        self.switches += o.switches;
+    }
+}
+
+impl core::ops::AddAssign for NetCounters {
+    fn add_assign(&mut self, o: Self) {
+        self.rx_bytes += o.rx_bytes;
+        self.rx_packets += o.rx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.tx_packets += o.tx_packets;
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<OnCpu>() == 32);

@@ -203,6 +203,24 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// Every entry of a per-CPU counter map, summed over CPUs.
+fn totals<V>(map: &PerCpuHashMap<MapData, u64, V>) -> HashMap<u64, V>
+where
+    V: aya::Pod + Default + std::ops::AddAssign,
+{
+    map.iter()
+        // A key deleted between get_next_key and lookup: skip it.
+        .filter_map(Result::ok)
+        .map(|(id, per_cpu)| {
+            let mut sum = V::default();
+            for v in per_cpu.iter() {
+                sum += *v;
+            }
+            (id, sum)
+        })
+        .collect()
+}
+
 impl Maps {
     /// Capacity of each counter map, in cgroups.
     pub fn capacity(&self) -> u32 {
@@ -217,18 +235,7 @@ impl Maps {
     /// switch racing the read can only make this reading low, never high;
     /// the caller keeps exported values monotonic.
     pub fn read(&self) -> Result<Reading, MapError> {
-        let mut cpu = HashMap::new();
-        for entry in self.cpu.iter() {
-            // A key deleted between get_next_key and lookup: skip it.
-            let Ok((id, per_cpu)) = entry else { continue };
-            let sum = per_cpu
-                .iter()
-                .fold(CpuCounters::default(), |a, v| CpuCounters {
-                    time_ns: a.time_ns + v.time_ns,
-                    switches: a.switches + v.switches,
-                });
-            cpu.insert(id, sum);
-        }
+        let mut cpu = totals(&self.cpu);
         // Two reads that agree mean no CPU switched mid-read (no torn slot).
         let a = self.oncpu.get(&0, 0)?;
         let b = self.oncpu.get(&0, 0)?;
@@ -239,19 +246,7 @@ impl Maps {
             }
         }
 
-        let mut net = HashMap::new();
-        for entry in self.net.iter() {
-            let Ok((id, per_cpu)) = entry else { continue };
-            let sum = per_cpu
-                .iter()
-                .fold(NetCounters::default(), |a, v| NetCounters {
-                    rx_bytes: a.rx_bytes + v.rx_bytes,
-                    rx_packets: a.rx_packets + v.rx_packets,
-                    tx_bytes: a.tx_bytes + v.tx_bytes,
-                    tx_packets: a.tx_packets + v.tx_packets,
-                });
-            net.insert(id, sum);
-        }
+        let net = totals(&self.net);
 
         let mut dropped = [0; 2];
         for (slot, idx) in dropped.iter_mut().zip([DROP_CPU, DROP_NET]) {
