@@ -5,6 +5,7 @@
 mod cluster;
 mod image;
 mod setup;
+mod tools;
 
 use std::{
     env,
@@ -69,6 +70,11 @@ enum Task {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Build (once, cached by version) the Prometheus-ecosystem programs the
+    /// chart and monitoring tests use, from their Go modules: helm,
+    /// controller-gen, prometheus-operator, Prometheus, Alertmanager,
+    /// prometheus-adapter.
+    Tools,
     /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
     /// and import it into the local cluster's containerd if it is up.
     Image,
@@ -109,6 +115,7 @@ fn dispatch(task: Task) -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => cluster::status(),
         },
+        Task::Tools => tools::all(),
         Task::Image => {
             let tar = podmeter_image()?;
             if cluster::containerd_sock().exists() {
@@ -208,10 +215,12 @@ fn test(filter: Option<String>, no_cluster: bool) -> Result<()> {
         "podmeter-ebpf",
     ]))?;
     sh(cargo().args(["build", "--release", "--package", "podmeter"]))?;
+    tools::all()?;
     let mut c = cargo();
     c.args(["test", "--release", "--package", "podmeter-tests", "--"])
         .arg("--test-threads=1")
         .env("PODMETER_BIN", root().join("target/release/podmeter"));
+    tool_env(&mut c);
     if let Some(f) = &filter {
         c.arg(f);
     }
@@ -234,6 +243,8 @@ fn e2e(filter: Option<String>, keep: bool) -> Result<()> {
     let result = (|| {
         image::import(&podmeter_image()?, &cluster::containerd_sock())?;
         image::import(&testwork_image()?, &cluster::containerd_sock())?;
+        tools::import_images(&cluster::containerd_sock())?;
+        tools::operator_crds(&root().join("target/crds"))?;
         let mut c = cargo();
         c.args([
             "test",
@@ -242,12 +253,16 @@ fn e2e(filter: Option<String>, keep: bool) -> Result<()> {
             "podmeter-tests",
             "--test",
             "e2e",
+            "--test",
+            "monitoring",
             "--",
             "--ignored",
             "--test-threads=1",
         ])
         .env("PODMETER_KUBECTL", cluster::kubectl_bin())
-        .env("KUBECONFIG", cluster::kubeconfig());
+        .env("KUBECONFIG", cluster::kubeconfig())
+        .env("PODMETER_CRDS", root().join("target/crds"));
+        tool_env(&mut c);
         if let Some(f) = &filter {
             c.arg(f);
         }
@@ -259,6 +274,12 @@ fn e2e(filter: Option<String>, keep: bool) -> Result<()> {
     }
     let down = cluster::down();
     result.and(down)
+}
+
+/// Where the tests find the Go-built tools (see `tools`).
+fn tool_env(c: &mut Command) {
+    c.env("PODMETER_HELM", tools::HELM.bin("helm"))
+        .env("PODMETER_PROMTOOL", tools::PROMETHEUS.bin("promtool"));
 }
 
 /// busybox and the tests' `pm-work` helper, for the e2e workloads.

@@ -1,0 +1,199 @@
+//! The Prometheus-ecosystem programs the chart tests and the monitoring
+//! end-to-end tests run for real: helm, controller-gen (to generate
+//! Prometheus Operator's CRDs from its Go API types), prometheus-operator
+//! and its config reloader, Prometheus, Alertmanager and prometheus-adapter.
+//!
+//! Each is built from its upstream Go module through a wrapper module in
+//! `xtask/go/<name>` that pins the version (and carries the `replace` lines
+//! upstream's own build uses), statically (`CGO_ENABLED=0`, so the binaries
+//! go into images without libraries), and cached outside the clone under
+//! `<cache>/<name>-<version>/bin`, keyed by version.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::{image, root, setup, sh};
+
+/// One upstream Go program (or several from one module).
+pub struct GoTool {
+    /// Directory under `xtask/go/` and the cache key's name.
+    pub name: &'static str,
+    /// Upstream release.
+    pub version: &'static str,
+    /// Packages to build; each gives a binary named after its last element.
+    pub packages: &'static [&'static str],
+    /// `-X` flags that stamp the version into the binary.
+    pub ldflags: &'static str,
+}
+
+pub const HELM: GoTool = GoTool {
+    name: "helm",
+    version: "v3.22.0",
+    packages: &["helm.sh/helm/v3/cmd/helm"],
+    // As upstream's Makefile: the default Kubernetes version `helm template`
+    // and `helm lint` assume is the client-go minor it was built with (0.37).
+    ldflags: "-X helm.sh/helm/v3/internal/version.version=v3.22.0 \
+              -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+              -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37 \
+              -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+              -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37",
+};
+
+pub const CONTROLLER_GEN: GoTool = GoTool {
+    name: "controller-gen",
+    version: "v0.19.0",
+    packages: &["sigs.k8s.io/controller-tools/cmd/controller-gen"],
+    ldflags: "",
+};
+
+/// The operator; its API module (for the CRDs) is pinned to the same
+/// release in `xtask/go/controller-gen/go.mod`.
+pub const PROMETHEUS_OPERATOR: GoTool = GoTool {
+    name: "prometheus-operator",
+    version: "v0.85.0",
+    packages: &[
+        "github.com/prometheus-operator/prometheus-operator/cmd/operator",
+        "github.com/prometheus-operator/prometheus-operator/cmd/prometheus-config-reloader",
+    ],
+    ldflags: "-X github.com/prometheus/common/version.Version=0.85.0",
+};
+
+/// Prometheus v3.5.0 (LTS; module versions are v0.<major*100+minor>.<patch>),
+/// the newest release prometheus-operator v0.85.0 lists as compatible.
+pub const PROMETHEUS: GoTool = GoTool {
+    name: "prometheus",
+    version: "v3.5.0",
+    packages: &[
+        "github.com/prometheus/prometheus/cmd/prometheus",
+        "github.com/prometheus/prometheus/cmd/promtool",
+    ],
+    ldflags: "-X github.com/prometheus/common/version.Version=3.5.0",
+};
+
+pub const ALERTMANAGER: GoTool = GoTool {
+    name: "alertmanager",
+    version: "v0.28.1",
+    packages: &["github.com/prometheus/alertmanager/cmd/alertmanager"],
+    ldflags: "-X github.com/prometheus/common/version.Version=0.28.1",
+};
+
+pub const PROMETHEUS_ADAPTER: GoTool = GoTool {
+    name: "prometheus-adapter",
+    version: "v0.12.0",
+    packages: &["sigs.k8s.io/prometheus-adapter/cmd/adapter"],
+    ldflags: "",
+};
+
+impl GoTool {
+    fn dir(&self) -> PathBuf {
+        setup::cache_dir().join(format!("{}-{}/bin", self.name, self.version))
+    }
+
+    /// The cached binary `bin` (one of [`GoTool::packages`]' last elements).
+    pub fn bin(&self, bin: &str) -> PathBuf {
+        self.dir().join(bin)
+    }
+
+    fn bins(&self) -> impl Iterator<Item = &'static str> {
+        self.packages
+            .iter()
+            .map(|p| p.rsplit('/').next().unwrap_or(p))
+    }
+
+    /// Builds the binaries unless this version is cached.
+    pub fn ensure(&self) -> Result<()> {
+        if self.bins().all(|b| self.bin(b).exists()) {
+            return Ok(());
+        }
+        eprintln!(
+            "tools: building {} {} from its Go module; cached in {}",
+            self.name,
+            self.version,
+            self.dir().display()
+        );
+        std::fs::create_dir_all(self.dir())?;
+        sh(Command::new("go")
+            .current_dir(root().join("xtask/go").join(self.name))
+            .args(["build", "-trimpath", "-ldflags"])
+            .arg(format!("-s -w {}", self.ldflags))
+            .arg("-o")
+            .arg(format!("{}/", self.dir().display()))
+            .args(self.packages)
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "-mod=mod"))
+        .with_context(|| format!("building {} (needs Go and the Go module proxy)", self.name))
+    }
+}
+
+/// Every tool above, built (or found in the cache).
+pub fn all() -> Result<()> {
+    for tool in [
+        &HELM,
+        &CONTROLLER_GEN,
+        &PROMETHEUS_OPERATOR,
+        &PROMETHEUS,
+        &ALERTMANAGER,
+        &PROMETHEUS_ADAPTER,
+    ] {
+        tool.ensure()?;
+    }
+    Ok(())
+}
+
+/// Prometheus Operator's CRDs, generated from its Go API types (v1 and
+/// v1alpha1, as upstream's `make generate-crds` does) into `out`.
+pub fn operator_crds(out: &std::path::Path) -> Result<()> {
+    CONTROLLER_GEN.ensure()?;
+    std::fs::create_dir_all(out)?;
+    let api = "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring";
+    sh(Command::new(CONTROLLER_GEN.bin("controller-gen"))
+        .current_dir(root().join("xtask/go/controller-gen"))
+        .arg("crd:crdVersions=v1")
+        .arg(format!("paths={api}/v1"))
+        .arg(format!("paths={api}/v1alpha1"))
+        .arg(format!("output:crd:dir={}", out.display()))
+        .env("GOFLAGS", "-mod=mod"))
+    .context("generating Prometheus Operator CRDs with controller-gen")
+}
+
+/// Images of the monitoring stack the end-to-end tests run in the cluster,
+/// one static binary each (no base image); imported into containerd at
+/// `sock`. References: `localhost/<binary>:<version>`.
+pub fn import_images(sock: &std::path::Path) -> Result<()> {
+    let images: [(&GoTool, &str); 5] = [
+        (&PROMETHEUS_OPERATOR, "operator"),
+        (&PROMETHEUS_OPERATOR, "prometheus-config-reloader"),
+        (&PROMETHEUS, "prometheus"),
+        (&ALERTMANAGER, "alertmanager"),
+        (&PROMETHEUS_ADAPTER, "adapter"),
+    ];
+    let out = root().join("target/images");
+    std::fs::create_dir_all(&out)?;
+    for (tool, bin) in images {
+        tool.ensure()?;
+        let name = match bin {
+            "operator" => "prometheus-operator",
+            "adapter" => "prometheus-adapter",
+            other => other,
+        };
+        let reference = format!("localhost/{name}:{}", tool.version);
+        let mut files = vec![(tool.bin(bin), format!("/bin/{bin}"))];
+        if bin == "prometheus" {
+            // promtool too, as upstream's image has it.
+            files.push((tool.bin("promtool"), "/bin/promtool".into()));
+        }
+        let tar = out.join(format!("{name}.oci.tar"));
+        image::build(
+            &image::Spec {
+                name: &reference,
+                files,
+                symlinks: vec![],
+                entrypoint: vec![format!("/bin/{bin}")],
+            },
+            &tar,
+        )?;
+        image::import(&tar, sock)?;
+    }
+    Ok(())
+}
