@@ -245,7 +245,7 @@ fn pki() -> Result<()> {
         "-subj",
         "/CN=podmeter-cluster-ca",
     ])?;
-    let certs: [(&str, &str, &str); 3] = [
+    let certs: [(&str, &str, &str); 4] = [
         (
             "apiserver",
             "/CN=kube-apiserver",
@@ -260,6 +260,12 @@ fn pki() -> Result<()> {
             "kubelet",
             "/CN=podmeter-node",
             "subjectAltName=DNS:podmeter-node,IP:10.250.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        // The aggregation layer's client (metrics.k8s.io via prometheus-adapter).
+        (
+            "front-proxy-client",
+            "/CN=front-proxy-client",
+            "extendedKeyUsage=clientAuth",
         ),
     ];
     for (name, subj, ext) in certs {
@@ -398,6 +404,17 @@ fn apiserver() -> Result<()> {
             "--authorization-mode=Node,RBAC".into(),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
+            // The aggregation layer, for APIs served by extension API
+            // servers such as prometheus-adapter's metrics.k8s.io; routed to
+            // the endpoints directly, as the node has no cluster DNS.
+            format!("--requestheader-client-ca-file={p}/ca.crt"),
+            "--requestheader-allowed-names=front-proxy-client".into(),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+            format!("--proxy-client-cert-file={p}/front-proxy-client.crt"),
+            format!("--proxy-client-key-file={p}/front-proxy-client.key"),
+            "--enable-aggregator-routing=true".into(),
         ],
     )?;
     wait(
