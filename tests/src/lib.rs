@@ -6,6 +6,8 @@
 //! The tests run as root, one at a time (`--test-threads=1`): they share
 //! kernel state. `cargo xtask test` runs them with `PODMETER_BIN` set.
 
+pub mod dashboard;
+
 use std::{
     collections::HashMap,
     fs,

@@ -1,0 +1,71 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "podmeter.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name; the release name alone when it already contains the chart name. */}}
+{{- define "podmeter.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "podmeter.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "podmeter.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "podmeter.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "podmeter.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: podmeter
+{{- end }}
+
+{{- define "podmeter.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "podmeter.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Relabelings shared by the ServiceMonitor and the PodMonitor: a fixed job
+name the alert rules select on, and the node each target runs on (so that
+`up` says which node lost its agent).
+*/}}
+{{- define "podmeter.targetRelabelings" -}}
+- action: replace
+  targetLabel: job
+  replacement: podmeter
+- action: replace
+  sourceLabels: [__meta_kubernetes_pod_node_name]
+  targetLabel: node
+{{- with .Values.monitor.relabelings }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "podmeter.validate" -}}
+{{- if not (has .Values.securityMode (list "privileged" "capabilities")) }}
+{{- fail (printf "securityMode must be \"privileged\" or \"capabilities\", not %q" .Values.securityMode) }}
+{{- end }}
+{{- if not (has .Values.monitor.kind (list "ServiceMonitor" "PodMonitor" "none")) }}
+{{- fail (printf "monitor.kind must be ServiceMonitor, PodMonitor or none, not %q" .Values.monitor.kind) }}
+{{- end }}
+{{- if and (eq .Values.monitor.kind "ServiceMonitor") (not .Values.service.enabled) }}
+{{- fail "monitor.kind=ServiceMonitor needs service.enabled=true (or use monitor.kind=PodMonitor)" }}
+{{- end }}
+{{- if or (lt (int .Values.agent.maxCgroups) 16) (gt (int .Values.agent.maxCgroups) 1048576) }}
+{{- fail "agent.maxCgroups must be between 16 and 1048576 (the agent's --max-cgroups range)" }}
+{{- end }}
+{{- end }}
