@@ -1,0 +1,404 @@
+//! The Helm chart (`deploy/helm/podmeter`), rendered and linted by real helm
+//! (built from its Go module by `cargo xtask tools`), for the default values
+//! and every documented switch; its alert rules unit-tested with promtool;
+//! its dashboards checked for structure. No cluster needed: the chart running
+//! in a cluster is `monitoring.rs`.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_yaml::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn chart() -> PathBuf {
+    repo().join("deploy/helm/podmeter")
+}
+
+fn tool(var: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests through `cargo xtask test`, which builds the tools")
+    })
+}
+
+/// `helm template` with `--set` pairs; Err(stderr) when helm refuses.
+fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
+    let mut c = Command::new(tool("PODMETER_HELM"));
+    c.args(["template", "pm", "--namespace", "monitoring"])
+        .arg(chart());
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let out = c.output().expect("running helm");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("helm rendered valid YAML"))
+        .filter(|v: &Value| !v.is_null())
+        .collect())
+}
+
+fn render(sets: &[&str]) -> Vec<Value> {
+    template(sets).unwrap_or_else(|e| panic!("helm template {sets:?} failed: {e}"))
+}
+
+fn kinds(docs: &[Value]) -> BTreeSet<String> {
+    docs.iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn only<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
+    found[0]
+}
+
+fn container(docs: &[Value]) -> &Value {
+    &only(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn args(docs: &[Value]) -> Vec<String> {
+    container(docs)["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The documented values switches, each rendered and linted.
+const SWITCHES: &[&[&str]] = &[
+    &[],
+    &["securityMode=capabilities"],
+    &["monitor.kind=PodMonitor"],
+    &["monitor.kind=none"],
+    &["networkPolicy.enabled=true"],
+    &["priorityClassName=system-node-critical"],
+    &["prometheusRule.enabled=false"],
+    &["dashboards.enabled=false"],
+    &["dashboards.namespace=grafana"],
+    &["hostNetwork=true"],
+    &["hostPID=true"],
+    &["rbac.create=false", "serviceAccount.create=false"],
+    &["service.enabled=false", "monitor.kind=PodMonitor"],
+    &["agent.ownerLabels=true", "agent.podLabels={app,team}"],
+    &["alerts.runbookBaseURL=https://runbooks.example/podmeter/"],
+];
+
+#[test]
+fn helm_lint_is_clean_for_every_switch() {
+    for sets in SWITCHES {
+        let mut c = Command::new(tool("PODMETER_HELM"));
+        c.args(["lint", "--strict"]).arg(chart());
+        for s in *sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "helm lint --strict {sets:?}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("0 chart(s) failed"), "{text}");
+    }
+}
+
+#[test]
+fn default_install_is_privileged_daemonset_with_servicemonitor_rules_and_dashboards() {
+    let docs = render(&[]);
+    assert_eq!(
+        kinds(&docs),
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+            "PrometheusRule",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor"
+        ]
+        .map(String::from)
+        .into(),
+    );
+    let c = container(&docs);
+    assert_eq!(c["securityContext"]["privileged"], true);
+    let pod = &only(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], false);
+    // Runs on control-plane (and any tainted) nodes.
+    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    assert!(
+        args(&docs).contains(&"--cgroup-root=/host/sys/fs/cgroup".to_owned()),
+        "{:?}",
+        args(&docs)
+    );
+    assert_eq!(c["volumeMounts"][0]["readOnly"], true);
+    assert!(c["resources"]["limits"]["memory"].is_string());
+
+    let sm = only(&docs, "ServiceMonitor");
+    let ep = &sm["spec"]["endpoints"][0];
+    assert_eq!(ep["interval"], "30s");
+    assert_eq!(ep["honorLabels"], true);
+    assert_eq!(ep["relabelings"][0]["targetLabel"], "job");
+    assert_eq!(ep["relabelings"][0]["replacement"], "podmeter");
+    assert_eq!(ep["relabelings"][1]["targetLabel"], "node");
+    // The ServiceMonitor selects the Service, the Service selects the pods.
+    let svc = only(&docs, "Service");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(&svc["metadata"]["labels"][k], v);
+        assert_eq!(&svc["spec"]["selector"][k], v);
+    }
+
+    for cm in docs.iter().filter(|d| d["kind"] == "ConfigMap") {
+        assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+        for (_, json) in cm["data"].as_mapping().unwrap() {
+            let d: serde_json::Value = serde_json::from_str(json.as_str().unwrap())
+                .expect("dashboard ConfigMap holds valid JSON");
+            assert!(d["panels"].as_array().is_some_and(|p| !p.is_empty()));
+        }
+    }
+}
+
+#[test]
+fn capabilities_mode_has_no_privilege_beyond_the_listed_capabilities() {
+    let docs = render(&["securityMode=capabilities"]);
+    let sc = &container(&docs)["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    let add: Vec<&str> = sc["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(add, ["BPF", "PERFMON", "NET_ADMIN"]);
+    assert_eq!(
+        only(&docs, "DaemonSet")["spec"]["template"]["spec"]["hostPID"],
+        false
+    );
+}
+
+#[test]
+fn monitor_kind_selects_servicemonitor_podmonitor_or_none() {
+    let pm = render(&["monitor.kind=PodMonitor"]);
+    assert!(!kinds(&pm).contains("ServiceMonitor"));
+    let ep = &only(&pm, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(ep["honorLabels"], true);
+    assert_eq!(ep["relabelings"][0]["replacement"], "podmeter");
+    let none = render(&["monitor.kind=none"]);
+    assert!(!kinds(&none).contains("ServiceMonitor") && !kinds(&none).contains("PodMonitor"));
+    // A PodMonitor needs no Service.
+    let no_svc = render(&["service.enabled=false", "monitor.kind=PodMonitor"]);
+    assert!(!kinds(&no_svc).contains("Service"));
+}
+
+#[test]
+fn optional_objects_follow_their_switches() {
+    let np = render(&["networkPolicy.enabled=true"]);
+    let policy = only(&np, "NetworkPolicy");
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
+    assert!(policy["spec"]["ingress"][0]["from"].is_sequence());
+
+    let pc = render(&["priorityClassName=system-node-critical"]);
+    assert_eq!(
+        only(&pc, "DaemonSet")["spec"]["template"]["spec"]["priorityClassName"],
+        "system-node-critical"
+    );
+    assert!(!kinds(&render(&["prometheusRule.enabled=false"])).contains("PrometheusRule"));
+    assert!(!kinds(&render(&["dashboards.enabled=false"])).contains("ConfigMap"));
+    let ns = render(&["dashboards.namespace=grafana"]);
+    for cm in ns.iter().filter(|d| d["kind"] == "ConfigMap") {
+        assert_eq!(cm["metadata"]["namespace"], "grafana");
+    }
+    let no_rbac = render(&["rbac.create=false", "serviceAccount.create=false"]);
+    assert!(!kinds(&no_rbac).contains("ClusterRole"));
+    assert!(!kinds(&no_rbac).contains("ServiceAccount"));
+    let hn = render(&["hostNetwork=true"]);
+    let spec = &only(&hn, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
+
+    let labels = render(&["agent.ownerLabels=true", "agent.podLabels={app,team}"]);
+    let a = args(&labels);
+    assert!(a.contains(&"--owner-labels".to_owned()), "{a:?}");
+    assert!(a.contains(&"--pod-labels=app,team".to_owned()), "{a:?}");
+}
+
+#[test]
+fn bad_values_are_refused_with_a_clear_message() {
+    for (sets, says) in [
+        (&["securityMode=root"][..], "securityMode must be"),
+        (&["monitor.kind=Probe"][..], "monitor.kind must be"),
+        (
+            &["agent.maxCgroups=5"][..],
+            "agent.maxCgroups must be between",
+        ),
+        (
+            &["service.enabled=false"][..],
+            "monitor.kind=ServiceMonitor needs service.enabled=true",
+        ),
+    ] {
+        let err = template(sets).expect_err("helm accepted bad values");
+        assert!(err.contains(says), "{sets:?}: {err}");
+    }
+}
+
+/// The PrometheusRule's `spec`, rendered by helm with `sets`, as a Prometheus
+/// rule file in `dir`.
+fn rendered_rules(dir: &Path, sets: &[&str]) -> PathBuf {
+    let docs = render(sets);
+    let spec = &only(&docs, "PrometheusRule")["spec"];
+    let file = dir.join("rendered-rules.yaml");
+    fs::write(&file, serde_yaml::to_string(spec).unwrap()).unwrap();
+    file
+}
+
+fn promtool(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(tool("PODMETER_PROMTOOL"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("podmeter-chart-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let dir = scratch("rules");
+    rendered_rules(&dir, &[]);
+    let checked = promtool(&["check", "rules", "rendered-rules.yaml"], &dir);
+    assert!(checked.contains("SUCCESS"), "{checked}");
+
+    let tests: Vec<PathBuf> = fs::read_dir(repo().join("deploy/rules-tests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(!tests.is_empty(), "no promtool tests in deploy/rules-tests");
+    let mut args = vec!["test".to_owned(), "rules".to_owned()];
+    for t in &tests {
+        let name = t.file_name().unwrap();
+        fs::copy(t, dir.join(name)).unwrap();
+        args.push(name.to_string_lossy().into_owned());
+    }
+    let out = promtool(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir);
+    println!("{out}");
+
+    // Every alert the chart ships is exercised by some unit test.
+    let rules: Value =
+        serde_yaml::from_str(&fs::read_to_string(dir.join("rendered-rules.yaml")).unwrap())
+            .unwrap();
+    let tested: String = tests
+        .iter()
+        .map(|t| fs::read_to_string(t).unwrap())
+        .collect();
+    let mut alerts = 0;
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            if let Some(alert) = rule["alert"].as_str() {
+                alerts += 1;
+                assert!(
+                    tested.contains(&format!("alertname: {alert}")),
+                    "alert {alert} has no promtool test"
+                );
+                for key in ["summary", "description", "runbook"] {
+                    assert!(
+                        rule["annotations"][key]
+                            .as_str()
+                            .is_some_and(|s| !s.is_empty()),
+                        "alert {alert} lacks the {key} annotation"
+                    );
+                }
+                assert!(rule["labels"]["severity"].is_string(), "{alert}: severity");
+            }
+        }
+    }
+    assert!(
+        alerts >= 7,
+        "expected the seven documented alerts, found {alerts}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn alert_thresholds_and_runbook_urls_come_from_values() {
+    let dir = scratch("values");
+    let file = rendered_rules(
+        &dir,
+        &[
+            "alerts.cpuSaturationRatio=0.77",
+            "alerts.for=45s",
+            "alerts.runbookBaseURL=https://runbooks.example/podmeter/",
+        ],
+    );
+    let text = fs::read_to_string(&file).unwrap();
+    assert!(text.contains("0.77"), "{text}");
+    assert!(text.contains("45s"), "{text}");
+    assert!(
+        text.contains("https://runbooks.example/podmeter/PodmeterContainerCPUSaturated"),
+        "{text}"
+    );
+    promtool(&["check", "rules", "rendered-rules.yaml"], &dir);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dashboards_are_grafana_json_with_node_namespace_pod_variables() {
+    let dir = chart().join("files/dashboards");
+    let mut uids = BTreeSet::new();
+    let mut count = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let d: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        count += 1;
+        assert!(
+            uids.insert(d["uid"].as_str().unwrap().to_owned()),
+            "duplicate uid"
+        );
+        assert!(d["schemaVersion"].as_u64().unwrap() >= 39);
+        let vars: BTreeSet<&str> = d["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        for v in ["datasource", "node", "namespace"] {
+            assert!(vars.contains(v), "{}: no ${v} variable", path.display());
+        }
+        let exprs = podmeter_tests::dashboard::exprs(&d);
+        assert!(!exprs.is_empty(), "{}: no queries", path.display());
+        for (panel, expr) in exprs {
+            assert!(expr.contains("podmeter"), "{panel}: {expr}");
+        }
+    }
+    assert!(count >= 1, "no dashboards in {}", dir.display());
+}
