@@ -74,7 +74,12 @@ enum Task {
     /// chart and monitoring tests use, from their Go modules: helm,
     /// controller-gen, prometheus-operator, Prometheus, Alertmanager,
     /// prometheus-adapter.
-    Tools,
+    Tools {
+        /// Also import their images into the running local cluster and
+        /// generate Prometheus Operator's CRDs into target/crds.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
     /// and import it into the local cluster's containerd if it is up.
     Image,
@@ -115,7 +120,14 @@ fn dispatch(task: Task) -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => cluster::status(),
         },
-        Task::Tools => tools::all(),
+        Task::Tools { cluster } => {
+            tools::all()?;
+            if cluster {
+                tools::import_images(&cluster::containerd_sock())?;
+                tools::operator_crds(&root().join("target/crds"))?;
+            }
+            Ok(())
+        }
         Task::Image => {
             let tar = podmeter_image()?;
             if cluster::containerd_sock().exists() {
