@@ -6,6 +6,7 @@ mod cgroup;
 mod http;
 mod kube;
 mod metrics;
+mod node;
 mod preflight;
 mod tracker;
 
@@ -141,6 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     info!(
         cgroup2 = %mounts.unified.display(),
         memory_v1 = ?mounts.memory_v1,
+        cpu_v1 = ?mounts.cpu_v1,
         %node,
         %kernel,
         "starting podmeter {}",

@@ -8,7 +8,10 @@
 //! `podmeter_cgroup_*` for everything else (label `cgroup`, the path). Every
 //! series also carries `node`. Counters are exclusive, not hierarchical: a
 //! cgroup is billed for the tasks and sockets directly in it, so summing
-//! containers gives the pod without double counting.
+//! containers gives the pod without double counting. The CPU limit and
+//! throttling families are the exception: they are the kernel's own
+//! per-cgroup bandwidth numbers, which apply to the cgroup's whole subtree.
+//! `podmeter_node_cpus` puts usage in proportion to the node.
 
 use prometheus::{
     Histogram, HistogramOpts, IntGauge, Opts, Registry,
@@ -17,8 +20,9 @@ use prometheus::{
 };
 
 use crate::{
-    cgroup::Identity,
+    cgroup::{Identity, cpu::Throttling},
     kube::Names,
+    node,
     tracker::{Row, Snapshot, Tracker},
 };
 use std::sync::Arc;
@@ -34,7 +38,7 @@ struct Spec {
 const NS_PER_S: f64 = 1e9;
 
 /// The per-cgroup metrics, in exposition order. Documented in the README.
-const SPECS: [Spec; 7] = [
+const SPECS: [Spec; 11] = [
     Spec {
         suffix: "cpu_usage_seconds_total",
         help: "CPU time consumed by tasks in the cgroup (sched_switch accounting, idle excluded).",
@@ -77,7 +81,35 @@ const SPECS: [Spec; 7] = [
         kind: MetricType::GAUGE,
         value: |r| r.memory.map(|m| m as f64),
     },
+    Spec {
+        suffix: "cpu_limit_cores",
+        help: "CPU limit of the cgroup in cores: CFS quota / period (cpu.max, or cpu.cfs_quota_us / cpu.cfs_period_us). Absent without a limit.",
+        kind: MetricType::GAUGE,
+        value: |r| r.cpu_bandwidth.and_then(|b| b.limit_cores),
+    },
+    Spec {
+        suffix: "cpu_periods_total",
+        help: "CFS bandwidth enforcement periods in which the cgroup had runnable tasks (cpu.stat nr_periods).",
+        kind: MetricType::COUNTER,
+        value: |r| throttling(r).map(|t| t.periods as f64),
+    },
+    Spec {
+        suffix: "cpu_throttled_periods_total",
+        help: "CFS periods in which the cgroup used up its quota and was throttled (cpu.stat nr_throttled).",
+        kind: MetricType::COUNTER,
+        value: |r| throttling(r).map(|t| t.throttled_periods as f64),
+    },
+    Spec {
+        suffix: "cpu_throttled_seconds_total",
+        help: "Time the cgroup's tasks were throttled by its CPU limit, in seconds (cpu.stat throttled_usec, or throttled_time).",
+        kind: MetricType::COUNTER,
+        value: |r| throttling(r).map(|t| t.throttled_seconds),
+    },
 ];
+
+fn throttling(r: &Row) -> Option<Throttling> {
+    r.cpu_bandwidth.and_then(|b| b.stat)
+}
 
 const CONTAINER_PREFIX: &str = "podmeter_container_";
 const CGROUP_PREFIX: &str = "podmeter_cgroup_";
@@ -128,6 +160,7 @@ impl CgroupCollector {
         for (name, help) in [KUBE_PODS, KUBE_ERRORS] {
             descs.push(desc(name, help, &[]));
         }
+        descs.push(desc(NODE_CPUS.0, NODE_CPUS.1, &["node"]));
         Self {
             tracker,
             node,
@@ -177,6 +210,10 @@ const KUBE_PODS: (&str, &str) = (
 const KUBE_ERRORS: (&str, &str) = (
     "podmeter_kubernetes_watch_errors_total",
     "Errors of the Kubernetes API pod watch; each is retried with backoff, serving the last known names meanwhile.",
+);
+const NODE_CPUS: (&str, &str) = (
+    "podmeter_node_cpus",
+    "Online CPUs of the node (/sys/devices/system/cpu/online): the denominator of node CPU saturation.",
 );
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -326,16 +363,26 @@ impl Collector for CgroupCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        match self.tracker.snapshot() {
+        let mut out = match self.tracker.snapshot() {
             Ok(snap) => self.families(&snap),
             Err(e) => {
-                // The registry's other metrics (build info, scrape duration)
-                // still go out; the failure is logged and shows as missing
-                // cgroup series rather than a failed scrape.
+                // The registry's other metrics (build info, scrape duration,
+                // node CPUs) still go out; the failure is logged and shows
+                // as missing cgroup series rather than a failed scrape.
                 tracing::error!("reading BPF maps: {e}");
                 Vec::new()
             }
+        };
+        if let Some(cpus) = node::online_cpus() {
+            let (name, help) = NODE_CPUS;
+            let m = sample(
+                vec![label("node", &self.node)],
+                MetricType::GAUGE,
+                cpus as f64,
+            );
+            out.push(family(name.to_owned(), help, MetricType::GAUGE, vec![m]));
         }
+        out
     }
 }
 

@@ -2,8 +2,11 @@
 //!
 //! Two paths share a [`Tracker`]:
 //! * the scrape path ([`Tracker::snapshot`]) reads the kernel maps and joins
-//!   them with the current [`Index`]; it does no filesystem work, so it never
-//!   waits on anything slow;
+//!   them with the current [`Index`]; it never walks the filesystem, so it
+//!   never waits on anything slow. Its only file reads are each live
+//!   cgroup's CPU limit and `cpu.stat` (two small cgroupfs files, see
+//!   `cgroup::cpu`): throttling counters are `rate()`d next to CPU usage and
+//!   must be as fresh as the maps;
 //! * the refresh path ([`Tracker::refresh`], in the background every
 //!   `--refresh-interval`, and at once when a scrape meets an unknown id)
 //!   walks the cgroup2 tree, parses new paths, reads memory, and retires
@@ -27,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bpf::Maps,
-    cgroup::{Identity, Mounts, identity, memory, tree},
+    cgroup::{Identity, Mounts, cpu, identity, memory, tree},
     kube::{Lookup, Names, PodStore},
 };
 
@@ -73,6 +76,9 @@ pub struct Row {
     pub net: Option<NetCounters>,
     /// Memory working set, if its hierarchy accounts memory.
     pub memory: Option<u64>,
+    /// CPU limit and throttling, if a cpu controller covers the cgroup
+    /// (live cgroups only: a departed one has no files to read).
+    pub cpu_bandwidth: Option<cpu::Bandwidth>,
     /// Kubernetes names, for pod cgroups (empty values where unknown).
     pub names: Option<Arc<Names>>,
 }
@@ -195,6 +201,7 @@ impl Tracker {
         ids.dedup();
 
         let mut rows = Vec::with_capacity(ids.len());
+        let mut live_rows = Vec::with_capacity(ids.len());
         let mut unknown = false;
         let (mut live, mut awaiting) = (0, 0);
         let pods = self.pods.as_ref().map(|p| (p, p.by_uid()));
@@ -230,7 +237,9 @@ impl Tracker {
                     }
                 },
             };
-            live += usize::from(index.live.contains_key(&id));
+            let is_live = index.live.contains_key(&id);
+            live += usize::from(is_live);
+            live_rows.push(is_live);
             let cpu = reading.cpu.get(&id).map(|c| {
                 let last = last_cpu.entry(id).or_insert(0);
                 *last = (*last).max(c.time_ns);
@@ -244,11 +253,17 @@ impl Tracker {
                 cpu,
                 net: reading.net.get(&id).copied(),
                 memory: index.memory.get(&id).copied(),
+                cpu_bandwidth: None,
                 names,
             });
         }
         drop(last_cpu);
         drop(names);
+        // File reads outside the locks: a slow cgroupfs never holds up the
+        // refresher or another scrape.
+        for (row, _) in rows.iter_mut().zip(live_rows).filter(|(_, live)| *live) {
+            row.cpu_bandwidth = cpu::bandwidth(&self.mounts, &row.cgroup.path);
+        }
         if unknown {
             self.wake.notify_one();
         }

@@ -37,7 +37,7 @@ fn read(dir: &Path, usage_file: &str, inactive_key: &str) -> Option<u64> {
     Some(usage.saturating_sub(stat_value(&stat, inactive_key).unwrap_or(0)))
 }
 
-/// The value of `key` in a memory.stat-style `key value` listing.
+/// The value of `key` in a `key value` listing (memory.stat, cpu.stat).
 pub fn stat_value(stat: &str, key: &str) -> Option<u64> {
     stat.lines()
         .filter_map(|l| l.split_once(' '))

@@ -1,6 +1,6 @@
 //! cgroups: where the hierarchies are mounted, which cgroup an id names, what
-//! a cgroup path says about the pod and container behind it, and how much
-//! memory a cgroup uses.
+//! a cgroup path says about the pod and container behind it, how much
+//! memory a cgroup uses, and its CPU limit and throttling.
 //!
 //! The kernel programs key everything by cgroup v2 id, which is the inode
 //! number of the cgroup's directory in the cgroup2 filesystem. Hosts come in
@@ -9,6 +9,7 @@
 //! `/sys/fs/cgroup/unified`). A v1-only host has no cgroup2 ids at all and is
 //! refused at start-up.
 
+pub mod cpu;
 pub mod identity;
 pub mod memory;
 pub mod mount;

@@ -1,5 +1,8 @@
-//! Finding the cgroup2 mount (and the v1 memory controller on hybrid hosts)
-//! from `/proc/self/mountinfo`, never from a hard-coded path.
+//! Finding the cgroup2 mount (and the v1 memory and cpu controllers on hybrid
+//! hosts) from `/proc/self/mountinfo`, never from a hard-coded path: a v1
+//! controller is found by its name in the mount's super options, so a
+//! co-mounted `cpu,cpuacct` hierarchy (with `cpu` and `cpuacct` symlinks
+//! beside it) is found under its real mount point.
 
 use std::{
     fs, io,
@@ -15,6 +18,10 @@ pub struct Mounts {
     pub unified: PathBuf,
     /// The cgroup v1 `memory` controller, on hybrid hosts.
     pub memory_v1: Option<PathBuf>,
+    /// The cgroup v1 `cpu` controller (CFS bandwidth: quota, throttling),
+    /// on hybrid hosts. A controller is bound to one hierarchy at a time, so
+    /// when this is set the cgroup2 tree has no `cpu.max` files.
+    pub cpu_v1: Option<PathBuf>,
 }
 
 /// Why the cgroup2 hierarchy could not be used.
@@ -52,14 +59,15 @@ pub enum MountError {
 impl Mounts {
     /// Detects the mounts of this host. `cgroup_root` overrides detection:
     /// either the cgroup2 mount itself, or a directory holding a hybrid
-    /// host's hierarchies (`<dir>/unified` and `<dir>/memory`), such as the
-    /// host's /sys/fs/cgroup mounted into a container.
+    /// host's hierarchies (`<dir>/unified`, `<dir>/memory`, `<dir>/cpu`),
+    /// such as the host's /sys/fs/cgroup mounted into a container.
     pub fn detect(cgroup_root: Option<&Path>) -> Result<Self, MountError> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
         let Some(path) = cgroup_root else {
             return Ok(Self {
                 unified: find_cgroup2(&mountinfo).ok_or(MountError::NoCgroup2)?,
                 memory_v1: find_v1_controller(&mountinfo, "memory"),
+                cpu_v1: find_v1_controller(&mountinfo, "cpu"),
             });
         };
         let inaccessible = |source| MountError::Inaccessible {
@@ -67,23 +75,27 @@ impl Mounts {
             source,
         };
         if statfs(path).map_err(inaccessible)?.filesystem_type() == CGROUP2_SUPER_MAGIC {
-            // A cgroup2 mount given directly: a hybrid host's v1 memory
-            // controller is its sibling, if mounted alongside.
-            let sibling = path
-                .parent()
-                .map(|p| p.join("memory"))
-                .filter(|m| is_v1_memory(m));
+            // A cgroup2 mount given directly: a hybrid host's v1
+            // controllers are its siblings, if mounted alongside.
+            let sibling = |name, is_v1: fn(&Path) -> bool| {
+                path.parent()
+                    .map(|p| p.join(name))
+                    .filter(|d| is_v1(d))
+                    .or_else(|| find_v1_controller(&mountinfo, name))
+            };
             return Ok(Self {
                 unified: path.to_owned(),
-                memory_v1: sibling.or_else(|| find_v1_controller(&mountinfo, "memory")),
+                memory_v1: sibling("memory", is_v1_memory),
+                cpu_v1: sibling("cpu", is_v1_cpu),
             });
         }
         let unified = path.join("unified");
         if statfs(&unified).is_ok_and(|fs| fs.filesystem_type() == CGROUP2_SUPER_MAGIC) {
-            let memory = path.join("memory");
+            let (memory, cpu) = (path.join("memory"), path.join("cpu"));
             return Ok(Self {
                 unified,
                 memory_v1: is_v1_memory(&memory).then_some(memory),
+                cpu_v1: is_v1_cpu(&cpu).then_some(cpu),
             });
         }
         Err(MountError::NotCgroup2 {
@@ -94,6 +106,12 @@ impl Mounts {
 
 fn is_v1_memory(dir: &Path) -> bool {
     dir.join("memory.usage_in_bytes").exists()
+}
+
+/// `cpu.shares` is in every v1 cpu hierarchy; `cpu,cpuacct` co-mounts are
+/// usually reached through a `cpu` symlink, which `join` follows.
+fn is_v1_cpu(dir: &Path) -> bool {
+    dir.join("cpu.shares").exists()
 }
 
 /// One line of mountinfo, the fields podmeter needs.
@@ -180,6 +198,14 @@ mod tests {
 32 30 0:28 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 33 30 0:29 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
+    /// Debian/Ubuntu-style hybrid: cpu and cpuacct co-mounted (plus
+    /// cpuset, whose name starts with "cpu" too).
+    const COMOUNTED: &str = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+34 30 0:30 / /sys/fs/cgroup/cpuset rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,cpuset
+35 30 0:31 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+36 30 0:32 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+";
     const PURE_V2: &str = "\
 25 1 0:22 / /sys rw - sysfs sysfs rw
 30 25 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
@@ -196,12 +222,34 @@ mod tests {
             find_v1_controller(HYBRID, "memory"),
             Some("/sys/fs/cgroup/memory".into())
         );
+        assert_eq!(
+            find_v1_controller(HYBRID, "cpu"),
+            Some("/sys/fs/cgroup/cpu".into())
+        );
+    }
+
+    #[test]
+    fn comounted_cpu_found_by_super_option() {
+        assert_eq!(
+            find_v1_controller(COMOUNTED, "cpu"),
+            Some("/sys/fs/cgroup/cpu,cpuacct".into())
+        );
+        assert_eq!(
+            find_v1_controller(COMOUNTED, "cpuacct"),
+            Some("/sys/fs/cgroup/cpu,cpuacct".into())
+        );
+        assert_eq!(
+            find_v1_controller(COMOUNTED, "cpuset"),
+            Some("/sys/fs/cgroup/cpuset".into())
+        );
+        assert_eq!(find_v1_controller(COMOUNTED, "memory"), None);
     }
 
     #[test]
     fn pure_v2_host() {
         assert_eq!(find_cgroup2(PURE_V2), Some("/sys/fs/cgroup".into()));
         assert_eq!(find_v1_controller(PURE_V2, "memory"), None);
+        assert_eq!(find_v1_controller(PURE_V2, "cpu"), None);
     }
 
     #[test]
