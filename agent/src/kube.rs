@@ -90,10 +90,15 @@ pub struct PodStore {
     pub errors: Arc<AtomicU64>,
 }
 
-/// Connects with `kubeconfig` or, without one, in-cluster config or the
-/// default kubeconfig; `None` when none of them exists (a host without
-/// Kubernetes).
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Option<Client>> {
+/// Reads the API configuration from `kubeconfig` or, without one,
+/// in-cluster config or the default kubeconfig; `None` when none of them
+/// exists (a host without Kubernetes).
+///
+/// Called before podmeter drops its capabilities, so the kubeconfig and the
+/// CA bundle are read while any file still can be; what the client reads
+/// later (the service account token, client certificate files) must be
+/// readable by podmeter's user without CAP_DAC_OVERRIDE.
+pub async fn config(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Option<Config>> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = ::kube::config::Kubeconfig::read_from(path)?;
@@ -110,7 +115,7 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Opti
         },
     };
     info!(api = %config.cluster_url, "watching this node's pods");
-    Ok(Some(Client::try_from(config)?))
+    Ok(Some(config))
 }
 
 impl PodStore {

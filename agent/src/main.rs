@@ -8,6 +8,7 @@ mod kube;
 mod metrics;
 mod node;
 mod preflight;
+mod privileges;
 mod tracker;
 
 use std::{fs, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -28,7 +29,8 @@ const DEFAULT_LISTEN: &str = "0.0.0.0:9740";
 /// in the kernel, names each cgroup (Kubernetes pod and container from the
 /// kubelet's cgroup layout, otherwise the cgroup path), and serves the totals
 /// at /metrics. It needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN), a
-/// kernel with BTF (5.8+) and a cgroup2 hierarchy (pure v2 or hybrid).
+/// kernel with BTF (5.8+) and a cgroup2 hierarchy (pure v2 or hybrid). Once
+/// its programs are attached it drops every capability but CAP_BPF.
 #[derive(Debug, Parser)]
 #[command(name = "podmeter", version, max_term_width = 100)]
 struct Cli {
@@ -149,12 +151,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
+    // The API configuration is read before the programs are loaded (a bad
+    // kubeconfig fails before touching the kernel) and before capabilities
+    // go (a root-only kubeconfig stays readable). A current-thread runtime
+    // starts no thread.
+    let kube_config = if cli.no_kubernetes {
+        None
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(kube::config(cli.kubeconfig.as_deref()))
+            .context("Kubernetes API client")?
+    };
+
     let (attached, maps) = bpf::load(&mounts.unified, &cli.btf_path, cli.max_cgroups)?;
     info!(
         max_cgroups = cli.max_cgroups,
         "attached sched_switch, a CPU tick on every online CPU, and cgroup_skb ingress/egress at {}",
         mounts.unified.display()
     );
+
+    // Still single-threaded: every thread started from here on inherits the
+    // reduced capability sets.
+    let privileges = privileges::keep_only_bpf().context("dropping capabilities")?;
+    // A scrape reads the maps with what is left: check that now, not at
+    // the first scrape.
+    let reading = maps.read().with_context(|| {
+        format!(
+            "the BPF maps cannot be read with only {} after dropping the other capabilities; \
+             a seccomp profile or LSM policy may be refusing bpf() to this process",
+            privileges.kept
+        )
+    })?;
+    info!(
+        kept = %privileges.kept,
+        dropped = %privileges::names(&privileges.dropped),
+        "dropped capabilities no longer needed; map reads work ({} cgroups counted so far)",
+        reading.cpu.len()
+    );
+    if !privileges.bounding.is_empty() {
+        warn!(
+            bounding = %privileges::names(&privileges.bounding),
+            "no CAP_SETPCAP: these stay in the bounding set (they only limit what an execve could gain; podmeter executes nothing)"
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -166,13 +207,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pod_labels: cli.pod_labels.clone(),
         };
         let extra_labels = label_options.names();
-        let client = if cli.no_kubernetes {
-            None
-        } else {
-            kube::client(cli.kubeconfig.as_deref())
-                .await
-                .context("Kubernetes API client")?
-        };
+        let client = kube_config
+            .map(::kube::Client::try_from)
+            .transpose()
+            .context("Kubernetes API client")?;
         let naming = client.map(|c| tracker::PodNaming {
             extra_labels: extra_labels.len(),
             store: kube::PodStore::watch(c, &node, label_options),

@@ -204,19 +204,23 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Every entry of a per-CPU counter map, summed over CPUs.
-fn totals<V>(map: &PerCpuHashMap<MapData, u64, V>) -> HashMap<u64, V>
+///
+/// aya's iterator already skips a key deleted between get_next_key and
+/// lookup; any error it does return is a failed syscall (e.g. EPERM once
+/// capabilities are gone), which must fail the read rather than show up as
+/// a map with fewer cgroups.
+fn totals<V>(map: &PerCpuHashMap<MapData, u64, V>) -> Result<HashMap<u64, V>, MapError>
 where
     V: aya::Pod + Default + std::ops::AddAssign,
 {
     map.iter()
-        // A key deleted between get_next_key and lookup: skip it.
-        .filter_map(Result::ok)
-        .map(|(id, per_cpu)| {
+        .map(|entry| {
+            let (id, per_cpu) = entry?;
             let mut sum = V::default();
             for v in per_cpu.iter() {
                 sum += *v;
             }
-            (id, sum)
+            Ok((id, sum))
         })
         .collect()
 }
@@ -235,7 +239,7 @@ impl Maps {
     /// switch racing the read can only make this reading low, never high;
     /// the caller keeps exported values monotonic.
     pub fn read(&self) -> Result<Reading, MapError> {
-        let mut cpu = totals(&self.cpu);
+        let mut cpu = totals(&self.cpu)?;
         // Two reads that agree mean no CPU switched mid-read (no torn slot).
         let a = self.oncpu.get(&0, 0)?;
         let b = self.oncpu.get(&0, 0)?;
@@ -246,7 +250,7 @@ impl Maps {
             }
         }
 
-        let net = totals(&self.net);
+        let net = totals(&self.net)?;
 
         let mut dropped = [0; 2];
         for (slot, idx) in dropped.iter_mut().zip([DROP_CPU, DROP_NET]) {
