@@ -48,6 +48,36 @@ pub fn memory_v1_root() -> Option<PathBuf> {
     p.join("memory.usage_in_bytes").exists().then_some(p)
 }
 
+/// The cgroup v1 `cpu` controller's mount, on hybrid hosts: found by the
+/// `cpu` super option, so a `cpu,cpuacct` co-mount counts too.
+pub fn cpu_v1_root() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split(' ');
+        let (fstype, super_opts) = (post.next()?, post.nth(1)?);
+        (fstype == "cgroup" && super_opts.split(',').any(|o| o == "cpu"))
+            .then(|| pre.split(' ').nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Whether the cgroup2 root hands the cpu controller to its children, so
+/// test cgroups can get `cpu.max`.
+pub fn cpu_in_unified() -> bool {
+    fs::read_to_string(unified_root().join("cgroup.subtree_control"))
+        .is_ok_and(|s| s.split_whitespace().any(|c| c == "cpu"))
+}
+
+/// Where a [`TestTree`] made with [`TestTree::with_cpu`] sets CPU limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuController {
+    /// `cpu.max` in the cgroup2 directories.
+    Unified,
+    /// `cpu.cfs_quota_us` in the v1 cpu hierarchy, mirrored like memory.
+    V1,
+}
+
 /// The `pm-work` helper binary: cargo builds it next to the test's `deps/`.
 pub fn pm_work() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -130,14 +160,51 @@ pub struct TestTree {
     /// Name of the top cgroup, relative to each hierarchy root.
     pub name: String,
     roots: Vec<PathBuf>,
+    cpu: Option<CpuController>,
 }
 
 impl TestTree {
     /// Creates the top cgroup; first clears what crashed earlier runs left.
     pub fn new(tag: &str) -> Self {
+        Self::make(tag, None)
+    }
+
+    /// Like [`TestTree::new`], with a cpu controller for every cgroup: in
+    /// the cgroup2 tree where the root delegates it (`+cpu` down the test's
+    /// own sub-tree), else in the v1 cpu hierarchy, where the tree is
+    /// mirrored and `pm-work` joins it too. Panics if neither exists.
+    pub fn with_cpu(tag: &str) -> Self {
+        let cpu = if cpu_in_unified() {
+            CpuController::Unified
+        } else {
+            assert!(
+                cpu_v1_root().is_some(),
+                "no cpu controller: neither in cgroup2's subtree_control nor mounted as v1"
+            );
+            CpuController::V1
+        };
+        let tree = Self::make(tag, Some(cpu));
+        if cpu == CpuController::Unified {
+            enable_cpu(&tree.roots[0].join(&tree.name));
+        }
+        tree
+    }
+
+    /// Which cpu controller [`TestTree::with_cpu`] found.
+    pub fn cpu_controller(&self) -> Option<CpuController> {
+        self.cpu
+    }
+
+    fn make(tag: &str, cpu: Option<CpuController>) -> Self {
         let mut roots = vec![unified_root()];
         roots.extend(memory_v1_root());
-        for root in &roots {
+        // Stale trees are swept from the v1 cpu hierarchy too, whoever made them.
+        let mut sweep = roots.clone();
+        sweep.extend(cpu_v1_root());
+        if cpu == Some(CpuController::V1) {
+            roots.extend(cpu_v1_root());
+        }
+        for root in &sweep {
             for e in fs::read_dir(root).unwrap().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let stale = name
@@ -154,7 +221,7 @@ impl TestTree {
         for root in &roots {
             fs::create_dir_all(root.join(&name)).unwrap();
         }
-        Self { name, roots }
+        Self { name, roots, cpu }
     }
 
     /// Creates `rel` (may be nested) below the top cgroup.
@@ -164,14 +231,36 @@ impl TestTree {
             .iter()
             .map(|r| r.join(&self.name).join(rel))
             .collect();
+        if self.cpu == Some(CpuController::Unified) {
+            // cpu.max exists where the parent enables cpu for its children:
+            // enable it at every level of the test's own tree above `rel`.
+            let mut dir = self.roots[0].join(&self.name);
+            for part in Path::new(rel).parent().into_iter().flat_map(Path::iter) {
+                dir.push(part);
+                fs::create_dir_all(&dir).unwrap();
+                enable_cpu(&dir);
+            }
+        }
         for d in &dirs {
             fs::create_dir_all(d).unwrap();
         }
+        let cpu_dir = match self.cpu {
+            Some(CpuController::Unified) => Some(dirs[0].clone()),
+            Some(CpuController::V1) => dirs.last().cloned(),
+            None => None,
+        };
         TestCgroup {
             path: format!("/{}/{rel}", self.name),
             dirs,
+            cpu_dir,
         }
     }
+}
+
+/// `+cpu` in a test cgroup's subtree_control (it has no processes of its own).
+fn enable_cpu(dir: &Path) {
+    fs::write(dir.join("cgroup.subtree_control"), "+cpu")
+        .unwrap_or_else(|e| panic!("enabling cpu in {}: {e}", dir.display()));
 }
 
 impl Drop for TestTree {
@@ -186,8 +275,21 @@ impl Drop for TestTree {
 pub struct TestCgroup {
     /// Path relative to the cgroup2 root, as podmeter labels host cgroups.
     pub path: String,
-    /// Its directories: cgroup2 first, then v1 memory if any.
+    /// Its directories: cgroup2 first, then v1 memory if any, then v1 cpu
+    /// for a [`TestTree::with_cpu`] tree on a hybrid host.
     pub dirs: Vec<PathBuf>,
+    cpu_dir: Option<PathBuf>,
+}
+
+/// The kernel's CFS bandwidth counters of one cgroup (`cpu.stat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Throttling {
+    /// `nr_periods`.
+    pub periods: u64,
+    /// `nr_throttled`.
+    pub throttled_periods: u64,
+    /// `throttled_usec` (v2) or `throttled_time` (v1, ns), in seconds.
+    pub throttled_seconds: f64,
 }
 
 impl TestCgroup {
@@ -207,6 +309,46 @@ impl TestCgroup {
             .parse()
             .unwrap();
         usec as f64 / 1e6
+    }
+
+    /// The directory holding its CPU bandwidth files (a [`TestTree::with_cpu`] tree).
+    pub fn cpu_dir(&self) -> &Path {
+        self.cpu_dir
+            .as_deref()
+            .expect("a cgroup of a TestTree::with_cpu tree")
+    }
+
+    /// Limits it to `quota_us` of CPU time every `period_us`.
+    pub fn set_cpu_limit(&self, quota_us: u64, period_us: u64) {
+        let dir = self.cpu_dir();
+        if dir.join("cpu.max").exists() {
+            fs::write(dir.join("cpu.max"), format!("{quota_us} {period_us}")).unwrap();
+        } else {
+            // Period first: a quota is checked against the current period.
+            fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string()).unwrap();
+            fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string()).unwrap();
+        }
+    }
+
+    /// The kernel's throttling counters for it, now.
+    pub fn throttling(&self) -> Throttling {
+        let dir = self.cpu_dir();
+        let stat = fs::read_to_string(dir.join("cpu.stat")).unwrap();
+        let get = |key: &str| -> Option<u64> {
+            stat.lines()
+                .filter_map(|l| l.split_once(' '))
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.trim().parse().unwrap())
+        };
+        let throttled_seconds = match get("throttled_usec") {
+            Some(us) => us as f64 / 1e6,
+            None => get("throttled_time").expect("throttled_time in v1 cpu.stat") as f64 / 1e9,
+        };
+        Throttling {
+            periods: get("nr_periods").expect("nr_periods in cpu.stat"),
+            throttled_periods: get("nr_throttled").expect("nr_throttled in cpu.stat"),
+            throttled_seconds,
+        }
     }
 
     /// The cgroup id podmeter keys it by.
@@ -335,10 +477,24 @@ pub struct Agent {
 impl Agent {
     /// Starts podmeter with `args` and waits until `/readyz` says ready.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_under(&[], args)
+    }
+
+    /// Like [`Agent::start`], through a `wrapper` command that executes
+    /// podmeter in the same process (e.g. `setpriv` with fewer capabilities).
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> Self {
         let port = free_port();
         let log =
             std::env::temp_dir().join(format!("podmeter-test-{}-{port}.log", std::process::id()));
-        let child = Command::new(podmeter_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper_args).arg(podmeter_bin());
+                c
+            }
+            None => Command::new(podmeter_bin()),
+        };
+        let child = cmd
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),

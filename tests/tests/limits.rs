@@ -1,0 +1,309 @@
+//! Limits, both ways: a real CFS quota on a real burner, whose limit and
+//! throttling podmeter must report as the kernel's `cpu.stat` has them; and
+//! the capabilities podmeter itself keeps once its programs are attached,
+//! with map reads (every scrape) still working on what is left.
+
+use std::{
+    collections::HashMap,
+    fs,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use podmeter_tests::{Agent, Scrape, TestCgroup, TestTree, Throttling};
+
+const PERIOD_US: u64 = 100_000;
+const QUOTA_US: u64 = 20_000;
+const PERIOD: f64 = PERIOD_US as f64 / 1e6;
+const QUOTA: f64 = QUOTA_US as f64 / 1e6;
+/// podmeter's CPU tick: the running slice at either end of an interval may
+/// be billed up to this late (see cpu.rs).
+const TICK: f64 = 0.020;
+
+/// What podmeter says about a host cgroup's throttling.
+fn scraped(s: &Scrape, cg: &TestCgroup) -> Throttling {
+    let get = |m: &str| {
+        s.cgroup(m, &cg.path)
+            .unwrap_or_else(|| panic!("no {m} for {}:\n{}", cg.path, s.text))
+    };
+    Throttling {
+        periods: get("cpu_periods_total") as u64,
+        throttled_periods: get("cpu_throttled_periods_total") as u64,
+        throttled_seconds: get("cpu_throttled_seconds_total"),
+    }
+}
+
+/// A scrape with the kernel's counters read just before and just after it.
+struct Measured {
+    scrape: Scrape,
+    before: Throttling,
+    after: Throttling,
+    /// When the read before started.
+    start: Instant,
+    /// When the read after ended.
+    end: Instant,
+    /// The kernel's usage (cpu.stat usage_usec) at about the scrape.
+    usage: f64,
+}
+
+fn measure(agent: &Agent, cg: &TestCgroup) -> Measured {
+    let start = Instant::now();
+    let before = cg.throttling();
+    let usage_before = cg.cpu_stat_seconds();
+    let scrape = agent.scrape();
+    let usage_after = cg.cpu_stat_seconds();
+    let after = cg.throttling();
+    Measured {
+        scrape,
+        before,
+        after,
+        start,
+        end: Instant::now(),
+        usage: (usage_before + usage_after) / 2.0,
+    }
+}
+
+/// podmeter reads `cpu.stat` during the scrape, so its counters lie between
+/// the kernel's read just before and just after (they are monotonic). The
+/// two kernel reads are a few milliseconds apart, and a bandwidth period is
+/// 100 ms: at most `boundaries` period ends fall between them, each adding
+/// at most 1 to `nr_periods` and `nr_throttled`, and at most one period of
+/// throttled time per CPU (a throttled run queue is credited at unthrottle,
+/// once per period, with how long it waited).
+fn check_bracketed(m: &Measured, cg: &TestCgroup) {
+    let pm = scraped(&m.scrape, cg);
+    let (b, a) = (m.before, m.after);
+    let span = (m.end - m.start).as_secs_f64();
+    let boundaries = (span / PERIOD).floor() as u64 + 1;
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    eprintln!(
+        "kernel before {b:?}\npodmeter      {pm:?}\nkernel after  {a:?}\n({:.1} ms apart)",
+        span * 1e3
+    );
+    assert!(
+        b.periods <= pm.periods && pm.periods <= a.periods,
+        "nr_periods: {pm:?} not between {b:?} and {a:?}"
+    );
+    assert!(
+        b.throttled_periods <= pm.throttled_periods && pm.throttled_periods <= a.throttled_periods,
+        "nr_throttled: {pm:?} not between {b:?} and {a:?}"
+    );
+    // Both sides divide the same integer by the same power of ten, and the
+    // exposition prints the shortest round-tripping decimal: exact.
+    assert!(
+        b.throttled_seconds <= pm.throttled_seconds && pm.throttled_seconds <= a.throttled_seconds,
+        "throttled seconds: {pm:?} not between {b:?} and {a:?}"
+    );
+    assert!(a.periods - pm.periods <= boundaries, "{pm:?} vs {a:?}");
+    assert!(
+        a.throttled_periods - pm.throttled_periods <= boundaries,
+        "{pm:?} vs {a:?}"
+    );
+    assert!(
+        a.throttled_seconds - pm.throttled_seconds <= boundaries as f64 * PERIOD * cpus,
+        "{pm:?} vs {a:?}"
+    );
+}
+
+#[test]
+fn cpu_limit_and_throttling_match_cpu_stat() {
+    let tree = TestTree::with_cpu("limits");
+    eprintln!("cpu controller: {:?}", tree.cpu_controller().unwrap());
+    let limited = tree.cgroup("limited");
+    limited.set_cpu_limit(QUOTA_US, PERIOD_US);
+    let unlimited = tree.cgroup("unlimited");
+    let agent = Agent::start(&[]);
+    let _burner = limited.spawn(None, &["burn"]);
+    // Runs a moment (so podmeter counts it), then sleeps: reported, unlimited.
+    let mut idle = unlimited.spawn(None, &["hold-memory", "1"]);
+    assert_eq!(idle.line(), ["ready"]);
+
+    let first = agent.scrape_until(Duration::from_secs(15), "both cgroups, throttled", |s| {
+        s.cgroup("cpu_usage_seconds_total", &unlimited.path)
+            .is_some()
+            && s.cgroup("cpu_throttled_periods_total", &limited.path)
+                .is_some_and(|v| v > 0.0)
+    });
+    // 20000 / 100000 is correctly rounded to the double nearest 0.2, which
+    // is what the literal is and what the exposition prints back.
+    assert_eq!(first.cgroup("cpu_limit_cores", &limited.path), Some(0.2));
+    assert_eq!(
+        first.cgroup("cpu_limit_cores", &unlimited.path),
+        None,
+        "an unlimited cgroup has no limit series"
+    );
+    // It does have a cpu controller, so its counters are there, at zero.
+    assert_eq!(
+        first.cgroup("cpu_throttled_periods_total", &unlimited.path),
+        Some(0.0)
+    );
+    assert_eq!(
+        first.cgroup("cpu_throttled_seconds_total", &unlimited.path),
+        Some(0.0)
+    );
+    // The family is per cgroup: nothing of this tree's parent or root.
+    assert_eq!(first.cgroup("cpu_limit_cores", "/"), None);
+    assert_eq!(first.cgroup("cpu_periods_total", "/"), None);
+
+    let m0 = measure(&agent, &limited);
+    check_bracketed(&m0, &limited);
+    sleep(Duration::from_secs(5));
+    let m1 = measure(&agent, &limited);
+    check_bracketed(&m1, &limited);
+
+    let (p0, p1) = (scraped(&m0.scrape, &limited), scraped(&m1.scrape, &limited));
+    let throttled = p1.throttled_periods - p0.throttled_periods;
+    let periods = p1.periods - p0.periods;
+    eprintln!(
+        "5 s: {periods} periods, {throttled} throttled, {:.3} s throttled",
+        p1.throttled_seconds - p0.throttled_seconds
+    );
+    // A burner that wants a whole core, capped at a fifth of one, runs out
+    // of quota in most of its ~50 periods.
+    assert!(
+        throttled > 0,
+        "throttled periods did not rise: {p0:?} → {p1:?}"
+    );
+    assert!(p1.throttled_seconds > p0.throttled_seconds);
+
+    // CPU used between the two scrapes. The map reads happened somewhere in
+    // [start, end] of each measurement, so the interval is at most
+    // `widest`; over it the quota allows QUOTA per period it touches, i.e.
+    // QUOTA × (widest / PERIOD + 1). On top of that: podmeter's running
+    // slice may be billed a tick late at the first scrape (so the
+    // difference can be a TICK high), and the kernel enforces quota at
+    // scheduler ticks (≤ 10 ms at HZ=100) in 5 ms slices, overrunning at
+    // most that before the debt is repaid from the next period.
+    let cpu = |m: &Measured| {
+        m.scrape
+            .cgroup("cpu_usage_seconds_total", &limited.path)
+            .unwrap()
+    };
+    let used = cpu(&m1) - cpu(&m0);
+    let kernel_used = m1.usage - m0.usage;
+    let widest = (m1.end - m0.start).as_secs_f64();
+    let allowed = QUOTA * (widest / PERIOD + 1.0) + TICK + 0.010 + 0.005;
+    let narrowest = (m1.start - m0.end).as_secs_f64();
+    eprintln!(
+        "used {used:.4} s (cpu.stat {kernel_used:.4} s) in {narrowest:.3}–{widest:.3} s: \
+         {:.4} cores; allowed {allowed:.4} s",
+        used / narrowest
+    );
+    assert!(
+        used <= allowed,
+        "podmeter billed {used:.4} s in ≤ {widest:.3} s, over the limit's {allowed:.4} s"
+    );
+    assert!(
+        kernel_used <= allowed,
+        "cpu.stat says {kernel_used:.4} s in ≤ {widest:.3} s: the quota did not hold"
+    );
+    // It did get (most of) its fifth of a core on this 2+-core host.
+    assert!(
+        used / widest > 0.1,
+        "the burner barely ran ({used:.4} s in {widest:.3} s): the test measured nothing"
+    );
+}
+
+const CAP_NET_ADMIN: u64 = 1 << 12;
+const CAP_SYS_ADMIN: u64 = 1 << 21;
+const CAP_BPF: u64 = 1 << 39;
+
+/// The capability sets of every thread of `pid` (they are per thread; the
+/// runtime's threads must have been started after the drop).
+fn thread_caps(pid: i32) -> Vec<(String, HashMap<String, u64>)> {
+    let mut out = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        let caps = status
+            .lines()
+            .filter_map(|l| l.split_once(":\t"))
+            .filter(|(k, _)| k.starts_with("Cap"))
+            .map(|(k, v)| (k.to_owned(), u64::from_str_radix(v.trim(), 16).unwrap()))
+            .collect();
+        out.push((task.file_name().to_string_lossy().into_owned(), caps));
+    }
+    assert!(out.len() > 1, "podmeter runs a multi-threaded runtime");
+    out
+}
+
+fn assert_caps(agent: &Agent, effective: u64, bounding: u64) {
+    for (tid, caps) in thread_caps(agent.pid()) {
+        let expected = [
+            ("CapEff", effective),
+            ("CapPrm", effective),
+            ("CapBnd", bounding),
+            ("CapInh", 0),
+            ("CapAmb", 0),
+        ];
+        for (set, want) in expected {
+            assert_eq!(
+                caps[set],
+                want,
+                "thread {tid}: {set} {:016x}, expected {want:016x}\n{}",
+                caps[set],
+                agent.log()
+            );
+        }
+    }
+}
+
+/// After /readyz, CPU series of a pod and a host cgroup are served and grow:
+/// the per-scrape map reads work with the capabilities left.
+fn maps_still_read(agent: &Agent, tree: &TestTree) {
+    let uid = "0c000000-0000-4000-8000-000000000001";
+    let pod = tree.cgroup(&format!("kubepods/burstable/pod{uid}/{}", "0c".repeat(32)));
+    let host = tree.cgroup("system.slice/caps.service");
+    let _burners = [pod.spawn(None, &["burn"]), host.spawn(None, &["burn"])];
+    const CPU: &str = "podmeter_container_cpu_usage_seconds_total";
+    let values = |s: &Scrape| {
+        (
+            s.value(CPU, &[("pod_uid", uid)]),
+            s.cgroup("cpu_usage_seconds_total", &host.path),
+        )
+    };
+    let s0 = agent.scrape_until(Duration::from_secs(15), "both burners' CPU", |s| {
+        matches!(values(s), (Some(_), Some(_)))
+    });
+    sleep(Duration::from_secs(1));
+    let s1 = agent.scrape();
+    let ((Some(c0), Some(h0)), (Some(c1), Some(h1))) = (values(&s0), values(&s1)) else {
+        panic!("CPU series went away:\n{}", s1.text);
+    };
+    assert!(c1 > c0 && h1 > h0, "CPU did not grow: {c0}→{c1}, {h0}→{h1}");
+}
+
+#[test]
+fn only_cap_bpf_is_kept_once_attached() {
+    let tree = TestTree::new("caps");
+    let agent = Agent::start(&[]);
+    assert_caps(&agent, CAP_BPF, CAP_BPF);
+    let log = agent.log();
+    assert!(log.contains("kept=CAP_BPF"), "{log}");
+    assert!(
+        log.contains("CAP_SYS_ADMIN"),
+        "dropped ones are logged: {log}"
+    );
+    maps_still_read(&agent, &tree);
+}
+
+/// Kernels before 5.8 have no CAP_BPF: there CAP_SYS_ADMIN grants the
+/// bpf() syscall, and it is what stays. Simulated with a process that has
+/// only CAP_SYS_ADMIN and CAP_NET_ADMIN, and so no CAP_SETPCAP either: its
+/// bounding set cannot shrink, and podmeter says so instead of failing.
+#[test]
+fn cap_sys_admin_is_kept_without_cap_bpf() {
+    let tree = TestTree::new("sysadmin");
+    let agent = Agent::start_under(
+        &[
+            "setpriv",
+            "--bounding-set=-all,+sys_admin,+net_admin",
+            "--inh-caps=-all",
+        ],
+        &[],
+    );
+    assert_caps(&agent, CAP_SYS_ADMIN, CAP_SYS_ADMIN | CAP_NET_ADMIN);
+    let log = agent.log();
+    assert!(log.contains("kept=CAP_SYS_ADMIN"), "{log}");
+    assert!(log.contains("bounding=CAP_NET_ADMIN"), "{log}");
+    maps_still_read(&agent, &tree);
+}
