@@ -47,6 +47,35 @@ enum Work {
     UdpSink { listen: String, count: u64 },
     /// Send `count` datagrams of `size` bytes.
     UdpSend { to: String, count: u64, size: usize },
+    /// Every `period_us`, spin for `work_us`, forever: a steady duty cycle
+    /// (a light pod with a small `work_us`, a partly busy one with a large
+    /// one). Dies with its parent, so a crashed benchmark leaves none behind.
+    Tick { period_us: u64, work_us: u64 },
+    /// Receive UDP until killed (no timeout: a sender may start much later),
+    /// after printing `listening <port>`.
+    UdpListen { listen: String },
+    /// Turn on the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`, the
+    /// switch behind `kernel.bpf_stats_enabled`) while this runs: prints
+    /// `enabled`, then holds them on until stdin closes or it is killed
+    /// (also when its parent dies).
+    BpfStats,
+}
+
+/// SIGKILL this process when its parent exits; not in a container (parent
+/// outside our pid namespace), whose runtime cleans up after it.
+fn die_with_parent() -> Result<()> {
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 0 {
+        return Ok(());
+    }
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    anyhow::ensure!(
+        rc == 0,
+        "prctl(PR_SET_PDEATHSIG): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }
 
 /// `tcpi_bytes_sent` and `tcpi_bytes_retrans` from `TCP_INFO` (Linux 4.19+),
@@ -177,6 +206,59 @@ fn main() -> Result<()> {
                 }
             }
             writeln!(out, "sent {count}")?;
+        }
+        Work::Tick { period_us, work_us } => {
+            die_with_parent()?;
+            let (period, work) = (
+                Duration::from_micros(period_us.max(1)),
+                Duration::from_micros(work_us),
+            );
+            let mut next = std::time::Instant::now();
+            let mut x: u64 = 0;
+            loop {
+                let start = std::time::Instant::now();
+                while start.elapsed() < work {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                // Keep the schedule: a late wake-up shortens the next sleep.
+                next += period;
+                let now = std::time::Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    next = now;
+                }
+            }
+        }
+        Work::UdpListen { listen } => {
+            let s = UdpSocket::bind(&listen)?;
+            writeln!(out, "listening {}", s.local_addr()?.port())?;
+            out.flush()?;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                s.recv(&mut buf)?;
+            }
+        }
+        Work::BpfStats => {
+            die_with_parent()?;
+            // union bpf_attr { struct { __u32 type; } enable_stats; ... };
+            // BPF_ENABLE_STATS = 32, BPF_STATS_RUN_TIME = 0.
+            let attr = [0u32; 2];
+            // SAFETY: attr is readable for its size; the kernel only reads it.
+            let fd = unsafe { libc::syscall(libc::SYS_bpf, 32, attr.as_ptr(), size_of_val(&attr)) };
+            anyhow::ensure!(
+                fd >= 0,
+                "bpf(BPF_ENABLE_STATS): {}",
+                std::io::Error::last_os_error()
+            );
+            writeln!(out, "enabled")?;
+            out.flush()?;
+            // Stats stay on while the fd is open: until stdin closes.
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            // SAFETY: fd came from the syscall above and is closed once.
+            unsafe { libc::close(fd as i32) };
+            return Ok(());
         }
     }
     out.flush()?;
