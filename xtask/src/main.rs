@@ -2,6 +2,7 @@
 //! installing the eBPF toolchain, running the agent, running the privileged
 //! test suite.
 
+mod bench;
 mod cluster;
 mod image;
 mod setup;
@@ -80,6 +81,15 @@ enum Task {
         #[arg(long)]
         cluster: bool,
     },
+    /// Measure podmeter (kernel cost per event, agent cost at 10/100/1000
+    /// pods, /metrics latency, accuracy) next to cAdvisor and node-exporter
+    /// on real pods of the local cluster (needs root); writes
+    /// bench/results/ and bench/RESULTS.md.
+    Bench {
+        /// Shorter windows and fewer samples (under 10 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
     /// and import it into the local cluster's containerd if it is up.
     Image,
@@ -128,6 +138,7 @@ fn dispatch(task: Task) -> Result<()> {
             }
             Ok(())
         }
+        Task::Bench { quick } => bench::run(quick),
         Task::Image => {
             let tar = podmeter_image()?;
             if cluster::containerd_sock().exists() {

@@ -1,0 +1,251 @@
+//! Per-event kernel cost of podmeter's eBPF programs: `run_time_ns /
+//! run_cnt` from `bpftool prog show` while the kernel's BPF run-time
+//! statistics are on (`BPF_ENABLE_STATS`, the switch behind
+//! `kernel.bpf_stats_enabled=1`, held by a `pm-work bpf-stats` child so that
+//! it goes off however the run ends), under a context-switch storm
+//! (`stress-ng --switch`) and a small-packet flood (`iperf3 -u -l 64`).
+//!
+//! The statistics add two clock reads per program run, so these figures
+//! are upper bounds; the context-switch throughput with and without the
+//! agent (statistics off) is printed next to them.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use super::{Agent, Bench, Proc, free_port, output, progress, round};
+
+/// One program's counters.
+#[derive(Clone, Debug)]
+struct Prog {
+    name: String,
+    kind: String,
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+/// Every loaded BPF program, by id.
+fn programs() -> Result<BTreeMap<u64, Prog>> {
+    let text = output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+    let v: Value = serde_json::from_str(&text).context("bpftool -j prog show")?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["id"].as_u64()?,
+                Prog {
+                    name: p["name"].as_str().unwrap_or("").to_owned(),
+                    kind: p["type"].as_str().unwrap_or("").to_owned(),
+                    run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                    run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                },
+            ))
+        })
+        .collect())
+}
+
+/// Counters of `ids` now.
+fn snapshot(ids: &[u64]) -> Result<(Instant, BTreeMap<u64, Prog>)> {
+    let t = Instant::now();
+    let all = programs()?;
+    let mine = ids
+        .iter()
+        .filter_map(|id| all.get(id).map(|p| (*id, p.clone())))
+        .collect();
+    Ok((t, mine))
+}
+
+/// Per-program deltas between two snapshots.
+fn deltas(a: &(Instant, BTreeMap<u64, Prog>), b: &(Instant, BTreeMap<u64, Prog>)) -> Vec<Value> {
+    let secs = b.0.duration_since(a.0).as_secs_f64();
+    b.1.iter()
+        .filter_map(|(id, p1)| {
+            let p0 = a.1.get(id)?;
+            let cnt = p1.run_cnt.saturating_sub(p0.run_cnt);
+            let ns = p1.run_time_ns.saturating_sub(p0.run_time_ns);
+            Some(json!({
+                "program": p1.name,
+                "type": p1.kind,
+                "events": cnt,
+                "events_per_sec": round(cnt as f64 / secs, 0),
+                "ns_per_event": if cnt > 0 { round(ns as f64 / cnt as f64, 1) } else { f64::NAN },
+                "cpu_pct_of_one_core": round(ns as f64 / 1e9 / secs * 100.0, 3),
+            }))
+        })
+        .collect()
+}
+
+/// `stress-ng --switch <cpus>` for `secs`: bogo ops/s and ns per switch.
+fn stress_switch(b: &Bench, secs: u64) -> Result<Value> {
+    let yaml = b.scratch.join("stress-switch.yaml");
+    let _ = std::fs::remove_file(&yaml);
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    output(
+        Command::new("stress-ng")
+            .args(["--switch", &cpus.to_string(), "--timeout"])
+            .arg(format!("{secs}s"))
+            .args(["--metrics-brief", "--yaml"])
+            .arg(&yaml),
+    )?;
+    let text = std::fs::read_to_string(&yaml)?;
+    let field = |k: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok(json!({
+        "instances": cpus,
+        "secs": secs,
+        "bogo_ops_per_sec": round(field("bogo-ops-per-second-real-time"), 0),
+        "ns_per_switch": round(field("nanosecs-per-context-switch-pipe-method"), 0),
+    }))
+}
+
+/// BPF run-time statistics on while this lives.
+struct Stats {
+    _held: Proc,
+}
+
+impl Stats {
+    fn on(b: &Bench) -> Result<Self> {
+        let mut p = Proc::spawn(
+            "pm-work bpf-stats",
+            Command::new(&b.pm_work).arg("bpf-stats"),
+        )?;
+        let l = p.line()?;
+        if l.first().map(String::as_str) != Some("enabled") {
+            bail!("pm-work bpf-stats said {l:?}");
+        }
+        Ok(Self { _held: p })
+    }
+}
+
+/// The best (highest) throughput of several runs, and all of them.
+fn best(runs: Vec<Value>) -> Value {
+    let mut top = runs
+        .iter()
+        .max_by(|a, b| {
+            let f = |v: &Value| v["bogo_ops_per_sec"].as_f64().unwrap_or(0.0);
+            f(a).total_cmp(&f(b))
+        })
+        .cloned()
+        .unwrap_or(Value::Null);
+    top["runs_bogo_ops_per_sec"] = runs.iter().map(|r| r["bogo_ops_per_sec"].clone()).collect();
+    top
+}
+
+pub fn run(b: &Bench) -> Result<Value> {
+    let secs = b.plan.kernel_secs;
+    let others = programs()?
+        .values()
+        .filter(|p| p.name.starts_with("pm_"))
+        .count();
+    // Context-switch throughput without and with the agent, alternated
+    // (other work on the machine shifts both); the best of each counts.
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut agent = None;
+    let mut ours: Vec<u64> = Vec::new();
+    for round in 1..=2 {
+        if let Some(a) = agent.take() {
+            Agent::stop(a)?;
+        }
+        progress(&format!(
+            "context-switch throughput without our agent ({} s, round {round} of 2)",
+            b.plan.switch_compare_secs
+        ));
+        without.push(stress_switch(b, b.plan.switch_compare_secs)?);
+        let before: HashSet<u64> = programs()?.into_keys().collect();
+        let a = Agent::start(b, "kernel")?;
+        ours = programs()?
+            .into_iter()
+            .filter(|(id, p)| !before.contains(id) && p.name.starts_with("pm_"))
+            .map(|(id, _)| id)
+            .collect();
+        if ours.is_empty() {
+            bail!("no pm_* programs appeared when podmeter started");
+        }
+        progress(&format!(
+            "context-switch throughput with the agent, statistics off ({} s, round {round} of 2)",
+            b.plan.switch_compare_secs
+        ));
+        with.push(stress_switch(b, b.plan.switch_compare_secs)?);
+        agent = Some(a);
+    }
+    let agent = agent.context("agent")?;
+
+    let stats = Stats::on(b)?;
+    progress(&format!(
+        "stress-ng --switch with BPF statistics on ({secs} s)"
+    ));
+    let s0 = snapshot(&ours)?;
+    let measured = stress_switch(b, secs)?;
+    let s1 = snapshot(&ours)?;
+    let switch_progs = deltas(&s0, &s1);
+
+    progress(&format!("iperf3 -u -l 64 -b 0 over loopback ({secs} s)"));
+    let port = free_port()?.to_string();
+    let _server = Proc::quiet(
+        "iperf3 -s",
+        Command::new("iperf3")
+            .args(["-s", "-B", "127.0.0.1", "-p", &port])
+            .stderr(Stdio::null()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while output(Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]))?
+        .trim()
+        .is_empty()
+    {
+        if Instant::now() > deadline {
+            bail!("iperf3 server did not listen on {port}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let f0 = snapshot(&ours)?;
+    let client = output(Command::new("iperf3").args([
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-u",
+        "-b",
+        "0",
+        "-l",
+        "64",
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ]))?;
+    let f1 = snapshot(&ours)?;
+    let flood_progs = deltas(&f0, &f1);
+    let iperf: Value = serde_json::from_str(&client).unwrap_or(Value::Null);
+    let sum = &iperf["end"]["sum"];
+    drop(stats);
+    agent.stop()?;
+
+    Ok(json!({
+        "other_podmeter_programs_loaded": others,
+        "switch_throughput": {
+            "without_agent": best(without),
+            "with_agent_stats_off": best(with),
+            "with_agent_stats_on": measured,
+        },
+        "context_switch_load": {
+            "load": format!("stress-ng --switch {} ({secs} s)", measured["instances"]),
+            "programs": switch_progs,
+        },
+        "packet_flood": {
+            "load": format!("iperf3 -u -b 0 -l 64 over loopback ({secs} s)"),
+            "iperf3_packets": sum["packets"],
+            "iperf3_lost_percent": sum["lost_percent"],
+            "programs": flood_progs,
+        },
+    }))
+}
