@@ -542,6 +542,10 @@ cgroupDriver: cgroupfs
 # unless told not to.
 failCgroupV1: false
 failSwapOn: false
+# Secret and ConfigMap volumes (Prometheus' generated config, rule files)
+# follow changes within ~20 s instead of the default minute or more, so the
+# monitoring tests see a ServiceMonitor or rule change take effect sooner.
+syncFrequency: 20s
 containerRuntimeEndpoint: unix://{sock}
 authentication:
   anonymous: {{enabled: false}}
