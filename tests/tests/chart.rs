@@ -402,3 +402,30 @@ fn dashboards_are_grafana_json_with_node_namespace_pod_variables() {
     }
     assert!(count >= 1, "no dashboards in {}", dir.display());
 }
+
+#[test]
+fn plain_manifests_are_the_chart_rendered() {
+    let committed = fs::read_to_string(repo().join("deploy/manifests/podmeter.yaml")).unwrap();
+    // The header names the values it was rendered with.
+    let values: Vec<&str> = committed
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_once(" with "))
+        .map(|(_, v)| v.trim_end_matches('.').split(", ").collect())
+        .expect("generated header");
+    let mut c = Command::new(tool("PODMETER_HELM"));
+    c.args(["template", "podmeter"])
+        .arg(chart())
+        .args(["--namespace", "podmeter"]);
+    for v in &values {
+        c.args(["--set", v]);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success());
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        committed.ends_with(&rendered),
+        "deploy/manifests/podmeter.yaml is stale: run `cargo xtask manifests`"
+    );
+    assert!(!rendered.contains("ServiceMonitor") && !rendered.contains("PrometheusRule"));
+}

@@ -24,12 +24,14 @@ fn podmeter(kube: &Kube) -> String {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/podmeter.yaml"),
     )
     .unwrap();
-    let manifest = manifest.replace(
-        "            - --listen=0.0.0.0:9740\n",
-        "            - --listen=0.0.0.0:9740\n            - --grace-period=10s\n            - --refresh-interval=1s\n            - --metadata-wait=5s\n",
-    );
+    let manifest = manifest
+        .replace("--grace-period=90s", "--grace-period=10s")
+        .replace(
+            "--refresh-interval=5s",
+            "--refresh-interval=1s\n            - --metadata-wait=5s",
+        );
     assert!(
-        manifest.contains("--grace-period=10s"),
+        manifest.contains("--grace-period=10s") && manifest.contains("--metadata-wait=5s"),
         "manifest layout changed"
     );
     kube.apply(&manifest);

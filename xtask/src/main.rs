@@ -75,6 +75,8 @@ enum Task {
     /// chart and monitoring tests use, from their Go modules: helm,
     /// controller-gen, prometheus-operator, Prometheus, Alertmanager,
     /// prometheus-adapter.
+    /// Regenerate deploy/manifests/podmeter.yaml from the Helm chart.
+    Manifests,
     Tools {
         /// Also import their images into the running local cluster and
         /// generate Prometheus Operator's CRDs into target/crds.
@@ -130,6 +132,12 @@ fn dispatch(task: Task) -> Result<()> {
             ClusterAction::Down => cluster::down(),
             ClusterAction::Status => cluster::status(),
         },
+        Task::Manifests => {
+            let path = root().join("deploy/manifests/podmeter.yaml");
+            std::fs::write(&path, tools::render_manifests()?)?;
+            eprintln!("manifests: wrote {}", path.display());
+            Ok(())
+        }
         Task::Tools { cluster } => {
             tools::all()?;
             if cluster {
