@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -43,7 +43,7 @@ fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     let text = String::from_utf8(out.stdout).unwrap();
-    Ok(serde_yaml::Deserializer::from_str(&text)
+    Ok(serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("helm rendered valid YAML"))
         .filter(|v: &Value| !v.is_null())
         .collect())
@@ -264,7 +264,7 @@ fn rendered_rules(dir: &Path, sets: &[&str]) -> PathBuf {
     let docs = render(sets);
     let spec = &only(&docs, "PrometheusRule")["spec"];
     let file = dir.join("rendered-rules.yaml");
-    fs::write(&file, serde_yaml::to_string(spec).unwrap()).unwrap();
+    fs::write(&file, serde_yaml_ng::to_string(spec).unwrap()).unwrap();
     file
 }
 
@@ -314,7 +314,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 
     // Every alert the chart ships is exercised by some unit test.
     let rules: Value =
-        serde_yaml::from_str(&fs::read_to_string(dir.join("rendered-rules.yaml")).unwrap())
+        serde_yaml_ng::from_str(&fs::read_to_string(dir.join("rendered-rules.yaml")).unwrap())
             .unwrap();
     let tested: String = tests
         .iter()
