@@ -203,13 +203,22 @@ pub fn run(quick: bool) -> Result<()> {
         if !only.is_empty() && !only.split(',').any(|o| name.starts_with(o.trim())) {
             continue;
         }
-        eprintln!("\nbench: == {name} == (load {})", loadavg());
+        let load = loadavg();
+        eprintln!("\nbench: == {name} == (load {load})");
         let t = Instant::now();
+        let cpu0 = machine_cpu();
         let mut v = f(&b).unwrap_or_else(|e| {
             eprintln!("bench: {name} failed: {e:#}");
             json!({ "error": format!("{e:#}") })
         });
-        v["load_at_start"] = json!(loadavg());
+        v["load_at_start"] = json!(load);
+        v["load_at_end"] = json!(loadavg());
+        if let (Some(a), Some(z)) = (cpu0, machine_cpu()) {
+            // What the whole machine did meanwhile, the benchmark included.
+            let total = (z.total - a.total).max(1) as f64;
+            v["machine_busy_pct"] = json!(round((z.busy - a.busy) as f64 / total * 100.0, 1));
+            v["machine_steal_pct"] = json!(round((z.steal - a.steal) as f64 / total * 100.0, 1));
+        }
         v["secs"] = json!(round(t.elapsed().as_secs_f64(), 1));
         results[name] = v;
     }
@@ -342,6 +351,32 @@ pub fn loadavg() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Jiffies of all CPUs from /proc/stat.
+struct MachineCpu {
+    total: u64,
+    busy: u64,
+    steal: u64,
+}
+
+fn machine_cpu() -> Option<MachineCpu> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let total: u64 = f.iter().take(8).sum();
+    let (idle, steal) = (f.get(3)? + f.get(4)?, *f.get(7)?);
+    Some(MachineCpu {
+        total,
+        busy: total - idle - steal,
+        steal,
+    })
 }
 
 /// A free TCP port on loopback.

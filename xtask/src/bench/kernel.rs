@@ -28,6 +28,9 @@ struct Prog {
     kind: String,
     run_time_ns: u64,
     run_cnt: u64,
+    /// Runs the kernel skipped because the program was already running on
+    /// that CPU.
+    recursion_misses: u64,
 }
 
 /// Every loaded BPF program, by id.
@@ -45,6 +48,7 @@ fn programs() -> Result<BTreeMap<u64, Prog>> {
                     kind: p["type"].as_str().unwrap_or("").to_owned(),
                     run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
                     run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                    recursion_misses: p["recursion_misses"].as_u64().unwrap_or(0),
                 },
             ))
         })
@@ -77,6 +81,7 @@ fn deltas(a: &(Instant, BTreeMap<u64, Prog>), b: &(Instant, BTreeMap<u64, Prog>)
                 "events_per_sec": round(cnt as f64 / secs, 0),
                 "ns_per_event": if cnt > 0 { round(ns as f64 / cnt as f64, 1) } else { f64::NAN },
                 "cpu_pct_of_one_core": round(ns as f64 / 1e9 / secs * 100.0, 3),
+                "recursion_misses": p1.recursion_misses.saturating_sub(p0.recursion_misses),
             }))
         })
         .collect()

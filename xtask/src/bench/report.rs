@@ -173,22 +173,24 @@ pub fn markdown(r: &Value) -> String {
         };
         let _ = writeln!(s, "| {label} | {} |", v.replace('|', "\\|"));
     }
-    let loads: Vec<String> = ["kernel", "scale", "accuracy", "side_by_side"]
-        .iter()
-        .map(|k| {
-            format!(
-                "{k} {} ({} s)",
-                r[k]["load_at_start"].as_str().unwrap_or("?"),
-                num(&r[k]["secs"], 0)
-            )
-        })
-        .collect();
     let _ = writeln!(
         s,
-        "\nLoad average at the start of each scenario (and its duration): {}.\n",
-        loads.join("; ")
+        "\nWhat the machine did during each scenario (this benchmark included; other work on \
+         the machine shows as load beyond it):\n\n\
+         | scenario | secs | load avg at start | at end | machine CPU busy % | steal % |\n|---|---:|---|---|---:|---:|"
     );
-
+    for k in ["kernel", "scale", "accuracy", "side_by_side"] {
+        let _ = writeln!(
+            s,
+            "| {k} | {} | {} | {} | {} | {} |",
+            num(&r[k]["secs"], 0),
+            r[k]["load_at_start"].as_str().unwrap_or("–"),
+            r[k]["load_at_end"].as_str().unwrap_or("–"),
+            num(&r[k]["machine_busy_pct"], 1),
+            num(&r[k]["machine_steal_pct"], 1),
+        );
+    }
+    s.push('\n');
     let _ = writeln!(
         s,
         "## Targets\n\n| target | measured | met |\n|---|---|---|"
@@ -442,6 +444,21 @@ fn notes(r: &Value) -> String {
             "cAdvisor serves what its housekeeping last read: samples up to {max:.1} s old \
              at scrape time; podmeter reads its kernel maps at the scrape."
         ));
+    }
+    for key in ["context_switch_load", "packet_flood"] {
+        for p in r["kernel"][key]["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(m) = p["recursion_misses"].as_u64().filter(|m| *m > 0) {
+                n.push(format!(
+                    "`{}` was skipped {m} times under {} (already running on that CPU).",
+                    text(&p["program"]),
+                    text(&r["kernel"][key]["load"])
+                ));
+            }
+        }
     }
     n.push(
         "The light pods' worker wakes every 100 ms, not every 10 ms: at 1000 pods, 10 ms \
