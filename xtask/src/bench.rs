@@ -17,7 +17,8 @@
 //! Results go to `bench/results/<time>-<mode>.json` and `.md`, and the
 //! latest table to `bench/RESULTS.md`. `PODMETER_BENCH_ONLY=kernel,side`
 //! runs only the scenarios named (for trying a change; such a partial run
-//! leaves `bench/RESULTS.md` alone). Everything the run makes (cgroups,
+//! leaves `bench/RESULTS.md` alone); `PODMETER_BENCH_RENDER=<json>` writes
+//! an earlier run's markdown again from its JSON. Everything the run makes (cgroups,
 //! processes, network namespaces, the `bench` namespace, the BPF statistics
 //! switch) is removed when it ends, also on failure.
 
@@ -129,6 +130,9 @@ pub struct Bench {
 
 /// `cargo xtask bench`.
 pub fn run(quick: bool) -> Result<()> {
+    if let Some(json) = std::env::var_os("PODMETER_BENCH_RENDER") {
+        return render(Path::new(&json));
+    }
     if !crate::is_root() {
         bail!(
             "the benchmark loads eBPF programs and makes cgroups: run `sudo -E cargo xtask bench`"
@@ -252,6 +256,24 @@ pub fn run(quick: bool) -> Result<()> {
         } else {
             ""
         }
+    );
+    Ok(())
+}
+
+/// Writes the markdown of an earlier run's JSON again (after a change to
+/// the report, without measuring again): next to it, and as
+/// `bench/RESULTS.md`.
+fn render(json_path: &Path) -> Result<()> {
+    let text = fs::read_to_string(json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let mut results: Value = serde_json::from_str(&text)?;
+    results["targets"] = report::targets(&results);
+    let md = report::markdown(&results);
+    fs::write(json_path.with_extension("md"), &md)?;
+    fs::write(root().join("bench/RESULTS.md"), &md)?;
+    eprintln!(
+        "bench: rendered {} and bench/RESULTS.md",
+        json_path.with_extension("md").display()
     );
     Ok(())
 }

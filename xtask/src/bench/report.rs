@@ -151,6 +151,9 @@ pub fn markdown(r: &Value) -> String {
         r["started"].as_str().unwrap_or("?"),
         r["mode"].as_str().unwrap_or("?"),
     );
+    if let Some(note) = r["note"].as_str() {
+        let _ = writeln!(s, "> {note}\n");
+    }
     let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");
     for (k, label) in [
         ("cpu", "CPU"),
