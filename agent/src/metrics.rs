@@ -1,6 +1,6 @@
 //! Prometheus exposition of podmeter's numbers.
 //!
-//! [`CgroupCollector`] turns each scrape's [`Snapshot`] into metric families:
+//! [`Exporter`] turns each scrape's [`Snapshot`] into metric families:
 //! `podmeter_container_*` for cgroups the kubelet made (labels `namespace`,
 //! `pod`, `container` from the Kubernetes API, `pod_uid`, `container_id` —
 //! empty for the pod-level cgroup — `runtime`, `qos`, and the optional
@@ -15,7 +15,6 @@
 
 use prometheus::{
     Histogram, HistogramOpts, IntGauge, Opts, Registry,
-    core::{Collector, Desc},
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
@@ -115,13 +114,19 @@ const CONTAINER_PREFIX: &str = "podmeter_container_";
 const CGROUP_PREFIX: &str = "podmeter_cgroup_";
 const MAPS: [&str; 2] = ["cpu", "net"];
 
-/// Collects per-cgroup metrics and podmeter's own map and tracking gauges
-/// from the [`Tracker`] at each scrape.
-pub struct CgroupCollector {
-    tracker: Arc<Tracker>,
+/// Renders per-cgroup metrics and podmeter's own map and tracking gauges
+/// from a [`Snapshot`].
+///
+/// The per-cgroup families are the bulk of a scrape (11 families × every
+/// counted cgroup), so they are written straight in the text exposition
+/// format: each row's label set is escaped and formatted once per scrape,
+/// not once per family, and no intermediate `MetricFamily` is built. The
+/// output is what `prometheus::TextEncoder` wrote for the same families
+/// after `Registry::gather` (families by name, samples by label values);
+/// a unit test holds the two equal.
+struct Cgroups {
     node: String,
     extra_labels: Vec<String>,
-    descs: Vec<Desc>,
 }
 
 /// Labels of every `podmeter_container_*` series, before the optional ones.
@@ -135,50 +140,6 @@ const CONTAINER_LABELS: [&str; 8] = [
     "runtime",
     "qos",
 ];
-
-impl CgroupCollector {
-    /// A collector for `tracker`'s cgroups, labelled with `node`; pod
-    /// series also carry `extra_labels` (see `kube::LabelOptions`).
-    pub fn new(tracker: Arc<Tracker>, node: String, extra_labels: Vec<String>) -> Self {
-        let mut descs = Vec::new();
-        let container_labels: Vec<&str> = CONTAINER_LABELS
-            .iter()
-            .copied()
-            .chain(extra_labels.iter().map(String::as_str))
-            .collect();
-        for spec in &SPECS {
-            for (prefix, labels) in [
-                (CONTAINER_PREFIX, &container_labels[..]),
-                (CGROUP_PREFIX, &["node", "cgroup"][..]),
-            ] {
-                descs.push(desc(&format!("{prefix}{}", spec.suffix), spec.help, labels));
-            }
-        }
-        for (name, help, labels) in SELF_FAMILIES {
-            descs.push(desc(name, help, labels));
-        }
-        for (name, help) in [KUBE_PODS, KUBE_ERRORS] {
-            descs.push(desc(name, help, &[]));
-        }
-        descs.push(desc(NODE_CPUS.0, NODE_CPUS.1, &["node"]));
-        Self {
-            tracker,
-            node,
-            extra_labels,
-            descs,
-        }
-    }
-}
-
-fn desc(name: &str, help: &str, labels: &[&str]) -> Desc {
-    Desc::new(
-        name.to_owned(),
-        help.to_owned(),
-        labels.iter().map(|l| (*l).to_owned()).collect(),
-        Default::default(),
-    )
-    .expect("metric names and labels are valid")
-}
 
 const SELF_FAMILIES: [(&str, &str, &[&str]); 4] = [
     (
@@ -237,12 +198,15 @@ fn sample(labels: Vec<LabelPair>, kind: MetricType, value: f64) -> Metric {
     m
 }
 
-/// A self-metric family with one label, one sample per `(value, sample)`.
+/// A self-metric family with one label, one sample per `(value, sample)`,
+/// samples in label value order (as `Registry::gather` sorts them).
 fn by_label(
     (name, help, labels): (&str, &str, &[&str]),
     kind: MetricType,
     values: &[(&str, f64)],
 ) -> MetricFamily {
+    let mut values = values.to_vec();
+    values.sort_by(|a, b| a.0.cmp(b.0));
     let ms = values
         .iter()
         .map(|(v, x)| sample(vec![label(labels[0], v)], kind, *x))
@@ -259,59 +223,142 @@ fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> M
     f
 }
 
-impl CgroupCollector {
-    fn labels(&self, row: &Row) -> Vec<LabelPair> {
+/// Appends `v` escaped as the text format wants: `\` and newline always,
+/// `"` in label values.
+fn push_escaped(out: &mut String, v: &str, quote: bool) {
+    let special = |c: char| c == '\\' || c == '\n' || (quote && c == '"');
+    if !v.contains(special) {
+        out.push_str(v);
+        return;
+    }
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A sample value as `TextEncoder` writes it (`f64`'s `Display`).
+fn push_value(out: &mut String, v: f64) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "{v}");
+}
+
+/// One cgroup's labels, ready to write: the values (the sort key) and the
+/// rendered `{k="v",...}`.
+struct Labelled<'a> {
+    values: Vec<&'a str>,
+    text: String,
+    row: &'a Row,
+}
+
+impl Cgroups {
+    fn label_values<'a>(&'a self, row: &'a Row) -> Vec<&'a str> {
         match &row.cgroup.identity {
             Identity::Pod(p) => {
                 let names = row.names.as_deref();
                 let name = |f: fn(&Names) -> &str| names.map_or("", f);
-                let mut labels = vec![
-                    label("node", &self.node),
-                    label("namespace", name(|n| &n.namespace)),
-                    label("pod", name(|n| &n.pod)),
-                    label("container", name(|n| &n.container)),
-                    label("pod_uid", &p.pod_uid),
-                    label("container_id", p.container_id.as_deref().unwrap_or("")),
-                    label("runtime", p.runtime.unwrap_or("")),
-                    label("qos", p.qos.as_str()),
-                ];
-                for (i, l) in self.extra_labels.iter().enumerate() {
-                    let v = names
-                        .and_then(|n| n.extra.get(i))
-                        .map_or("", String::as_str);
-                    labels.push(label(l, v));
+                let mut values =
+                    Vec::with_capacity(CONTAINER_LABELS.len() + self.extra_labels.len());
+                values.extend([
+                    self.node.as_str(),
+                    name(|n| &n.namespace),
+                    name(|n| &n.pod),
+                    name(|n| &n.container),
+                    &p.pod_uid,
+                    p.container_id.as_deref().unwrap_or(""),
+                    p.runtime.unwrap_or(""),
+                    p.qos.as_str(),
+                ]);
+                for i in 0..self.extra_labels.len() {
+                    values.push(
+                        names
+                            .and_then(|n| n.extra.get(i))
+                            .map_or("", String::as_str),
+                    );
                 }
-                labels
+                values
             }
-            Identity::Host => vec![label("node", &self.node), label("cgroup", &row.cgroup.path)],
+            Identity::Host => vec![&self.node, &row.cgroup.path],
         }
     }
 
-    fn families(&self, snap: &Snapshot) -> Vec<MetricFamily> {
-        let mut out = Vec::new();
-        let labels: Vec<_> = snap.rows.iter().map(|r| self.labels(r)).collect();
-        for spec in &SPECS {
-            let (mut pods, mut hosts) = (Vec::new(), Vec::new());
-            for (row, labels) in snap.rows.iter().zip(&labels) {
-                let Some(v) = (spec.value)(row) else { continue };
-                let m = sample(labels.clone(), spec.kind, v);
-                match row.cgroup.identity {
-                    Identity::Pod(_) => pods.push(m),
-                    Identity::Host => hosts.push(m),
-                }
+    fn labelled<'a>(&'a self, row: &'a Row, names: &[&str]) -> Labelled<'a> {
+        let values = self.label_values(row);
+        let mut text = String::with_capacity(256);
+        for (i, (name, value)) in names.iter().zip(&values).enumerate() {
+            text.push_str(if i == 0 { "{" } else { "," });
+            text.push_str(name);
+            text.push_str("=\"");
+            push_escaped(&mut text, value, true);
+            text.push('"');
+        }
+        text.push('}');
+        Labelled { values, text, row }
+    }
+
+    /// The per-cgroup families as exposition text, `(name, text)` each,
+    /// empty families left out.
+    fn cgroup_text(&self, snap: &Snapshot) -> Vec<(String, String)> {
+        let container_names: Vec<&str> = CONTAINER_LABELS
+            .iter()
+            .copied()
+            .chain(self.extra_labels.iter().map(String::as_str))
+            .collect();
+        let (mut pods, mut hosts) = (Vec::new(), Vec::new());
+        for row in &snap.rows {
+            match row.cgroup.identity {
+                Identity::Pod(_) => pods.push(self.labelled(row, &container_names)),
+                Identity::Host => hosts.push(self.labelled(row, &["node", "cgroup"])),
             }
-            for (prefix, metrics) in [(CONTAINER_PREFIX, pods), (CGROUP_PREFIX, hosts)] {
-                if !metrics.is_empty() {
-                    out.push(family(
-                        format!("{prefix}{}", spec.suffix),
-                        spec.help,
-                        spec.kind,
-                        metrics,
-                    ));
+        }
+        // Registry::gather's order: by label values, in label order.
+        pods.sort_by(|a, b| a.values.cmp(&b.values));
+        hosts.sort_by(|a, b| a.values.cmp(&b.values));
+
+        let mut out = Vec::with_capacity(2 * SPECS.len());
+        for spec in &SPECS {
+            for (prefix, group) in [(CONTAINER_PREFIX, &pods), (CGROUP_PREFIX, &hosts)] {
+                let name = format!("{prefix}{}", spec.suffix);
+                let mut text = String::new();
+                for l in group.iter() {
+                    let Some(v) = (spec.value)(l.row) else {
+                        continue;
+                    };
+                    if text.is_empty() {
+                        text.reserve(group.len() * (name.len() + l.text.len() + 24));
+                        text.push_str("# HELP ");
+                        text.push_str(&name);
+                        text.push(' ');
+                        push_escaped(&mut text, spec.help, false);
+                        text.push_str("\n# TYPE ");
+                        text.push_str(&name);
+                        text.push_str(if spec.kind == MetricType::COUNTER {
+                            " counter\n"
+                        } else {
+                            " gauge\n"
+                        });
+                    }
+                    text.push_str(&name);
+                    text.push_str(&l.text);
+                    text.push(' ');
+                    push_value(&mut text, v);
+                    text.push('\n');
+                }
+                if !text.is_empty() {
+                    out.push((name, text));
                 }
             }
         }
+        out
+    }
 
+    /// podmeter's own tracking, map and Kubernetes watch families.
+    fn self_families(&self, snap: &Snapshot) -> Vec<MetricFamily> {
+        let mut out = Vec::new();
         let [tracked, entries, capacity, dropped] = SELF_FAMILIES;
         let cap = f64::from(snap.capacity);
         let [live, departed, unresolved, awaiting] = snap.tracked.map(|n| n as f64);
@@ -355,40 +402,23 @@ impl CgroupCollector {
         ));
         out
     }
-}
 
-impl Collector for CgroupCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let mut out = match self.tracker.snapshot() {
-            Ok(snap) => self.families(&snap),
-            Err(e) => {
-                // The registry's other metrics (build info, scrape duration,
-                // node CPUs) still go out; the failure is logged and shows
-                // as missing cgroup series rather than a failed scrape.
-                tracing::error!("reading BPF maps: {e}");
-                Vec::new()
-            }
-        };
-        if let Some(cpus) = node::online_cpus() {
-            let (name, help) = NODE_CPUS;
-            let m = sample(
-                vec![label("node", &self.node)],
-                MetricType::GAUGE,
-                cpus as f64,
-            );
-            out.push(family(name.to_owned(), help, MetricType::GAUGE, vec![m]));
-        }
-        out
+    fn node_cpus(&self, cpus: usize) -> MetricFamily {
+        let (name, help) = NODE_CPUS;
+        let m = sample(
+            vec![label("node", &self.node)],
+            MetricType::GAUGE,
+            cpus as f64,
+        );
+        family(name.to_owned(), help, MetricType::GAUGE, vec![m])
     }
 }
 
-/// podmeter's registry: the cgroup collector, build info and scrape timing.
+/// podmeter's metrics: the per-cgroup families, build info and scrape timing.
 pub struct Exporter {
-    /// The registry `/metrics` encodes.
+    tracker: Arc<Tracker>,
+    cgroups: Cgroups,
+    /// Build info and scrape timing.
     pub registry: Registry,
     /// Time to collect and encode one scrape.
     pub scrape_duration: Histogram,
@@ -403,11 +433,6 @@ impl Exporter {
         extra_labels: Vec<String>,
     ) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        registry.register(Box::new(CgroupCollector::new(
-            tracker,
-            node.clone(),
-            extra_labels,
-        )))?;
         let build = IntGauge::with_opts(
             Opts::new(
                 "podmeter_build_info",
@@ -415,7 +440,7 @@ impl Exporter {
             )
             .const_label("version", env!("CARGO_PKG_VERSION"))
             .const_label("kernel", kernel)
-            .const_label("node", node),
+            .const_label("node", node.clone()),
         )?;
         build.set(1);
         registry.register(Box::new(build))?;
@@ -430,6 +455,8 @@ impl Exporter {
         )?;
         registry.register(Box::new(scrape_duration.clone()))?;
         Ok(Self {
+            tracker,
+            cgroups: Cgroups { node, extra_labels },
             registry,
             scrape_duration,
         })
@@ -438,12 +465,286 @@ impl Exporter {
     /// One `/metrics` body in the Prometheus text format.
     pub fn render(&self) -> String {
         let timer = self.scrape_duration.start_timer();
-        let families = self.registry.gather();
-        let mut out = String::new();
-        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
-            tracing::error!("encoding metrics: {e}");
-        }
+        let snap = self.tracker.snapshot().map_err(|e| {
+            // The registry's other metrics (build info, scrape duration,
+            // node CPUs) still go out; the failure is logged and shows
+            // as missing cgroup series rather than a failed scrape.
+            tracing::error!("reading BPF maps: {e}");
+        });
+        let out = render(
+            &self.cgroups,
+            snap.ok().as_ref(),
+            node::online_cpus(),
+            self.registry.gather(),
+        );
         timer.observe_duration();
         out
+    }
+}
+
+/// The whole exposition: per-cgroup text and the small families (encoded
+/// by `prometheus`), merged in family name order.
+fn render(
+    cgroups: &Cgroups,
+    snap: Option<&Snapshot>,
+    cpus: Option<usize>,
+    mut small: Vec<MetricFamily>,
+) -> String {
+    let mut parts = Vec::new();
+    if let Some(snap) = snap {
+        parts = cgroups.cgroup_text(snap);
+        small.extend(cgroups.self_families(snap));
+    }
+    if let Some(cpus) = cpus {
+        small.push(cgroups.node_cpus(cpus));
+    }
+    let encoder = prometheus::TextEncoder::new();
+    for mf in small {
+        let mut text = String::new();
+        if let Err(e) = encoder.encode_utf8(std::slice::from_ref(&mf), &mut text) {
+            tracing::error!("encoding metrics: {e}");
+            continue;
+        }
+        parts.push((mf.name().to_owned(), text));
+    }
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = String::with_capacity(parts.iter().map(|p| p.1.len()).sum());
+    for (_, text) in &parts {
+        out.push_str(text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use podmeter_common::{CpuCounters, NetCounters};
+
+    use super::*;
+    use crate::{
+        cgroup::{
+            cpu::Bandwidth,
+            identity::{PodIdentity, Qos},
+        },
+        tracker::Cgroup,
+    };
+
+    /// The encoding podmeter used before writing text directly: a
+    /// `MetricFamily` per family, gathered and encoded by `prometheus`.
+    struct Reference<'a>(&'a Cgroups, &'a Snapshot);
+
+    impl Reference<'_> {
+        fn labels(&self, row: &Row) -> Vec<LabelPair> {
+            match &row.cgroup.identity {
+                Identity::Pod(p) => {
+                    let names = row.names.as_deref();
+                    let name = |f: fn(&Names) -> &str| names.map_or("", f);
+                    let mut labels = vec![
+                        label("node", &self.0.node),
+                        label("namespace", name(|n| &n.namespace)),
+                        label("pod", name(|n| &n.pod)),
+                        label("container", name(|n| &n.container)),
+                        label("pod_uid", &p.pod_uid),
+                        label("container_id", p.container_id.as_deref().unwrap_or("")),
+                        label("runtime", p.runtime.unwrap_or("")),
+                        label("qos", p.qos.as_str()),
+                    ];
+                    for (i, l) in self.0.extra_labels.iter().enumerate() {
+                        let v = names
+                            .and_then(|n| n.extra.get(i))
+                            .map_or("", String::as_str);
+                        labels.push(label(l, v));
+                    }
+                    labels
+                }
+                Identity::Host => vec![
+                    label("node", &self.0.node),
+                    label("cgroup", &row.cgroup.path),
+                ],
+            }
+        }
+    }
+
+    impl Reference<'_> {
+        fn collect(&self) -> Vec<MetricFamily> {
+            let snap = self.1;
+            let mut out = Vec::new();
+            let labels: Vec<_> = snap.rows.iter().map(|r| self.labels(r)).collect();
+            for spec in &SPECS {
+                let (mut pods, mut hosts) = (Vec::new(), Vec::new());
+                for (row, labels) in snap.rows.iter().zip(&labels) {
+                    let Some(v) = (spec.value)(row) else { continue };
+                    let m = sample(labels.clone(), spec.kind, v);
+                    match row.cgroup.identity {
+                        Identity::Pod(_) => pods.push(m),
+                        Identity::Host => hosts.push(m),
+                    }
+                }
+                for (prefix, metrics) in [(CONTAINER_PREFIX, pods), (CGROUP_PREFIX, hosts)] {
+                    if !metrics.is_empty() {
+                        out.push(family(
+                            format!("{prefix}{}", spec.suffix),
+                            spec.help,
+                            spec.kind,
+                            metrics,
+                        ));
+                    }
+                }
+            }
+            out.extend(self.0.self_families(snap));
+            out.push(self.0.node_cpus(2));
+            out
+        }
+    }
+
+    fn reference(cgroups: &Cgroups, snap: &Snapshot, others: &Registry) -> String {
+        // What Registry::gather does with a collector's families (the
+        // registry itself takes only 'static collectors): samples sorted
+        // by label values in label order, families by name.
+        let mut families = Reference(cgroups, snap).collect();
+        for f in &mut families {
+            f.mut_metric().sort_by(|a, b| {
+                let values = |m: &Metric| -> Vec<String> {
+                    m.get_label().iter().map(|l| l.value().to_owned()).collect()
+                };
+                values(a).cmp(&values(b))
+            });
+        }
+        families.extend(others.gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap()
+    }
+
+    fn pod(uid: &str, container: Option<&str>) -> Identity {
+        Identity::Pod(PodIdentity {
+            pod_uid: uid.into(),
+            container_id: container.map(Into::into),
+            runtime: container.map(|_| "containerd"),
+            qos: Qos::Burstable,
+        })
+    }
+
+    fn row(path: &str, identity: Identity, names: Option<Names>, k: u64) -> Row {
+        Row {
+            cgroup: Arc::new(Cgroup {
+                path: path.into(),
+                identity,
+                first_seen: Instant::now(),
+            }),
+            cpu: (k % 5 != 1).then_some(CpuCounters {
+                time_ns: 1_234_567_891 * k,
+                switches: 17 * k,
+            }),
+            net: k.is_multiple_of(3).then_some(NetCounters {
+                rx_bytes: 1 << (k % 60),
+                rx_packets: k,
+                tx_bytes: 3 * k,
+                tx_packets: k + 1,
+            }),
+            memory: (k % 4 != 2).then_some(4096 * k),
+            cpu_bandwidth: k.is_multiple_of(2).then_some(Bandwidth {
+                limit_cores: k.is_multiple_of(4).then_some(0.25 * k as f64),
+                stat: Some(Throttling {
+                    periods: k,
+                    throttled_periods: k / 2,
+                    throttled_seconds: k as f64 / 7.0,
+                }),
+            }),
+            names: names.map(Arc::new),
+        }
+    }
+
+    #[test]
+    fn text_matches_prometheus_encoder() {
+        let names = |ns: &str, pod: &str, c: &str, extra: &[&str]| Names {
+            namespace: ns.into(),
+            pod: pod.into(),
+            container: c.into(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let rows = vec![
+            row("/system.slice/b.service", Identity::Host, None, 1),
+            row("/system.slice/a.service", Identity::Host, None, 2),
+            row("/", Identity::Host, None, 3),
+            row("/weird/\"quoted\"\\back\nslash", Identity::Host, None, 4),
+            row("/a!", Identity::Host, None, 6),
+            row("/a", Identity::Host, None, 8),
+            row(
+                "/kubepods/p1/c1",
+                pod("uid-1", Some("c1")),
+                Some(names("ns", "web", "app", &["x", ""])),
+                9,
+            ),
+            row(
+                "/kubepods/p1",
+                pod("uid-1", None),
+                Some(names("ns", "web", "", &["x", ""])),
+                10,
+            ),
+            row(
+                "/kubepods/p2/c2",
+                pod("uid-2", Some("c2")),
+                Some(names("ns!", "db", "pg", &["y\"z", "\\"])),
+                12,
+            ),
+            row(
+                "/kubepods/p3/c3",
+                pod("uid-3", Some("c3")),
+                Some(names("ns", "web-1", "app", &["", ""])),
+                0,
+            ),
+            row(
+                "/kubepods/p4/c4",
+                pod("uid-4", Some("c4")),
+                Some(Names::default()),
+                15,
+            ),
+        ];
+        let snap = Snapshot {
+            rows,
+            dropped: [3, 0],
+            entries: [11, 4],
+            capacity: 4096,
+            tracked: [10, 1, 2, 3],
+            kubernetes: Some((42, 7)),
+        };
+        let cgroups = Cgroups {
+            node: "node-1".into(),
+            extra_labels: vec!["owner".into(), "label_app".into()],
+        };
+        let others = Registry::new();
+        let build = IntGauge::with_opts(
+            Opts::new("podmeter_build_info", "build")
+                .const_label("version", "1")
+                .const_label("node", "n"),
+        )
+        .unwrap();
+        build.set(1);
+        others.register(Box::new(build)).unwrap();
+        let h = Histogram::with_opts(HistogramOpts::new(
+            "podmeter_scrape_duration_seconds",
+            "scrape",
+        ))
+        .unwrap();
+        h.observe(0.003);
+        others.register(Box::new(h)).unwrap();
+
+        let want = reference(&cgroups, &snap, &others);
+        let got = render(&cgroups, Some(&snap), Some(2), others.gather());
+        assert!(want.contains("podmeter_container_cpu_limit_cores{"));
+        assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
+        assert_eq!(got, want);
+
+        let no_kube = Snapshot {
+            kubernetes: None,
+            rows: Vec::new(),
+            ..snap
+        };
+        let want = reference(&cgroups, &no_kube, &others);
+        let got = render(&cgroups, Some(&no_kube), Some(2), others.gather());
+        assert_eq!(got, want);
     }
 }
