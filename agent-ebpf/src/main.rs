@@ -1,7 +1,8 @@
 //! podmeter's kernel programs.
 //!
 //! * [`sched`]: on-CPU time and context switches per cgroup v2 id, from the
-//!   `sched_switch` raw tracepoint plus a per-CPU sampling tick.
+//!   `sched_switch` tracepoint (BTF-enabled, or raw as a fallback) plus a
+//!   per-CPU sampling tick.
 //! * [`net`]: bytes and packets per socket cgroup id, from `cgroup_skb`
 //!   ingress and egress attached at the cgroup2 root.
 //!

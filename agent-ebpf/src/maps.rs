@@ -18,7 +18,8 @@ pub(crate) static PM_CPU: PerCpuHashMap<u64, CpuCounters> =
 pub(crate) static PM_NET: PerCpuHashMap<u64, NetCounters> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
 
-/// What each CPU runs since its last switch or tick (one slot, per CPU).
+/// What each CPU runs, and its CPU time not yet in `PM_CPU` (one slot, per
+/// CPU).
 #[map]
 pub(crate) static PM_ONCPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
 

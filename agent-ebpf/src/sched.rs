@@ -1,62 +1,198 @@
 //! CPU time per cgroup.
 //!
-//! `sched_switch` fires in the context of the task leaving the CPU, so
-//! `bpf_get_current_cgroup_id()` names the cgroup to bill. What is billed is
-//! the growth of the task's `se.sum_exec_runtime` since it came on the CPU:
-//! the very quantity the kernel adds to the cgroup's `cpu.stat usage_usec`,
-//! so steal time on a VM (excluded by the kernel) is excluded here too. The
-//! idle task (pid 0) lives in the root cgroup and is never billed.
+//! `sched_switch` bills the task leaving the CPU (`prev`, also the current
+//! task) to its cgroup v2 id. What is billed is the growth of the task's
+//! `se.sum_exec_runtime` since it came on the CPU: the very quantity the
+//! kernel adds to the cgroup's `cpu.stat usage_usec`, so steal time on a VM
+//! (excluded by the kernel) is excluded here too. The idle task (pid 0) lives
+//! in the root cgroup and is never billed.
+//!
+//! The switch runs hundreds of thousands of times a second on a busy node, so
+//! it calls no helper and does no map lookup in the common case:
+//!
+//! * [`pm_sched_switch`], a BTF-enabled tracepoint (`tp_btf`), reads
+//!   `prev` and `next` with plain loads, which the verifier checks against
+//!   the kernel's BTF and the JIT makes fault-safe. The offsets come from the
+//!   running kernel's BTF, via the agent (no CO-RE in Rust).
+//! * Time and switches add up in this CPU's [`OnCpu`] slot while the CPU
+//!   keeps billing one cgroup, and go to `PM_CPU` when it bills another one
+//!   and at every tick.
+//!
+//! [`pm_sched_switch_raw`] is the fallback for kernels that refuse the
+//! `tp_btf` program: a raw tracepoint with `bpf_probe_read_kernel` and
+//! helpers, the same state and the same results, about twice the cost.
 //!
 //! A per-CPU tick (a `cpu-clock` perf event the agent opens on every CPU)
 //! bills long slices as they run and records the running cgroup, which the
 //! agent uses to add the remainder at scrape time.
 //!
-//! The offset of `sum_exec_runtime` in `task_struct` comes from the running
-//! kernel's BTF, via the agent. Without it (0), wall-clock time between
-//! events is billed instead.
+//! Without the `sum_exec_runtime` offset (0; the agent then loads only the
+//! fallback), wall-clock time between events is billed instead.
 
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
     },
-    macros::{perf_event, raw_tracepoint},
-    programs::{PerfEventContext, RawTracePointContext},
+    macros::{btf_tracepoint, perf_event, raw_tracepoint},
+    programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::DROP_CPU;
+use podmeter_common::{DROP_CPU, OnCpu};
 
 use crate::maps::{PM_CPU, PM_ONCPU, slot};
 
-/// Byte offset of `se.sum_exec_runtime` in `struct task_struct`; set by the
-/// agent at load time from kernel BTF.
+// Byte offsets of kernel struct members, set by the agent at load time from
+// kernel BTF (0 if not found).
+
+/// `task_struct.se.sum_exec_runtime`.
 #[unsafe(no_mangle)]
 static SUM_EXEC_RUNTIME_OFFSET: u64 = 0;
+/// `task_struct.pid`.
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: u64 = 0;
+/// `task_struct.cgroups`.
+#[unsafe(no_mangle)]
+static TASK_CGROUPS_OFFSET: u64 = 0;
+/// `css_set.dfl_cgrp`.
+#[unsafe(no_mangle)]
+static CSS_SET_DFL_CGRP_OFFSET: u64 = 0;
+/// `cgroup.kn`.
+#[unsafe(no_mangle)]
+static CGROUP_KN_OFFSET: u64 = 0;
+/// `kernfs_node.id`.
+#[unsafe(no_mangle)]
+static KERNFS_NODE_ID_OFFSET: u64 = 0;
 
-/// `sched:sched_switch`, raw form: cheaper than the classic tracepoint, which
-/// formats a record before calling the program. Arguments: `preempt`,
-/// `prev`, `next` (task_struct pointers), `prev_state`.
+/// `sched:sched_switch` with BTF-typed arguments: `preempt`, `prev`, `next`
+/// (task_struct pointers), `prev_state`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn pm_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let Some(mut cpu) = Update::begin() else {
+        return 0;
+    };
+    // SAFETY (all `field` calls): `prev` and `next` are BTF-typed task
+    // pointers, the offsets their members' in this kernel's BTF.
+    if unsafe { field::<i32>(prev, &TASK_PID_OFFSET) } != 0 {
+        let rt = unsafe { field::<u64>(prev, &SUM_EXEC_RUNTIME_OFFSET) };
+        let time = cpu.slice(prev as u64, Some(rt), 0);
+        cpu.bill(unsafe { task_cgroup_id(prev) }, time, 1);
+    }
+    cpu.s.task = next as u64;
+    cpu.s.runtime_ns = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
+    // Its cgroup is unknown until the next tick.
+    cpu.s.cgroup_id = 0;
+    cpu.commit();
+    0
+}
+
+/// `sched:sched_switch`, raw form, where the `tp_btf` program cannot load.
+/// Arguments: `preempt`, `prev`, `next` (task_struct addresses),
+/// `prev_state`.
 #[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn pm_sched_switch(ctx: RawTracePointContext) -> i32 {
+pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
-    account(prev, Some(next));
+    let Some(mut cpu) = Update::begin() else {
+        return 0;
+    };
+    // Only wall-clock billing needs the time.
+    let wall_clock = offset(&SUM_EXEC_RUNTIME_OFFSET) == 0;
+    // SAFETY: helper without preconditions.
+    let now = if wall_clock {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    if bpf_get_current_pid_tgid() as u32 != 0 {
+        let time = cpu.slice(prev, runtime(prev), now);
+        // SAFETY: helper without preconditions.
+        cpu.bill(unsafe { bpf_get_current_cgroup_id() }, time, 1);
+    }
+    cpu.s.task = next;
+    cpu.s.runtime_ns = runtime(next).unwrap_or(0);
+    cpu.s.cgroup_id = 0;
+    if wall_clock {
+        cpu.s.since_ns = now;
+    }
+    cpu.commit();
     0
 }
 
-/// Periodic sample on each CPU: bill the slice so far and say who runs.
+/// Periodic sample on each CPU: bill the slice so far, send the pending
+/// time to the map, and say who runs.
 #[perf_event]
 pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
-    // SAFETY: helper without preconditions.
-    let current = unsafe { bpf_get_current_task() };
-    account(current, None);
+    let Some(mut cpu) = Update::begin() else {
+        return 0;
+    };
+    // SAFETY: helpers without preconditions.
+    let (task, now) = unsafe { (bpf_get_current_task(), bpf_ktime_get_ns()) };
+    let rt = runtime(task);
+    let mut cgroup_id = 0;
+    if bpf_get_current_pid_tgid() as u32 != 0 {
+        // SAFETY: helper without preconditions.
+        cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        let time = cpu.slice(task, rt, now);
+        cpu.bill(cgroup_id, time, 0);
+    }
+    cpu.flush();
+    cpu.s.since_ns = now;
+    cpu.s.task = task;
+    cpu.s.runtime_ns = rt.unwrap_or(0);
+    cpu.s.cgroup_id = cgroup_id;
+    cpu.commit();
     0
 }
 
-/// The task's `sum_exec_runtime`, if the offset is known and readable.
+/// The value of an offset global the loader may have rewritten.
+#[inline(always)]
+fn offset(global: &u64) -> u64 {
+    // SAFETY: a plain read of a global; volatile so that the compiler does
+    // not fold the 0 it was built with.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+/// The `T` at offset `*global` in the kernel object at `base`, by a direct
+/// load.
+///
+/// # Safety
+///
+/// `base` must be a BTF-typed pointer (a `tp_btf` argument or a pointer
+/// loaded from one) and `*global` the offset of a `T` member of its type.
+/// The verifier refuses the program otherwise; the JIT turns a faulting
+/// load into 0.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, global: &u64) -> T {
+    let at = base.wrapping_add(offset(global) as usize).cast::<T>();
+    // SAFETY: see above.
+    unsafe { core::ptr::read_volatile(at) }
+}
+
+/// `task->cgroups->dfl_cgrp->kn->id`, what `bpf_get_current_cgroup_id()`
+/// returns for the current task.
+///
+/// # Safety
+///
+/// `task` must be a BTF-typed `task_struct` pointer.
+#[inline(always)]
+unsafe fn task_cgroup_id(task: *const u8) -> u64 {
+    // SAFETY: each pointer is BTF-typed: the verifier types a pointer loaded
+    // from a BTF-typed object by the member's type.
+    unsafe {
+        let css_set: *const u8 = field(task, &TASK_CGROUPS_OFFSET);
+        let cgroup: *const u8 = field(css_set, &CSS_SET_DFL_CGRP_OFFSET);
+        let kn: *const u8 = field(cgroup, &CGROUP_KN_OFFSET);
+        field(kn, &KERNFS_NODE_ID_OFFSET)
+    }
+}
+
+/// A task's `sum_exec_runtime` by `bpf_probe_read_kernel`, if the offset is
+/// known and readable.
 #[inline(always)]
 fn runtime(task: u64) -> Option<u64> {
-    // SAFETY: a plain read of a global the loader may have rewritten.
-    let off = unsafe { core::ptr::read_volatile(&raw const SUM_EXEC_RUNTIME_OFFSET) };
+    let off = offset(&SUM_EXEC_RUNTIME_OFFSET);
     if off == 0 || task == 0 {
         return None;
     }
@@ -64,53 +200,89 @@ fn runtime(task: u64) -> Option<u64> {
     unsafe { bpf_probe_read_kernel((task + off) as *const u64) }.ok()
 }
 
-/// Bills the current task (`task`, which is `prev` on a switch) for its time
-/// since the CPU's last event, then records what runs next: `next` on a
-/// switch, `task` itself on a tick.
-#[inline(always)]
-fn account(task: u64, next: Option<u64>) {
-    let Some(cpu) = PM_ONCPU.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU slot; the switch runs with interrupts off and the tick
-    // in hard interrupt context, so the two never interleave on a CPU.
-    let cpu = unsafe { &mut *cpu };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let idle = bpf_get_current_pid_tgid() as u32 == 0;
-    let rt = runtime(task);
-    let mut cgroup_id = 0;
-    if !idle {
-        // SAFETY: helper without preconditions.
-        cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        let delta = match rt {
+/// An update of this CPU's [`OnCpu`] slot: a copy to change, written back
+/// by [`Update::commit`] between the two sequence numbers.
+///
+/// The switch runs with interrupts off and the tick in hard interrupt
+/// context, so two updates never interleave on a CPU; the sequence numbers
+/// are for the agent, which reads the slot from another CPU.
+struct Update {
+    slot: *mut OnCpu,
+    s: OnCpu,
+}
+
+impl Update {
+    #[inline(always)]
+    fn begin() -> Option<Self> {
+        let slot = PM_ONCPU.get_ptr_mut(0)?;
+        // SAFETY: this CPU's slot, valid for this program run.
+        let mut s = unsafe { *slot };
+        s.seq = s.seq.wrapping_add(1);
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*slot).seq_end, s.seq) };
+        Some(Self { slot, s })
+    }
+
+    /// Time the CPU ran `task` (whose runtime is `rt`, if known) since its
+    /// last event.
+    #[inline(always)]
+    fn slice(&self, task: u64, rt: Option<u64>, now: u64) -> u64 {
+        match rt {
             // Same task as recorded: the kernel's own runtime delta.
-            Some(rt) if cpu.task == task => rt.saturating_sub(cpu.runtime_ns),
+            Some(rt) if self.s.task == task => rt.saturating_sub(self.s.runtime_ns),
             // First sight of this task on this CPU (agent just started):
             // no baseline, bill nothing rather than guess.
             Some(_) => 0,
-            None if cpu.since_ns != 0 => now.saturating_sub(cpu.since_ns),
+            None if self.s.since_ns != 0 => now.saturating_sub(self.s.since_ns),
             None => 0,
-        };
-        if let Some(c) = slot(&PM_CPU, cgroup_id, DROP_CPU) {
-            // SAFETY: per-CPU slot, not shared with another context.
-            let c = unsafe { &mut *c };
-            c.time_ns += delta;
-            c.switches += u64::from(next.is_some());
         }
     }
-    cpu.since_ns = now;
-    match next {
-        Some(next) => {
-            cpu.task = next;
-            cpu.runtime_ns = runtime(next).unwrap_or(0);
-            // Its cgroup is unknown until the next tick.
-            cpu.cgroup_id = 0;
+
+    /// Adds to `cgroup_id`'s pending counters, first sending another
+    /// cgroup's to the map.
+    #[inline(always)]
+    fn bill(&mut self, cgroup_id: u64, time: u64, switches: u64) {
+        if self.s.pending_cgroup != cgroup_id {
+            self.flush();
+            self.s.pending_cgroup = cgroup_id;
         }
-        None => {
-            cpu.task = task;
-            cpu.runtime_ns = rt.unwrap_or(0);
-            cpu.cgroup_id = cgroup_id;
+        self.s.pending_time_ns += time;
+        self.s.pending_switches += switches;
+    }
+
+    /// Sends the pending counters to `PM_CPU` (a full map counts a drop).
+    #[inline(always)]
+    fn flush(&mut self) {
+        let s = &mut self.s;
+        if s.pending_cgroup != 0
+            && let Some(c) = slot(&PM_CPU, s.pending_cgroup, DROP_CPU)
+        {
+            // SAFETY: per-CPU slot, not shared with another context.
+            let c = unsafe { &mut *c };
+            c.time_ns += s.pending_time_ns;
+            c.switches += s.pending_switches;
+        }
+        s.pending_cgroup = 0;
+        s.pending_time_ns = 0;
+        s.pending_switches = 0;
+    }
+
+    /// Writes the copy back, `seq` last.
+    #[inline(always)]
+    fn commit(self) {
+        let (p, s) = (self.slot, self.s);
+        // SAFETY: this CPU's slot, valid for this program run. Volatile
+        // stores stay in program order, and x86-64 (podmeter's target)
+        // makes stores visible to other CPUs in program order.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*p).since_ns, s.since_ns);
+            core::ptr::write_volatile(&raw mut (*p).cgroup_id, s.cgroup_id);
+            core::ptr::write_volatile(&raw mut (*p).task, s.task);
+            core::ptr::write_volatile(&raw mut (*p).runtime_ns, s.runtime_ns);
+            core::ptr::write_volatile(&raw mut (*p).pending_cgroup, s.pending_cgroup);
+            core::ptr::write_volatile(&raw mut (*p).pending_time_ns, s.pending_time_ns);
+            core::ptr::write_volatile(&raw mut (*p).pending_switches, s.pending_switches);
+            core::ptr::write_volatile(&raw mut (*p).seq, s.seq);
         }
     }
 }

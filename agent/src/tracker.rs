@@ -129,9 +129,9 @@ pub struct Tracker {
     grace: Duration,
     maps: Mutex<Maps>,
     index: RwLock<Arc<Index>>,
-    /// Last exported CPU time per id: keeps the counter monotonic when a
-    /// racing read comes out low (see `Maps::read`).
-    last_cpu: Mutex<HashMap<u64, u64>>,
+    /// Last exported CPU time and switches per id: keeps the counters
+    /// monotonic when a racing read comes out low (see `Maps::read`).
+    last_cpu: Mutex<HashMap<u64, CpuCounters>>,
     /// Wakes the refresher early.
     pub wake: Notify,
     last_refresh: Mutex<Option<Result<Instant, String>>>,
@@ -241,12 +241,10 @@ impl Tracker {
             live += usize::from(is_live);
             live_rows.push(is_live);
             let cpu = reading.cpu.get(&id).map(|c| {
-                let last = last_cpu.entry(id).or_insert(0);
-                *last = (*last).max(c.time_ns);
-                CpuCounters {
-                    time_ns: *last,
-                    ..*c
-                }
+                let last = last_cpu.entry(id).or_default();
+                last.time_ns = last.time_ns.max(c.time_ns);
+                last.switches = last.switches.max(c.switches);
+                *last
             });
             rows.push(Row {
                 cgroup: cgroup.clone(),

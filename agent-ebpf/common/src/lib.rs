@@ -55,12 +55,27 @@ pub struct NetCounters {
     pub tx_packets: u64,
 }
 
-/// What one CPU is running since its last switch or tick.
+/// What one CPU is running, and the CPU time not yet added to `PM_CPU`.
+///
+/// Consecutive switches of tasks of one cgroup on a CPU add up here
+/// (`pending_*`) instead of in the hash map: a map lookup costs more than the
+/// rest of the `sched_switch` program together. The pending time goes to the
+/// map when the CPU bills another cgroup and at every tick, so it never holds
+/// more than one tick period.
+///
+/// The programs write `seq_end`, then the other fields, then `seq` (all as
+/// volatile stores, so in that order); the agent reads a CPU's copy from
+/// first to last field, so a copy with `seq == seq_end` was not torn by a
+/// concurrent update. [`OnCpu::consistent`] checks that.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OnCpu {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) up to which this CPU's time
-    /// has been billed; 0 until the first event on this CPU.
+    /// Update count, written last.
+    pub seq: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last tick, from which
+    /// the running slice of `cgroup_id` is not yet billed; when billing
+    /// wall-clock time (no `sum_exec_runtime` offset), also of every switch.
+    /// 0 until the first event on this CPU.
     pub since_ns: u64,
     /// cgroup id of the task on the CPU, once a tick has seen it; 0 while
     /// unknown (right after a switch) or while the CPU is idle.
@@ -69,6 +84,22 @@ pub struct OnCpu {
     pub task: u64,
     /// That task's `se.sum_exec_runtime` when its time was last billed.
     pub runtime_ns: u64,
+    /// cgroup id whose time and switches below are not yet in `PM_CPU`; 0
+    /// if none.
+    pub pending_cgroup: u64,
+    /// Nanoseconds billed to `pending_cgroup`, not yet in `PM_CPU`.
+    pub pending_time_ns: u64,
+    /// Switches of `pending_cgroup`, not yet in `PM_CPU`.
+    pub pending_switches: u64,
+    /// Update count, written first.
+    pub seq_end: u64,
+}
+
+impl OnCpu {
+    /// Whether this copy was read while no program was updating it.
+    pub fn consistent(&self) -> bool {
+        self.seq == self.seq_end
+    }
 }
 
 // Userspace sums each map value over CPUs.
@@ -90,7 +121,7 @@ impl core::ops::AddAssign for NetCounters {
 
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 32);
-const _: () = assert!(core::mem::size_of::<OnCpu>() == 32);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 72);
 
 #[cfg(feature = "user")]
 mod user {

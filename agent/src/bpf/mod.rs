@@ -10,16 +10,23 @@ mod btf;
 use std::{collections::HashMap, fs::File, io, path::Path};
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap},
+    Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
+    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, PerfEvent, ProgramError, RawTracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, PerfEvent, ProgramError,
+        RawTracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
 };
 use nix::time::{ClockId, clock_gettime};
 use podmeter_common::{CpuCounters, DROP_CPU, DROP_NET, NetCounters, OnCpu, TICK_PERIOD_NS};
+
+/// Reads of the per-CPU state before a CPU whose every copy was torn by a
+/// concurrent update is left out of a reading. An update takes well under a
+/// microsecond, a copy of all CPUs about as long: one retry nearly always
+/// does.
+const ONCPU_TRIES: usize = 8;
 
 /// The eBPF object, aligned as aya needs it.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podmeter-ebpf"));
@@ -95,24 +102,40 @@ pub fn load(
     btf_path: &Path,
     max_cgroups: u32,
 ) -> Result<(Attached, Maps), BpfError> {
-    let sum_exec_offset = sum_exec_runtime_offset(btf_path);
-    let mut ebpf = EbpfLoader::new()
+    let offsets = kernel_offsets(btf_path);
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries("PM_CPU", max_cgroups)
-        .map_max_entries("PM_NET", max_cgroups)
-        .override_global("SUM_EXEC_RUNTIME_OFFSET", &sum_exec_offset, true)
-        .load(OBJECT)?;
+        .map_max_entries("PM_NET", max_cgroups);
+    for (global, value) in &offsets {
+        loader.override_global(global, value, true);
+    }
+    let mut ebpf = loader.load(OBJECT)?;
 
     let prog = |name| BpfError::Missing(name);
     let err = |name| move |source| BpfError::Program { name, source };
 
-    let name = "pm_sched_switch";
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(name)
-        .ok_or(prog(name))?
-        .try_into()
-        .map_err(err(name))?;
-    p.load().map_err(err(name))?;
-    p.attach("sched_switch").map_err(err(name))?;
+    // The BTF-enabled tracepoint reads tasks with plain loads: about half
+    // the cost of the raw one, which needs helpers for the same reads.
+    let btf_ok = offsets.iter().all(|(_, off)| *off != 0);
+    let fast = if btf_ok {
+        attach_switch_btf(&mut ebpf, btf_path)
+    } else {
+        Err("some task_struct/cgroup members are missing from kernel BTF".to_owned())
+    };
+    if let Err(e) = fast {
+        tracing::warn!(
+            "BTF-enabled sched_switch tracepoint unavailable ({e}); using the raw tracepoint, about twice the cost per context switch"
+        );
+        let name = "pm_sched_switch_raw";
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(prog(name))?
+            .try_into()
+            .map_err(err(name))?;
+        p.load().map_err(err(name))?;
+        p.attach("sched_switch").map_err(err(name))?;
+    }
 
     let name = "pm_cpu_tick";
     let p: &mut PerfEvent = ebpf
@@ -163,30 +186,82 @@ pub fn load(
     Ok((Attached { _ebpf: ebpf }, maps))
 }
 
-/// Where the kernel keeps a task's accounted CPU time, so the programs bill
-/// exactly what `cpu.stat` counts. 0 (bill wall-clock time between events,
-/// which includes a VM's steal time) if BTF cannot tell.
-fn sum_exec_runtime_offset(btf_path: &Path) -> u64 {
-    let found = std::fs::read(btf_path)
-        .map_err(|e| e.to_string())
-        .and_then(|data| {
-            btf::Btf::parse(&data)
-                .and_then(|b| b.offset("task_struct", &["se", "sum_exec_runtime"]))
-                .map_err(|e| e.to_string())
-        });
-    match found {
-        Ok(off) => {
-            tracing::debug!(offset = off, "task_struct.se.sum_exec_runtime");
-            off
-        }
-        Err(e) => {
-            tracing::warn!(
-                "cannot locate task_struct.se.sum_exec_runtime in {} ({e}); billing wall-clock time between switches, which includes steal time on VMs",
-                btf_path.display()
-            );
-            0
-        }
+/// Loads and attaches the `tp_btf` flavour of the switch program.
+fn attach_switch_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
+    let btf = Btf::parse_file(btf_path, Endianness::default())
+        .map_err(|e| format!("{}: {e}", btf_path.display()))?;
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut("pm_sched_switch")
+        .ok_or("no pm_sched_switch in the object")?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    p.load("sched_switch", &btf).map_err(|e| e.to_string())?;
+    if let Err(e) = p.attach() {
+        // Not left loaded next to the fallback.
+        let _ = p.unload();
+        return Err(e.to_string());
     }
+    Ok(())
+}
+
+/// Kernel struct members the programs read, as `(global, offset)`.
+///
+/// `sum_exec_runtime` is where the kernel keeps a task's accounted CPU time,
+/// so the programs bill exactly what `cpu.stat` counts; without it (0) they
+/// bill wall-clock time between events, which includes a VM's steal time.
+/// The others let the switch program find the task's cgroup id itself. An
+/// offset BTF cannot tell is 0.
+fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 6] {
+    const MEMBERS: [(&str, &str, &[&str]); 6] = [
+        (
+            "SUM_EXEC_RUNTIME_OFFSET",
+            "task_struct",
+            &["se", "sum_exec_runtime"],
+        ),
+        ("TASK_PID_OFFSET", "task_struct", &["pid"]),
+        ("TASK_CGROUPS_OFFSET", "task_struct", &["cgroups"]),
+        ("CSS_SET_DFL_CGRP_OFFSET", "css_set", &["dfl_cgrp"]),
+        ("CGROUP_KN_OFFSET", "cgroup", &["kn"]),
+        ("KERNFS_NODE_ID_OFFSET", "kernfs_node", &["id"]),
+    ];
+    const WALL_CLOCK: &str =
+        "billing wall-clock time between switches, which includes steal time on VMs";
+    let unknown = |e: &dyn std::fmt::Display| {
+        tracing::warn!(
+            "cannot read kernel BTF {} ({e}): {WALL_CLOCK}, and the switch program falls back to helpers",
+            btf_path.display()
+        );
+        MEMBERS.map(|(global, _, _)| (global, 0))
+    };
+    let data = match std::fs::read(btf_path) {
+        Ok(d) => d,
+        Err(e) => return unknown(&e),
+    };
+    let btf = match btf::Btf::parse(&data) {
+        Ok(b) => b,
+        Err(e) => return unknown(&e),
+    };
+    MEMBERS.map(|(global, st, path)| {
+        let member = format!("{st}.{}", path.join("."));
+        match btf.offset(st, path) {
+            Ok(off) => {
+                tracing::debug!(offset = off, "{member}");
+                (global, off)
+            }
+            Err(e) => {
+                let consequence = if global == "SUM_EXEC_RUNTIME_OFFSET" {
+                    WALL_CLOCK
+                } else {
+                    "the switch program falls back to helpers"
+                };
+                tracing::warn!(
+                    "cannot locate {member} in {} ({e}); {consequence}",
+                    btf_path.display()
+                );
+                (global, 0)
+            }
+        }
+    })
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
@@ -233,20 +308,29 @@ impl Maps {
 
     /// Reads every counter, summed over CPUs.
     ///
-    /// CPU time includes the slice each CPU is running now, when a tick has
-    /// said whose it is: a task that never leaves its CPU still shows
-    /// up-to-date time. The counters are read before the per-CPU state, so a
-    /// switch racing the read can only make this reading low, never high;
-    /// the caller keeps exported values monotonic.
+    /// CPU time includes what each CPU has not yet added to the map (see
+    /// [`OnCpu`]) and the slice it is running now, when a tick has said
+    /// whose it is: a task that never leaves its CPU still shows up-to-date
+    /// time. Both count only for cgroups the map holds, so a full map drops
+    /// them as it drops the rest.
+    ///
+    /// The map is read before the per-CPU state, so an update racing the
+    /// read can only make this reading low (by what a CPU sent to the map
+    /// while it was read: at most a tick period of its time, plus the time
+    /// the read took), never high; the caller keeps exported values
+    /// monotonic.
     pub fn read(&self) -> Result<Reading, MapError> {
         let mut cpu = totals(&self.cpu)?;
-        // Two reads that agree mean no CPU switched mid-read (no torn slot).
-        let a = self.oncpu.get(&0, 0)?;
-        let b = self.oncpu.get(&0, 0)?;
         let now = monotonic_ns();
-        for (x, y) in a.iter().zip(b.iter()) {
-            if x == y && x.cgroup_id != 0 && x.since_ns != 0 {
-                cpu.entry(x.cgroup_id).or_default().time_ns += now.saturating_sub(x.since_ns);
+        for x in self.oncpu_consistent()?.into_iter().flatten() {
+            if let Some(c) = cpu.get_mut(&x.pending_cgroup) {
+                c.time_ns += x.pending_time_ns;
+                c.switches += x.pending_switches;
+            }
+            if x.since_ns != 0
+                && let Some(c) = cpu.get_mut(&x.cgroup_id)
+            {
+                c.time_ns += now.saturating_sub(x.since_ns);
             }
         }
 
@@ -257,6 +341,25 @@ impl Maps {
             *slot = self.drops.get(&idx, 0)?.iter().sum();
         }
         Ok(Reading { cpu, net, dropped })
+    }
+
+    /// Each CPU's [`OnCpu`], from a read that no update tore (`None` if
+    /// every try raced one: that CPU's pending time is left out).
+    fn oncpu_consistent(&self) -> Result<Vec<Option<OnCpu>>, MapError> {
+        let mut good: Vec<Option<OnCpu>> = Vec::new();
+        for _ in 0..ONCPU_TRIES {
+            let read: PerCpuValues<OnCpu> = self.oncpu.get(&0, 0)?;
+            good.resize(read.len(), None);
+            for (g, x) in good.iter_mut().zip(read.iter()) {
+                if g.is_none() && x.consistent() {
+                    *g = Some(*x);
+                }
+            }
+            if good.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        Ok(good)
     }
 
     /// Every cgroup id either counter map holds.
