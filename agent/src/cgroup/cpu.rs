@@ -22,9 +22,12 @@
 //! anything to report. The root cgroup cannot be limited and is skipped in
 //! both versions.
 
-use std::{fs, path::Path};
+use std::path::Path;
 
-use super::{Mounts, memory::stat_value as value};
+use super::{
+    Mounts,
+    memory::{read_small, stat_value as value},
+};
 
 /// A cgroup's CFS bandwidth limit and throttling counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -56,30 +59,32 @@ pub fn bandwidth(mounts: &Mounts, rel: &str) -> Option<Bandwidth> {
     // A controller is bound to one hierarchy: on a hybrid host whose cpu
     // controller is in v1, the cgroup2 tree has no cpu.max to try.
     match &mounts.cpu_v1 {
-        Some(v1) => read_v1(&v1.join(rel)),
-        None => read_v2(&mounts.unified.join(rel)),
+        Some(v1) => read_v1(v1, rel),
+        None => read_v2(&mounts.unified, rel),
     }
 }
 
-fn read_v2(dir: &Path) -> Option<Bandwidth> {
-    let max = fs::read_to_string(dir.join("cpu.max")).ok()?;
-    let stat = fs::read_to_string(dir.join("cpu.stat")).ok();
+fn read_v2(root: &Path, dir: &str) -> Option<Bandwidth> {
+    let read = |file: &str| read_small(root, &format!("{dir}/{file}"));
+    let max = read("cpu.max").ok()?;
+    let stat = read("cpu.stat").ok();
     Some(Bandwidth {
         limit_cores: parse_cpu_max(&max),
         stat: stat.as_deref().and_then(parse_stat_v2),
     })
 }
 
-fn read_v1(dir: &Path) -> Option<Bandwidth> {
-    let quota = fs::read_to_string(dir.join("cpu.cfs_quota_us")).ok()?;
+fn read_v1(root: &Path, dir: &str) -> Option<Bandwidth> {
+    let read = |file: &str| read_small(root, &format!("{dir}/{file}"));
+    let quota = read("cpu.cfs_quota_us").ok()?;
     let limit_cores = match quota.trim().parse::<i64>().ok()? {
         q if q > 0 => {
-            let period = fs::read_to_string(dir.join("cpu.cfs_period_us")).ok()?;
+            let period = read("cpu.cfs_period_us").ok()?;
             cores(q as u64, period.trim().parse().ok()?)
         }
         _ => None, // -1: no limit
     };
-    let stat = fs::read_to_string(dir.join("cpu.stat")).ok();
+    let stat = read("cpu.stat").ok();
     Some(Bandwidth {
         limit_cores,
         stat: stat.as_deref().and_then(parse_stat_v1),

@@ -8,7 +8,18 @@
 //! On hybrid hosts the memory controller lives in v1 at the same relative
 //! path as the cgroup2 directory (the kubelet and runc create both).
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    io::{self, Read as _},
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use nix::{
+    fcntl::{self, OFlag},
+    sys::stat::Mode,
+};
 
 use super::Mounts;
 
@@ -19,22 +30,68 @@ pub fn working_set(mounts: &Mounts, rel: &str) -> Option<u64> {
     if rel.is_empty() {
         return None; // the root has no memory.current; the node is node-exporter's
     }
-    let v2 = mounts.unified.join(rel);
-    if let Some(ws) = read(&v2, "memory.current", "inactive_file") {
-        return Some(ws);
+    // A controller is bound to one hierarchy: with a v1 memory hierarchy
+    // mounted, the cgroup2 tree has no memory.current to try first.
+    match &mounts.memory_v1 {
+        Some(v1) => read(v1, rel, "memory.usage_in_bytes", "total_inactive_file"),
+        None => read(&mounts.unified, rel, "memory.current", "inactive_file"),
     }
-    let v1 = mounts.memory_v1.as_ref()?.join(rel);
-    read(&v1, "memory.usage_in_bytes", "total_inactive_file")
 }
 
-fn read(dir: &Path, usage_file: &str, inactive_key: &str) -> Option<u64> {
-    let usage: u64 = fs::read_to_string(dir.join(usage_file))
+fn read(root: &Path, rel: &str, usage_file: &str, inactive_key: &str) -> Option<u64> {
+    let usage: u64 = read_small(root, &format!("{rel}/{usage_file}"))
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    let stat = fs::read_to_string(dir.join("memory.stat")).ok()?;
+    let stat = read_small(root, &format!("{rel}/memory.stat")).ok()?;
     Some(usage.saturating_sub(stat_value(&stat, inactive_key).unwrap_or(0)))
+}
+
+/// Descriptors of the hierarchies' mount points, opened once: per-cgroup
+/// files are opened relative to them (`openat`), so the kernel resolves
+/// only the part of the path below the mount, not `/sys/fs/cgroup/...`
+/// again for each of thousands of files.
+static ROOTS: Mutex<Vec<(PathBuf, Arc<OwnedFd>)>> = Mutex::new(Vec::new());
+
+fn root_fd(root: &Path) -> io::Result<Arc<OwnedFd>> {
+    let mut roots = ROOTS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, fd)) = roots.iter().find(|(p, _)| p == root) {
+        return Ok(fd.clone());
+    }
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = Arc::new(fcntl::open(root, flags, Mode::empty())?);
+    roots.push((root.to_owned(), fd.clone()));
+    Ok(fd)
+}
+
+/// A small cgroupfs file's contents, `rel` (no leading `/` needed) below
+/// the hierarchy mounted at `root`. Unlike `fs::read_to_string`, no
+/// `statx` for a size hint first (cgroupfs reports size 0 anyway): these
+/// reads run for every cgroup, every scrape or refresh.
+pub fn read_small(root: &Path, rel: &str) -> io::Result<String> {
+    let rel = rel.trim_start_matches('/');
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let fd = fcntl::openat(&*root_fd(root)?, rel, flags, Mode::empty())?;
+    let mut file = fs::File::from(fd);
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity());
+        }
+        let start = buf.len();
+        buf.resize(buf.capacity(), 0);
+        match file.read(&mut buf[start..]) {
+            Ok(0) => {
+                buf.truncate(start);
+                break;
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// The value of `key` in a `key value` listing (memory.stat, cpu.stat).
@@ -48,6 +105,23 @@ pub fn stat_value(stat: &str, key: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_small_and_large_files() {
+        let dir = std::env::temp_dir();
+        let name = format!("podmeter-read-{}", std::process::id());
+        let path = dir.join(&name);
+        for len in [0, 5, 2047, 2048, 2049, 10_000] {
+            let text: String = (0..len)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            fs::write(&path, &text).unwrap();
+            assert_eq!(read_small(&dir, &name).unwrap(), text);
+            assert_eq!(read_small(&dir, &format!("/{name}")).unwrap(), text);
+        }
+        fs::remove_file(&path).unwrap();
+        assert!(read_small(&dir, &name).is_err());
+    }
 
     #[test]
     fn stat_lookup_is_exact() {
