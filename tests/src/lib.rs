@@ -698,6 +698,27 @@ pub fn podmeter_prog_ids() -> Vec<u64> {
         .collect()
 }
 
+/// Calls `ok` every `every` until it returns `Some`; panics naming `what`
+/// after `timeout`.
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut ok: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = ok() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        sleep(every);
+    }
+}
+
 /// The local Kubernetes cluster (`cargo xtask cluster up`), through kubectl.
 pub struct Kube {
     kubectl: PathBuf,
@@ -767,18 +788,8 @@ impl Kube {
     }
 
     /// Polls `ok` every half second until it returns `Some`, or panics.
-    pub fn until<T>(&self, timeout: Duration, what: &str, mut ok: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = ok() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}"
-            );
-            sleep(Duration::from_millis(500));
-        }
+    pub fn until<T>(&self, timeout: Duration, what: &str, ok: impl FnMut() -> Option<T>) -> T {
+        poll(timeout, Duration::from_millis(500), what, ok)
     }
 
     /// Waits until pod `ns/name` has `phase`; returns the pod.

@@ -47,6 +47,13 @@ enum Work {
     UdpSink { listen: String, count: u64 },
     /// Send `count` datagrams of `size` bytes.
     UdpSend { to: String, count: u64, size: usize },
+    /// Send UDP at a steady `mib_per_s` MiB/s for `seconds`, to a sink or
+    /// not (datagrams to a closed port still leave the socket).
+    UdpFlood {
+        to: String,
+        mib_per_s: u64,
+        seconds: u64,
+    },
     /// Every `period_us`, spin for `work_us`, forever: a steady duty cycle
     /// (a light pod with a small `work_us`, a partly busy one with a large
     /// one). Dies with its parent, so a crashed benchmark leaves none behind.
@@ -206,6 +213,27 @@ fn main() -> Result<()> {
                 }
             }
             writeln!(out, "sent {count}")?;
+        }
+        Work::UdpFlood {
+            to,
+            mib_per_s,
+            seconds,
+        } => {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let payload = [0x5au8; 1400];
+            let per_ms = (mib_per_s << 20) as f64 / 1000.0;
+            let start = std::time::Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed().as_secs() < seconds {
+                // Paced to the rate; an unconnected socket ignores ICMP errors.
+                let due = (start.elapsed().as_secs_f64() * 1000.0 * per_ms) as u64;
+                while sent < due {
+                    s.send_to(&payload, &to)?;
+                    sent += payload.len() as u64;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            writeln!(out, "sent_bytes {sent}")?;
         }
         Work::Tick { period_us, work_us } => {
             die_with_parent()?;
