@@ -97,9 +97,17 @@ fn churn_leaves_series_and_map_entries_bounded() {
                 && s.value("podmeter_tracked_cgroups", &[("state", "unresolved")]) == Some(0.0)
         },
     );
+    // Other cgroups on the host may have started counting meanwhile (the
+    // machine is shared): those are live, so allow for the live count's rise,
+    // never for the churned ones.
+    let live = |s: &podmeter_tests::Scrape| {
+        s.value("podmeter_tracked_cgroups", &[("state", "live")])
+            .unwrap()
+    };
+    let new_live = (live(&settled) - live(&baseline)).max(0.0);
     assert!(
-        entries(&settled) <= base_entries + 2.0,
-        "map entries stayed at {} (baseline {base_entries})",
+        entries(&settled) <= base_entries + new_live + 2.0,
+        "map entries stayed at {} (baseline {base_entries}, {new_live} more live cgroups)",
         entries(&settled)
     );
     let leftover = settled
