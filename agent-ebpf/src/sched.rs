@@ -14,9 +14,9 @@
 //!   `prev` and `next` with plain loads, which the verifier checks against
 //!   the kernel's BTF and the JIT makes fault-safe. The offsets come from the
 //!   running kernel's BTF, via the agent (no CO-RE in Rust).
-//! * Time and switches add up in this CPU's [`OnCpu`] slot while the CPU
-//!   keeps billing one cgroup, and go to `PM_CPU` when it bills another one
-//!   and at every tick.
+//! * Time and switches add up in this CPU's [`OnCpu`] slot, which holds
+//!   the counters of the last few cgroups the CPU billed, and go to `PM_CPU`
+//!   when their cgroup's place is needed for another one and at every tick.
 //!
 //! [`pm_sched_switch_raw`] is the fallback for kernels that refuse the
 //! `tp_btf` program: a raw tracepoint with `bpf_probe_read_kernel` and
@@ -37,7 +37,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, perf_event, raw_tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::{DROP_CPU, OnCpu};
+use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, Pending};
 
 use crate::maps::{PM_CPU, PM_ONCPU, slot};
 
@@ -79,10 +79,9 @@ pub fn pm_sched_switch(ctx: BtfTracePointContext) -> i32 {
         let time = cpu.slice(prev as u64, Some(rt), 0);
         cpu.bill(unsafe { task_cgroup_id(prev) }, time, 1);
     }
-    cpu.s.task = next as u64;
-    cpu.s.runtime_ns = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
+    let rt = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
     // Its cgroup is unknown until the next tick.
-    cpu.s.cgroup_id = 0;
+    cpu.running(next as u64, rt, 0);
     cpu.commit();
     0
 }
@@ -110,11 +109,9 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
         // SAFETY: helper without preconditions.
         cpu.bill(unsafe { bpf_get_current_cgroup_id() }, time, 1);
     }
-    cpu.s.task = next;
-    cpu.s.runtime_ns = runtime(next).unwrap_or(0);
-    cpu.s.cgroup_id = 0;
+    cpu.running(next, runtime(next).unwrap_or(0), 0);
     if wall_clock {
-        cpu.s.since_ns = now;
+        cpu.since(now);
     }
     cpu.commit();
     0
@@ -138,10 +135,8 @@ pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
         cpu.bill(cgroup_id, time, 0);
     }
     cpu.flush();
-    cpu.s.since_ns = now;
-    cpu.s.task = task;
-    cpu.s.runtime_ns = rt.unwrap_or(0);
-    cpu.s.cgroup_id = cgroup_id;
+    cpu.since(now);
+    cpu.running(task, rt.unwrap_or(0), cgroup_id);
     cpu.commit();
     0
 }
@@ -200,89 +195,141 @@ fn runtime(task: u64) -> Option<u64> {
     unsafe { bpf_probe_read_kernel((task + off) as *const u64) }.ok()
 }
 
-/// An update of this CPU's [`OnCpu`] slot: a copy to change, written back
-/// by [`Update::commit`] between the two sequence numbers.
+/// An update of this CPU's [`OnCpu`] slot, in place, between the two
+/// sequence numbers ([`Update::begin`] writes `seq_end`, [`Update::commit`]
+/// `seq`). Every store is volatile, so they stay in program order, and
+/// x86-64 (podmeter's target) makes stores visible to other CPUs in program
+/// order.
 ///
 /// The switch runs with interrupts off and the tick in hard interrupt
 /// context, so two updates never interleave on a CPU; the sequence numbers
 /// are for the agent, which reads the slot from another CPU.
 struct Update {
-    slot: *mut OnCpu,
-    s: OnCpu,
+    cpu: *mut OnCpu,
+    seq: u64,
+}
+
+/// `*dst = v`, as a volatile store.
+///
+/// # Safety
+///
+/// `dst` must point into this CPU's [`OnCpu`] slot.
+#[inline(always)]
+unsafe fn put(dst: *mut u64, v: u64) {
+    // SAFETY: see above.
+    unsafe { core::ptr::write_volatile(dst, v) }
 }
 
 impl Update {
     #[inline(always)]
     fn begin() -> Option<Self> {
-        let slot = PM_ONCPU.get_ptr_mut(0)?;
-        // SAFETY: this CPU's slot, valid for this program run.
-        let mut s = unsafe { *slot };
-        s.seq = s.seq.wrapping_add(1);
-        // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(&raw mut (*slot).seq_end, s.seq) };
-        Some(Self { slot, s })
+        let cpu = PM_ONCPU.get_ptr_mut(0)?;
+        // SAFETY (here and in every method): this CPU's slot, valid for this
+        // program run, written by no one else meanwhile.
+        let seq = unsafe { (*cpu).seq }.wrapping_add(1);
+        unsafe { put(&raw mut (*cpu).seq_end, seq) };
+        Some(Self { cpu, seq })
     }
 
     /// Time the CPU ran `task` (whose runtime is `rt`, if known) since its
     /// last event.
     #[inline(always)]
     fn slice(&self, task: u64, rt: Option<u64>, now: u64) -> u64 {
+        // SAFETY: see `begin`.
+        let s = unsafe { &*self.cpu };
         match rt {
             // Same task as recorded: the kernel's own runtime delta.
-            Some(rt) if self.s.task == task => rt.saturating_sub(self.s.runtime_ns),
+            Some(rt) if s.task == task => rt.saturating_sub(s.runtime_ns),
             // First sight of this task on this CPU (agent just started):
             // no baseline, bill nothing rather than guess.
             Some(_) => 0,
-            None if self.s.since_ns != 0 => now.saturating_sub(self.s.since_ns),
+            None if s.since_ns != 0 => now.saturating_sub(s.since_ns),
             None => 0,
         }
     }
 
-    /// Adds to `cgroup_id`'s pending counters, first sending another
-    /// cgroup's to the map.
+    /// Adds to `cgroup_id`'s pending counters. A cgroup without a slot
+    /// takes the next one in turn, whose counters go to the map first.
     #[inline(always)]
     fn bill(&mut self, cgroup_id: u64, time: u64, switches: u64) {
-        if self.s.pending_cgroup != cgroup_id {
-            self.flush();
-            self.s.pending_cgroup = cgroup_id;
+        let c = self.cpu;
+        // SAFETY: see `begin`.
+        unsafe {
+            for i in 0..PENDING_SLOTS {
+                let p = &raw mut (*c).pending[i];
+                if (*p).cgroup_id == cgroup_id {
+                    put(&raw mut (*p).time_ns, (*p).time_ns + time);
+                    put(&raw mut (*p).switches, (*p).switches + switches);
+                    return;
+                }
+            }
+            let v = (*c).victim as usize % PENDING_SLOTS;
+            put(&raw mut (*c).victim, ((v + 1) % PENDING_SLOTS) as u64);
+            let p = &raw mut (*c).pending[v];
+            flush(p);
+            put(&raw mut (*p).cgroup_id, cgroup_id);
+            put(&raw mut (*p).time_ns, time);
+            put(&raw mut (*p).switches, switches);
         }
-        self.s.pending_time_ns += time;
-        self.s.pending_switches += switches;
     }
 
-    /// Sends the pending counters to `PM_CPU` (a full map counts a drop).
+    /// Sends every pending counter to `PM_CPU`.
     #[inline(always)]
     fn flush(&mut self) {
-        let s = &mut self.s;
-        if s.pending_cgroup != 0
-            && let Some(c) = slot(&PM_CPU, s.pending_cgroup, DROP_CPU)
-        {
-            // SAFETY: per-CPU slot, not shared with another context.
-            let c = unsafe { &mut *c };
-            c.time_ns += s.pending_time_ns;
-            c.switches += s.pending_switches;
+        for i in 0..PENDING_SLOTS {
+            // SAFETY: see `begin`.
+            unsafe { flush(&raw mut (*self.cpu).pending[i]) };
         }
-        s.pending_cgroup = 0;
-        s.pending_time_ns = 0;
-        s.pending_switches = 0;
     }
 
-    /// Writes the copy back, `seq` last.
+    /// Records the task on the CPU, its runtime so far and its cgroup (0:
+    /// unknown).
+    #[inline(always)]
+    fn running(&mut self, task: u64, runtime_ns: u64, cgroup_id: u64) {
+        let c = self.cpu;
+        // SAFETY: see `begin`.
+        unsafe {
+            put(&raw mut (*c).task, task);
+            put(&raw mut (*c).runtime_ns, runtime_ns);
+            put(&raw mut (*c).cgroup_id, cgroup_id);
+        }
+    }
+
+    /// Records the time up to which the CPU is billed.
+    #[inline(always)]
+    fn since(&mut self, now: u64) {
+        // SAFETY: see `begin`.
+        unsafe { put(&raw mut (*self.cpu).since_ns, now) };
+    }
+
     #[inline(always)]
     fn commit(self) {
-        let (p, s) = (self.slot, self.s);
-        // SAFETY: this CPU's slot, valid for this program run. Volatile
-        // stores stay in program order, and x86-64 (podmeter's target)
-        // makes stores visible to other CPUs in program order.
-        unsafe {
-            core::ptr::write_volatile(&raw mut (*p).since_ns, s.since_ns);
-            core::ptr::write_volatile(&raw mut (*p).cgroup_id, s.cgroup_id);
-            core::ptr::write_volatile(&raw mut (*p).task, s.task);
-            core::ptr::write_volatile(&raw mut (*p).runtime_ns, s.runtime_ns);
-            core::ptr::write_volatile(&raw mut (*p).pending_cgroup, s.pending_cgroup);
-            core::ptr::write_volatile(&raw mut (*p).pending_time_ns, s.pending_time_ns);
-            core::ptr::write_volatile(&raw mut (*p).pending_switches, s.pending_switches);
-            core::ptr::write_volatile(&raw mut (*p).seq, s.seq);
+        // SAFETY: see `begin`.
+        unsafe { put(&raw mut (*self.cpu).seq, self.seq) };
+    }
+}
+
+/// Sends `p` to `PM_CPU` (a full map counts a drop) and frees it.
+///
+/// # Safety
+///
+/// `p` must point into this CPU's [`OnCpu`] slot.
+#[inline(always)]
+unsafe fn flush(p: *mut Pending) {
+    // SAFETY: see above.
+    unsafe {
+        let id = (*p).cgroup_id;
+        if id == 0 {
+            return;
         }
+        if let Some(c) = slot(&PM_CPU, id, DROP_CPU) {
+            // Per-CPU slot, not shared with another context.
+            let c = &mut *c;
+            c.time_ns += (*p).time_ns;
+            c.switches += (*p).switches;
+        }
+        put(&raw mut (*p).cgroup_id, 0);
+        put(&raw mut (*p).time_ns, 0);
+        put(&raw mut (*p).switches, 0);
     }
 }

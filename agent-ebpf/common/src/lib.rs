@@ -55,13 +55,31 @@ pub struct NetCounters {
     pub tx_packets: u64,
 }
 
+/// cgroups whose CPU time each CPU keeps in [`OnCpu::pending`] before it
+/// goes to `PM_CPU`: enough for the few cgroups a CPU alternates between at
+/// a time (two pods talking over a pipe, kernel threads, the container
+/// runtime), few enough to search on every switch.
+pub const PENDING_SLOTS: usize = 4;
+
+/// CPU time and switches of one cgroup on one CPU, not yet in `PM_CPU`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// cgroup id; 0 for a free slot.
+    pub cgroup_id: u64,
+    /// Nanoseconds.
+    pub time_ns: u64,
+    /// Times a task of the cgroup left the CPU.
+    pub switches: u64,
+}
+
 /// What one CPU is running, and the CPU time not yet added to `PM_CPU`.
 ///
-/// Consecutive switches of tasks of one cgroup on a CPU add up here
-/// (`pending_*`) instead of in the hash map: a map lookup costs more than the
-/// rest of the `sched_switch` program together. The pending time goes to the
-/// map when the CPU bills another cgroup and at every tick, so it never holds
-/// more than one tick period.
+/// Switches add up in `pending` instead of the hash map: a map lookup costs
+/// more than the rest of the `sched_switch` program together. A cgroup's
+/// pending counters go to the map when its slot is needed for another
+/// cgroup and at every tick, so together they never hold more than one tick
+/// period of the CPU's time.
 ///
 /// The programs write `seq_end`, then the other fields, then `seq` (all as
 /// volatile stores, so in that order); the agent reads a CPU's copy from
@@ -84,13 +102,11 @@ pub struct OnCpu {
     pub task: u64,
     /// That task's `se.sum_exec_runtime` when its time was last billed.
     pub runtime_ns: u64,
-    /// cgroup id whose time and switches below are not yet in `PM_CPU`; 0
-    /// if none.
-    pub pending_cgroup: u64,
-    /// Nanoseconds billed to `pending_cgroup`, not yet in `PM_CPU`.
-    pub pending_time_ns: u64,
-    /// Switches of `pending_cgroup`, not yet in `PM_CPU`.
-    pub pending_switches: u64,
+    /// The slot of `pending` that goes to the map when a cgroup without
+    /// one needs a slot (they take turns).
+    pub victim: u64,
+    /// Counters not yet in `PM_CPU`.
+    pub pending: [Pending; PENDING_SLOTS],
     /// Update count, written first.
     pub seq_end: u64,
 }
@@ -121,7 +137,7 @@ impl core::ops::AddAssign for NetCounters {
 
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 32);
-const _: () = assert!(core::mem::size_of::<OnCpu>() == 72);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 24 * PENDING_SLOTS);
 
 #[cfg(feature = "user")]
 mod user {

@@ -323,9 +323,11 @@ impl Maps {
         let mut cpu = totals(&self.cpu)?;
         let now = monotonic_ns();
         for x in self.oncpu_consistent()?.into_iter().flatten() {
-            if let Some(c) = cpu.get_mut(&x.pending_cgroup) {
-                c.time_ns += x.pending_time_ns;
-                c.switches += x.pending_switches;
+            for p in &x.pending {
+                if let Some(c) = cpu.get_mut(&p.cgroup_id) {
+                    c.time_ns += p.time_ns;
+                    c.switches += p.switches;
+                }
             }
             if x.since_ns != 0
                 && let Some(c) = cpu.get_mut(&x.cgroup_id)
