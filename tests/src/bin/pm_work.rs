@@ -183,6 +183,23 @@ fn main() -> Result<()> {
         Work::UdpSink { listen, count } => {
             let s = UdpSocket::bind(&listen)?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            // Room for every datagram of a test run (root may exceed
+            // rmem_max), so a receiver starved of CPU on a busy machine
+            // loses nothing.
+            {
+                use std::os::fd::AsRawFd as _;
+                let size: libc::c_int = 16 << 20;
+                // SAFETY: a valid socket and an int-sized option value.
+                unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUFFORCE,
+                        (&size as *const libc::c_int).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
             writeln!(out, "listening {}", s.local_addr()?.port())?;
             out.flush()?;
             let mut buf = vec![0u8; 65536];
