@@ -586,6 +586,21 @@ fn alerts_fire_on_real_faults(
 
     step("fault: kernel maps too small (agent.maxCgroups=16)");
     helm(&["securityMode=capabilities", "agent.maxCgroups=16"], true);
+    // More busy cgroups than the maps hold, whatever else the node runs: a
+    // pod of 20 containers, each waking every 100 ms.
+    let many = Namespace::new(kube, &format!("e2e-maps-{}", std::process::id()));
+    let containers: String = (0..20)
+        .map(|i| {
+            format!(
+                "  - name: tick-{i}\n    image: {WORK_IMAGE}\n    imagePullPolicy: Never\n    command: [\"/pm-work\", \"tick\", \"100000\", \"2000\"]\n"
+            )
+        })
+        .collect();
+    kube.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: many\n  namespace: {}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n{containers}",
+        many.name
+    ));
+    kube.pod_phase(&many.name, "many", "Running");
     let t = Instant::now();
     wait_alert(
         hook,
@@ -595,6 +610,7 @@ fn alerts_fire_on_real_faults(
         t,
         fired,
     );
+    drop(many);
     helm(&["securityMode=capabilities"], true);
     // (It stays firing for 5 minutes after the last drop, by design.)
 
