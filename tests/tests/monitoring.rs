@@ -637,7 +637,17 @@ fn alerts_fire_on_real_faults(
         t,
         fired,
     );
-    helm(&["securityMode=capabilities"], true);
+    // helm's three-way merge keeps a key it never set: remove it by hand.
+    kube.run(&[
+        "-n",
+        NS,
+        "patch",
+        "daemonset",
+        "podmeter",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/podmeter-e2e~1nowhere"}]"#,
+    ]);
     every_agent_up(kube, prom, "serviceMonitor/");
     wait_resolved(prom, "PodmeterAgentMissing");
 
