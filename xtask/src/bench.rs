@@ -43,7 +43,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{cargo, root, setup, sh};
+use crate::{root, setup};
 
 pub use cgroups::{Cg, Remove, Tree, unified_root};
 pub use process::{Agent, Proc, Workers, scrape_until};
@@ -143,14 +143,7 @@ pub fn run(quick: bool) -> Result<()> {
     setup::all()?;
     setup::apt(PACKAGES)?;
     crate::build(true)?;
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "podmeter-tests",
-        "--bin",
-        "pm-work",
-    ]))?;
+    crate::build_pm_work()?;
     let scratch = root().join("target/bench");
     fs::create_dir_all(&scratch)?;
     let clk_tck = output(Command::new("getconf").arg("CLK_TCK"))?

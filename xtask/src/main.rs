@@ -313,8 +313,8 @@ fn tool_env(c: &mut Command) {
         .env("PODMETER_PROMTOOL", tools::PROMETHEUS.bin("promtool"));
 }
 
-/// busybox and the tests' `pm-work` helper, for the e2e workloads.
-fn testwork_image() -> Result<PathBuf> {
+/// The tests' `pm-work` workload helper (release), for e2e images and the bench.
+pub(crate) fn build_pm_work() -> Result<()> {
     sh(cargo().args([
         "build",
         "--release",
@@ -322,7 +322,12 @@ fn testwork_image() -> Result<PathBuf> {
         "podmeter-tests",
         "--bin",
         "pm-work",
-    ]))?;
+    ]))
+}
+
+/// busybox and the tests' `pm-work` helper, for the e2e workloads.
+fn testwork_image() -> Result<PathBuf> {
+    build_pm_work()?;
     let mut files = image::with_libs(&root().join("target/release/pm-work"), "/pm-work")?;
     files.push((PathBuf::from("/bin/busybox"), "/bin/busybox".into()));
     let tar = root().join("target/testwork.oci.tar");
