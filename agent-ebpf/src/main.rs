@@ -21,6 +21,7 @@
 mod maps;
 mod net;
 mod sched;
+mod tree;
 
 #[cfg(not(test))]
 #[panic_handler]

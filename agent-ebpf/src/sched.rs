@@ -58,10 +58,10 @@ static TASK_CGROUPS_OFFSET: u64 = 0;
 static CSS_SET_DFL_CGRP_OFFSET: u64 = 0;
 /// `cgroup.kn`.
 #[unsafe(no_mangle)]
-static CGROUP_KN_OFFSET: u64 = 0;
+pub(crate) static CGROUP_KN_OFFSET: u64 = 0;
 /// `kernfs_node.id`.
 #[unsafe(no_mangle)]
-static KERNFS_NODE_ID_OFFSET: u64 = 0;
+pub(crate) static KERNFS_NODE_ID_OFFSET: u64 = 0;
 
 /// `sched:sched_switch` with BTF-typed arguments: `preempt`, `prev`, `next`
 /// (task_struct pointers), `prev_state`.
@@ -143,7 +143,7 @@ pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
 
 /// The value of an offset global the loader may have rewritten.
 #[inline(always)]
-fn offset(global: &u64) -> u64 {
+pub(crate) fn offset(global: &u64) -> u64 {
     // SAFETY: a plain read of a global; volatile so that the compiler does
     // not fold the 0 it was built with.
     unsafe { core::ptr::read_volatile(global) }
@@ -159,7 +159,7 @@ fn offset(global: &u64) -> u64 {
 /// The verifier refuses the program otherwise; the JIT turns a faulting
 /// load into 0.
 #[inline(always)]
-unsafe fn field<T: Copy>(base: *const u8, global: &u64) -> T {
+pub(crate) unsafe fn field<T: Copy>(base: *const u8, global: &u64) -> T {
     let at = base.wrapping_add(offset(global) as usize).cast::<T>();
     // SAFETY: see above.
     unsafe { core::ptr::read_volatile(at) }

@@ -9,6 +9,7 @@ mod metrics;
 mod node;
 mod preflight;
 mod privileges;
+mod refresher;
 mod tracker;
 
 use std::{fs, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -59,10 +60,16 @@ struct Cli {
     #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     grace_period: Duration,
 
-    /// How often to rescan the cgroup tree and read memory. New cgroups are
-    /// also picked up at once when a scrape meets an unknown one.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// How often to read memory and CPU limits and retire removed cgroups
+    /// (CPU time, traffic and throttling are read at each scrape).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     refresh_interval: Duration,
+
+    /// How often to walk the whole cgroup tree as a safety net. New and
+    /// removed cgroups come as kernel events; where the kernel cannot
+    /// provide them, the tree is walked every --refresh-interval instead.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    rescan_interval: Duration,
 
     /// Capacity of the per-cgroup kernel maps. Kernel memory is about
     /// 48 bytes × CPUs per entry; updates beyond it are counted in
@@ -136,6 +143,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     preflight::btf(&cli.btf_path)?;
     let mounts = Mounts::detect(cli.cgroup_root.as_deref())?;
     let listener = preflight::bind(cli.listen)?;
+    // Counted cgroups keep their files open (see cgroup::files).
+    match cgroup::files::raise_nofile_limit() {
+        Ok(limit) => debug!(limit, "open-files limit"),
+        Err(e) => warn!(
+            "cannot raise the open-files limit ({e}); cgroup files may be reopened for each read"
+        ),
+    }
     let node = cli
         .node_name
         .clone()
@@ -165,11 +179,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .context("Kubernetes API client")?
     };
 
-    let (attached, maps) = bpf::load(&mounts.unified, &cli.btf_path, cli.max_cgroups)?;
+    let bpf::Loaded {
+        attached,
+        maps,
+        tree,
+    } = bpf::load(&mounts.unified, &cli.btf_path, cli.max_cgroups)?;
     info!(
         max_cgroups = cli.max_cgroups,
-        "attached sched_switch, a CPU tick on every online CPU, and cgroup_skb ingress/egress at {}",
-        mounts.unified.display()
+        "attached sched_switch, a CPU tick on every online CPU, cgroup_skb ingress/egress at {}{}",
+        mounts.unified.display(),
+        if tree.is_some() {
+            " and cgroup mkdir/rmdir"
+        } else {
+            ""
+        }
     );
 
     // Still single-threaded: every thread started from here on inherits the
@@ -217,9 +240,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait: cli.metadata_wait,
         });
 
+        let unified_shows = mounts.unified_shows.clone();
         let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, naming));
-        let stats = tracker.refresh().context("first scan of the cgroup tree")?;
-        info!(cgroups = stats.cgroups, "scanned the cgroup tree");
+        let stats = tracker.rescan().context("first scan of the cgroup tree")?;
+        let first = tracker.refresh(true);
+        info!(
+            cgroups = stats.cgroups,
+            counted = first.read,
+            "scanned the cgroup tree"
+        );
         let exporter = Arc::new(metrics::Exporter::new(
             tracker.clone(),
             node,
@@ -231,7 +260,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         info!("serving http://{}/metrics", cli.listen);
 
-        tokio::spawn(refresh_loop(tracker.clone(), cli.refresh_interval));
+        let intervals = refresher::Intervals {
+            refresh: cli.refresh_interval,
+            rescan: cli.rescan_interval,
+        };
+        tokio::spawn(refresher::run(
+            tracker.clone(),
+            intervals,
+            tree,
+            unified_shows,
+        ));
         let app = http::App {
             exporter,
             tracker,
@@ -244,28 +282,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     drop(attached);
     info!("programs detached; exiting");
     Ok(())
-}
-
-/// Rescans on a timer, or sooner when a scrape asks.
-async fn refresh_loop(tracker: Arc<Tracker>, every: Duration) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = tracker.wake.notified() => {}
-        }
-        let t = tracker.clone();
-        match tokio::task::spawn_blocking(move || t.refresh()).await {
-            Ok(Ok(stats)) if stats.departed + stats.retired > 0 => info!(
-                cgroups = stats.cgroups,
-                departed = stats.departed,
-                retired = stats.retired,
-                "cgroup tree changed"
-            ),
-            Ok(Ok(stats)) => debug!(cgroups = stats.cgroups, "cgroup scan"),
-            Ok(Err(e)) => warn!("cgroup scan failed: {e}"),
-            Err(e) => warn!("cgroup scan panicked: {e}"),
-        }
-    }
 }
 
 async fn shutdown_signal() {

@@ -84,7 +84,7 @@ const SPECS: [Spec; 11] = [
         suffix: "cpu_limit_cores",
         help: "CPU limit of the cgroup in cores: CFS quota / period (cpu.max, or cpu.cfs_quota_us / cpu.cfs_period_us). Absent without a limit.",
         kind: MetricType::GAUGE,
-        value: |r| r.cpu_bandwidth.and_then(|b| b.limit_cores),
+        value: |r| r.cpu_limit,
     },
     Spec {
         suffix: "cpu_periods_total",
@@ -107,7 +107,7 @@ const SPECS: [Spec; 11] = [
 ];
 
 fn throttling(r: &Row) -> Option<Throttling> {
-    r.cpu_bandwidth.and_then(|b| b.stat)
+    r.throttling
 }
 
 const CONTAINER_PREFIX: &str = "podmeter_container_";
@@ -164,6 +164,11 @@ const SELF_FAMILIES: [(&str, &str, &[&str]); 4] = [
     ),
 ];
 
+const TREE_UPDATES: (&str, &str, &[&str]) = (
+    "podmeter_cgroup_tree_updates_total",
+    "How podmeter learned of new and removed cgroups: kernel cgroup2 mkdir and rmdir events, and walks of the whole tree (at start, every --rescan-interval, after lost events, for unknown ids; every refresh where the kernel provides no events).",
+    &["source"],
+);
 const KUBE_PODS: (&str, &str) = (
     "podmeter_kubernetes_pods",
     "Pods of this node in the Kubernetes API watch's store.",
@@ -372,6 +377,12 @@ impl Cgroups {
                 ("awaiting_metadata", awaiting),
             ],
         ));
+        let [mkdir, rmdir, scan] = snap.tree_updates.map(|n| n as f64);
+        out.push(by_label(
+            TREE_UPDATES,
+            MetricType::COUNTER,
+            &[("mkdir", mkdir), ("rmdir", rmdir), ("scan", scan)],
+        ));
         if let Some((pods, errors)) = snap.kubernetes {
             let one = |(name, help): (&str, &str), kind, v: f64| {
                 family(name.to_owned(), help, kind, vec![sample(vec![], kind, v)])
@@ -524,7 +535,7 @@ mod tests {
     use super::*;
     use crate::{
         cgroup::{
-            cpu::Bandwidth,
+            CgroupFiles, Mounts,
             identity::{PodIdentity, Qos},
         },
         tracker::Cgroup,
@@ -633,6 +644,15 @@ mod tests {
                 path: path.into(),
                 identity,
                 first_seen: Instant::now(),
+                files: CgroupFiles::new(
+                    &Mounts {
+                        unified: "/nonexistent".into(),
+                        memory_v1: None,
+                        cpu_v1: None,
+                        unified_shows: "/".into(),
+                    },
+                    path,
+                ),
             }),
             cpu: (k % 5 != 1).then_some(CpuCounters {
                 time_ns: 1_234_567_891 * k,
@@ -645,13 +665,12 @@ mod tests {
                 tx_packets: k + 1,
             }),
             memory: (k % 4 != 2).then_some(4096 * k),
-            cpu_bandwidth: k.is_multiple_of(2).then_some(Bandwidth {
-                limit_cores: k.is_multiple_of(4).then_some(0.25 * k as f64),
-                stat: Some(Throttling {
-                    periods: k,
-                    throttled_periods: k / 2,
-                    throttled_seconds: k as f64 / 7.0,
-                }),
+            cpu_limit: k.is_multiple_of(4).then_some(0.25 * k as f64),
+            // Also where there is no limit: the encoder writes what it gets.
+            throttling: k.is_multiple_of(2).then_some(Throttling {
+                periods: k,
+                throttled_periods: k / 2,
+                throttled_seconds: k as f64 / 7.0,
             }),
             names: names.map(Arc::new),
         }
@@ -709,6 +728,7 @@ mod tests {
             entries: [11, 4],
             capacity: 4096,
             tracked: [10, 1, 2, 3],
+            tree_updates: [5, 4, 2],
             kubernetes: Some((42, 7)),
         };
         let cgroups = Cgroups {
@@ -736,6 +756,7 @@ mod tests {
         let got = render(&cgroups, Some(&snap), Some(2), others.gather());
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
+        assert!(want.contains("podmeter_cgroup_tree_updates_total{source=\"rmdir\"} 4\n"));
         assert_eq!(got, want);
 
         let no_kube = Snapshot {

@@ -1,16 +1,22 @@
 //! Which cgroups podmeter reports, under which identity, for how long.
 //!
-//! Two paths share a [`Tracker`]:
+//! Three paths share a [`Tracker`]:
 //! * the scrape path ([`Tracker::snapshot`]) reads the kernel maps and joins
 //!   them with the current [`Index`]; it never walks the filesystem, so it
-//!   never waits on anything slow. Its only file reads are each live
-//!   cgroup's CPU limit and `cpu.stat` (two small cgroupfs files, see
-//!   `cgroup::cpu`): throttling counters are `rate()`d next to CPU usage and
-//!   must be as fresh as the maps;
-//! * the refresh path ([`Tracker::refresh`], in the background every
-//!   `--refresh-interval`, and at once when a scrape meets an unknown id)
-//!   walks the cgroup2 tree, parses new paths, reads memory, and retires
-//!   cgroups that have been gone longer than the grace period.
+//!   never waits on anything slow. Its only file reads are the `cpu.stat`
+//!   of each live cgroup with a CPU limit (see `cgroup::cpu`): throttling
+//!   counters are `rate()`d next to CPU usage and must be as fresh as the
+//!   maps;
+//! * the tree path keeps the id → path index: [`Tracker::apply`] takes the
+//!   kernel's cgroup mkdir/rmdir events as they come, [`Tracker::rescan`]
+//!   walks the cgroup2 tree (at start, when events were lost or are not
+//!   available, now and then as a safety net, and at once when a scrape
+//!   meets an unknown id);
+//! * the refresh path ([`Tracker::refresh`], every `--refresh-interval`)
+//!   reads memory and CPU limits of the counted cgroups, and retires cgroups
+//!   that have been gone longer than the grace period.
+//!
+//! Files of counted cgroups stay open between reads (`cgroup::files`).
 //!
 //! A cgroup that disappears keeps its final values for the grace period so
 //! its last increase is not lost between scrapes; then its series go and its
@@ -20,7 +26,10 @@
 use std::{
     collections::HashMap,
     io,
-    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,7 +39,7 @@ use tokio::sync::Notify;
 
 use crate::{
     bpf::Maps,
-    cgroup::{Identity, Mounts, cpu, identity, memory, tree},
+    cgroup::{CgroupFiles, Identity, Mounts, cpu, identity, tree},
     kube::{Lookup, Names, PodStore},
 };
 
@@ -41,20 +50,49 @@ pub struct Cgroup {
     pub path: String,
     /// What the path says about its owner.
     pub identity: Identity,
-    /// When a scan first saw it.
+    /// When a scan or event first showed it.
     pub first_seen: Instant,
+    /// Its memory and CPU files, open while it is counted.
+    pub files: CgroupFiles,
 }
 
-/// The id → cgroup view the scrape path reads; replaced whole by each refresh.
-#[derive(Debug, Default)]
+/// What the refresh path last read of a counted cgroup.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    /// Memory working set, if its hierarchy accounts memory.
+    memory: Option<u64>,
+    /// CPU limit, if a cpu controller covers the cgroup.
+    limit: Option<cpu::Limit>,
+}
+
+/// A change to the cgroup2 tree, as the kernel reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TreeEvent {
+    /// `mkdir`: a cgroup with this id at this path (relative to the mount).
+    Created {
+        /// cgroup id.
+        id: u64,
+        /// `/a/b`.
+        path: String,
+    },
+    /// `rmdir`.
+    Removed {
+        /// cgroup id.
+        id: u64,
+    },
+}
+
+/// The id → cgroup view the scrape path reads; replaced whole by each change
+/// (the scrape path takes no lock a file read could hold up).
+#[derive(Clone, Debug, Default)]
 pub struct Index {
     live: HashMap<u64, Arc<Cgroup>>,
     /// Gone from the tree, with when that was noticed.
     departed: HashMap<u64, (Arc<Cgroup>, Instant)>,
     /// Counted by the kernel but never seen in the tree, with first sighting.
     unresolved: HashMap<u64, Instant>,
-    /// Working set by id, for counted cgroups (departed: last value read).
-    memory: HashMap<u64, u64>,
+    /// Memory and limit by id, for counted cgroups (departed: last read).
+    stats: HashMap<u64, Stats>,
 }
 
 impl Index {
@@ -76,9 +114,11 @@ pub struct Row {
     pub net: Option<NetCounters>,
     /// Memory working set, if its hierarchy accounts memory.
     pub memory: Option<u64>,
-    /// CPU limit and throttling, if a cpu controller covers the cgroup
-    /// (live cgroups only: a departed one has no files to read).
-    pub cpu_bandwidth: Option<cpu::Bandwidth>,
+    /// CPU limit in cores, if the cgroup has one (live cgroups only: a
+    /// departed one has no files to read).
+    pub cpu_limit: Option<f64>,
+    /// Throttling counters, for live cgroups with a CPU limit.
+    pub throttling: Option<cpu::Throttling>,
     /// Kubernetes names, for pod cgroups (empty values where unknown).
     pub names: Option<Arc<Names>>,
 }
@@ -97,20 +137,26 @@ pub struct Snapshot {
     /// Cgroups by state: `[live and counted, departed, unresolved,
     /// awaiting metadata]`.
     pub tracked: [usize; 4],
+    /// Tree updates so far: `[mkdir events, rmdir events, walks]`.
+    pub tree_updates: [u64; 3],
     /// Pods in the API watch's store, and watch errors so far, when the
     /// Kubernetes API is in use.
     pub kubernetes: Option<(usize, u64)>,
 }
 
-/// What one refresh did, for logs.
+/// What one change to the index did, for logs.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RefreshStats {
     /// Cgroups in the tree.
     pub cgroups: usize,
+    /// Newly seen.
+    pub created: usize,
     /// Newly departed.
     pub departed: usize,
     /// Retired after the grace period (map entries deleted).
     pub retired: usize,
+    /// Cgroups whose memory and limit were read.
+    pub read: usize,
 }
 
 /// How pod cgroups get their Kubernetes names.
@@ -132,9 +178,15 @@ pub struct Tracker {
     /// Last exported CPU time and switches per id: keeps the counters
     /// monotonic when a racing read comes out low (see `Maps::read`).
     last_cpu: Mutex<HashMap<u64, CpuCounters>>,
-    /// Wakes the refresher early.
+    /// Wakes the refresher early: a scrape met a cgroup it cannot name or
+    /// has no memory reading for.
     pub wake: Notify,
-    last_refresh: Mutex<Option<Result<Instant, String>>>,
+    /// Set with `wake` when the scrape met an id the index lacks.
+    rescan_wanted: AtomicBool,
+    /// See [`Snapshot::tree_updates`].
+    tree_updates: [AtomicU64; 3],
+    last_refresh: Mutex<Option<Instant>>,
+    last_rescan_error: Mutex<Option<String>>,
     /// The node's pods from the API, if one is configured.
     pods: Option<PodStore>,
     /// How long a pod cgroup's series wait for its names before going out
@@ -173,7 +225,10 @@ impl Tracker {
             index: RwLock::new(Arc::default()),
             last_cpu: Mutex::default(),
             wake: Notify::new(),
+            rescan_wanted: AtomicBool::new(false),
+            tree_updates: Default::default(),
             last_refresh: Mutex::new(None),
+            last_rescan_error: Mutex::new(None),
         }
     }
 
@@ -201,8 +256,7 @@ impl Tracker {
         ids.dedup();
 
         let mut rows = Vec::with_capacity(ids.len());
-        let mut live_rows = Vec::with_capacity(ids.len());
-        let mut unknown = false;
+        let (mut unknown, mut missing_stats) = (false, false);
         let (mut live, mut awaiting) = (0, 0);
         let pods = self.pods.as_ref().map(|p| (p, p.by_uid()));
         let mut names = lock(&self.names);
@@ -239,19 +293,27 @@ impl Tracker {
             };
             let is_live = index.live.contains_key(&id);
             live += usize::from(is_live);
-            live_rows.push(is_live);
+            let stats = index.stats.get(&id).copied();
+            // Counted but not yet read (new since the last refresh): the
+            // refresher reads it at once, so its memory shows next scrape.
+            missing_stats |= is_live && stats.is_none();
             let cpu = reading.cpu.get(&id).map(|c| {
                 let last = last_cpu.entry(id).or_default();
                 last.time_ns = last.time_ns.max(c.time_ns);
                 last.switches = last.switches.max(c.switches);
                 *last
             });
+            let cpu_limit = match stats.and_then(|s| s.limit) {
+                Some(cpu::Limit::Cores(c)) if is_live => Some(c),
+                _ => None,
+            };
             rows.push(Row {
                 cgroup: cgroup.clone(),
                 cpu,
                 net: reading.net.get(&id).copied(),
-                memory: index.memory.get(&id).copied(),
-                cpu_bandwidth: None,
+                memory: stats.and_then(|s| s.memory),
+                cpu_limit,
+                throttling: None,
                 names,
             });
         }
@@ -259,16 +321,22 @@ impl Tracker {
         drop(names);
         // File reads outside the locks: a slow cgroupfs never holds up the
         // refresher or another scrape.
-        for (row, _) in rows.iter_mut().zip(live_rows).filter(|(_, live)| *live) {
-            row.cpu_bandwidth = cpu::bandwidth(&self.mounts, &row.cgroup.path);
+        for row in rows.iter_mut().filter(|r| r.cpu_limit.is_some()) {
+            row.throttling = row.cgroup.files.cpu.as_ref().and_then(|f| f.throttling());
         }
         if unknown {
+            self.rescan_wanted.store(true, Ordering::Relaxed);
+        }
+        if unknown || missing_stats {
             self.wake.notify_one();
         }
         Ok(Snapshot {
             tracked: [live, index.departed.len(), index.unresolved.len(), awaiting],
-            kubernetes: pods
-                .map(|(p, _)| (p.len(), p.errors.load(std::sync::atomic::Ordering::Relaxed))),
+            tree_updates: self
+                .tree_updates
+                .each_ref()
+                .map(|n| n.load(Ordering::Relaxed)),
+            kubernetes: pods.map(|(p, _)| (p.len(), p.errors.load(Ordering::Relaxed))),
             rows,
             dropped: reading.dropped,
             entries: [reading.cpu.len(), reading.net.len()],
@@ -276,50 +344,122 @@ impl Tracker {
         })
     }
 
-    /// The refresh path: rescan the tree, read memory, retire the departed.
-    pub fn refresh(&self) -> io::Result<RefreshStats> {
-        let result = self.refresh_inner();
-        *lock(&self.last_refresh) = Some(match &result {
-            Ok(_) => Ok(Instant::now()),
-            Err(e) => Err(e.to_string()),
-        });
-        result
+    /// cgroup events the kernel could not queue since start (0 if the maps
+    /// cannot be read: the next read that works shows the whole count).
+    pub fn tree_drops(&self) -> u64 {
+        lock(&self.maps).tree_drops().unwrap_or(0)
     }
 
-    fn refresh_inner(&self) -> io::Result<RefreshStats> {
-        let paths = tree::scan(&self.mounts.unified)?;
+    /// Whether a scrape asked for a walk of the tree since the last call.
+    pub fn take_rescan_wanted(&self) -> bool {
+        self.rescan_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// A new cgroup record for `path`, first seen `now`.
+    fn cgroup(&self, path: String, now: Instant) -> Arc<Cgroup> {
+        Arc::new(Cgroup {
+            identity: identity::parse(&path),
+            files: CgroupFiles::new(&self.mounts, &path),
+            path,
+            first_seen: now,
+        })
+    }
+
+    fn publish(&self, index: Index) {
+        *self.index.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(index);
+    }
+
+    /// The tree path, from a walk: every cgroup in the tree is live, every
+    /// other live one departed.
+    pub fn rescan(&self) -> io::Result<RefreshStats> {
+        let result = tree::scan(&self.mounts.unified);
+        *lock(&self.last_rescan_error) = result.as_ref().err().map(ToString::to_string);
+        let paths = result?;
+        self.tree_updates[2].fetch_add(1, Ordering::Relaxed);
         let old = self.index();
         let now = Instant::now();
         let mut stats = RefreshStats {
             cgroups: paths.len(),
             ..Default::default()
         };
-
-        let mut live = HashMap::with_capacity(paths.len());
+        let mut index = Index {
+            live: HashMap::with_capacity(paths.len()),
+            departed: old.departed.clone(),
+            unresolved: old.unresolved.clone(),
+            stats: old.stats.clone(),
+        };
         for (id, path) in paths {
             let cgroup = match old.live.get(&id) {
                 Some(c) if c.path == path => c.clone(),
-                _ => Arc::new(Cgroup {
-                    identity: identity::parse(&path),
-                    path,
-                    first_seen: now,
-                }),
+                _ => {
+                    stats.created += 1;
+                    index.departed.remove(&id);
+                    index.unresolved.remove(&id);
+                    self.cgroup(path, now)
+                }
             };
-            live.insert(id, cgroup);
+            index.live.insert(id, cgroup);
         }
-
-        let mut retire = Vec::new();
-        let mut departed = HashMap::new();
         for (id, cgroup) in &old.live {
-            if !live.contains_key(id) {
-                departed.insert(*id, (cgroup.clone(), now));
+            if !index.live.contains_key(id) {
+                cgroup.files.close();
+                index.departed.insert(*id, (cgroup.clone(), now));
                 stats.departed += 1;
             }
         }
-        for (id, (cgroup, since)) in &old.departed {
-            if live.contains_key(id) {
-                continue;
+        self.publish(index);
+        Ok(stats)
+    }
+
+    /// The tree path, from the kernel's events (in the order they happened).
+    pub fn apply(&self, events: &[TreeEvent]) -> RefreshStats {
+        let old = self.index();
+        let now = Instant::now();
+        let mut index = Index::clone(&old);
+        let mut stats = RefreshStats::default();
+        for event in events {
+            let kind = usize::from(matches!(event, TreeEvent::Removed { .. }));
+            self.tree_updates[kind].fetch_add(1, Ordering::Relaxed);
+            match event {
+                TreeEvent::Created { id, path } => {
+                    if index.live.get(id).is_some_and(|c| &c.path == path) {
+                        continue; // a rescan saw it first
+                    }
+                    index.departed.remove(id);
+                    index.unresolved.remove(id);
+                    index.live.insert(*id, self.cgroup(path.clone(), now));
+                    stats.created += 1;
+                }
+                TreeEvent::Removed { id } => {
+                    if let Some(cgroup) = index.live.remove(id) {
+                        cgroup.files.close();
+                        index.departed.insert(*id, (cgroup, now));
+                        stats.departed += 1;
+                    }
+                }
             }
+        }
+        stats.cgroups = index.live.len();
+        if stats.created + stats.departed > 0 {
+            self.publish(index);
+        }
+        stats
+    }
+
+    /// The refresh path: reads memory and CPU limits of the counted live
+    /// cgroups (`all`, or only those never read yet), and retires departed
+    /// and unresolved cgroups past the grace period.
+    pub fn refresh(&self, all: bool) -> RefreshStats {
+        let old = self.index();
+        let now = Instant::now();
+        let mut stats = RefreshStats {
+            cgroups: old.live.len(),
+            ..Default::default()
+        };
+
+        let mut retire = Vec::new();
+        let mut departed = HashMap::with_capacity(old.departed.len());
+        for (id, (cgroup, since)) in &old.departed {
             if now.duration_since(*since) < self.grace {
                 departed.insert(*id, (cgroup.clone(), *since));
             } else {
@@ -329,20 +469,28 @@ impl Tracker {
 
         let counted = lock(&self.maps).ids();
         let mut unresolved = HashMap::new();
-        let mut memory = HashMap::new();
+        let mut read = HashMap::with_capacity(counted.len());
         for &id in &counted {
-            if let Some(cgroup) = live.get(&id) {
-                if let Some(ws) = memory::working_set(&self.mounts, &cgroup.path) {
-                    memory.insert(id, ws);
-                }
+            if let Some(cgroup) = old.live.get(&id) {
+                let s = match old.stats.get(&id) {
+                    Some(s) if !all => *s,
+                    _ => {
+                        stats.read += 1;
+                        Stats {
+                            memory: cgroup.files.memory.as_ref().and_then(|m| m.working_set()),
+                            limit: cgroup.files.cpu.as_ref().and_then(|c| c.limit()),
+                        }
+                    }
+                };
+                read.insert(id, s);
             } else if departed.contains_key(&id) {
-                if let Some(&ws) = old.memory.get(&id) {
-                    memory.insert(id, ws);
+                if let Some(&s) = old.stats.get(&id) {
+                    read.insert(id, s);
                 }
             } else if !retire.contains(&id) {
-                // Died before any scan saw it (or a socket outlived its
-                // cgroup): nothing to name it by. Keep it out of the series
-                // and drop its counters after the grace period.
+                // Died before any scan or event showed it (or a socket
+                // outlived its cgroup): nothing to name it by. Keep it out
+                // of the series and drop its counters after the grace period.
                 let first = old.unresolved.get(&id).copied().unwrap_or(now);
                 if now.duration_since(first) < self.grace {
                     unresolved.insert(id, first);
@@ -362,24 +510,44 @@ impl Tracker {
             stats.retired = retire.len();
         }
 
-        *self.index.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Index {
-            live,
+        // The tree path may have published since `old` was taken (it runs
+        // on the same task today, but nothing here depends on that): keep
+        // its live set, and only what this pass decided of the rest.
+        let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+        let current = Index::clone(&index);
+        let departed = departed
+            .into_iter()
+            .chain(
+                current
+                    .departed
+                    .into_iter()
+                    .filter(|(id, _)| !old.departed.contains_key(id)),
+            )
+            .filter(|(id, _)| !current.live.contains_key(id))
+            .collect();
+        *index = Arc::new(Index {
+            live: current.live,
             departed,
             unresolved,
-            memory,
+            stats: read,
         });
-        Ok(stats)
+        drop(index);
+        *lock(&self.last_refresh) = Some(now);
+        stats
     }
 
-    /// `Ok` when the last refresh succeeded within `max_age`; otherwise why not.
+    /// `Ok` when the last walk of the tree succeeded and the last refresh
+    /// ran within `max_age`; otherwise why not.
     pub fn ready(&self, max_age: Duration) -> Result<(), String> {
-        match &*lock(&self.last_refresh) {
-            None => Err("no cgroup scan has completed yet".into()),
-            Some(Err(e)) => Err(format!("last cgroup scan failed: {e}")),
-            Some(Ok(at)) if at.elapsed() > max_age => {
-                Err(format!("last cgroup scan was {:?} ago", at.elapsed()))
+        if let Some(e) = &*lock(&self.last_rescan_error) {
+            return Err(format!("last cgroup scan failed: {e}"));
+        }
+        match *lock(&self.last_refresh) {
+            None => Err("no refresh has completed yet".into()),
+            Some(at) if at.elapsed() > max_age => {
+                Err(format!("last refresh was {:?} ago", at.elapsed()))
             }
-            Some(Ok(_)) => Ok(()),
+            Some(_) => Ok(()),
         }
     }
 }

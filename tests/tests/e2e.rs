@@ -27,7 +27,7 @@ fn podmeter(kube: &Kube) -> String {
     let manifest = manifest
         .replace("--grace-period=90s", "--grace-period=10s")
         .replace(
-            "--refresh-interval=5s",
+            "--refresh-interval=15s",
             "--refresh-interval=1s\n            - --metadata-wait=5s",
         );
     assert!(

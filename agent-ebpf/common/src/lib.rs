@@ -14,8 +14,11 @@ pub const DEFAULT_MAX_CGROUPS: u32 = 4096;
 pub const DROP_CPU: u32 = 0;
 /// Index into the drop counters: an update to the network map failed.
 pub const DROP_NET: u32 = 1;
+/// Index into the drop counters: a cgroup tree event did not fit in the
+/// ring buffer (the agent then walks the tree instead).
+pub const DROP_TREE: u32 = 2;
 /// Number of drop counters.
-pub const DROP_SLOTS: u32 = 2;
+pub const DROP_SLOTS: u32 = 3;
 
 /// Period of the per-CPU sampling tick, in nanoseconds.
 ///
@@ -118,6 +121,39 @@ impl OnCpu {
     }
 }
 
+/// [`TreeEvent::kind`] of a `cgroup_mkdir`.
+pub const TREE_MKDIR: u32 = 1;
+/// [`TreeEvent::kind`] of a `cgroup_rmdir`.
+pub const TREE_RMDIR: u32 = 2;
+/// Room for a cgroup's path in a [`TreeEvent`], NUL included. Kubernetes'
+/// deepest (systemd driver) container paths are under 200 bytes; a longer
+/// path arrives flagged as cut and the agent walks the tree for it.
+pub const TREE_PATH_MAX: usize = 512;
+
+/// A cgroup made or removed in the cgroup2 hierarchy, from the
+/// `cgroup_mkdir`/`cgroup_rmdir` tracepoints, through a ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TreeEvent {
+    /// The cgroup's id.
+    pub id: u64,
+    /// [`TREE_MKDIR`] or [`TREE_RMDIR`].
+    pub kind: u32,
+    /// Bytes of `path` before its NUL; 0 when the path could not be read,
+    /// [`TREE_PATH_MAX`] when it did not fit.
+    pub path_len: u32,
+    /// Path from the hierarchy's root (`/a/b`), NUL-terminated.
+    pub path: [u8; TREE_PATH_MAX],
+}
+
+impl TreeEvent {
+    /// The path, when it was read whole.
+    pub fn path(&self) -> Option<&[u8]> {
+        let len = self.path_len as usize;
+        (len > 0 && len < TREE_PATH_MAX).then(|| &self.path[..len])
+    }
+}
+
 // Userspace sums each map value over CPUs.
 impl core::ops::AddAssign for CpuCounters {
     fn add_assign(&mut self, o: Self) {
@@ -138,6 +174,7 @@ impl core::ops::AddAssign for NetCounters {
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 24 * PENDING_SLOTS);
+const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 
 #[cfg(feature = "user")]
 mod user {

@@ -7,11 +7,17 @@
 
 mod btf;
 
-use std::{collections::HashMap, fs::File, io, path::Path};
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::fd::{AsRawFd, RawFd},
+    path::Path,
+};
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
-    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, PerfEvent, ProgramError,
         RawTracePoint,
@@ -20,7 +26,10 @@ use aya::{
     util::online_cpus,
 };
 use nix::time::{ClockId, clock_gettime};
-use podmeter_common::{CpuCounters, DROP_CPU, DROP_NET, NetCounters, OnCpu, TICK_PERIOD_NS};
+use podmeter_common::{
+    CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, OnCpu, TICK_PERIOD_NS, TREE_MKDIR,
+    TREE_RMDIR, TreeEvent,
+};
 
 /// Reads of the per-CPU state before a CPU whose every copy was torn by a
 /// concurrent update is left out of a reading. An update takes well under a
@@ -83,6 +92,51 @@ pub struct Maps {
     capacity: u32,
 }
 
+/// The kernel's cgroup2 mkdir/rmdir events (see `agent-ebpf/src/tree.rs`).
+pub struct TreeEvents {
+    ring: RingBuf<MapData>,
+}
+
+/// One event of [`TreeEvents`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tree {
+    /// A cgroup was made at this path, from the hierarchy's root; `None`
+    /// when the path did not fit in the event or could not be read.
+    Mkdir(u64, Option<String>),
+    /// A cgroup was removed.
+    Rmdir(u64),
+}
+
+impl TreeEvents {
+    /// Every event in the buffer now, oldest first.
+    pub fn drain(&mut self, out: &mut Vec<Tree>) {
+        while let Some(item) = self.ring.next() {
+            if item.len() < size_of::<TreeEvent>() {
+                continue; // not ours: the object and agent are built together
+            }
+            // SAFETY: the programs submit whole `TreeEvent`s (plain data);
+            // the read is unaligned-safe.
+            let e: TreeEvent = unsafe { item.as_ptr().cast::<TreeEvent>().read_unaligned() };
+            out.push(match e.kind {
+                TREE_MKDIR => Tree::Mkdir(
+                    e.id,
+                    e.path().map(|p| String::from_utf8_lossy(p).into_owned()),
+                ),
+                TREE_RMDIR => Tree::Rmdir(e.id),
+                _ => continue,
+            });
+        }
+    }
+}
+
+impl AsRawFd for TreeEvents {
+    /// The ring buffer map's descriptor, owned by `self` and the same for
+    /// its whole life (what `tokio::io::unix::AsyncFd::register` needs).
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
 /// Per-cgroup totals summed over CPUs, at one instant.
 #[derive(Debug, Default)]
 pub struct Reading {
@@ -94,14 +148,21 @@ pub struct Reading {
     pub dropped: [u64; 2],
 }
 
+/// What [`load`] set up.
+pub struct Loaded {
+    /// The programs; dropping this detaches them.
+    pub attached: Attached,
+    /// The counter maps.
+    pub maps: Maps,
+    /// cgroup2 mkdir/rmdir events, when the kernel let the programs attach.
+    pub tree: Option<TreeEvents>,
+}
+
 /// Loads the embedded object with counter maps of `max_cgroups` entries and
 /// attaches every program: `sched_switch`, a tick on each online CPU, and
-/// `cgroup_skb` ingress/egress at `cgroup2_root`.
-pub fn load(
-    cgroup2_root: &Path,
-    btf_path: &Path,
-    max_cgroups: u32,
-) -> Result<(Attached, Maps), BpfError> {
+/// `cgroup_skb` ingress/egress at `cgroup2_root`, and, where the kernel
+/// allows, the cgroup mkdir/rmdir tracepoints.
+pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Loaded, BpfError> {
     let offsets = kernel_offsets(btf_path);
     let mut loader = EbpfLoader::new();
     loader
@@ -115,9 +176,15 @@ pub fn load(
     let prog = |name| BpfError::Missing(name);
     let err = |name| move |source| BpfError::Program { name, source };
 
+    let known = |names: &[&str]| {
+        offsets
+            .iter()
+            .filter(|(g, _)| names.contains(g))
+            .all(|(_, off)| *off != 0)
+    };
     // The BTF-enabled tracepoint reads tasks with plain loads: about half
     // the cost of the raw one, which needs helpers for the same reads.
-    let btf_ok = offsets.iter().all(|(_, off)| *off != 0);
+    let btf_ok = known(&SWITCH_OFFSETS);
     let fast = if btf_ok {
         attach_switch_btf(&mut ebpf, btf_path)
     } else {
@@ -176,6 +243,24 @@ pub fn load(
             .map_err(err(name))?;
     }
 
+    let tree = if known(&TREE_OFFSETS) {
+        attach_tree(&mut ebpf, btf_path)
+    } else {
+        Err("struct cgroup/cgroup_root members are missing from kernel BTF".to_owned())
+    };
+    let tree = match tree {
+        Ok(()) => Some(TreeEvents {
+            ring: take(&mut ebpf, "PM_TREE")?,
+        }),
+        Err(e) => {
+            tracing::warn!(
+                "cgroup mkdir/rmdir tracepoints unavailable ({e}); new and removed cgroups are \
+                 found by walking the cgroup tree every refresh instead, which costs more CPU"
+            );
+            None
+        }
+    };
+
     let maps = Maps {
         cpu: take(&mut ebpf, "PM_CPU")?,
         net: take(&mut ebpf, "PM_NET")?,
@@ -183,7 +268,39 @@ pub fn load(
         drops: take(&mut ebpf, "PM_DROPS")?,
         capacity: max_cgroups,
     };
-    Ok((Attached { _ebpf: ebpf }, maps))
+    Ok(Loaded {
+        attached: Attached { _ebpf: ebpf },
+        maps,
+        tree,
+    })
+}
+
+/// Loads and attaches the cgroup mkdir/rmdir programs (`tp_btf`), both or
+/// neither: half a pair would miss removals, or creations.
+fn attach_tree(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
+    let btf = Btf::parse_file(btf_path, Endianness::default())
+        .map_err(|e| format!("{}: {e}", btf_path.display()))?;
+    fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, String> {
+        ebpf.program_mut(name)
+            .ok_or(format!("no {name} in the object"))?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())
+    }
+    let mkdir = program(ebpf, "pm_cgroup_mkdir")?;
+    mkdir
+        .load("cgroup_mkdir", &btf)
+        .map_err(|e| format!("cgroup_mkdir: {e}"))?;
+    mkdir.attach().map_err(|e| format!("cgroup_mkdir: {e}"))?;
+    let rmdir = program(ebpf, "pm_cgroup_rmdir")?;
+    let attached = rmdir
+        .load("cgroup_rmdir", &btf)
+        .and_then(|()| rmdir.attach().map(drop))
+        .map_err(|e| format!("cgroup_rmdir: {e}"));
+    if attached.is_err() {
+        let _ = rmdir.unload();
+        let _ = program(ebpf, "pm_cgroup_mkdir")?.unload();
+    }
+    attached
 }
 
 /// Loads and attaches the `tp_btf` flavour of the switch program.
@@ -204,6 +321,24 @@ fn attach_switch_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The members the BTF-enabled `sched_switch` program reads.
+const SWITCH_OFFSETS: [&str; 6] = [
+    "SUM_EXEC_RUNTIME_OFFSET",
+    "TASK_PID_OFFSET",
+    "TASK_CGROUPS_OFFSET",
+    "CSS_SET_DFL_CGRP_OFFSET",
+    "CGROUP_KN_OFFSET",
+    "KERNFS_NODE_ID_OFFSET",
+];
+
+/// The members the cgroup mkdir/rmdir programs read.
+const TREE_OFFSETS: [&str; 4] = [
+    "CGROUP_ROOT_OFFSET",
+    "ROOT_HIERARCHY_ID_OFFSET",
+    "CGROUP_KN_OFFSET",
+    "KERNFS_NODE_ID_OFFSET",
+];
+
 /// Kernel struct members the programs read, as `(global, offset)`.
 ///
 /// `sum_exec_runtime` is where the kernel keeps a task's accounted CPU time,
@@ -211,8 +346,8 @@ fn attach_switch_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
 /// bill wall-clock time between events, which includes a VM's steal time.
 /// The others let the switch program find the task's cgroup id itself. An
 /// offset BTF cannot tell is 0.
-fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 6] {
-    const MEMBERS: [(&str, &str, &[&str]); 6] = [
+fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 8] {
+    const MEMBERS: [(&str, &str, &[&str]); 8] = [
         (
             "SUM_EXEC_RUNTIME_OFFSET",
             "task_struct",
@@ -223,6 +358,8 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 6] {
         ("CSS_SET_DFL_CGRP_OFFSET", "css_set", &["dfl_cgrp"]),
         ("CGROUP_KN_OFFSET", "cgroup", &["kn"]),
         ("KERNFS_NODE_ID_OFFSET", "kernfs_node", &["id"]),
+        ("CGROUP_ROOT_OFFSET", "cgroup", &["root"]),
+        ("ROOT_HIERARCHY_ID_OFFSET", "cgroup_root", &["hierarchy_id"]),
     ];
     const WALL_CLOCK: &str =
         "billing wall-clock time between switches, which includes steal time on VMs";
@@ -249,10 +386,12 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 6] {
                 (global, off)
             }
             Err(e) => {
-                let consequence = if global == "SUM_EXEC_RUNTIME_OFFSET" {
-                    WALL_CLOCK
-                } else {
-                    "the switch program falls back to helpers"
+                let consequence = match global {
+                    "SUM_EXEC_RUNTIME_OFFSET" => WALL_CLOCK,
+                    "CGROUP_ROOT_OFFSET" | "ROOT_HIERARCHY_ID_OFFSET" => {
+                        "the cgroup tree is walked instead of followed by events"
+                    }
+                    _ => "the switch program falls back to helpers",
                 };
                 tracing::warn!(
                     "cannot locate {member} in {} ({e}); {consequence}",
@@ -362,6 +501,11 @@ impl Maps {
             }
         }
         Ok(good)
+    }
+
+    /// Tree events lost to a full ring buffer since the programs loaded.
+    pub fn tree_drops(&self) -> Result<u64, MapError> {
+        Ok(self.drops.get(&DROP_TREE, 0)?.iter().sum())
     }
 
     /// Every cgroup id either counter map holds.

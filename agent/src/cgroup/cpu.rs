@@ -10,11 +10,12 @@
 //!   of the `cpu` controller's hierarchy, at the same relative path as the
 //!   cgroup2 directory (the kubelet and runc create both).
 //!
-//! These are read at scrape time, not in the background refresh: they are
-//! counters that alerts take `rate()`s of next to `cpu_usage_seconds_total`,
-//! so they have to be as fresh as the kernel maps. That costs one read of
-//! the limit and one of `cpu.stat` per cgroup (v1 keeps quota and period in
-//! two files: a third read, only when a quota is set).
+//! The throttling counters are read at scrape time, not in the background
+//! refresh: alerts take `rate()`s of them next to `cpu_usage_seconds_total`,
+//! so they have to be as fresh as the kernel maps. The limit changes rarely
+//! (a pod resize) and is read by the refresh. Throttling is reported only
+//! for cgroups with a limit, as cAdvisor does: without a quota the counters
+//! cannot move, and a thousand series of zeros would double a scrape.
 //!
 //! In v2, `cpu.max` exists only where the cpu controller is enabled for the
 //! cgroup (its parent's `cgroup.subtree_control`); without it `cpu.stat`
@@ -24,19 +25,7 @@
 
 use std::path::Path;
 
-use super::{
-    Mounts,
-    memory::{read_small, stat_value as value},
-};
-
-/// A cgroup's CFS bandwidth limit and throttling counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Bandwidth {
-    /// Quota / period in cores; `None` when the cgroup has no limit.
-    pub limit_cores: Option<f64>,
-    /// Throttling counters, when the kernel keeps them (CONFIG_CFS_BANDWIDTH).
-    pub stat: Option<Throttling>,
-}
+use super::{Mounts, files::StatFile, memory::stat_value as value};
 
 /// The CFS bandwidth counters of `cpu.stat`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -49,46 +38,95 @@ pub struct Throttling {
     pub throttled_seconds: f64,
 }
 
-/// The limit and throttling of the cgroup at `rel` (relative to the mounts),
-/// or `None` where no cpu controller covers it.
-pub fn bandwidth(mounts: &Mounts, rel: &str) -> Option<Bandwidth> {
-    let rel = rel.trim_start_matches('/');
-    if rel.is_empty() {
-        return None; // the root has no limit; the node is node-exporter's
-    }
-    // A controller is bound to one hierarchy: on a hybrid host whose cpu
-    // controller is in v1, the cgroup2 tree has no cpu.max to try.
-    match &mounts.cpu_v1 {
-        Some(v1) => read_v1(v1, rel),
-        None => read_v2(&mounts.unified, rel),
-    }
+/// A cgroup's CPU limit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Limit {
+    /// A cpu controller covers the cgroup and sets no quota.
+    Unlimited,
+    /// Quota / period, in cores.
+    Cores(f64),
 }
 
-fn read_v2(root: &Path, dir: &str) -> Option<Bandwidth> {
-    let read = |file: &str| read_small(root, &format!("{dir}/{file}"));
-    let max = read("cpu.max").ok()?;
-    let stat = read("cpu.stat").ok();
-    Some(Bandwidth {
-        limit_cores: parse_cpu_max(&max),
-        stat: stat.as_deref().and_then(parse_stat_v2),
-    })
+/// The files of a cgroup's CPU limit and throttling counters.
+#[derive(Debug)]
+pub enum Files {
+    /// `cpu.max` and `cpu.stat` in the cgroup2 tree.
+    V2 {
+        /// `cpu.max`.
+        max: StatFile,
+        /// `cpu.stat`.
+        stat: StatFile,
+    },
+    /// The v1 `cpu` hierarchy's quota, period and `cpu.stat`.
+    V1 {
+        /// `cpu.cfs_quota_us`.
+        quota: StatFile,
+        /// `cpu.cfs_period_us`.
+        period: StatFile,
+        /// `cpu.stat`.
+        stat: StatFile,
+    },
 }
 
-fn read_v1(root: &Path, dir: &str) -> Option<Bandwidth> {
-    let read = |file: &str| read_small(root, &format!("{dir}/{file}"));
-    let quota = read("cpu.cfs_quota_us").ok()?;
-    let limit_cores = match quota.trim().parse::<i64>().ok()? {
-        q if q > 0 => {
-            let period = read("cpu.cfs_period_us").ok()?;
-            cores(q as u64, period.trim().parse().ok()?)
+impl Files {
+    /// The CPU files of the cgroup at `rel` (relative to the mounts), or
+    /// `None` for the root, which cannot be limited. Nothing is opened yet.
+    pub fn new(mounts: &Mounts, rel: &str) -> Option<Self> {
+        let rel = rel.trim_start_matches('/');
+        if rel.is_empty() {
+            return None;
         }
-        _ => None, // -1: no limit
-    };
-    let stat = read("cpu.stat").ok();
-    Some(Bandwidth {
-        limit_cores,
-        stat: stat.as_deref().and_then(parse_stat_v1),
-    })
+        let file = |root: &Path, name: &str| StatFile::new(root, format!("{rel}/{name}"));
+        // A controller is bound to one hierarchy: on a hybrid host whose cpu
+        // controller is in v1, the cgroup2 tree has no cpu.max to try.
+        Some(match &mounts.cpu_v1 {
+            Some(v1) => Self::V1 {
+                quota: file(v1, "cpu.cfs_quota_us"),
+                period: file(v1, "cpu.cfs_period_us"),
+                stat: file(v1, "cpu.stat"),
+            },
+            None => Self::V2 {
+                max: file(&mounts.unified, "cpu.max"),
+                stat: file(&mounts.unified, "cpu.stat"),
+            },
+        })
+    }
+
+    /// The limit now, or `None` where no cpu controller covers the cgroup
+    /// (or it is gone).
+    pub fn limit(&self) -> Option<Limit> {
+        let cores = match self {
+            Self::V2 { max, .. } => parse_cpu_max(&max.read().ok()?),
+            Self::V1 { quota, period, .. } => {
+                match quota.read().ok()?.trim().parse::<i64>().ok()? {
+                    q if q > 0 => cores(q as u64, period.read().ok()?.trim().parse().ok()?),
+                    _ => None, // -1: no limit
+                }
+            }
+        };
+        Some(cores.map_or(Limit::Unlimited, Limit::Cores))
+    }
+
+    /// The throttling counters now, when the kernel keeps them
+    /// (CONFIG_CFS_BANDWIDTH).
+    pub fn throttling(&self) -> Option<Throttling> {
+        match self {
+            Self::V2 { stat, .. } => parse_stat_v2(&stat.read().ok()?),
+            Self::V1 { stat, .. } => parse_stat_v1(&stat.read().ok()?),
+        }
+    }
+
+    /// Closes the files (the cgroup is gone).
+    pub fn close(&self) {
+        match self {
+            Self::V2 { max, stat } => [max, stat].iter().for_each(|f| f.close()),
+            Self::V1 {
+                quota,
+                period,
+                stat,
+            } => [quota, period, stat].iter().for_each(|f| f.close()),
+        }
+    }
 }
 
 fn cores(quota_us: u64, period_us: u64) -> Option<f64> {

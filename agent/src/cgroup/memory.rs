@@ -21,31 +21,52 @@ use nix::{
     sys::stat::Mode,
 };
 
-use super::Mounts;
+use super::{Mounts, files::StatFile};
 
-/// Working set of the cgroup at `rel` (relative to the mounts), or `None`
-/// when neither hierarchy has memory accounting for it.
-pub fn working_set(mounts: &Mounts, rel: &str) -> Option<u64> {
-    let rel = rel.trim_start_matches('/');
-    if rel.is_empty() {
-        return None; // the root has no memory.current; the node is node-exporter's
-    }
-    // A controller is bound to one hierarchy: with a v1 memory hierarchy
-    // mounted, the cgroup2 tree has no memory.current to try first.
-    match &mounts.memory_v1 {
-        Some(v1) => read(v1, rel, "memory.usage_in_bytes", "total_inactive_file"),
-        None => read(&mounts.unified, rel, "memory.current", "inactive_file"),
-    }
+/// The files a cgroup's working set is computed from.
+#[derive(Debug)]
+pub struct Files {
+    usage: StatFile,
+    stat: StatFile,
+    /// The key of inactive file cache in `stat`.
+    inactive_key: &'static str,
 }
 
-fn read(root: &Path, rel: &str, usage_file: &str, inactive_key: &str) -> Option<u64> {
-    let usage: u64 = read_small(root, &format!("{rel}/{usage_file}"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = read_small(root, &format!("{rel}/memory.stat")).ok()?;
-    Some(usage.saturating_sub(stat_value(&stat, inactive_key).unwrap_or(0)))
+impl Files {
+    /// The memory files of the cgroup at `rel` (relative to the mounts), or
+    /// `None` for the root, which has none (the node is node-exporter's).
+    /// Nothing is opened yet.
+    pub fn new(mounts: &Mounts, rel: &str) -> Option<Self> {
+        let rel = rel.trim_start_matches('/');
+        if rel.is_empty() {
+            return None;
+        }
+        // A controller is bound to one hierarchy: with a v1 memory hierarchy
+        // mounted, the cgroup2 tree has no memory.current to try first.
+        let (root, usage, inactive_key) = match &mounts.memory_v1 {
+            Some(v1) => (v1, "memory.usage_in_bytes", "total_inactive_file"),
+            None => (&mounts.unified, "memory.current", "inactive_file"),
+        };
+        Some(Self {
+            usage: StatFile::new(root, format!("{rel}/{usage}")),
+            stat: StatFile::new(root, format!("{rel}/memory.stat")),
+            inactive_key,
+        })
+    }
+
+    /// The working set now, or `None` when the hierarchy does not account
+    /// memory for the cgroup (or it is gone).
+    pub fn working_set(&self) -> Option<u64> {
+        let usage: u64 = self.usage.read().ok()?.trim().parse().ok()?;
+        let stat = self.stat.read().ok()?;
+        Some(usage.saturating_sub(stat_value(&stat, self.inactive_key).unwrap_or(0)))
+    }
+
+    /// Closes the files (the cgroup is gone).
+    pub fn close(&self) {
+        self.usage.close();
+        self.stat.close();
+    }
 }
 
 /// Descriptors of the hierarchies' mount points, opened once: per-cgroup
@@ -54,7 +75,7 @@ fn read(root: &Path, rel: &str, usage_file: &str, inactive_key: &str) -> Option<
 /// again for each of thousands of files.
 static ROOTS: Mutex<Vec<(PathBuf, Arc<OwnedFd>)>> = Mutex::new(Vec::new());
 
-fn root_fd(root: &Path) -> io::Result<Arc<OwnedFd>> {
+pub(super) fn root_fd(root: &Path) -> io::Result<Arc<OwnedFd>> {
     let mut roots = ROOTS.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((_, fd)) = roots.iter().find(|(p, _)| p == root) {
         return Ok(fd.clone());

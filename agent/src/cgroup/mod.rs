@@ -10,10 +10,12 @@
 //! refused at start-up.
 
 pub mod cpu;
+pub mod files;
 pub mod identity;
 pub mod memory;
 pub mod mount;
 pub mod tree;
 
+pub use files::CgroupFiles;
 pub use identity::Identity;
 pub use mount::Mounts;

@@ -22,6 +22,10 @@ pub struct Mounts {
     /// on hybrid hosts. A controller is bound to one hierarchy at a time, so
     /// when this is set the cgroup2 tree has no `cpu.max` files.
     pub cpu_v1: Option<PathBuf>,
+    /// Which cgroup of the hierarchy `unified` shows: `/` for a mount of the
+    /// whole tree, `/kubepods` for one a cgroup namespace confines. The
+    /// kernel's events name cgroups from the hierarchy's root.
+    pub unified_shows: String,
 }
 
 /// Why the cgroup2 hierarchy could not be used.
@@ -63,11 +67,18 @@ impl Mounts {
     /// such as the host's /sys/fs/cgroup mounted into a container.
     pub fn detect(cgroup_root: Option<&Path>) -> Result<Self, MountError> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let mut mounts = Self::detect_in(&mountinfo, cgroup_root)?;
+        mounts.unified_shows = hierarchy_path(&mountinfo, &mounts.unified);
+        Ok(mounts)
+    }
+
+    fn detect_in(mountinfo: &str, cgroup_root: Option<&Path>) -> Result<Self, MountError> {
         let Some(path) = cgroup_root else {
             return Ok(Self {
-                unified: find_cgroup2(&mountinfo).ok_or(MountError::NoCgroup2)?,
-                memory_v1: find_v1_controller(&mountinfo, "memory"),
-                cpu_v1: find_v1_controller(&mountinfo, "cpu"),
+                unified: find_cgroup2(mountinfo).ok_or(MountError::NoCgroup2)?,
+                memory_v1: find_v1_controller(mountinfo, "memory"),
+                cpu_v1: find_v1_controller(mountinfo, "cpu"),
+                unified_shows: "/".into(),
             });
         };
         let inaccessible = |source| MountError::Inaccessible {
@@ -81,12 +92,13 @@ impl Mounts {
                 path.parent()
                     .map(|p| p.join(name))
                     .filter(|d| is_v1(d))
-                    .or_else(|| find_v1_controller(&mountinfo, name))
+                    .or_else(|| find_v1_controller(mountinfo, name))
             };
             return Ok(Self {
                 unified: path.to_owned(),
                 memory_v1: sibling("memory", is_v1_memory),
                 cpu_v1: sibling("cpu", is_v1_cpu),
+                unified_shows: "/".into(),
             });
         }
         let unified = path.join("unified");
@@ -96,6 +108,7 @@ impl Mounts {
                 unified,
                 memory_v1: is_v1_memory(&memory).then_some(memory),
                 cpu_v1: is_v1_cpu(&cpu).then_some(cpu),
+                unified_shows: "/".into(),
             });
         }
         Err(MountError::NotCgroup2 {
@@ -175,6 +188,29 @@ pub fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
         .find(|m| m.root == "/")
         .or(mounts.first())
         .map(|m| m.point.clone())
+}
+
+/// The cgroup of the cgroup2 hierarchy that directory `dir` shows: the root
+/// of the cgroup2 mount it lies in (mountinfo's fourth field) joined with
+/// the rest of `dir` below the mount point. `/` when no mount is found.
+pub fn hierarchy_path(mountinfo: &str, dir: &Path) -> String {
+    let best = mountinfo
+        .lines()
+        .filter_map(parse_line)
+        .filter(|m| m.fstype == "cgroup2")
+        .filter_map(|m| Some((dir.strip_prefix(&m.point).ok()?.to_owned(), m)))
+        // The deepest mount point containing `dir` is the one it lies in
+        // (later lines win a tie: they are mounted over the earlier ones).
+        .max_by_key(|(_, m)| m.point.components().count());
+    let Some((below, m)) = best else {
+        return "/".into();
+    };
+    let joined = Path::new(m.root).join(below);
+    let s = joined.to_string_lossy();
+    match s.trim_end_matches('/') {
+        "" => "/".into(),
+        t => t.to_owned(),
+    }
 }
 
 /// A cgroup v1 controller's mount (hybrid hosts), by controller name.
@@ -258,6 +294,26 @@ mod tests {
         assert_eq!(find_cgroup2(CONTAINER), Some("/sys/fs/cgroup".into()));
         let only_host = CONTAINER.lines().next().unwrap();
         assert_eq!(find_cgroup2(only_host), Some("/host/sys/fs/cgroup".into()));
+    }
+
+    #[test]
+    fn hierarchy_path_of_a_mount() {
+        let p = |info, dir: &str| hierarchy_path(info, Path::new(dir));
+        assert_eq!(p(HYBRID, "/sys/fs/cgroup/unified"), "/");
+        assert_eq!(p(PURE_V2, "/sys/fs/cgroup"), "/");
+        assert_eq!(
+            p(PURE_V2, "/sys/fs/cgroup/kubepods/burstable"),
+            "/kubepods/burstable"
+        );
+        assert_eq!(p(CONTAINER, "/host/sys/fs/cgroup"), "/");
+        assert_eq!(p(CONTAINER, "/sys/fs/cgroup"), "/kubepods");
+        assert_eq!(
+            p(CONTAINER, "/sys/fs/cgroup/besteffort"),
+            "/kubepods/besteffort"
+        );
+        // Not below any cgroup2 mount, or no mountinfo at all.
+        assert_eq!(p(HYBRID, "/sys/fs/cgroup/memory"), "/");
+        assert_eq!(p("", "/sys/fs/cgroup"), "/");
     }
 
     #[test]

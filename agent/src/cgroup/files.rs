@@ -1,0 +1,222 @@
+//! A cgroup's interface files, kept open and re-read in place.
+//!
+//! podmeter reads the same few files of every counted cgroup over and over:
+//! memory and the CPU limit at each refresh, `cpu.stat` at each scrape.
+//! Opening one walks its path through cgroupfs (permission check and
+//! revalidation per component) and then needs a `close`: together several
+//! times the cost of the read itself, and most of a scrape's CPU at a
+//! thousand pods. Every cgroupfs file is a seq_file, which regenerates its
+//! contents when read from offset 0, so a file opened once is re-read with
+//! a single `pread`.
+//!
+//! A [`StatFile`] opens on its first read and stays open until
+//! [`StatFile::close`] (when its cgroup is gone) or a read fails. When the
+//! process is out of descriptors it falls back to open-read-close, so a
+//! node with more cgroups than the descriptor limit still gets its numbers,
+//! only at the old price.
+
+use std::{
+    fs::File,
+    io,
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{self, OFlag},
+    sys::stat::Mode,
+};
+
+use super::{
+    Mounts, cpu,
+    memory::{self, read_small, root_fd},
+};
+
+/// The files podmeter reads of one cgroup, by what they are for.
+#[derive(Debug)]
+pub struct CgroupFiles {
+    /// Memory usage, for the working set.
+    pub memory: Option<memory::Files>,
+    /// CPU limit and throttling.
+    pub cpu: Option<cpu::Files>,
+}
+
+impl CgroupFiles {
+    /// The files of the cgroup at `rel` (relative to the mounts) in the
+    /// hierarchies that hold its controllers. Nothing is opened yet.
+    pub fn new(mounts: &Mounts, rel: &str) -> Self {
+        Self {
+            memory: memory::Files::new(mounts, rel),
+            cpu: cpu::Files::new(mounts, rel),
+        }
+    }
+
+    /// Closes every file (the cgroup is gone).
+    pub fn close(&self) {
+        if let Some(m) = &self.memory {
+            m.close();
+        }
+        if let Some(c) = &self.cpu {
+            c.close();
+        }
+    }
+}
+
+/// One cgroupfs file, opened on first use and re-read with `pread`.
+#[derive(Debug)]
+pub struct StatFile {
+    root: PathBuf,
+    rel: String,
+    file: Mutex<Option<File>>,
+}
+
+/// Warned once: a node out of descriptors would otherwise log every read.
+static WARNED_NOFILE: AtomicBool = AtomicBool::new(false);
+
+impl StatFile {
+    /// `rel` (e.g. `a/b/cpu.stat`) below the hierarchy mounted at `root`.
+    /// Nothing is opened yet.
+    pub fn new(root: &Path, rel: String) -> Self {
+        Self {
+            root: root.to_owned(),
+            rel,
+            file: Mutex::new(None),
+        }
+    }
+
+    /// The file's current contents.
+    pub fn read(&self) -> io::Result<String> {
+        let mut guard = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_none() {
+            match self.open() {
+                Ok(f) => *guard = Some(f),
+                Err(e) if is_out_of_descriptors(&e) => {
+                    if !WARNED_NOFILE.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "out of file descriptors ({e}); cgroup files are now opened for each \
+                             read, which costs more CPU: raise the open-files limit (RLIMIT_NOFILE)"
+                        );
+                    }
+                    return read_small(&self.root, &self.rel);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let file = guard.as_ref().expect("opened above");
+        match read_from_start(file) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                // A removed cgroup's files fail with ENODEV; whatever it
+                // was, the next read opens the file again.
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the file (its cgroup is gone: an open file would keep the
+    /// dead cgroup's kernel state around).
+    pub fn close(&self) {
+        *self.file.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Whether the file is open now.
+    #[cfg(test)]
+    pub fn is_open(&self) -> bool {
+        self.file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn open(&self) -> io::Result<File> {
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let fd = fcntl::openat(
+            &*root_fd(&self.root)?,
+            self.rel.as_str(),
+            flags,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE)
+    )
+}
+
+/// Reads `file` from offset 0 to its end, with `pread`: a seq_file read at
+/// offset 0 starts over, so this is the file's current contents. Reading on
+/// from where the last `pread` stopped continues the same generation.
+fn read_from_start(file: &File) -> io::Result<String> {
+    let mut buf = vec![0u8; 2048];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match file.read_at(&mut buf[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Raises this process's soft open-files limit to its hard limit.
+///
+/// A cgroup keeps up to five files open while it is counted, so a node with
+/// a thousand containers needs several thousand descriptors: more than the
+/// customary soft limit of 1024, well within the usual hard limit. Returns
+/// the limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[test]
+    fn rereads_current_contents_in_place() {
+        let dir = std::env::temp_dir().join(format!("podmeter-files-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let f = StatFile::new(&dir, "stat".into());
+        assert!(f.read().is_err(), "a missing file is an error");
+        assert!(!f.is_open());
+
+        fs::write(dir.join("stat"), "a 1\n").unwrap();
+        assert_eq!(f.read().unwrap(), "a 1\n");
+        assert!(f.is_open());
+        // Rewritten in place (same inode, as cgroupfs regenerates): the
+        // kept-open file sees the new contents, longer than its buffer too.
+        let long: String = (0..5000).map(|i| format!("k{i} {i}\n")).collect();
+        fs::write(dir.join("stat"), &long).unwrap();
+        assert_eq!(f.read().unwrap(), long);
+        fs::write(dir.join("stat"), "b 2\n").unwrap();
+        assert_eq!(f.read().unwrap(), "b 2\n");
+
+        f.close();
+        assert!(!f.is_open());
+        assert_eq!(f.read().unwrap(), "b 2\n");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
