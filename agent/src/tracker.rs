@@ -510,28 +510,14 @@ impl Tracker {
             stats.retired = retire.len();
         }
 
-        // The tree path may have published since `old` was taken (it runs
-        // on the same task today, but nothing here depends on that): keep
-        // its live set, and only what this pass decided of the rest.
-        let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
-        let current = Index::clone(&index);
-        let departed = departed
-            .into_iter()
-            .chain(
-                current
-                    .departed
-                    .into_iter()
-                    .filter(|(id, _)| !old.departed.contains_key(id)),
-            )
-            .filter(|(id, _)| !current.live.contains_key(id))
-            .collect();
-        *index = Arc::new(Index {
-            live: current.live,
+        // Only the background task changes the index (tree path and
+        // refresh take turns there), so nothing was published since `old`.
+        self.publish(Index {
+            live: old.live.clone(),
             departed,
             unresolved,
             stats: read,
         });
-        drop(index);
         *lock(&self.last_refresh) = Some(now);
         stats
     }
