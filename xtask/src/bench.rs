@@ -185,6 +185,7 @@ pub fn run(quick: bool) -> Result<()> {
             "light_pods": plan.light_pods,
             "cadvisor_burst": plan.cadvisor_burst,
             "light_worker": LIGHT_TICK.join(" "),
+            "scale_cpu_limit_millicores": scale::CPU_LIMIT_MILLICORES,
         },
     });
     type Scenario = fn(&Bench) -> Result<Value>;

@@ -168,6 +168,26 @@ impl Cg {
         cgroup_cpu_secs(self.dir())
     }
 
+    /// Sets a CFS quota of `millicores` per 100 ms period, as the kubelet
+    /// does for a container with a CPU limit, in the hierarchy that holds
+    /// the cpu controller. `false` where none covers the cgroup (a pure v2
+    /// host whose root does not delegate `cpu`).
+    pub fn limit_cpu(&self, millicores: u64) -> Result<bool> {
+        for d in &self.dirs {
+            let (file, value) = if d.join("cpu.cfs_quota_us").exists() {
+                ("cpu.cfs_quota_us", format!("{}", millicores * 100))
+            } else if d.join("cpu.max").exists() {
+                ("cpu.max", format!("{} 100000", millicores * 100))
+            } else {
+                continue;
+            };
+            let path = d.join(file);
+            fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// `pm-work <args>` inside this cgroup (and `netns`).
     pub fn pm_work(&self, b: &Bench, netns: Option<&str>, args: &[&str]) -> Result<Proc> {
         let mut c = Command::new(&b.pm_work);

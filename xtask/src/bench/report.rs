@@ -265,10 +265,18 @@ pub fn markdown(r: &Value) -> String {
         "\n## 2. Agent at scale (pod-like cgroups with light workers)\n"
     );
     s += &failed(&r["scale"]).unwrap_or_default();
+    // Runs before the limit was added have no such key.
+    let limit = match r["plan"]["scale_cpu_limit_millicores"].as_u64() {
+        Some(m) => format!(
+            ", the container limited to {m}m CPU (so podmeter reads every container's \
+             throttling counters at each scrape: the costlier case)"
+        ),
+        None => ", no CPU limits".to_owned(),
+    };
     let _ = writeln!(
         s,
         "Each pod: a kubelet-style cgroupfs pod and container cgroup with a worker waking every \
-         100 ms for 20 µs. Fresh agent per size; CPU from its cgroup's `cpu.stat` over a {} s \
+         100 ms for 20 µs{limit}. Fresh agent per size; CPU from its cgroup's `cpu.stat` over a {} s \
          window scraped every 15 s; /metrics latency from {} back-to-back scrapes (HTTP/1.1, \
          gzip accepted, as Prometheus asks); CPU per scrape = burst CPU minus the idle rate. \
          CPU error: podmeter's delta against each container's `cpu.stat` over the window.\n",

@@ -52,7 +52,14 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Creates `n` pods under `rel` and starts a light worker in each.
+/// A container's CPU limit in the scale scenario: far above what a light
+/// worker uses, so never throttled, but podmeter reads every container's
+/// throttling counters at each scrape, as it would on a node whose pods
+/// all have limits (the costlier case).
+pub const CPU_LIMIT_MILLICORES: u64 = 500;
+
+/// Creates `n` pods under `rel`, each container limited to
+/// [`CPU_LIMIT_MILLICORES`], and starts a light worker in each.
 pub fn fake_pods(b: &Bench, rel: &str, n: usize) -> Result<(Vec<FakePod>, Workers)> {
     let mut pods = Vec::with_capacity(n);
     let mut workers = Workers::default();
@@ -61,6 +68,9 @@ pub fn fake_pods(b: &Bench, rel: &str, n: usize) -> Result<(Vec<FakePod>, Worker
         let cg = b
             .tree
             .cgroup(&format!("{rel}/kubepods/burstable/pod{uid}/{container_id}"))?;
+        if !cg.limit_cpu(CPU_LIMIT_MILLICORES)? && i == 0 {
+            progress("no cpu controller covers the pods: they run without CPU limits");
+        }
         workers.0.push(cg.worker(b, &LIGHT_TICK)?);
         pods.push(FakePod { container_id, cg });
     }
