@@ -5,14 +5,16 @@
 //! [`Attached`]: dropping it (or the process dying) detaches everything, so a
 //! stopped agent leaves nothing in `bpftool prog list`.
 
+mod batch;
 mod btf;
 
 use std::{
     collections::HashMap,
     fs::File,
     io,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use aya::{
@@ -87,6 +89,13 @@ pub struct Attached {
 pub struct Maps {
     cpu: PerCpuHashMap<MapData, u64, CpuCounters>,
     net: PerCpuHashMap<MapData, u64, NetCounters>,
+    /// Second descriptors of `cpu` and `net`, for batch reads (aya's maps
+    /// do not lend theirs).
+    batch_fds: [OwnedFd; 2],
+    /// Possible CPUs: per-CPU values come in that many copies.
+    possible_cpus: usize,
+    /// Cleared when the kernel refuses batch reads.
+    batch: AtomicBool,
     oncpu: PerCpuArray<MapData, OnCpu>,
     drops: PerCpuArray<MapData, u64>,
     capacity: u32,
@@ -165,13 +174,21 @@ pub struct Loaded {
 pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Loaded, BpfError> {
     let offsets = kernel_offsets(btf_path);
     let mut loader = EbpfLoader::new();
+    // The programs use no CO-RE relocations (the offsets come in as globals,
+    // above), so the loader needs no kernel BTF; parsing it for the loader
+    // too would put two copies in memory at once, the agent's peak.
     loader
+        .btf(None)
         .map_max_entries("PM_CPU", max_cgroups)
         .map_max_entries("PM_NET", max_cgroups);
     for (global, value) in &offsets {
         loader.override_global(global, value, true);
     }
     let mut ebpf = loader.load(OBJECT)?;
+    // Parsed once for every BTF-typed program, after the load: a parse of a
+    // kernel's BTF allocates about 15 MiB.
+    let btf = Btf::parse_file(btf_path, Endianness::default())
+        .map_err(|e| format!("{}: {e}", btf_path.display()));
 
     let prog = |name| BpfError::Missing(name);
     let err = |name| move |source| BpfError::Program { name, source };
@@ -186,7 +203,9 @@ pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Lo
     // the cost of the raw one, which needs helpers for the same reads.
     let btf_ok = known(&SWITCH_OFFSETS);
     let fast = if btf_ok {
-        attach_switch_btf(&mut ebpf, btf_path)
+        btf.as_ref()
+            .map_err(Clone::clone)
+            .and_then(|b| attach_switch_btf(&mut ebpf, b))
     } else {
         Err("some task_struct/cgroup members are missing from kernel BTF".to_owned())
     };
@@ -244,7 +263,9 @@ pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Lo
     }
 
     let tree = if known(&TREE_OFFSETS) {
-        attach_tree(&mut ebpf, btf_path)
+        btf.as_ref()
+            .map_err(Clone::clone)
+            .and_then(|b| attach_tree(&mut ebpf, b))
     } else {
         Err("struct cgroup/cgroup_root members are missing from kernel BTF".to_owned())
     };
@@ -261,9 +282,14 @@ pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Lo
         }
     };
 
+    let (cpu, cpu_fd) = take_with_fd(&mut ebpf, "PM_CPU")?;
+    let (net, net_fd) = take_with_fd(&mut ebpf, "PM_NET")?;
     let maps = Maps {
-        cpu: take(&mut ebpf, "PM_CPU")?,
-        net: take(&mut ebpf, "PM_NET")?,
+        cpu,
+        net,
+        batch_fds: [cpu_fd, net_fd],
+        possible_cpus: aya::util::nr_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))?,
+        batch: AtomicBool::new(true),
         oncpu: take(&mut ebpf, "PM_ONCPU")?,
         drops: take(&mut ebpf, "PM_DROPS")?,
         capacity: max_cgroups,
@@ -277,9 +303,7 @@ pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Lo
 
 /// Loads and attaches the cgroup mkdir/rmdir programs (`tp_btf`), both or
 /// neither: half a pair would miss removals, or creations.
-fn attach_tree(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
-    let btf = Btf::parse_file(btf_path, Endianness::default())
-        .map_err(|e| format!("{}: {e}", btf_path.display()))?;
+fn attach_tree(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut BtfTracePoint, String> {
         ebpf.program_mut(name)
             .ok_or(format!("no {name} in the object"))?
@@ -288,12 +312,12 @@ fn attach_tree(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
     }
     let mkdir = program(ebpf, "pm_cgroup_mkdir")?;
     mkdir
-        .load("cgroup_mkdir", &btf)
+        .load("cgroup_mkdir", btf)
         .map_err(|e| format!("cgroup_mkdir: {e}"))?;
     mkdir.attach().map_err(|e| format!("cgroup_mkdir: {e}"))?;
     let rmdir = program(ebpf, "pm_cgroup_rmdir")?;
     let attached = rmdir
-        .load("cgroup_rmdir", &btf)
+        .load("cgroup_rmdir", btf)
         .and_then(|()| rmdir.attach().map(drop))
         .map_err(|e| format!("cgroup_rmdir: {e}"));
     if attached.is_err() {
@@ -304,15 +328,13 @@ fn attach_tree(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
 }
 
 /// Loads and attaches the `tp_btf` flavour of the switch program.
-fn attach_switch_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<(), String> {
-    let btf = Btf::parse_file(btf_path, Endianness::default())
-        .map_err(|e| format!("{}: {e}", btf_path.display()))?;
+fn attach_switch_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut("pm_sched_switch")
         .ok_or("no pm_sched_switch in the object")?
         .try_into()
         .map_err(|e: ProgramError| e.to_string())?;
-    p.load("sched_switch", &btf).map_err(|e| e.to_string())?;
+    p.load("sched_switch", btf).map_err(|e| e.to_string())?;
     if let Err(e) = p.attach() {
         // Not left loaded next to the fallback.
         let _ = p.unload();
@@ -403,6 +425,24 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 8] {
     })
 }
 
+/// A per-CPU hash map, and a second descriptor of it.
+fn take_with_fd<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<(PerCpuHashMap<MapData, u64, V>, OwnedFd), BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::Missing(name))?;
+    let fd = match &map {
+        aya::maps::Map::PerCpuHashMap(data) => data.fd().as_fd().try_clone_to_owned(),
+        _ => Err(io::Error::other("not a per-CPU hash map")),
+    };
+    let fd = fd.map_err(|e| BpfError::Map {
+        name,
+        source: MapError::IoError(e),
+    })?;
+    let map = PerCpuHashMap::try_from(map).map_err(|source| BpfError::Map { name, source })?;
+    Ok((map, fd))
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -440,6 +480,29 @@ where
 }
 
 impl Maps {
+    /// Every entry of counter map `which` (0 cpu, 1 net), summed over CPUs:
+    /// in batches where the kernel can, else one entry at a time.
+    fn totals<V>(
+        &self,
+        map: &PerCpuHashMap<MapData, u64, V>,
+        which: usize,
+    ) -> Result<HashMap<u64, V>, MapError>
+    where
+        V: aya::Pod + Default + std::ops::AddAssign,
+    {
+        if self.batch.load(Ordering::Relaxed) {
+            let fd = self.batch_fds[which].as_fd();
+            match batch::sum_per_cpu(fd, self.possible_cpus).map_err(MapError::IoError)? {
+                Some(totals) => return Ok(totals),
+                None => {
+                    tracing::info!("no batch map reads on this kernel; reading entry by entry");
+                    self.batch.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        totals(map)
+    }
+
     /// Capacity of each counter map, in cgroups.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -459,7 +522,7 @@ impl Maps {
     /// the read took), never high; the caller keeps exported values
     /// monotonic.
     pub fn read(&self) -> Result<Reading, MapError> {
-        let mut cpu = totals(&self.cpu)?;
+        let mut cpu = self.totals(&self.cpu, 0)?;
         let now = monotonic_ns();
         for x in self.oncpu_consistent()?.into_iter().flatten() {
             for p in &x.pending {
@@ -475,7 +538,7 @@ impl Maps {
             }
         }
 
-        let net = totals(&self.net)?;
+        let net = self.totals(&self.net, 1)?;
 
         let mut dropped = [0; 2];
         for (slot, idx) in dropped.iter_mut().zip([DROP_CPU, DROP_NET]) {
