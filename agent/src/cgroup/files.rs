@@ -154,10 +154,15 @@ fn is_out_of_descriptors(e: &io::Error) -> bool {
 }
 
 /// Reads `file` from offset 0 to its end, with `pread`: a seq_file read at
-/// offset 0 starts over, so this is the file's current contents. Reading on
-/// from where the last `pread` stopped continues the same generation.
+/// offset 0 starts over, so this is the file's current contents.
+///
+/// A cgroupfs file is one seq_file record, which a read copies out whole if
+/// the buffer can hold it: a read that leaves room in the buffer has reached
+/// the end, and the usual read that returns 0 would be a second syscall for
+/// nothing (half of them, for thousands of files a scrape). A longer file is
+/// read on from where the last `pread` stopped.
 fn read_from_start(file: &File) -> io::Result<String> {
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; 4096];
     let mut len = 0;
     loop {
         if len == buf.len() {
@@ -165,7 +170,12 @@ fn read_from_start(file: &File) -> io::Result<String> {
         }
         match file.read_at(&mut buf[len..], len as u64) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => {
+                len += n;
+                if len < buf.len() {
+                    break;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
