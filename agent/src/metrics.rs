@@ -640,6 +640,7 @@ mod tests {
 
     fn row(path: &str, identity: Identity, names: Option<Names>, k: u64) -> Row {
         Row {
+            id: k,
             cgroup: Arc::new(Cgroup {
                 path: path.into(),
                 identity,
