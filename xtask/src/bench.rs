@@ -301,13 +301,12 @@ fn machine() -> Result<Value> {
         .args(["diff", "--quiet", "HEAD", "--", "agent", "agent-ebpf"])
         .status()
         .is_ok_and(|s| s.success());
+    // The running kubelet's, else the one the side-by-side scenario starts.
     let kubelet = fs::read_to_string(Path::new(crate::cluster::STATE).join("pids/kubelet.pid"))
         .ok()
         .and_then(|p| fs::read_link(format!("/proc/{}/exe", p.trim())).ok())
-        .map_or_else(
-            || "not running".into(),
-            |exe| first_line(Command::new(exe).arg("--version")),
-        );
+        .unwrap_or_else(|| crate::cluster::kubelet_bin());
+    let kubelet = first_line(Command::new(kubelet).arg("--version"));
     Ok(json!({
         "cpu": field("model name"),
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),

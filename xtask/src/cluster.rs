@@ -84,6 +84,11 @@ fn etcd_bin() -> PathBuf {
     setup::cache_dir().join(format!("etcd-{ETCD}/bin/etcd"))
 }
 
+/// The kubelet `cluster up` runs.
+pub fn kubelet_bin() -> PathBuf {
+    k8s_bin("kubelet")
+}
+
 /// The kubectl binary of the cluster's release.
 pub fn kubectl_bin() -> PathBuf {
     k8s_bin("kubectl")
