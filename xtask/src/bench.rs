@@ -305,7 +305,7 @@ fn machine() -> Result<Value> {
     let kubelet = fs::read_to_string(Path::new(crate::cluster::STATE).join("pids/kubelet.pid"))
         .ok()
         .and_then(|p| fs::read_link(format!("/proc/{}/exe", p.trim())).ok())
-        .unwrap_or_else(|| crate::cluster::kubelet_bin());
+        .unwrap_or_else(crate::cluster::kubelet_bin);
     let kubelet = first_line(Command::new(kubelet).arg("--version"));
     Ok(json!({
         "cpu": field("model name"),
