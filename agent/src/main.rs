@@ -183,7 +183,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         attached,
         maps,
         tree,
-    } = bpf::load(&mounts.unified, &cli.btf_path, cli.max_cgroups)?;
+    } = bpf::load(
+        &mounts.unified,
+        &cli.btf_path,
+        cli.max_cgroups,
+        match &mounts.unified_shows {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "{} is a mount whose root lies outside this process's cgroup namespace, so the \
+                 kernel's cgroup paths cannot be placed under it; a pod in the host's cgroup \
+                 namespace (privileged pods are) can follow them",
+                mounts.unified.display()
+            )),
+        },
+    )?;
     info!(
         max_cgroups = cli.max_cgroups,
         "attached sched_switch, a CPU tick on every online CPU, cgroup_skb ingress/egress at {}{}",
@@ -240,7 +253,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait: cli.metadata_wait,
         });
 
-        let unified_shows = mounts.unified_shows.clone();
+        // Unused without events, which need it (see `bpf::load`).
+        let unified_shows = mounts.unified_shows.clone().unwrap_or_default();
         let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, naming));
         let stats = tracker.rescan().context("first scan of the cgroup tree")?;
         let first = tracker.refresh(true);

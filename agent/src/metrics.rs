@@ -650,7 +650,7 @@ mod tests {
                         unified: "/nonexistent".into(),
                         memory_v1: None,
                         cpu_v1: None,
-                        unified_shows: "/".into(),
+                        unified_shows: Some("/".into()),
                     },
                     path,
                 ),

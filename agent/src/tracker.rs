@@ -263,9 +263,14 @@ impl Tracker {
         // rather than both. File reads take no lock: a slow cgroupfs never
         // holds up the refresher or another scrape.
         let (throttling, snapshot) = std::thread::scope(|s| {
-            let reader = s.spawn(|| throttling(&index));
-            let snapshot = self.join(&index);
-            (reader.join(), snapshot)
+            // Where no thread can be made (a pids limit), read in turn.
+            match std::thread::Builder::new().spawn_scoped(s, || throttling(&index)) {
+                Ok(reader) => {
+                    let snapshot = self.join(&index);
+                    (reader.join(), snapshot)
+                }
+                Err(_) => (Ok(throttling(&index)), self.join(&index)),
+            }
         });
         let mut snapshot = snapshot?;
         let throttling = throttling.unwrap_or_else(|_| {
@@ -525,7 +530,18 @@ impl Tracker {
                 // Died before any scan or event showed it (or a socket
                 // outlived its cgroup): nothing to name it by. Keep it out
                 // of the series and drop its counters after the grace period.
-                let first = old.unresolved.get(&id).copied().unwrap_or(now);
+                let first = match old.unresolved.get(&id) {
+                    Some(&first) => first,
+                    None => {
+                        // New to us: walk the tree once before calling it
+                        // dead, or a live cgroup whose event was missed
+                        // would lose its counters at the end of the grace
+                        // period, long before the next scheduled walk.
+                        self.rescan_wanted.store(true, Ordering::Relaxed);
+                        self.wake.notify_one();
+                        now
+                    }
+                };
                 if now.duration_since(first) < self.grace {
                     unresolved.insert(id, first);
                 } else {

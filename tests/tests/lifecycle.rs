@@ -218,6 +218,45 @@ fn new_and_removed_cgroups_arrive_as_kernel_events() {
     );
 }
 
+/// A pod with its own cgroup namespace (on cgroup v2, every pod that is not
+/// privileged) sees the host's cgroup2 mount rooted at `/../..`: the
+/// kernel's absolute cgroup paths cannot be placed under it. The agent says
+/// so, leaves the mkdir/rmdir programs out and walks the tree instead.
+#[test]
+fn in_a_private_cgroup_namespace_new_cgroups_are_found_by_walks() {
+    let tree = TestTree::new("cgns");
+    let home = tree.cgroup("agent/inner");
+    let enter = format!(
+        "echo $$ > {}/cgroup.procs && exec unshare --cgroup \"$@\"",
+        home.dirs[0].display()
+    );
+    let agent = Agent::start_under(
+        &["sh", "-c", &enter, "sh"],
+        &["--refresh-interval", "1s", "--rescan-interval", "1h"],
+    );
+    assert!(
+        agent
+            .log()
+            .contains("outside this process's cgroup namespace"),
+        "{}",
+        agent.log()
+    );
+
+    let cg = tree.cgroup("new");
+    let mut burner = cg.spawn(None, &["burn"]);
+    let named = agent.scrape_until(Duration::from_secs(10), "the new cgroup's CPU", |s| {
+        s.cgroup(CPU, &cg.path).is_some_and(|v| v > 0.1)
+    });
+    burner.kill();
+    let updates = |source| {
+        named
+            .value("podmeter_cgroup_tree_updates_total", &[("source", source)])
+            .unwrap_or(0.0)
+    };
+    assert_eq!(updates("mkdir"), 0.0, "{}", named.text);
+    assert!(updates("scan") > 1.0, "found by a walk: {}", named.text);
+}
+
 #[test]
 fn sigterm_detaches_every_program() {
     let before = podmeter_prog_ids();

@@ -170,8 +170,14 @@ pub struct Loaded {
 /// Loads the embedded object with counter maps of `max_cgroups` entries and
 /// attaches every program: `sched_switch`, a tick on each online CPU, and
 /// `cgroup_skb` ingress/egress at `cgroup2_root`, and, where the kernel
-/// allows, the cgroup mkdir/rmdir tracepoints.
-pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Loaded, BpfError> {
+/// allows and `follow_tree` is `Ok`, the cgroup mkdir/rmdir tracepoints
+/// (`Err` says why the agent cannot use their events).
+pub fn load(
+    cgroup2_root: &Path,
+    btf_path: &Path,
+    max_cgroups: u32,
+    follow_tree: Result<(), String>,
+) -> Result<Loaded, BpfError> {
     let offsets = kernel_offsets(btf_path);
     let mut loader = EbpfLoader::new();
     // The programs use no CO-RE relocations (the offsets come in as globals,
@@ -262,7 +268,9 @@ pub fn load(cgroup2_root: &Path, btf_path: &Path, max_cgroups: u32) -> Result<Lo
             .map_err(err(name))?;
     }
 
-    let tree = if known(&TREE_OFFSETS) {
+    let tree = if let Err(why) = follow_tree {
+        Err(why)
+    } else if known(&TREE_OFFSETS) {
         btf.as_ref()
             .map_err(Clone::clone)
             .and_then(|b| attach_tree(&mut ebpf, b))

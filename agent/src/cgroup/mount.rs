@@ -24,8 +24,11 @@ pub struct Mounts {
     pub cpu_v1: Option<PathBuf>,
     /// Which cgroup of the hierarchy `unified` shows: `/` for a mount of the
     /// whole tree, `/kubepods` for one a cgroup namespace confines. The
-    /// kernel's events name cgroups from the hierarchy's root.
-    pub unified_shows: String,
+    /// kernel's events name cgroups from the hierarchy's root. `None` when
+    /// the mount's root lies outside this process's cgroup namespace (a pod
+    /// with its own cgroup namespace bind-mounting the host's tree: the
+    /// kernel shows the root as `/../..`), so its place is unknown.
+    pub unified_shows: Option<String>,
 }
 
 /// Why the cgroup2 hierarchy could not be used.
@@ -78,7 +81,7 @@ impl Mounts {
                 unified: find_cgroup2(mountinfo).ok_or(MountError::NoCgroup2)?,
                 memory_v1: find_v1_controller(mountinfo, "memory"),
                 cpu_v1: find_v1_controller(mountinfo, "cpu"),
-                unified_shows: "/".into(),
+                unified_shows: Some("/".into()),
             });
         };
         let inaccessible = |source| MountError::Inaccessible {
@@ -98,7 +101,7 @@ impl Mounts {
                 unified: path.to_owned(),
                 memory_v1: sibling("memory", is_v1_memory),
                 cpu_v1: sibling("cpu", is_v1_cpu),
-                unified_shows: "/".into(),
+                unified_shows: Some("/".into()),
             });
         }
         let unified = path.join("unified");
@@ -108,7 +111,7 @@ impl Mounts {
                 unified,
                 memory_v1: is_v1_memory(&memory).then_some(memory),
                 cpu_v1: is_v1_cpu(&cpu).then_some(cpu),
-                unified_shows: "/".into(),
+                unified_shows: Some("/".into()),
             });
         }
         Err(MountError::NotCgroup2 {
@@ -192,8 +195,9 @@ pub fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
 
 /// The cgroup of the cgroup2 hierarchy that directory `dir` shows: the root
 /// of the cgroup2 mount it lies in (mountinfo's fourth field) joined with
-/// the rest of `dir` below the mount point. `/` when no mount is found.
-pub fn hierarchy_path(mountinfo: &str, dir: &Path) -> String {
+/// the rest of `dir` below the mount point. `/` when no mount is found;
+/// `None` when the mount's root is outside this process's cgroup namespace.
+pub fn hierarchy_path(mountinfo: &str, dir: &Path) -> Option<String> {
     let best = mountinfo
         .lines()
         .filter_map(parse_line)
@@ -203,14 +207,22 @@ pub fn hierarchy_path(mountinfo: &str, dir: &Path) -> String {
         // (later lines win a tie: they are mounted over the earlier ones).
         .max_by_key(|(_, m)| m.point.components().count());
     let Some((below, m)) = best else {
-        return "/".into();
+        return Some("/".into());
     };
+    // The kernel shows a root outside the reader's cgroup namespace relative
+    // to the namespace's own root, whose place in the hierarchy is hidden.
+    if Path::new(m.root)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return None;
+    }
     let joined = Path::new(m.root).join(below);
     let s = joined.to_string_lossy();
-    match s.trim_end_matches('/') {
+    Some(match s.trim_end_matches('/') {
         "" => "/".into(),
         t => t.to_owned(),
-    }
+    })
 }
 
 /// A cgroup v1 controller's mount (hybrid hosts), by controller name.
@@ -298,7 +310,7 @@ mod tests {
 
     #[test]
     fn hierarchy_path_of_a_mount() {
-        let p = |info, dir: &str| hierarchy_path(info, Path::new(dir));
+        let p = |info, dir: &str| hierarchy_path(info, Path::new(dir)).unwrap();
         assert_eq!(p(HYBRID, "/sys/fs/cgroup/unified"), "/");
         assert_eq!(p(PURE_V2, "/sys/fs/cgroup"), "/");
         assert_eq!(
@@ -314,6 +326,13 @@ mod tests {
         // Not below any cgroup2 mount, or no mountinfo at all.
         assert_eq!(p(HYBRID, "/sys/fs/cgroup/memory"), "/");
         assert_eq!(p("", "/sys/fs/cgroup"), "/");
+        // What a process in a private cgroup namespace two levels down reads
+        // for the host's cgroup2 mount (seen on this kernel with unshare -C).
+        let outside = "41 31 0:38 /../.. /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+        assert_eq!(
+            hierarchy_path(outside, Path::new("/sys/fs/cgroup/unified")),
+            None
+        );
     }
 
     #[test]
