@@ -253,8 +253,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait: cli.metadata_wait,
         });
 
-        // Unused without events, which need it (see `bpf::load`).
-        let unified_shows = mounts.unified_shows.clone().unwrap_or_default();
+        // `bpf::load` follows the tree only where the mount's place is known.
+        let events = tree.zip(mounts.unified_shows.clone());
         let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, naming));
         let stats = tracker.rescan().context("first scan of the cgroup tree")?;
         let first = tracker.refresh(true);
@@ -278,12 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             refresh: cli.refresh_interval,
             rescan: cli.rescan_interval,
         };
-        tokio::spawn(refresher::run(
-            tracker.clone(),
-            intervals,
-            tree,
-            unified_shows,
-        ));
+        tokio::spawn(refresher::run(tracker.clone(), intervals, events));
         let app = http::App {
             exporter,
             tracker,

@@ -34,17 +34,14 @@ pub struct Intervals {
 }
 
 /// Runs forever.
-pub async fn run(
-    tracker: Arc<Tracker>,
-    every: Intervals,
-    events: Option<TreeEvents>,
-    unified_shows: String,
-) {
-    let mut events = events.and_then(|e| {
+pub async fn run(tracker: Arc<Tracker>, every: Intervals, events: Option<(TreeEvents, String)>) {
+    // With the events: which cgroup of the hierarchy the cgroup2 mount
+    // shows (their paths are from the hierarchy's root).
+    let mut events = events.and_then(|(e, shows)| {
         // SAFETY: `TreeEvents` owns its descriptor, which stays open and the
         // same until it is dropped (see its `AsRawFd`).
         match unsafe { AsyncFd::register_with_interest(e, Interest::READABLE) } {
-            Ok(fd) => Some(fd),
+            Ok(fd) => Some((fd, shows)),
             Err(e) => {
                 warn!("cannot poll the cgroup event ring buffer ({e}); walking the tree instead");
                 None
@@ -76,9 +73,9 @@ pub async fn run(
         // Drained whatever woke us: an event submitted while the last drain
         // was finishing may not wake the poll again.
         let mut walk = false;
-        if let Some(fd) = events.as_mut() {
+        if let Some((fd, shows)) = events.as_mut() {
             fd.get_mut().drain(&mut batch);
-            let (changes, incomplete) = translate(&batch, &unified_shows);
+            let (changes, incomplete) = translate(&batch, shows);
             batch.clear();
             walk |= incomplete;
             if !changes.is_empty() {
@@ -141,8 +138,8 @@ enum Why {
 }
 
 /// Waits until the ring buffer has events (forever without one).
-async fn readable(events: &mut Option<AsyncFd<TreeEvents>>) -> io::Result<()> {
-    let Some(fd) = events else {
+async fn readable(events: &mut Option<(AsyncFd<TreeEvents>, String)>) -> io::Result<()> {
+    let Some((fd, _)) = events else {
         return future::pending().await;
     };
     let mut guard = fd.readable_mut().await?;

@@ -183,7 +183,7 @@ pub struct Tracker {
     /// Wakes the refresher early: a scrape met a cgroup it cannot name or
     /// has no memory reading for.
     pub wake: Notify,
-    /// Set with `wake` when the scrape met an id the index lacks.
+    /// Set with `wake` when a scrape or refresh met an id the index lacks.
     rescan_wanted: AtomicBool,
     /// See [`Snapshot::tree_updates`].
     tree_updates: [AtomicU64; 3],
@@ -364,9 +364,8 @@ impl Tracker {
         drop(last_cpu);
         drop(names);
         if unknown {
-            self.rescan_wanted.store(true, Ordering::Relaxed);
-        }
-        if unknown || missing_stats {
+            self.want_rescan();
+        } else if missing_stats {
             self.wake.notify_one();
         }
         Ok(Snapshot {
@@ -389,7 +388,13 @@ impl Tracker {
         lock(&self.maps).tree_drops().unwrap_or(0)
     }
 
-    /// Whether a scrape asked for a walk of the tree since the last call.
+    /// Asks the background task for a walk of the tree, now.
+    fn want_rescan(&self) {
+        self.rescan_wanted.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Whether a walk of the tree was asked for since the last call.
     pub fn take_rescan_wanted(&self) -> bool {
         self.rescan_wanted.swap(false, Ordering::Relaxed)
     }
@@ -537,8 +542,7 @@ impl Tracker {
                         // dead, or a live cgroup whose event was missed
                         // would lose its counters at the end of the grace
                         // period, long before the next scheduled walk.
-                        self.rescan_wanted.store(true, Ordering::Relaxed);
-                        self.wake.notify_one();
+                        self.want_rescan();
                         now
                     }
                 };
