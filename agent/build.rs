@@ -18,7 +18,19 @@ fn main() -> anyhow::Result<()> {
     )
     .with_context(|| format!("no `channel = \"...\"` in {}", toolchain_file.display()))?;
 
-    if env::var_os("AYA_BUILD_SKIP").is_none() {
+    if env::var_os("AYA_BUILD_SKIP").is_some() {
+        // Unit tests and fuzz targets never load the object: an empty one
+        // lets them build without the eBPF toolchain (loading it fails
+        // with "eBPF object ..." at run time, never silently).
+        let out = PathBuf::from(env::var("OUT_DIR")?).join("podmeter-ebpf");
+        if !out.exists() {
+            fs::write(&out, [])?;
+        }
+        println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+        println!("cargo:warning=AYA_BUILD_SKIP=1; skipping eBPF build");
+        return Ok(());
+    }
+    {
         // Fail early with the fix, rather than deep inside the nested build.
         let found = Command::new("bpf-linker").arg("--version").output();
         if !matches!(found, Ok(ref o) if o.status.success()) {

@@ -1,24 +1,16 @@
 //! podmeter: per-pod and per-container CPU, memory and network usage from
 //! eBPF, exported for Prometheus. See the README for the metrics.
 
-mod bpf;
-mod cgroup;
-mod http;
-mod kube;
-mod metrics;
-mod node;
-mod preflight;
-mod privileges;
-mod refresher;
-mod tracker;
-
 use std::{fs, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use tracing::{debug, info, warn};
 
-use crate::{cgroup::Mounts, tracker::Tracker};
+use podmeter::{
+    bpf, cgroup, cgroup::Mounts, flags, http, kube, metrics, preflight, privileges, refresher,
+    tracker, tracker::Tracker,
+};
 
 /// Default port: clear of node-exporter (9100), kube-state-metrics
 /// (8080/8081) and the kubelet (10250/10255).
@@ -57,18 +49,18 @@ struct Cli {
 
     /// How long the series of a deleted cgroup keep their final values
     /// before they go (a few scrape intervals, so the last increase is seen).
-    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "90s", value_parser = flags::wait)]
     grace_period: Duration,
 
     /// How often to read memory and CPU limits and retire removed cgroups
     /// (CPU time, traffic and throttling are read at each scrape).
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = flags::interval)]
     refresh_interval: Duration,
 
     /// How often to walk the whole cgroup tree as a safety net. New and
     /// removed cgroups come as kernel events; where the kernel cannot
     /// provide them, the tree is walked every --refresh-interval instead.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = flags::interval)]
     rescan_interval: Duration,
 
     /// Capacity of the per-cgroup kernel maps. Kernel memory is about
@@ -90,7 +82,7 @@ struct Cli {
     /// How long a new pod cgroup's series wait for its names from the API
     /// before they go out without them (a series' labels stay stable, and
     /// the kernel keeps counting meanwhile, so nothing is lost).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = flags::wait)]
     metadata_wait: Duration,
 
     /// Add owner_kind and owner_name labels (the pod's controller) to pod
@@ -100,7 +92,7 @@ struct Cli {
 
     /// Copy these pod labels onto pod series as label_<key>
     /// (comma-separated keys, e.g. app.kubernetes.io/name,team).
-    #[arg(long, value_delimiter = ',', value_name = "KEYS")]
+    #[arg(long, value_delimiter = ',', value_name = "KEYS", value_parser = flags::label_key)]
     pod_labels: Vec<String>,
 
     /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
@@ -123,13 +115,33 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    if let Err(e) = flags::distinct_label_names(&cli.pod_labels) {
+        eprintln!("podmeter: error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("podmeter: error: {e:#}");
+            eprintln!("podmeter: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many of the
+/// agent's errors already quote their cause in their own message.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if out.contains(&cause) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&cause);
+    }
+    out.replace('\n', " ")
 }
 
 fn read_trimmed(path: &str) -> String {

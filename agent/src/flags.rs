@@ -1,0 +1,131 @@
+//! Parsers for command-line values that need more than a type: durations
+//! with bounds, and the `--pod-labels` keys. Each refuses bad input with a
+//! message clap prints as one line after the flag's name.
+
+use std::time::Duration;
+
+/// A duration (`15s`, `1m30s`, `500ms`) between `min` and `max`.
+///
+/// The bounds keep the agent sane: a zero refresh interval would spin a
+/// core, and a duration of centuries overflows the clock arithmetic of the
+/// timers that use it.
+pub fn duration_between(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration such as 15s, 1m30s or 500ms ({e})"))?;
+    if d < min {
+        return Err(format!(
+            "{} is too short: the least is {}",
+            humantime::format_duration(d),
+            humantime::format_duration(min)
+        ));
+    }
+    if d > max {
+        return Err(format!(
+            "{} is too long: the most is {}",
+            humantime::format_duration(d),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// `--refresh-interval` and `--rescan-interval`: 1 s to 1 day.
+pub fn interval(s: &str) -> Result<Duration, String> {
+    duration_between(s, SECOND, DAY)
+}
+
+/// `--grace-period` and `--metadata-wait`: 0 to 1 day.
+pub fn wait(s: &str) -> Result<Duration, String> {
+    duration_between(s, Duration::ZERO, DAY)
+}
+
+/// `--watchdog-timeout`: 5 s to 1 day.
+pub fn watchdog(s: &str) -> Result<Duration, String> {
+    duration_between(s, 5 * SECOND, DAY)
+}
+
+/// One `--pod-labels` key: a Kubernetes label key (`[prefix/]name`, at most
+/// 316 bytes), which becomes the label `label_<key sanitised>`.
+pub fn label_key(s: &str) -> Result<String, String> {
+    let key = s.trim();
+    if key.is_empty() {
+        return Err("an empty label key (two commas in a row, or a trailing comma?)".into());
+    }
+    // Kubernetes: a prefix of up to 253 and a name of up to 63 characters.
+    if key.len() > 253 + 1 + 63 {
+        return Err(format!(
+            "{key:?} is longer than a Kubernetes label key can be"
+        ));
+    }
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/');
+    if let Some(c) = key.chars().find(|&c| !valid(c)) {
+        return Err(format!(
+            "{key:?} is not a Kubernetes label key: {c:?} is not a letter, digit, '-', '_', '.' or '/'"
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+/// Refuses keys that would give two labels the same name (`a.b` and `a_b`
+/// both become `label_a_b`).
+pub fn distinct_label_names(keys: &[String]) -> Result<(), String> {
+    let mut seen: Vec<(String, &str)> = Vec::with_capacity(keys.len());
+    for key in keys {
+        let name = crate::kube::sanitize(key);
+        if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+            return Err(format!(
+                "--pod-labels {first:?} and {key:?} both become the label label_{name}"
+            ));
+        }
+        seen.push((name, key));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_within_bounds() {
+        assert_eq!(interval("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(interval("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(wait("0s"), Ok(Duration::ZERO));
+        let e = interval("0s").unwrap_err();
+        assert_eq!(e, "0s is too short: the least is 1s");
+        let e = interval("500ms").unwrap_err();
+        assert!(e.contains("too short"), "{e}");
+        let e = interval("1000years").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        let e = interval("fast").unwrap_err();
+        assert!(e.starts_with("\"fast\" is not a duration"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = watchdog("1s").unwrap_err();
+        assert!(e.contains("the least is 5s"), "{e}");
+    }
+
+    #[test]
+    fn label_keys() {
+        assert_eq!(
+            label_key("app.kubernetes.io/name").as_deref(),
+            Ok("app.kubernetes.io/name")
+        );
+        assert!(label_key("").unwrap_err().contains("empty"));
+        assert!(label_key("a b").unwrap_err().contains("' '"));
+        assert!(label_key(&"x".repeat(400)).unwrap_err().contains("longer"));
+        let keys = [
+            "team".to_owned(),
+            "app.name".to_owned(),
+            "app_name".to_owned(),
+        ];
+        let e = distinct_label_names(&keys).unwrap_err();
+        assert_eq!(
+            e,
+            "--pod-labels \"app.name\" and \"app_name\" both become the label label_app_name"
+        );
+        assert!(distinct_label_names(&keys[..2]).is_ok());
+    }
+}

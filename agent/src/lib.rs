@@ -1,0 +1,15 @@
+//! podmeter's agent as a library: the binary (`main.rs`) is its command
+//! line, and the fuzz targets reach the parsers of outside input through
+//! this crate.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod flags;
+pub mod http;
+pub mod kube;
+pub mod metrics;
+pub mod node;
+pub mod preflight;
+pub mod privileges;
+pub mod refresher;
+pub mod tracker;
