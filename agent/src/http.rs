@@ -1,6 +1,9 @@
 //! The HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
@@ -33,7 +36,7 @@ pub async fn serve(
     let router = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(app);
     axum::serve(listener, router)
@@ -42,7 +45,7 @@ pub async fn serve(
 }
 
 async fn index() -> impl IntoResponse {
-    "podmeter: per-pod CPU, memory and network from eBPF\n\n/metrics  Prometheus metrics\n/healthz  liveness\n/readyz   readiness (programs attached, cgroup scan fresh)\n"
+    "podmeter: per-pod CPU, memory and network from eBPF\n\n/metrics  Prometheus metrics\n/healthz  liveness (scrapes and the background refresh make progress)\n/readyz   readiness (programs attached, cgroup scan fresh, pod names synced)\n"
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
@@ -62,8 +65,18 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     }
 }
 
+async fn healthz(State(app): State<App>) -> impl IntoResponse {
+    match app.tracker.live(Instant::now()) {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        ),
+    }
+}
+
 async fn readyz(State(app): State<App>) -> impl IntoResponse {
-    match app.tracker.ready(app.max_scan_age) {
+    match app.tracker.ready(app.max_scan_age, Instant::now()) {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -10,8 +10,8 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -88,6 +88,10 @@ pub struct PodStore {
     options: LabelOptions,
     /// Watch errors (each followed by a backoff and retry).
     pub errors: Arc<AtomicU64>,
+    /// Set once the store has had its first full list (readiness).
+    synced: Arc<AtomicBool>,
+    /// Why the watch is failing now, if it is.
+    failing: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Reads the API configuration from `kubeconfig` or, without one,
@@ -126,6 +130,16 @@ impl PodStore {
         let (store, writer) = reflector::store();
         let errors = Arc::new(AtomicU64::new(0));
         let errs = errors.clone();
+        let synced = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(std::sync::Mutex::new(None));
+        let (ready, is_synced) = (store.clone(), synced.clone());
+        tokio::spawn(async move {
+            if ready.wait_until_ready().await.is_ok() {
+                info!(pods = ready.len(), "Kubernetes API pod store synced");
+                is_synced.store(true, Ordering::Relaxed);
+            }
+        });
+        let fail = failing.clone();
         let stream = watcher(api, config)
             .default_backoff()
             // Keep only what naming needs: spec and managed fields are most
@@ -145,10 +159,12 @@ impl PodStore {
                     Ok(_) if !healthy => {
                         info!("Kubernetes API watch recovered");
                         healthy = true;
+                        *fail.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     }
                     Ok(_) => {}
                     Err(e) => {
                         errs.fetch_add(1, Ordering::Relaxed);
+                        *fail.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
                         if healthy {
                             warn!(
                                 "Kubernetes API watch failed ({e}); serving last known pod names and retrying"
@@ -163,12 +179,46 @@ impl PodStore {
             store,
             options,
             errors,
+            synced,
+            failing,
         }
+    }
+
+    /// A store the caller fills through the returned writer (unit tests).
+    #[cfg(test)]
+    pub fn fed(options: LabelOptions) -> (Self, reflector::store::Writer<Pod>) {
+        let (store, writer) = reflector::store();
+        let store = Self {
+            store,
+            options,
+            errors: Arc::default(),
+            synced: Arc::new(AtomicBool::new(true)),
+            failing: Arc::default(),
+        };
+        (store, writer)
+    }
+
+    /// Whether the store has had its first full list from the API.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Why the watch is failing now (`None` while it works).
+    pub fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Pods in the store.
     pub fn len(&self) -> usize {
         self.store.len()
+    }
+
+    /// Whether the store holds no pod.
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
     }
 
     /// The store's pods by UID, for one scrape's lookups.

@@ -4,10 +4,14 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod counters;
 pub mod flags;
+pub mod health;
 pub mod http;
+pub mod index;
 pub mod kube;
 pub mod metrics;
+pub mod namer;
 pub mod node;
 pub mod preflight;
 pub mod privileges;

@@ -1,20 +1,41 @@
 //! podmeter: per-pod and per-container CPU, memory and network usage from
 //! eBPF, exported for Prometheus. See the README for the metrics.
 
-use std::{fs, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use clap::Parser;
 use tracing::{debug, info, warn};
 
 use podmeter::{
-    bpf, cgroup, cgroup::Mounts, flags, http, kube, metrics, preflight, privileges, refresher,
-    tracker, tracker::Tracker,
+    bpf, cgroup,
+    cgroup::Mounts,
+    counters::{CounterSource, KernelCounters},
+    flags,
+    health::Health,
+    http,
+    index::IndexState,
+    kube, metrics,
+    namer::Namer,
+    preflight, privileges, refresher,
+    refresher::Refresher,
+    tracker::Tracker,
 };
 
 /// Default port: clear of node-exporter (9100), kube-state-metrics
 /// (8080/8081) and the kubelet (10250/10255).
 const DEFAULT_LISTEN: &str = "0.0.0.0:9740";
+
+/// Descriptors kept for everything but cgroup files: up to 128 HTTP
+/// connections, the BPF maps, programs and links, the API client.
+const NOFILE_RESERVE: usize = 256;
 
 /// Per-pod and per-container CPU, memory and network usage from eBPF, for Prometheus.
 ///
@@ -68,6 +89,12 @@ struct Cli {
     /// podmeter_bpf_map_dropped_updates_total.
     #[arg(long, default_value_t = podmeter_common::DEFAULT_MAX_CGROUPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     max_cgroups: u32,
+
+    /// How long a scrape, or the background refresh beyond its interval,
+    /// may stall before /healthz fails (and the kubelet's liveness probe
+    /// restarts the agent).
+    #[arg(long, default_value = "60s", value_parser = flags::watchdog)]
+    watchdog_timeout: Duration,
 
     /// Kubeconfig for the Kubernetes API (pod, namespace and container
     /// names). Default: in-cluster service account, else $KUBECONFIG or
@@ -156,12 +183,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mounts = Mounts::detect(cli.cgroup_root.as_deref())?;
     let listener = preflight::bind(cli.listen)?;
     // Counted cgroups keep their files open (see cgroup::files).
-    match cgroup::files::raise_nofile_limit() {
-        Ok(limit) => debug!(limit, "open-files limit"),
-        Err(e) => warn!(
-            "cannot raise the open-files limit ({e}); cgroup files may be reopened for each read"
-        ),
-    }
+    let limit = cgroup::files::raise_nofile_limit().unwrap_or_else(|e| {
+        warn!("cannot raise the open-files limit ({e})");
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft)
+    });
+    // What kept-open cgroup files may hold: the rest is for connections
+    // (http::Limits), maps, programs and the API client.
+    let budget = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(NOFILE_RESERVE);
+    cgroup::files::set_budget(budget);
+    debug!(
+        limit,
+        budget, "open-files limit; descriptors for kept-open cgroup files"
+    );
     let node = cli
         .node_name
         .clone()
@@ -259,22 +295,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map(::kube::Client::try_from)
             .transpose()
             .context("Kubernetes API client")?;
-        let naming = client.map(|c| tracker::PodNaming {
-            extra_labels: extra_labels.len(),
-            store: kube::PodStore::watch(c, &node, label_options),
-            wait: cli.metadata_wait,
-        });
+        let pods = client.map(|c| kube::PodStore::watch(c, &node, label_options));
+        let namer = Namer::new(pods, extra_labels.len(), cli.metadata_wait);
 
         // `bpf::load` follows the tree only where the mount's place is known.
         let events = tree.zip(mounts.unified_shows.clone());
-        let tracker = Arc::new(Tracker::new(mounts, maps, cli.grace_period, naming));
-        let stats = tracker.rescan().context("first scan of the cgroup tree")?;
-        let first = tracker.refresh(true);
+        let health = Arc::new(Health::new(
+            cli.refresh_interval,
+            cli.watchdog_timeout,
+            Instant::now(),
+        ));
+        let counters: Arc<dyn CounterSource> = Arc::new(KernelCounters::new(maps));
+        let root = mounts.unified.clone();
+        let (mut refresher, index) = Refresher::new(
+            IndexState::new(mounts, cli.grace_period),
+            root,
+            counters.clone(),
+            health.clone(),
+        );
+        let (walk, first) = refresher
+            .first_pass()
+            .context("first scan of the cgroup tree")?;
         info!(
-            cgroups = stats.cgroups,
+            cgroups = walk.cgroups,
             counted = first.read,
             "scanned the cgroup tree"
         );
+        // Each request is "walk" or "read"; more pending than this serve
+        // no purpose (one pass serves them all).
+        let (wants, wanted) = tokio::sync::mpsc::channel(4);
+        let intervals = refresher::Intervals {
+            refresh: cli.refresh_interval,
+            rescan: cli.rescan_interval,
+        };
+        refresher
+            .spawn(intervals, events, wanted)
+            .context("starting the refresher thread")?;
+        let tracker = Arc::new(Tracker::new(index, counters, namer, wants, health));
         let exporter = Arc::new(metrics::Exporter::new(
             tracker.clone(),
             node,
@@ -286,11 +343,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         info!("serving http://{}/metrics", cli.listen);
 
-        let intervals = refresher::Intervals {
-            refresh: cli.refresh_interval,
-            rescan: cli.rescan_interval,
-        };
-        tokio::spawn(refresher::run(tracker.clone(), intervals, events));
         let app = http::App {
             exporter,
             tracker,
@@ -299,11 +351,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         http::serve(listener, app, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
+    // A worker stuck in a blocking call must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(2));
 
     drop(attached);
     info!("programs detached; exiting");
     Ok(())
 }
+
+/// How long stopping may take after SIGTERM before the process exits
+/// anyway: well inside the kubelet's default grace period of 30 s.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -312,4 +370,17 @@ async fn shutdown_signal() {
         _ = term.recv() => info!("SIGTERM received; stopping"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping"),
     }
+    // Whatever is stuck (a scrape, a cgroupfs read, a connection that
+    // will not close), the process ends: its programs detach with it, as
+    // the kernel drops the links with the last descriptor.
+    let _ = std::thread::Builder::new()
+        .name("stop-deadline".into())
+        .spawn(|| {
+            std::thread::sleep(STOP_DEADLINE);
+            eprintln!(
+                "podmeter: still stopping after {}s; exiting now",
+                STOP_DEADLINE.as_secs()
+            );
+            std::process::exit(1);
+        });
 }

@@ -22,7 +22,7 @@ use crate::{
     cgroup::{Identity, cpu::Throttling},
     kube::Names,
     node,
-    tracker::{Row, Snapshot, Tracker},
+    tracker::{COLLECTORS, Row, Snapshot, Tracker},
 };
 use std::sync::Arc;
 
@@ -168,6 +168,11 @@ const TREE_UPDATES: (&str, &str, &[&str]) = (
     "podmeter_cgroup_tree_updates_total",
     "How podmeter learned of new and removed cgroups: kernel cgroup2 mkdir and rmdir events, and walks of the whole tree (at start, every --rescan-interval, after lost events, for unknown ids; every refresh where the kernel provides no events).",
     &["source"],
+);
+const COLLECTOR_SUCCESS: (&str, &str, &[&str]) = (
+    "podmeter_scrape_collector_success",
+    "Whether a collector worked in this scrape (1) or failed (0; its families are missing or partial, and the log says why): cgroup_tree (the last walk of the cgroup tree), cpu and network (the kernel counter maps), kubernetes (the API pod watch), memory (memory and CPU limit reads of the last refresh), throttling (cpu.stat reads).",
+    &["collector"],
 );
 const KUBE_PODS: (&str, &str) = (
     "podmeter_kubernetes_pods",
@@ -377,6 +382,12 @@ impl Cgroups {
                 ("awaiting_metadata", awaiting),
             ],
         ));
+        let collectors: Vec<(&str, f64)> = COLLECTORS
+            .iter()
+            .zip(&snap.collectors)
+            .filter_map(|(name, ok)| Some((*name, f64::from(u8::from(ok.as_ref()?.is_ok())))))
+            .collect();
+        out.push(by_label(COLLECTOR_SUCCESS, MetricType::GAUGE, &collectors));
         let [mkdir, rmdir, scan] = snap.tree_updates.map(|n| n as f64);
         out.push(by_label(
             TREE_UPDATES,
@@ -473,18 +484,16 @@ impl Exporter {
         })
     }
 
-    /// One `/metrics` body in the Prometheus text format.
+    /// One `/metrics` body in the Prometheus text format. A collector that
+    /// fails leaves its families out and says so in
+    /// `podmeter_scrape_collector_success` (and the log), as node-exporter
+    /// does: the rest still goes out.
     pub fn render(&self) -> String {
         let timer = self.scrape_duration.start_timer();
-        let snap = self.tracker.snapshot().map_err(|e| {
-            // The registry's other metrics (build info, scrape duration,
-            // node CPUs) still go out; the failure is logged and shows
-            // as missing cgroup series rather than a failed scrape.
-            tracing::error!("reading BPF maps: {e}");
-        });
+        let snap = self.tracker.snapshot();
         let out = render(
             &self.cgroups,
-            snap.ok().as_ref(),
+            &snap,
             node::online_cpus(),
             self.registry.gather(),
         );
@@ -497,15 +506,12 @@ impl Exporter {
 /// by `prometheus`), merged in family name order.
 fn render(
     cgroups: &Cgroups,
-    snap: Option<&Snapshot>,
+    snap: &Snapshot,
     cpus: Option<usize>,
     mut small: Vec<MetricFamily>,
 ) -> String {
-    let mut parts = Vec::new();
-    if let Some(snap) = snap {
-        parts = cgroups.cgroup_text(snap);
-        small.extend(cgroups.self_families(snap));
-    }
+    let mut parts = cgroups.cgroup_text(snap);
+    small.extend(cgroups.self_families(snap));
     if let Some(cpus) = cpus {
         small.push(cgroups.node_cpus(cpus));
     }
@@ -538,7 +544,7 @@ mod tests {
             CgroupFiles, Mounts,
             identity::{PodIdentity, Qos},
         },
-        tracker::Cgroup,
+        index::Cgroup,
     };
 
     /// The encoding podmeter used before writing text directly: a
@@ -731,6 +737,14 @@ mod tests {
             tracked: [10, 1, 2, 3],
             tree_updates: [5, 4, 2],
             kubernetes: Some((42, 7)),
+            collectors: [
+                Some(Ok(())),
+                Some(Err("map".into())),
+                None,
+                Some(Ok(())),
+                Some(Ok(())),
+                Some(Ok(())),
+            ],
         };
         let cgroups = Cgroups {
             node: "node-1".into(),
@@ -754,7 +768,7 @@ mod tests {
         others.register(Box::new(h)).unwrap();
 
         let want = reference(&cgroups, &snap, &others);
-        let got = render(&cgroups, Some(&snap), Some(2), others.gather());
+        let got = render(&cgroups, &snap, Some(2), others.gather());
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
         assert!(want.contains("podmeter_cgroup_tree_updates_total{source=\"rmdir\"} 4\n"));
@@ -766,7 +780,7 @@ mod tests {
             ..snap
         };
         let want = reference(&cgroups, &no_kube, &others);
-        let got = render(&cgroups, Some(&no_kube), Some(2), others.gather());
+        let got = render(&cgroups, &no_kube, Some(2), others.gather());
         assert_eq!(got, want);
     }
 }

@@ -1,27 +1,40 @@
-//! The background task that keeps the [`Tracker`] current.
+//! The background thread that owns the cgroup index and keeps it current.
 //!
 //! * cgroups made and removed arrive as kernel events (`bpf::TreeEvents`)
 //!   and go into the index as they come;
 //! * every `refresh` interval: memory and CPU limits of the counted cgroups
-//!   are read and departed cgroups retired;
-//! * the whole tree is walked at start (by the caller), every `rescan`
-//!   interval as a safety net, after events were lost or could not be
-//!   used, and when a scrape meets an id the index lacks; without events,
-//!   at every refresh.
+//!   are read and departed cgroups retired (their counters deleted);
+//! * the whole tree is walked at start, every `rescan` interval as a safety
+//!   net, after events were lost or could not be used, and when a scrape
+//!   meets an id the index lacks; without events, at every refresh.
 //!
-//! Everything here runs on one task, so the index has one writer.
+//! The [`IndexState`] has this one owner. Each change is published as an
+//! immutable snapshot on a `watch` channel; scrapes ask for work over an
+//! `mpsc` channel. The loop runs on a thread of its own (a current-thread
+//! runtime), so its file reads and walks block nothing else, and a pass
+//! that stalls shows in `/healthz` (see `health`).
 
-use std::{future, io, sync::Arc, time::Duration};
+use std::{
+    future, io,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant as StdInstant},
+};
 
 use tokio::{
     io::{Interest, unix::AsyncFd},
+    sync::{mpsc, watch},
     time::{Instant, MissedTickBehavior, interval_at},
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{Tree, TreeEvents},
-    tracker::{RefreshStats, Tracker, TreeEvent},
+    cgroup::tree,
+    counters::CounterSource,
+    health::Health,
+    index::{Changes, Index, IndexState, TreeEvent, read_stats},
+    tracker::Want,
 };
 
 /// How often the background work runs.
@@ -33,100 +46,223 @@ pub struct Intervals {
     pub rescan: Duration,
 }
 
-/// Runs forever.
-pub async fn run(tracker: Arc<Tracker>, every: Intervals, events: Option<(TreeEvents, String)>) {
-    // With the events: which cgroup of the hierarchy the cgroup2 mount
-    // shows (their paths are from the hierarchy's root).
-    let mut events = events.and_then(|(e, shows)| {
-        // SAFETY: `TreeEvents` owns its descriptor, which stays open and the
-        // same until it is dropped (see its `AsRawFd`).
-        match unsafe { AsyncFd::register_with_interest(e, Interest::READABLE) } {
-            Ok(fd) => Some((fd, shows)),
-            Err(e) => {
-                warn!("cannot poll the cgroup event ring buffer ({e}); walking the tree instead");
-                None
-            }
-        }
-    });
-    let mut refresh = interval_at(Instant::now() + every.refresh, every.refresh);
-    refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut next_rescan = Instant::now() + every.rescan;
-    // From zero: events lost between loading and now (the first walk may
-    // have raced them) earn a walk too.
-    let mut drops = 0;
-    let mut batch = Vec::new();
+/// See the module docs.
+pub struct Refresher {
+    state: IndexState,
+    root: PathBuf,
+    counters: Arc<dyn CounterSource>,
+    publish: watch::Sender<Arc<Index>>,
+    health: Arc<Health>,
+}
 
-    loop {
-        let why = tokio::select! {
-            _ = refresh.tick() => Why::Timer,
-            () = tracker.wake.notified() => Why::Scrape,
-            r = readable(&mut events) => match r {
-                Ok(()) => Why::Events,
+impl Refresher {
+    /// A refresher of the cgroups below `root` (the cgroup2 mount), whose
+    /// index starts empty; returns it with the receiving end of its
+    /// snapshots.
+    pub fn new(
+        state: IndexState,
+        root: PathBuf,
+        counters: Arc<dyn CounterSource>,
+        health: Arc<Health>,
+    ) -> (Self, watch::Receiver<Arc<Index>>) {
+        let (publish, index) = watch::channel(Arc::new(Index::default()));
+        let r = Self {
+            state,
+            root,
+            counters,
+            publish,
+            health,
+        };
+        (r, index)
+    }
+
+    /// The first walk and refresh, before the agent serves.
+    pub fn first_pass(&mut self) -> io::Result<(Changes, Changes)> {
+        let now = StdInstant::now();
+        let walk = self.state.rescan(tree::scan(&self.root), now);
+        if let Some(e) = &self.state.index().rescan_error {
+            return Err(io::Error::other(e.clone()));
+        }
+        let refresh = self.refresh(true);
+        Ok((walk, refresh))
+    }
+
+    /// A refresh: reads, retirement, then publication. Counters of retired
+    /// cgroups are deleted before the index without them is published, so
+    /// no scrape meets counters the index no longer knows.
+    fn refresh(&mut self, all: bool) -> Changes {
+        let counted = self.counters.ids();
+        let changes = self
+            .state
+            .refresh(&counted, StdInstant::now(), all, read_stats);
+        if !changes.retired.is_empty() {
+            self.counters.forget(&changes.retired);
+        }
+        self.publish();
+        if changes.retired.len() + changes.dropped >= RELEASE_AFTER {
+            release_free_memory();
+        }
+        changes
+    }
+
+    fn publish(&mut self) {
+        self.publish.send_replace(self.state.snapshot());
+    }
+
+    /// Runs the loop on a thread of its own, until the process ends.
+    pub fn spawn(
+        self,
+        every: Intervals,
+        events: Option<(TreeEvents, String)>,
+        wants: mpsc::Receiver<Want>,
+    ) -> io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("refresher".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        // /healthz fails once the bound passes: the kubelet
+                        // restarts the agent.
+                        tracing::error!("refresher cannot start its runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(self.run(every, events, wants));
+            })
+    }
+
+    async fn run(
+        mut self,
+        every: Intervals,
+        events: Option<(TreeEvents, String)>,
+        mut wants: mpsc::Receiver<Want>,
+    ) {
+        // With the events: which cgroup of the hierarchy the cgroup2 mount
+        // shows (their paths are from the hierarchy's root).
+        let mut events = events.and_then(|(e, shows)| {
+            // SAFETY: `TreeEvents` owns its descriptor, which stays open and
+            // the same until it is dropped (see its `AsRawFd`).
+            match unsafe { AsyncFd::register_with_interest(e, Interest::READABLE) } {
+                Ok(fd) => Some((fd, shows)),
                 Err(e) => {
-                    warn!("cgroup event ring buffer failed ({e}); walking the tree instead");
-                    events = None;
-                    Why::Timer
-                }
-            },
-        };
-
-        // Drained whatever woke us: an event submitted while the last drain
-        // was finishing may not wake the poll again.
-        let mut walk = false;
-        if let Some((fd, shows)) = events.as_mut() {
-            fd.get_mut().drain(&mut batch);
-            let (changes, incomplete) = translate(&batch, shows);
-            batch.clear();
-            walk |= incomplete;
-            if !changes.is_empty() {
-                log_tree_change(&tracker.apply(&changes), "events");
-            }
-        }
-        let lost = tracker.tree_drops();
-        if lost > drops {
-            warn!(
-                lost = lost - drops,
-                "cgroup events lost to a full ring buffer; walking the tree"
-            );
-            walk = true;
-        }
-        drops = lost;
-
-        let all = why == Why::Timer;
-        walk |= tracker.take_rescan_wanted()
-            || (all && (events.is_none() || Instant::now() >= next_rescan));
-        if why == Why::Events && !walk {
-            continue;
-        }
-        if walk {
-            next_rescan = Instant::now() + every.rescan;
-        }
-        let t = tracker.clone();
-        let pass = move || {
-            let tree = walk.then(|| t.rescan()).transpose();
-            (tree, t.refresh(all))
-        };
-        match tokio::task::spawn_blocking(pass).await {
-            Ok((tree, refreshed)) => {
-                match tree {
-                    Ok(Some(s)) => log_tree_change(&s, "scan"),
-                    Ok(None) => {}
-                    Err(e) => warn!("cgroup scan failed: {e}"),
-                }
-                if refreshed.retired > 0 {
-                    info!(
-                        retired = refreshed.retired,
-                        "series of removed cgroups retired after the grace period"
+                    warn!(
+                        "cannot poll the cgroup event ring buffer ({e}); walking the tree instead"
                     );
+                    None
                 }
-                debug!(
-                    cgroups = refreshed.cgroups,
-                    read = refreshed.read,
-                    "refreshed memory and CPU limits"
+            }
+        });
+        let mut refresh = interval_at(Instant::now() + every.refresh, every.refresh);
+        refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut next_rescan = Instant::now() + every.rescan;
+        // From zero: events lost between loading and now (the first walk
+        // may have raced them) earn a walk too.
+        let mut drops = 0;
+        let mut batch = Vec::new();
+        self.health.refreshed(StdInstant::now());
+
+        loop {
+            let mut walk = false;
+            let why = tokio::select! {
+                _ = refresh.tick() => Why::Timer,
+                want = wants.recv() => match want {
+                    Some(w) => {
+                        walk |= w == Want::Walk;
+                        Why::Scrape
+                    }
+                    // Every scrape side is gone: the agent is stopping.
+                    None => return,
+                },
+                r = readable(&mut events) => match r {
+                    Ok(()) => Why::Events,
+                    Err(e) => {
+                        warn!("cgroup event ring buffer failed ({e}); walking the tree instead");
+                        events = None;
+                        Why::Timer
+                    }
+                },
+            };
+            // Requests that queued meanwhile are served by this pass too.
+            while let Ok(w) = wants.try_recv() {
+                walk |= w == Want::Walk;
+            }
+
+            // Drain whatever woke us: an event submitted while the last
+            // drain was finishing may not wake the poll again.
+            if let Some((fd, shows)) = events.as_mut() {
+                fd.get_mut().drain(&mut batch);
+                let (changes, incomplete) = translate(&batch, shows);
+                batch.clear();
+                walk |= incomplete;
+                if !changes.is_empty() {
+                    let c = self.state.apply(&changes, StdInstant::now());
+                    log_tree_change(&c, "events");
+                    self.publish();
+                }
+            }
+            let lost = self.counters.tree_drops().unwrap_or(drops);
+            if lost > drops {
+                warn!(
+                    lost = lost - drops,
+                    "cgroup events lost to a full ring buffer; walking the tree"
+                );
+                walk = true;
+            }
+            drops = lost;
+
+            let all = why == Why::Timer;
+            walk |= all && (events.is_none() || Instant::now() >= next_rescan);
+            if why == Why::Events && !walk {
+                self.health.refreshed(StdInstant::now());
+                continue;
+            }
+            if walk {
+                next_rescan = Instant::now() + every.rescan;
+                let c = self.state.rescan(tree::scan(&self.root), StdInstant::now());
+                match &self.state.index().rescan_error {
+                    None => log_tree_change(&c, "scan"),
+                    Some(e) => warn!("cgroup scan failed: {e}"),
+                }
+            }
+            let refreshed = self.refresh(all);
+            if refreshed.want_walk {
+                // A counted id nobody has seen: walk before calling it dead.
+                let c = self.state.rescan(tree::scan(&self.root), StdInstant::now());
+                log_tree_change(&c, "scan for an unknown id");
+                self.publish();
+            }
+            if !refreshed.retired.is_empty() {
+                info!(
+                    retired = refreshed.retired.len(),
+                    "series of removed cgroups retired after the grace period"
                 );
             }
-            Err(e) => warn!("cgroup refresh panicked: {e}"),
+            debug!(
+                cgroups = refreshed.cgroups,
+                read = refreshed.read,
+                dropped = refreshed.dropped,
+                "refreshed memory and CPU limits"
+            );
+            self.health.refreshed(StdInstant::now());
         }
+    }
+}
+
+/// Retirements at once that are worth giving freed memory back for.
+const RELEASE_AFTER: usize = 256;
+
+/// Gives the allocator's free memory back to the kernel. glibc keeps freed
+/// memory in per-thread arenas for reuse; after a churn peak that is tens
+/// of MiB the agent no longer needs, and RSS would stay at the peak.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -181,7 +317,7 @@ fn below(path: &str, top: &str) -> Option<String> {
     }
 }
 
-fn log_tree_change(s: &RefreshStats, how: &str) {
+fn log_tree_change(s: &Changes, how: &str) {
     if s.departed > 0 || s.created > 0 {
         info!(
             cgroups = s.cgroups,

@@ -1,106 +1,49 @@
-//! Which cgroups podmeter reports, under which identity, for how long.
+//! The scrape path: kernel counters joined with the cgroup index and names.
 //!
-//! Three paths share a [`Tracker`]:
-//! * the scrape path ([`Tracker::snapshot`]) reads the kernel maps and joins
-//!   them with the current [`Index`]; it never walks the filesystem, so it
-//!   never waits on anything slow. Its only file reads are the `cpu.stat`
-//!   of each live cgroup with a CPU limit (see `cgroup::cpu`): throttling
-//!   counters are `rate()`d next to CPU usage and must be as fresh as the
-//!   maps;
-//! * the tree path keeps the id → path index: [`Tracker::apply`] takes the
-//!   kernel's cgroup mkdir/rmdir events as they come, [`Tracker::rescan`]
-//!   walks the cgroup2 tree (at start, when events were lost or are not
-//!   available, now and then as a safety net, and at once when a scrape
-//!   meets an unknown id);
-//! * the refresh path ([`Tracker::refresh`], every `--refresh-interval`)
-//!   reads memory and CPU limits of the counted cgroups, and retires cgroups
-//!   that have been gone longer than the grace period.
+//! A scrape reads three things, each from its one owner, and takes no lock
+//! of the refresher's:
+//! * the newest [`Index`] snapshot the refresher published (a `watch`
+//!   channel: the scrape holds an immutable `Arc`);
+//! * one [`Reading`] of the [`CounterSource`];
+//! * names from the [`Namer`].
 //!
-//! Files of counted cgroups stay open between reads (`cgroup::files`).
+//! [`join`] turns them into rows: a pure function, unit tested with fakes.
+//! What a scrape learns that the refresher should act on (an id the index
+//! lacks, a cgroup never read) goes back over a channel as a [`Want`].
 //!
-//! A cgroup that disappears keeps its final values for the grace period so
-//! its last increase is not lost between scrapes; then its series go and its
-//! kernel map entries are deleted, which keeps cardinality bounded by what
-//! is alive plus what died within the grace period.
+//! Besides the maps, a scrape reads the `cpu.stat` of each live cgroup with
+//! a CPU limit (see `cgroup::cpu`): throttling counters are `rate()`d next
+//! to CPU usage and must be as fresh as the maps. They are read on a second
+//! thread beside the map reads.
 
 use std::{
     collections::HashMap,
-    io,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use aya::maps::MapError;
 use podmeter_common::{CpuCounters, NetCounters};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
-    bpf::Maps,
-    cgroup::{CgroupFiles, Identity, Mounts, cpu, identity, tree},
-    kube::{Lookup, Names, PodStore},
+    cgroup::cpu,
+    counters::{CounterSource, Reading},
+    health::Health,
+    index::{Cgroup, Index},
+    kube::Names,
+    namer::{Namer, Naming, Session},
 };
 
-/// A cgroup podmeter knows by path.
-#[derive(Debug)]
-pub struct Cgroup {
-    /// Path relative to the cgroup2 root, `/a/b`.
-    pub path: String,
-    /// What the path says about its owner.
-    pub identity: Identity,
-    /// When a scan or event first showed it.
-    pub first_seen: Instant,
-    /// Its memory and CPU files, open while it is counted.
-    pub files: CgroupFiles,
-}
-
-/// What the refresh path last read of a counted cgroup.
-#[derive(Clone, Copy, Debug, Default)]
-struct Stats {
-    /// Memory working set, if its hierarchy accounts memory.
-    memory: Option<u64>,
-    /// CPU limit, if a cpu controller covers the cgroup.
-    limit: Option<cpu::Limit>,
-}
-
-/// A change to the cgroup2 tree, as the kernel reported it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TreeEvent {
-    /// `mkdir`: a cgroup with this id at this path (relative to the mount).
-    Created {
-        /// cgroup id.
-        id: u64,
-        /// `/a/b`.
-        path: String,
-    },
-    /// `rmdir`.
-    Removed {
-        /// cgroup id.
-        id: u64,
-    },
-}
-
-/// The id → cgroup view the scrape path reads; replaced whole by each change
-/// (the scrape path takes no lock a file read could hold up).
-#[derive(Clone, Debug, Default)]
-pub struct Index {
-    live: HashMap<u64, Arc<Cgroup>>,
-    /// Gone from the tree, with when that was noticed.
-    departed: HashMap<u64, (Arc<Cgroup>, Instant)>,
-    /// Counted by the kernel but never seen in the tree, with first sighting.
-    unresolved: HashMap<u64, Instant>,
-    /// Memory and limit by id, for counted cgroups (departed: last read).
-    stats: HashMap<u64, Stats>,
-}
-
-impl Index {
-    fn get(&self, id: u64) -> Option<&Arc<Cgroup>> {
-        self.live
-            .get(&id)
-            .or_else(|| self.departed.get(&id).map(|(c, _)| c))
-    }
+/// What a scrape asks of the refresher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Walk the tree now: a counted id is not in the index.
+    Walk,
+    /// Read memory and limits of cgroups counted since the last refresh.
+    Read,
 }
 
 /// One cgroup's numbers in a scrape.
@@ -125,6 +68,16 @@ pub struct Row {
     pub names: Option<Arc<Names>>,
 }
 
+/// The collectors whose success each scrape reports, in exposition order.
+pub const COLLECTORS: [&str; 6] = [
+    "cgroup_tree",
+    "cpu",
+    "kubernetes",
+    "memory",
+    "network",
+    "throttling",
+];
+
 /// Everything one scrape exposes.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -144,450 +97,247 @@ pub struct Snapshot {
     /// Pods in the API watch's store, and watch errors so far, when the
     /// Kubernetes API is in use.
     pub kubernetes: Option<(usize, u64)>,
+    /// Whether each of [`COLLECTORS`] worked (`None`: not in use here),
+    /// and why not.
+    pub collectors: [Option<Result<(), String>>; 6],
 }
 
-/// What one change to the index did, for logs.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RefreshStats {
-    /// Cgroups in the tree.
-    pub cgroups: usize,
-    /// Newly seen.
-    pub created: usize,
-    /// Newly departed.
-    pub departed: usize,
-    /// Retired after the grace period (map entries deleted).
-    pub retired: usize,
-    /// Cgroups whose memory and limit were read.
-    pub read: usize,
+/// Rows of one scrape, and what the refresher should hear of it.
+#[derive(Debug, Default)]
+pub struct Joined {
+    /// Per-cgroup rows, by id.
+    pub rows: Vec<Row>,
+    /// Live counted cgroups among the rows.
+    pub live: usize,
+    /// Pod cgroups held back until the API names them.
+    pub awaiting: usize,
+    /// What to ask of the refresher, if anything.
+    pub want: Option<Want>,
 }
 
-/// How pod cgroups get their Kubernetes names.
-pub struct PodNaming {
-    /// The node's pods from the API.
-    pub store: PodStore,
-    /// Number of optional labels (`kube::LabelOptions::names`).
-    pub extra_labels: usize,
-    /// How long a new pod cgroup waits for its names (`--metadata-wait`).
-    pub wait: Duration,
+/// Joins one counter reading with `index` and names: a row for each
+/// counted cgroup the index knows and that is not awaiting its names.
+pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Instant) -> Joined {
+    let no_cpu = HashMap::new();
+    let no_net = HashMap::new();
+    let cpu = reading.cpu.as_ref().unwrap_or(&no_cpu);
+    let net = reading.net.as_ref().unwrap_or(&no_net);
+    let ids = reading.ids();
+    let mut out = Joined {
+        rows: Vec::with_capacity(ids.len()),
+        ..Default::default()
+    };
+    let (mut unknown, mut missing_stats) = (false, false);
+    for id in ids {
+        let Some(cgroup) = index.get(id) else {
+            unknown |= !index.is_unresolved(id);
+            continue;
+        };
+        let names = match names.name(id, cgroup, now) {
+            Naming::Host => None,
+            Naming::Named(n) => Some(n),
+            Naming::Awaiting => {
+                // The kernel keeps counting: the first export, once
+                // named, loses nothing.
+                out.awaiting += 1;
+                continue;
+            }
+        };
+        let is_live = index.is_live(id);
+        out.live += usize::from(is_live);
+        let stats = index.stats(id);
+        // Counted but not yet read (new since the last refresh): the
+        // refresher reads it at once, so its memory shows next scrape.
+        missing_stats |= is_live && stats.is_none();
+        let cpu_limit = match stats.and_then(|s| s.limit) {
+            Some(cpu::Limit::Cores(c)) if is_live => Some(c),
+            _ => None,
+        };
+        out.rows.push(Row {
+            id,
+            cgroup: cgroup.clone(),
+            cpu: cpu.get(&id).copied(),
+            net: net.get(&id).copied(),
+            memory: stats.and_then(|s| s.memory),
+            cpu_limit,
+            throttling: None,
+            names,
+        });
+    }
+    out.want = if unknown {
+        Some(Want::Walk)
+    } else if missing_stats {
+        Some(Want::Read)
+    } else {
+        None
+    };
+    out
 }
 
-/// See the module docs.
+/// Logs each collector's failure once when it starts and once when it
+/// ends, rather than at every scrape.
+#[derive(Debug, Default)]
+struct FailureLog([AtomicBool; 6]);
+
+impl FailureLog {
+    fn note(&self, collectors: &[Option<Result<(), String>>; 6]) {
+        for ((name, result), failing) in COLLECTORS.iter().zip(collectors).zip(&self.0) {
+            match result {
+                Some(Err(why)) => {
+                    if !failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(collector = name, "collector failed: {why}");
+                    }
+                }
+                _ => {
+                    if failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!(collector = name, "collector works again");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The scrape side: see the module docs.
 pub struct Tracker {
-    mounts: Mounts,
-    grace: Duration,
-    maps: Mutex<Maps>,
-    index: RwLock<Arc<Index>>,
-    /// Last exported CPU time and switches per id: keeps the counters
-    /// monotonic when a racing read comes out low (see `Maps::read`).
-    last_cpu: Mutex<HashMap<u64, CpuCounters>>,
-    /// Wakes the refresher early: a scrape met a cgroup it cannot name or
-    /// has no memory reading for.
-    pub wake: Notify,
-    /// Set with `wake` when a scrape or refresh met an id the index lacks.
-    rescan_wanted: AtomicBool,
-    /// See [`Snapshot::tree_updates`].
-    tree_updates: [AtomicU64; 3],
-    last_refresh: Mutex<Option<Instant>>,
-    last_rescan_error: Mutex<Option<String>>,
-    /// The node's pods from the API, if one is configured.
-    pods: Option<PodStore>,
-    /// How long a pod cgroup's series wait for its names before going out
-    /// without them.
-    metadata_wait: Duration,
-    /// Names once complete, per cgroup id: a series' labels never change
-    /// back, even after the pod left the API.
-    names: Mutex<HashMap<u64, Arc<Names>>>,
-    /// Names for pod cgroups when nothing better is known.
-    unnamed: Arc<Names>,
-}
-
-/// The throttling counters of every live counted cgroup with a CPU limit.
-fn throttling(index: &Index) -> HashMap<u64, cpu::Throttling> {
-    index
-        .stats
-        .iter()
-        .filter(|(_, s)| matches!(s.limit, Some(cpu::Limit::Cores(_))))
-        .filter_map(|(id, _)| {
-            let files = index.live.get(id)?.files.cpu.as_ref()?;
-            Some((*id, files.throttling()?))
-        })
-        .collect()
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take the exporter down with it.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    index: watch::Receiver<Arc<Index>>,
+    counters: Arc<dyn CounterSource>,
+    namer: Namer,
+    wants: mpsc::Sender<Want>,
+    health: Arc<Health>,
+    failures: FailureLog,
 }
 
 impl Tracker {
-    /// A tracker over `maps`, with no cgroups known until the first refresh.
-    pub fn new(mounts: Mounts, maps: Maps, grace: Duration, naming: Option<PodNaming>) -> Self {
-        let (pods, extra_labels, metadata_wait) = match naming {
-            Some(n) => (Some(n.store), n.extra_labels, n.wait),
-            None => (None, 0, Duration::ZERO),
-        };
+    /// A scrape side reading what the refresher publishes on `index`, and
+    /// asking it for work on `wants`.
+    pub fn new(
+        index: watch::Receiver<Arc<Index>>,
+        counters: Arc<dyn CounterSource>,
+        namer: Namer,
+        wants: mpsc::Sender<Want>,
+        health: Arc<Health>,
+    ) -> Self {
         Self {
-            pods,
-            metadata_wait,
-            names: Mutex::default(),
-            unnamed: Arc::new(Names {
-                extra: vec![String::new(); extra_labels],
-                ..Default::default()
-            }),
-            mounts,
-            grace,
-            maps: Mutex::new(maps),
-            index: RwLock::new(Arc::default()),
-            last_cpu: Mutex::default(),
-            wake: Notify::new(),
-            rescan_wanted: AtomicBool::new(false),
-            tree_updates: Default::default(),
-            last_refresh: Mutex::new(None),
-            last_rescan_error: Mutex::new(None),
+            index,
+            counters,
+            namer,
+            wants,
+            health,
+            failures: FailureLog::default(),
         }
     }
 
-    fn index(&self) -> Arc<Index> {
-        self.index
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The scrape path: kernel counters joined with the current index.
-    pub fn snapshot(&self) -> Result<Snapshot, MapError> {
-        let index = self.index();
+    /// One scrape.
+    pub fn snapshot(&self) -> Snapshot {
+        let _scrape = self.health.scrape(Instant::now());
+        let index = self.index.borrow().clone();
         // The throttling counters are one cgroupfs read per limited cgroup,
         // a third of a scrape at a thousand limited containers: they are
         // read beside the maps, so a scrape takes the longer of the two
-        // rather than both. File reads take no lock: a slow cgroupfs never
-        // holds up the refresher or another scrape.
-        let (throttling, snapshot) = std::thread::scope(|s| {
+        // rather than both.
+        let (throttling, reading) = std::thread::scope(|s| {
             // Where no thread can be made (a pids limit), read in turn.
-            match std::thread::Builder::new().spawn_scoped(s, || throttling(&index)) {
+            match std::thread::Builder::new().spawn_scoped(s, || index.throttling()) {
                 Ok(reader) => {
-                    let snapshot = self.join(&index);
-                    (reader.join(), snapshot)
+                    let reading = self.counters.read();
+                    (reader.join(), reading)
                 }
-                Err(_) => (Ok(throttling(&index)), self.join(&index)),
+                Err(_) => (Ok(index.throttling()), self.counters.read()),
             }
         });
-        let mut snapshot = snapshot?;
-        let throttling = throttling.unwrap_or_else(|_| {
-            tracing::warn!("reading throttling counters panicked; this scrape has none");
-            HashMap::new()
-        });
-        for row in snapshot.rows.iter_mut().filter(|r| r.cpu_limit.is_some()) {
+        let now = Instant::now();
+        let mut joined = {
+            let mut names = self.namer.session(&index);
+            join(&index, &reading, &mut names, now)
+        };
+        if let Some(want) = joined.want {
+            // Full: a request is already pending, which serves this one too.
+            let _ = self.wants.try_send(want);
+        }
+
+        let (throttling, throttling_ok) = match throttling {
+            Ok((t, 0, _)) => (t, Ok(())),
+            Ok((t, failed, last)) => (
+                t,
+                Err(format!(
+                    "{failed} cpu.stat reads failed, the last with: {}",
+                    last.unwrap_or_default()
+                )),
+            ),
+            Err(_) => (
+                HashMap::new(),
+                Err("reading throttling counters panicked".to_owned()),
+            ),
+        };
+        for row in joined.rows.iter_mut().filter(|r| r.cpu_limit.is_some()) {
             row.throttling = throttling.get(&row.id).copied();
         }
-        Ok(snapshot)
-    }
 
-    /// Kernel counters joined with `index`; no throttling yet.
-    fn join(&self, index: &Index) -> Result<Snapshot, MapError> {
-        let (reading, capacity) = {
-            let maps = lock(&self.maps);
-            (maps.read()?, maps.capacity())
-        };
-        let mut ids: Vec<u64> = reading
-            .cpu
-            .keys()
-            .chain(reading.net.keys())
-            .copied()
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let api = self.namer.api();
+        let collectors = [
+            Some(index.rescan_error.clone().map_or(Ok(()), Err)),
+            Some(status(&reading.cpu)),
+            api.as_ref().map(|a| a.failing.clone().map_or(Ok(()), Err)),
+            Some(match &index.read_errors {
+                (0, _) => Ok(()),
+                (n, last) => Err(format!(
+                    "{n} memory or limit reads failed, the last with: {}",
+                    last.as_deref().unwrap_or_default()
+                )),
+            }),
+            Some(status(&reading.net)),
+            Some(throttling_ok),
+        ];
+        self.failures.note(&collectors);
 
-        let mut rows = Vec::with_capacity(ids.len());
-        let (mut unknown, mut missing_stats) = (false, false);
-        let (mut live, mut awaiting) = (0, 0);
-        let pods = self.pods.as_ref().map(|p| (p, p.by_uid()));
-        let mut names = lock(&self.names);
-        let mut last_cpu = lock(&self.last_cpu);
-        for id in ids {
-            let Some(cgroup) = index.get(id) else {
-                unknown |= !index.unresolved.contains_key(&id);
-                continue;
-            };
-            let names = match (&cgroup.identity, &pods) {
-                (Identity::Host, _) => None,
-                (Identity::Pod(_), None) => Some(self.unnamed.clone()),
-                (Identity::Pod(p), Some((store, by_uid))) => match names.get(&id) {
-                    Some(n) => Some(n.clone()),
-                    None => {
-                        let waited = cgroup.first_seen.elapsed() >= self.metadata_wait;
-                        match store.lookup(by_uid, &p.pod_uid, p.container_id.as_deref()) {
-                            Lookup::Complete(n) => {
-                                let n = Arc::new(n);
-                                names.insert(id, n.clone());
-                                Some(n)
-                            }
-                            Lookup::PodOnly(n) if waited => Some(Arc::new(n)),
-                            Lookup::Unknown if waited => Some(self.unnamed.clone()),
-                            // Counters keep accumulating in the kernel: the
-                            // first export, once named, loses nothing.
-                            _ => {
-                                awaiting += 1;
-                                continue;
-                            }
-                        }
-                    }
-                },
-            };
-            let is_live = index.live.contains_key(&id);
-            live += usize::from(is_live);
-            let stats = index.stats.get(&id).copied();
-            // Counted but not yet read (new since the last refresh): the
-            // refresher reads it at once, so its memory shows next scrape.
-            missing_stats |= is_live && stats.is_none();
-            let cpu = reading.cpu.get(&id).map(|c| {
-                let last = last_cpu.entry(id).or_default();
-                last.time_ns = last.time_ns.max(c.time_ns);
-                last.switches = last.switches.max(c.switches);
-                *last
-            });
-            let cpu_limit = match stats.and_then(|s| s.limit) {
-                Some(cpu::Limit::Cores(c)) if is_live => Some(c),
-                _ => None,
-            };
-            rows.push(Row {
-                id,
-                cgroup: cgroup.clone(),
-                cpu,
-                net: reading.net.get(&id).copied(),
-                memory: stats.and_then(|s| s.memory),
-                cpu_limit,
-                throttling: None,
-                names,
-            });
-        }
-        drop(last_cpu);
-        drop(names);
-        if unknown {
-            self.want_rescan();
-        } else if missing_stats {
-            self.wake.notify_one();
-        }
-        Ok(Snapshot {
-            tracked: [live, index.departed.len(), index.unresolved.len(), awaiting],
-            tree_updates: self
-                .tree_updates
-                .each_ref()
-                .map(|n| n.load(Ordering::Relaxed)),
-            kubernetes: pods.map(|(p, _)| (p.len(), p.errors.load(Ordering::Relaxed))),
-            rows,
+        let [_, departed, unresolved] = index.counts();
+        Snapshot {
+            tracked: [joined.live, departed, unresolved, joined.awaiting],
+            tree_updates: index.tree_updates,
+            kubernetes: api.map(|a| (a.pods, a.errors)),
+            entries: [
+                reading.cpu.as_ref().map_or(0, HashMap::len),
+                reading.net.as_ref().map_or(0, HashMap::len),
+            ],
+            rows: joined.rows,
             dropped: reading.dropped,
-            entries: [reading.cpu.len(), reading.net.len()],
-            capacity,
-        })
-    }
-
-    /// cgroup events the kernel could not queue since start (0 if the maps
-    /// cannot be read: the next read that works shows the whole count).
-    pub fn tree_drops(&self) -> u64 {
-        lock(&self.maps).tree_drops().unwrap_or(0)
-    }
-
-    /// Asks the background task for a walk of the tree, now.
-    fn want_rescan(&self) {
-        self.rescan_wanted.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
-    }
-
-    /// Whether a walk of the tree was asked for since the last call.
-    pub fn take_rescan_wanted(&self) -> bool {
-        self.rescan_wanted.swap(false, Ordering::Relaxed)
-    }
-
-    /// A new cgroup record for `path`, first seen `now`.
-    fn cgroup(&self, path: String, now: Instant) -> Arc<Cgroup> {
-        Arc::new(Cgroup {
-            identity: identity::parse(&path),
-            files: CgroupFiles::new(&self.mounts, &path),
-            path,
-            first_seen: now,
-        })
-    }
-
-    fn publish(&self, index: Index) {
-        *self.index.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(index);
-    }
-
-    /// The tree path, from a walk: every cgroup in the tree is live, every
-    /// other live one departed.
-    pub fn rescan(&self) -> io::Result<RefreshStats> {
-        let result = tree::scan(&self.mounts.unified);
-        *lock(&self.last_rescan_error) = result.as_ref().err().map(ToString::to_string);
-        let paths = result?;
-        self.tree_updates[2].fetch_add(1, Ordering::Relaxed);
-        let old = self.index();
-        let now = Instant::now();
-        let mut stats = RefreshStats {
-            cgroups: paths.len(),
-            ..Default::default()
-        };
-        let mut index = Index {
-            live: HashMap::with_capacity(paths.len()),
-            departed: old.departed.clone(),
-            unresolved: old.unresolved.clone(),
-            stats: old.stats.clone(),
-        };
-        for (id, path) in paths {
-            let cgroup = match old.live.get(&id) {
-                Some(c) if c.path == path => c.clone(),
-                _ => {
-                    stats.created += 1;
-                    index.departed.remove(&id);
-                    index.unresolved.remove(&id);
-                    self.cgroup(path, now)
-                }
-            };
-            index.live.insert(id, cgroup);
+            capacity: self.counters.capacity(),
+            collectors,
         }
-        for (id, cgroup) in &old.live {
-            if !index.live.contains_key(id) {
-                cgroup.files.close();
-                index.departed.insert(*id, (cgroup.clone(), now));
-                stats.departed += 1;
-            }
-        }
-        self.publish(index);
-        Ok(stats)
     }
 
-    /// The tree path, from the kernel's events (in the order they happened).
-    pub fn apply(&self, events: &[TreeEvent]) -> RefreshStats {
-        let old = self.index();
-        let now = Instant::now();
-        let mut index = Index::clone(&old);
-        let mut stats = RefreshStats::default();
-        for event in events {
-            let kind = usize::from(matches!(event, TreeEvent::Removed { .. }));
-            self.tree_updates[kind].fetch_add(1, Ordering::Relaxed);
-            match event {
-                TreeEvent::Created { id, path } => {
-                    if index.live.get(id).is_some_and(|c| &c.path == path) {
-                        continue; // a rescan saw it first
-                    }
-                    index.departed.remove(id);
-                    index.unresolved.remove(id);
-                    index.live.insert(*id, self.cgroup(path.clone(), now));
-                    stats.created += 1;
-                }
-                TreeEvent::Removed { id } => {
-                    if let Some(cgroup) = index.live.remove(id) {
-                        cgroup.files.close();
-                        index.departed.insert(*id, (cgroup, now));
-                        stats.departed += 1;
-                    }
-                }
-            }
-        }
-        stats.cgroups = index.live.len();
-        if stats.created + stats.departed > 0 {
-            self.publish(index);
-        }
-        stats
-    }
-
-    /// The refresh path: reads memory and CPU limits of the counted live
-    /// cgroups (`all`, or only those never read yet), and retires departed
-    /// and unresolved cgroups past the grace period.
-    pub fn refresh(&self, all: bool) -> RefreshStats {
-        let old = self.index();
-        let now = Instant::now();
-        let mut stats = RefreshStats {
-            cgroups: old.live.len(),
-            ..Default::default()
-        };
-
-        let mut retire = Vec::new();
-        let mut departed = HashMap::with_capacity(old.departed.len());
-        for (id, (cgroup, since)) in &old.departed {
-            if now.duration_since(*since) < self.grace {
-                departed.insert(*id, (cgroup.clone(), *since));
-            } else {
-                retire.push(*id);
-            }
-        }
-
-        let counted = lock(&self.maps).ids();
-        let mut unresolved = HashMap::new();
-        let mut read = HashMap::with_capacity(counted.len());
-        for &id in &counted {
-            if let Some(cgroup) = old.live.get(&id) {
-                let s = match old.stats.get(&id) {
-                    Some(s) if !all => *s,
-                    _ => {
-                        stats.read += 1;
-                        Stats {
-                            memory: cgroup.files.memory.as_ref().and_then(|m| m.working_set()),
-                            limit: cgroup.files.cpu.as_ref().and_then(|c| c.limit()),
-                        }
-                    }
-                };
-                read.insert(id, s);
-            } else if departed.contains_key(&id) {
-                if let Some(&s) = old.stats.get(&id) {
-                    read.insert(id, s);
-                }
-            } else if !retire.contains(&id) {
-                // Died before any scan or event showed it (or a socket
-                // outlived its cgroup): nothing to name it by. Keep it out
-                // of the series and drop its counters after the grace period.
-                let first = match old.unresolved.get(&id) {
-                    Some(&first) => first,
-                    None => {
-                        // New to us: walk the tree once before calling it
-                        // dead, or a live cgroup whose event was missed
-                        // would lose its counters at the end of the grace
-                        // period, long before the next scheduled walk.
-                        self.want_rescan();
-                        now
-                    }
-                };
-                if now.duration_since(first) < self.grace {
-                    unresolved.insert(id, first);
-                } else {
-                    retire.push(id);
-                }
-            }
-        }
-
-        if !retire.is_empty() {
-            lock(&self.maps).forget(&retire);
-            let (mut last_cpu, mut names) = (lock(&self.last_cpu), lock(&self.names));
-            for id in &retire {
-                last_cpu.remove(id);
-                names.remove(id);
-            }
-            stats.retired = retire.len();
-        }
-
-        // Only the background task changes the index (tree path and
-        // refresh take turns there), so nothing was published since `old`.
-        self.publish(Index {
-            live: old.live.clone(),
-            departed,
-            unresolved,
-            stats: read,
-        });
-        *lock(&self.last_refresh) = Some(now);
-        stats
-    }
-
-    /// `Ok` when the last walk of the tree succeeded and the last refresh
-    /// ran within `max_age`; otherwise why not.
-    pub fn ready(&self, max_age: Duration) -> Result<(), String> {
-        if let Some(e) = &*lock(&self.last_rescan_error) {
+    /// `Ok` when the agent is ready to be scraped: the last walk of the
+    /// tree succeeded, the last refresh ran within `max_age`, and the pod
+    /// store (if any) has synced.
+    pub fn ready(&self, max_age: Duration, now: Instant) -> Result<(), String> {
+        let index = self.index.borrow().clone();
+        if let Some(e) = &index.rescan_error {
             return Err(format!("last cgroup scan failed: {e}"));
         }
-        match *lock(&self.last_refresh) {
-            None => Err("no refresh has completed yet".into()),
-            Some(at) if at.elapsed() > max_age => {
-                Err(format!("last refresh was {:?} ago", at.elapsed()))
+        match index.refreshed {
+            None => return Err("no refresh has completed yet".into()),
+            Some(at) if now.saturating_duration_since(at) > max_age => {
+                return Err(format!(
+                    "last refresh was {:?} ago",
+                    now.saturating_duration_since(at)
+                ));
             }
-            Some(_) => Ok(()),
+            Some(_) => {}
         }
+        self.namer.ready()
+    }
+
+    /// `Ok` while the scrape path and the refresher make progress.
+    pub fn live(&self, now: Instant) -> Result<(), String> {
+        self.health.live(now)
     }
 }
+
+/// A map read's success, without its numbers.
+fn status<T>(r: &Result<T, String>) -> Result<(), String> {
+    r.as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+#[cfg(test)]
+mod tests;

@@ -516,7 +516,17 @@ impl Maps {
         self.capacity
     }
 
-    /// Reads every counter, summed over CPUs.
+    /// Reads every counter, summed over CPUs (both maps, or the first
+    /// error).
+    pub fn read(&self) -> Result<Reading, MapError> {
+        Ok(Reading {
+            cpu: self.read_cpu()?,
+            net: self.read_net()?,
+            dropped: self.dropped()?,
+        })
+    }
+
+    /// CPU time and switches by cgroup id, summed over CPUs.
     ///
     /// CPU time includes what each CPU has not yet added to the map (see
     /// [`OnCpu`]) and the slice it is running now, when a tick has said
@@ -529,7 +539,7 @@ impl Maps {
     /// while it was read: at most a tick period of its time, plus the time
     /// the read took), never high; the caller keeps exported values
     /// monotonic.
-    pub fn read(&self) -> Result<Reading, MapError> {
+    pub fn read_cpu(&self) -> Result<HashMap<u64, CpuCounters>, MapError> {
         let mut cpu = self.totals(&self.cpu, 0)?;
         let now = monotonic_ns();
         for x in self.oncpu_consistent()?.into_iter().flatten() {
@@ -545,14 +555,21 @@ impl Maps {
                 c.time_ns += now.saturating_sub(x.since_ns);
             }
         }
+        Ok(cpu)
+    }
 
-        let net = self.totals(&self.net, 1)?;
+    /// Traffic by socket cgroup id, summed over CPUs.
+    pub fn read_net(&self) -> Result<HashMap<u64, NetCounters>, MapError> {
+        self.totals(&self.net, 1)
+    }
 
+    /// Updates lost to full maps, `[cpu, net]`.
+    pub fn dropped(&self) -> Result<[u64; 2], MapError> {
         let mut dropped = [0; 2];
         for (slot, idx) in dropped.iter_mut().zip([DROP_CPU, DROP_NET]) {
             *slot = self.drops.get(&idx, 0)?.iter().sum();
         }
-        Ok(Reading { cpu, net, dropped })
+        Ok(dropped)
     }
 
     /// Each CPU's [`OnCpu`], from a read that no update tore (`None` if

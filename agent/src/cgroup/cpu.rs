@@ -23,7 +23,7 @@
 //! anything to report. The root cgroup cannot be limited and is skipped in
 //! both versions.
 
-use std::path::Path;
+use std::{io, path::Path};
 
 use super::{Mounts, files::StatFile, memory::stat_value as value};
 
@@ -109,11 +109,11 @@ impl Files {
 
     /// The throttling counters now, when the kernel keeps them
     /// (CONFIG_CFS_BANDWIDTH).
-    pub fn throttling(&self) -> Option<Throttling> {
-        match self {
-            Self::V2 { stat, .. } => parse_stat_v2(&stat.read().ok()?),
-            Self::V1 { stat, .. } => parse_stat_v1(&stat.read().ok()?),
-        }
+    pub fn throttling(&self) -> io::Result<Option<Throttling>> {
+        Ok(match self {
+            Self::V2 { stat, .. } => parse_stat_v2(&stat.read()?),
+            Self::V1 { stat, .. } => parse_stat_v1(&stat.read()?),
+        })
     }
 
     /// Closes the files (the cgroup is gone).

@@ -10,10 +10,12 @@
 //! a single `pread`.
 //!
 //! A [`StatFile`] opens on its first read and stays open until
-//! [`StatFile::close`] (when its cgroup is gone) or a read fails. When the
-//! process is out of descriptors it falls back to open-read-close, so a
-//! node with more cgroups than the descriptor limit still gets its numbers,
-//! only at the old price.
+//! [`StatFile::close`] (when its cgroup is gone) or a read fails. Kept-open
+//! files draw on a descriptor budget ([`set_budget`]: the open-files limit
+//! less a reserve for sockets, maps and the like); past it, a file is
+//! opened, read and closed each time, so a node with more cgroups than the
+//! descriptor limit still gets its numbers, only at the old price, and the
+//! agent never runs out of descriptors for its connections.
 
 use std::{
     fs::File,
@@ -22,7 +24,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -78,6 +80,57 @@ pub struct StatFile {
 /// Warned once: a node out of descriptors would otherwise log every read.
 static WARNED_NOFILE: AtomicBool = AtomicBool::new(false);
 
+/// Descriptors that kept-open files may hold, and how many they hold.
+#[derive(Debug)]
+pub struct Budget {
+    limit: AtomicUsize,
+    open: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` descriptors.
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            limit: AtomicUsize::new(limit),
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes one descriptor, if the budget has one left.
+    pub fn take(&self) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives one back.
+    pub fn give(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Descriptors held now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// The budget of every [`StatFile`]: unlimited until [`set_budget`].
+static BUDGET: Budget = Budget::new(usize::MAX);
+
+/// Sets how many descriptors kept-open cgroup files may hold in all. Files
+/// open beyond it stay open until their cgroup goes.
+pub fn set_budget(limit: usize) {
+    BUDGET.limit.store(limit, Ordering::Relaxed);
+}
+
+/// Kept-open cgroup files now.
+pub fn open_files() -> usize {
+    BUDGET.open()
+}
+
 impl StatFile {
     /// `rel` (e.g. `a/b/cpu.stat`) below the hierarchy mounted at `root`.
     /// Nothing is opened yet.
@@ -93,9 +146,13 @@ impl StatFile {
     pub fn read(&self) -> io::Result<String> {
         let mut guard = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         if guard.is_none() {
+            if !BUDGET.take() {
+                return read_small(&self.root, &self.rel);
+            }
             match self.open() {
                 Ok(f) => *guard = Some(f),
                 Err(e) if is_out_of_descriptors(&e) => {
+                    BUDGET.give();
                     if !WARNED_NOFILE.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             "out of file descriptors ({e}); cgroup files are now opened for each \
@@ -104,7 +161,10 @@ impl StatFile {
                     }
                     return read_small(&self.root, &self.rel);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    BUDGET.give();
+                    return Err(e);
+                }
             }
         }
         let file = guard.as_ref().expect("opened above");
@@ -114,6 +174,7 @@ impl StatFile {
                 // A removed cgroup's files fail with ENODEV; whatever it
                 // was, the next read opens the file again.
                 *guard = None;
+                BUDGET.give();
                 Err(e)
             }
         }
@@ -122,7 +183,14 @@ impl StatFile {
     /// Closes the file (its cgroup is gone: an open file would keep the
     /// dead cgroup's kernel state around).
     pub fn close(&self) {
-        *self.file.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let file = self
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if file.is_some() {
+            BUDGET.give();
+        }
     }
 
     /// Whether the file is open now.
@@ -143,6 +211,21 @@ impl StatFile {
             Mode::empty(),
         )?;
         Ok(File::from(fd))
+    }
+}
+
+/// Whether a read failed because the cgroup is gone (removed while being
+/// read, or before): normal under churn, not a failure of the reader.
+pub fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ENOENT | Errno::ENODEV)
+    )
+}
+
+impl Drop for StatFile {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -204,6 +287,18 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    #[test]
+    fn a_budget_lends_what_it_has_and_no_more() {
+        let b = Budget::new(2);
+        assert!(b.take() && b.take());
+        assert!(!b.take(), "the third is refused");
+        assert_eq!(b.open(), 2);
+        b.give();
+        assert!(b.take());
+        let none = Budget::new(0);
+        assert!(!none.take());
+    }
 
     #[test]
     fn rereads_current_contents_in_place() {

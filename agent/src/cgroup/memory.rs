@@ -56,10 +56,14 @@ impl Files {
 
     /// The working set now, or `None` when the hierarchy does not account
     /// memory for the cgroup (or it is gone).
-    pub fn working_set(&self) -> Option<u64> {
-        let usage: u64 = self.usage.read().ok()?.trim().parse().ok()?;
-        let stat = self.stat.read().ok()?;
-        Some(usage.saturating_sub(stat_value(&stat, self.inactive_key).unwrap_or(0)))
+    pub fn working_set(&self) -> io::Result<Option<u64>> {
+        let Ok(usage) = self.usage.read()?.trim().parse::<u64>() else {
+            return Ok(None);
+        };
+        let stat = self.stat.read()?;
+        Ok(Some(usage.saturating_sub(
+            stat_value(&stat, self.inactive_key).unwrap_or(0),
+        )))
     }
 
     /// Closes the files (the cgroup is gone).

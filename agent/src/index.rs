@@ -1,0 +1,401 @@
+//! Which cgroups podmeter knows, under which path, for how long.
+//!
+//! [`IndexState`] is a plain state machine: the refresher task owns it and
+//! is the only writer, feeds it the kernel's tree events, walks of the
+//! tree and refreshes, and publishes each result as an immutable [`Index`]
+//! snapshot that scrapes read without locks. Time comes in as an argument
+//! (`now`), so the grace period, retirement and unresolved ids are unit
+//! tested without a kernel or a clock.
+//!
+//! A cgroup that disappears keeps its final values for the grace period so
+//! its last increase is not lost between scrapes; then its series go and
+//! its kernel map entries are deleted. A departed cgroup that never had a
+//! counter has no series to keep and goes at the next refresh. So the index
+//! holds what is alive, plus what had counters and died within the grace
+//! period, plus what died within one refresh interval: it follows the live
+//! count, not the churn.
+
+use std::{
+    collections::HashMap,
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::cgroup::{
+    CgroupFiles, Identity, Mounts,
+    cpu::{self, Throttling},
+    files::is_gone,
+    identity,
+};
+
+/// A cgroup podmeter knows by path.
+#[derive(Debug)]
+pub struct Cgroup {
+    /// Path relative to the cgroup2 root, `/a/b`.
+    pub path: String,
+    /// What the path says about its owner.
+    pub identity: Identity,
+    /// When a scan or event first showed it.
+    pub first_seen: Instant,
+    /// Its memory and CPU files, open while it is counted.
+    pub files: CgroupFiles,
+}
+
+/// What the refresh path last read of a counted cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Memory working set, if its hierarchy accounts memory.
+    pub memory: Option<u64>,
+    /// CPU limit, if a cpu controller covers the cgroup.
+    pub limit: Option<cpu::Limit>,
+}
+
+/// A change to the cgroup2 tree, as the kernel reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TreeEvent {
+    /// `mkdir`: a cgroup with this id at this path (relative to the mount).
+    Created {
+        /// cgroup id.
+        id: u64,
+        /// `/a/b`.
+        path: String,
+    },
+    /// `rmdir`.
+    Removed {
+        /// cgroup id.
+        id: u64,
+    },
+}
+
+/// One published state of the index: what a scrape reads.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    live: HashMap<u64, Arc<Cgroup>>,
+    /// Gone from the tree, with when that was noticed.
+    departed: HashMap<u64, (Arc<Cgroup>, Instant)>,
+    /// Counted by the kernel but never seen in the tree, with first sighting.
+    unresolved: HashMap<u64, Instant>,
+    /// Memory and limit by id, for counted cgroups (departed: last read).
+    stats: HashMap<u64, Stats>,
+    /// Grows with each publication.
+    pub generation: u64,
+    /// Tree updates so far: `[mkdir events, rmdir events, walks]`.
+    pub tree_updates: [u64; 3],
+    /// Why the last walk of the tree failed, if it did.
+    pub rescan_error: Option<String>,
+    /// When the last refresh finished.
+    pub refreshed: Option<Instant>,
+    /// Memory or limit reads of the last refresh that failed for a reason
+    /// other than the cgroup being gone, with the last such error.
+    pub read_errors: (usize, Option<String>),
+}
+
+impl Index {
+    /// The cgroup with this id, live or departed.
+    pub fn get(&self, id: u64) -> Option<&Arc<Cgroup>> {
+        self.live
+            .get(&id)
+            .or_else(|| self.departed.get(&id).map(|(c, _)| c))
+    }
+
+    /// Whether the cgroup is in the tree now.
+    pub fn is_live(&self, id: u64) -> bool {
+        self.live.contains_key(&id)
+    }
+
+    /// Whether the id is counted but known to be unnameable for now.
+    pub fn is_unresolved(&self, id: u64) -> bool {
+        self.unresolved.contains_key(&id)
+    }
+
+    /// What the last refresh read of the cgroup.
+    pub fn stats(&self, id: u64) -> Option<Stats> {
+        self.stats.get(&id).copied()
+    }
+
+    /// `[live, departed, unresolved]` counts.
+    pub fn counts(&self) -> [usize; 3] {
+        [self.live.len(), self.departed.len(), self.unresolved.len()]
+    }
+
+    /// Reads the throttling counters of every live counted cgroup with a
+    /// CPU limit; also how many reads failed (not for being gone) and the
+    /// last such error.
+    pub fn throttling(&self) -> (HashMap<u64, Throttling>, usize, Option<String>) {
+        let mut out = HashMap::new();
+        let (mut failed, mut last) = (0, None);
+        for (id, s) in &self.stats {
+            if !matches!(s.limit, Some(cpu::Limit::Cores(_))) {
+                continue;
+            }
+            let Some(files) = self.live.get(id).and_then(|c| c.files.cpu.as_ref()) else {
+                continue;
+            };
+            match files.throttling() {
+                Ok(Some(t)) => {
+                    out.insert(*id, t);
+                }
+                Ok(None) => {}
+                Err(e) if is_gone(&e) => {}
+                Err(e) => {
+                    failed += 1;
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        (out, failed, last)
+    }
+}
+
+/// What one change to the index did, for logs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Cgroups in the tree.
+    pub cgroups: usize,
+    /// Newly seen.
+    pub created: usize,
+    /// Newly departed.
+    pub departed: usize,
+    /// Retired after the grace period (their counters are to be deleted).
+    pub retired: Vec<u64>,
+    /// Departed without ever being counted: dropped at once.
+    pub dropped: usize,
+    /// Cgroups whose memory and limit were read.
+    pub read: usize,
+    /// A counted id the index has never seen: the tree should be walked
+    /// before it can be called dead (its mkdir event may have been missed).
+    pub want_walk: bool,
+}
+
+/// The index and how it changes. See the module docs.
+pub struct IndexState {
+    mounts: Mounts,
+    grace: Duration,
+    index: Index,
+}
+
+impl IndexState {
+    /// An empty index over the cgroups below `mounts`.
+    pub fn new(mounts: Mounts, grace: Duration) -> Self {
+        Self {
+            mounts,
+            grace,
+            index: Index::default(),
+        }
+    }
+
+    /// The current state, to publish.
+    pub fn snapshot(&mut self) -> Arc<Index> {
+        self.index.generation += 1;
+        Arc::new(self.index.clone())
+    }
+
+    /// The current state, read-only.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn cgroup(&self, path: String, now: Instant) -> Arc<Cgroup> {
+        Arc::new(Cgroup {
+            identity: identity::parse(&path),
+            files: CgroupFiles::new(&self.mounts, &path),
+            path,
+            first_seen: now,
+        })
+    }
+
+    fn depart(&mut self, id: u64, now: Instant) -> bool {
+        match self.index.live.remove(&id) {
+            Some(cgroup) => {
+                cgroup.files.close();
+                self.index.departed.insert(id, (cgroup, now));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A walk of the tree: every cgroup in `paths` (id → path) is live,
+    /// every other live one departed. `Err` is remembered for readiness.
+    pub fn rescan(&mut self, paths: io::Result<HashMap<u64, String>>, now: Instant) -> Changes {
+        let paths = match paths {
+            Ok(p) => {
+                self.index.rescan_error = None;
+                p
+            }
+            Err(e) => {
+                self.index.rescan_error = Some(e.to_string());
+                return Changes {
+                    cgroups: self.index.live.len(),
+                    ..Default::default()
+                };
+            }
+        };
+        self.index.tree_updates[2] += 1;
+        let mut changes = Changes {
+            cgroups: paths.len(),
+            ..Default::default()
+        };
+        let gone: Vec<u64> = self
+            .index
+            .live
+            .keys()
+            .filter(|id| !paths.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            changes.departed += usize::from(self.depart(id, now));
+        }
+        for (id, path) in paths {
+            if self.index.live.get(&id).is_some_and(|c| c.path == path) {
+                continue;
+            }
+            changes.created += 1;
+            self.index.departed.remove(&id);
+            self.index.unresolved.remove(&id);
+            let cgroup = self.cgroup(path, now);
+            if let Some(old) = self.index.live.insert(id, cgroup) {
+                old.files.close(); // same id, new path: a rename
+            }
+        }
+        changes
+    }
+
+    /// The kernel's tree events, in the order they happened.
+    pub fn apply(&mut self, events: &[TreeEvent], now: Instant) -> Changes {
+        let mut changes = Changes::default();
+        for event in events {
+            match event {
+                TreeEvent::Created { id, path } => {
+                    self.index.tree_updates[0] += 1;
+                    if self.index.live.get(id).is_some_and(|c| &c.path == path) {
+                        continue; // a walk saw it first
+                    }
+                    self.index.departed.remove(id);
+                    self.index.unresolved.remove(id);
+                    let cgroup = self.cgroup(path.clone(), now);
+                    self.index.live.insert(*id, cgroup);
+                    changes.created += 1;
+                }
+                TreeEvent::Removed { id } => {
+                    self.index.tree_updates[1] += 1;
+                    changes.departed += usize::from(self.depart(*id, now));
+                }
+            }
+        }
+        changes.cgroups = self.index.live.len();
+        changes
+    }
+
+    /// A refresh, given the ids the kernel counts now: reads memory and
+    /// CPU limits of the counted live cgroups (all, or only those never
+    /// read yet) with `read`, and retires departed and unresolved cgroups
+    /// past the grace period. The caller deletes the retired ids' counters
+    /// before it publishes the result.
+    pub fn refresh(
+        &mut self,
+        counted: &[u64],
+        now: Instant,
+        all: bool,
+        read: impl Fn(&Cgroup) -> io::Result<Stats>,
+    ) -> Changes {
+        let grace = self.grace;
+        let index = &mut self.index;
+        let mut changes = Changes {
+            cgroups: index.live.len(),
+            ..Default::default()
+        };
+        let is_counted = |id: &u64| counted.binary_search(id).is_ok();
+        debug_assert!(counted.is_sorted());
+
+        // Departed: kept for the grace period if it has counters (their
+        // final values must be seen); without counters, nothing to keep.
+        let mut retired = Vec::new();
+        index.departed.retain(|id, (_, since)| {
+            if !is_counted(id) {
+                changes.dropped += 1;
+                false
+            } else if now.duration_since(*since) < grace {
+                true
+            } else {
+                retired.push(*id);
+                false
+            }
+        });
+
+        let mut unresolved = HashMap::new();
+        let mut stats = HashMap::with_capacity(counted.len());
+        let (mut failed, mut last_error) = (0, None);
+        for &id in counted {
+            if let Some(cgroup) = index.live.get(&id) {
+                let s = match index.stats.get(&id) {
+                    Some(s) if !all => *s,
+                    _ => {
+                        changes.read += 1;
+                        match read(cgroup) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                if !is_gone(&e) {
+                                    failed += 1;
+                                    last_error = Some(e.to_string());
+                                }
+                                Stats::default()
+                            }
+                        }
+                    }
+                };
+                stats.insert(id, s);
+            } else if index.departed.contains_key(&id) {
+                if let Some(&s) = index.stats.get(&id) {
+                    stats.insert(id, s);
+                }
+            } else if !retired.contains(&id) {
+                // Counted, never seen in the tree: died before any walk or
+                // event showed it, or a socket outlived its cgroup. Kept out
+                // of the series; its counters go after the grace period.
+                let first = match index.unresolved.get(&id) {
+                    Some(&first) => first,
+                    None => {
+                        // New: the tree is walked once before it is called
+                        // dead, or a live cgroup whose event was missed
+                        // would lose its counters long before the next
+                        // scheduled walk.
+                        changes.want_walk = true;
+                        now
+                    }
+                };
+                if now.duration_since(first) < grace {
+                    unresolved.insert(id, first);
+                } else {
+                    retired.push(id);
+                }
+            }
+        }
+        index.unresolved = unresolved;
+        index.stats = stats;
+        index.refreshed = Some(now);
+        if all {
+            index.read_errors = (failed, last_error);
+        }
+        // Maps shrink with the index: a churn peak must not keep its
+        // memory after the cgroups are gone.
+        index.departed.shrink_to_fit();
+        index.live.shrink_to_fit();
+        changes.retired = retired;
+        changes
+    }
+}
+
+/// Reads a cgroup's memory working set and CPU limit.
+pub fn read_stats(cgroup: &Cgroup) -> io::Result<Stats> {
+    let memory = match &cgroup.files.memory {
+        Some(m) => m.working_set()?,
+        None => None,
+    };
+    let limit = cgroup.files.cpu.as_ref().and_then(|c| c.limit());
+    Ok(Stats { memory, limit })
+}
+
+#[cfg(test)]
+mod tests;

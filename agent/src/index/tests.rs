@@ -1,0 +1,210 @@
+//! The index's state machine, driven with an injected clock and no kernel.
+
+use super::*;
+
+const GRACE: Duration = Duration::from_secs(90);
+
+fn state() -> IndexState {
+    let mounts = Mounts {
+        unified: "/nonexistent".into(),
+        memory_v1: None,
+        cpu_v1: None,
+        unified_shows: Some("/".into()),
+    };
+    IndexState::new(mounts, GRACE)
+}
+
+fn created(id: u64, path: &str) -> TreeEvent {
+    TreeEvent::Created {
+        id,
+        path: path.into(),
+    }
+}
+
+fn memory(m: u64) -> impl Fn(&Cgroup) -> io::Result<Stats> {
+    move |_| {
+        Ok(Stats {
+            memory: Some(m),
+            limit: None,
+        })
+    }
+}
+
+fn secs(t0: Instant, s: u64) -> Instant {
+    t0 + Duration::from_secs(s)
+}
+
+#[test]
+fn events_make_and_depart_cgroups() {
+    let mut s = state();
+    let t0 = Instant::now();
+    let c = s.apply(
+        &[
+            created(1, "/a"),
+            created(
+                2,
+                "/kubepods/burstable/pod1b2c3d4e-0000-4000-8000-000000000001",
+            ),
+        ],
+        t0,
+    );
+    assert_eq!((c.created, c.departed, c.cgroups), (2, 0, 2));
+    assert!(matches!(
+        s.index().get(2).unwrap().identity,
+        Identity::Pod(_)
+    ));
+    let c = s.apply(&[TreeEvent::Removed { id: 1 }], t0);
+    assert_eq!((c.created, c.departed, c.cgroups), (0, 1, 1));
+    assert!(!s.index().is_live(1));
+    assert!(
+        s.index().get(1).is_some(),
+        "departed cgroups keep their record"
+    );
+    // An rmdir for an unknown id changes nothing.
+    let c = s.apply(&[TreeEvent::Removed { id: 9 }], t0);
+    assert_eq!(c.departed, 0);
+    assert_eq!(s.index().tree_updates, [2, 2, 0]);
+}
+
+#[test]
+fn a_departed_cgroup_with_counters_stays_for_the_grace_period_then_retires() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.apply(&[created(1, "/a"), created(2, "/b")], t0);
+    s.refresh(&[1, 2], t0, true, memory(5));
+    s.apply(&[TreeEvent::Removed { id: 1 }], secs(t0, 10));
+
+    let c = s.refresh(&[1, 2], secs(t0, 99), true, memory(5));
+    assert!(c.retired.is_empty(), "89 s after departure: within grace");
+    assert!(s.index().get(1).is_some());
+    assert_eq!(
+        s.index().stats(1).unwrap().memory,
+        Some(5),
+        "last reading kept"
+    );
+
+    let c = s.refresh(&[1, 2], secs(t0, 100), true, memory(5));
+    assert_eq!(c.retired, [1]);
+    assert!(s.index().get(1).is_none());
+    assert_eq!(s.index().counts(), [1, 0, 0]);
+}
+
+#[test]
+fn a_departed_cgroup_without_counters_goes_at_the_next_refresh() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.apply(&[created(1, "/a"), created(2, "/b")], t0);
+    s.apply(&[TreeEvent::Removed { id: 2 }], t0);
+    let c = s.refresh(&[1], secs(t0, 1), true, memory(1));
+    assert_eq!((c.dropped, c.retired.len()), (1, 0));
+    assert_eq!(s.index().counts(), [1, 0, 0]);
+}
+
+#[test]
+fn churn_leaves_nothing_behind() {
+    let mut s = state();
+    let t0 = Instant::now();
+    // 10,000 cgroups come and go, a tenth of them counted.
+    for i in 0..10_000u64 {
+        let t = t0 + Duration::from_millis(i);
+        s.apply(&[created(i, &format!("/churn/{i}"))], t);
+        s.apply(&[TreeEvent::Removed { id: i }], t);
+    }
+    let counted: Vec<u64> = (0..10_000).filter(|i| i % 10 == 0).collect();
+    let c = s.refresh(&counted, secs(t0, 11), true, memory(0));
+    assert_eq!(c.dropped, 9_000);
+    assert_eq!(s.index().counts(), [0, 1_000, 0]);
+    let c = s.refresh(&counted, secs(t0, 200), true, memory(0));
+    assert_eq!(c.retired.len(), 1_000);
+    assert_eq!(s.index().counts(), [0, 0, 0]);
+    // The caller forgot them in the kernel: the next refresh sees none.
+    s.refresh(&[], secs(t0, 215), true, memory(0));
+    assert_eq!(s.index().counts(), [0, 0, 0]);
+}
+
+#[test]
+fn an_unknown_counted_id_asks_for_a_walk_once_then_retires_after_grace() {
+    let mut s = state();
+    let t0 = Instant::now();
+    let c = s.refresh(&[7], t0, true, memory(0));
+    assert!(c.want_walk);
+    assert!(s.index().is_unresolved(7));
+    let c = s.refresh(&[7], secs(t0, 15), true, memory(0));
+    assert!(!c.want_walk, "asked once, not at every refresh");
+    let c = s.refresh(&[7], secs(t0, 90), true, memory(0));
+    assert_eq!(c.retired, [7]);
+    assert!(!s.index().is_unresolved(7));
+}
+
+#[test]
+fn a_walk_finds_what_events_missed() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.refresh(&[7], t0, true, memory(0));
+    assert!(s.index().is_unresolved(7));
+    let paths = HashMap::from([(7, "/late".to_owned()), (1, "/".to_owned())]);
+    let c = s.rescan(Ok(paths), secs(t0, 1));
+    assert_eq!((c.created, c.cgroups), (2, 2));
+    assert!(s.index().is_live(7) && !s.index().is_unresolved(7));
+    // A second walk without 7: it departed.
+    let c = s.rescan(Ok(HashMap::from([(1, "/".to_owned())])), secs(t0, 2));
+    assert_eq!((c.created, c.departed), (0, 1));
+    assert_eq!(s.index().tree_updates[2], 2);
+}
+
+#[test]
+fn a_failed_walk_is_remembered_until_one_succeeds() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.rescan(Err(io::Error::other("EIO")), t0);
+    assert_eq!(s.index().rescan_error.as_deref(), Some("EIO"));
+    s.rescan(Ok(HashMap::new()), t0);
+    assert_eq!(s.index().rescan_error, None);
+}
+
+#[test]
+fn only_new_cgroups_are_read_between_timed_refreshes() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.apply(&[created(1, "/a")], t0);
+    let c = s.refresh(&[1], t0, true, memory(1));
+    assert_eq!(c.read, 1);
+    s.apply(&[created(2, "/b")], t0);
+    let c = s.refresh(&[1, 2], t0, false, memory(2));
+    assert_eq!(c.read, 1, "only the new one");
+    assert_eq!(s.index().stats(1).unwrap().memory, Some(1));
+    assert_eq!(s.index().stats(2).unwrap().memory, Some(2));
+}
+
+#[test]
+fn read_errors_count_unless_the_cgroup_is_gone() {
+    let mut s = state();
+    let t0 = Instant::now();
+    s.apply(&[created(1, "/a"), created(2, "/b")], t0);
+    let c = s.refresh(&[1, 2], t0, true, |c: &Cgroup| {
+        if c.path == "/a" {
+            Err(io::Error::from_raw_os_error(libc::ENODEV))
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EACCES))
+        }
+    });
+    assert_eq!(c.read, 2);
+    let (failed, last) = &s.index().read_errors;
+    assert_eq!(*failed, 1);
+    assert!(last.as_deref().unwrap().contains("denied"), "{last:?}");
+}
+
+#[test]
+fn snapshots_are_immutable_and_numbered() {
+    let mut s = state();
+    let t0 = Instant::now();
+    let before = s.snapshot();
+    s.apply(&[created(1, "/a")], t0);
+    let after = s.snapshot();
+    assert!(
+        before.get(1).is_none(),
+        "a published snapshot never changes"
+    );
+    assert!(after.get(1).is_some());
+    assert!(after.generation > before.generation);
+}
