@@ -311,3 +311,74 @@ fn cap_sys_admin_is_kept_without_cap_bpf() {
     assert!(log.contains("bounding=CAP_NET_ADMIN"), "{log}");
     maps_still_read(&agent, &tree);
 }
+
+/// The agent's open descriptors now.
+fn open_fds(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// A low open-files limit (here 300, of which the agent keeps 256 for
+/// connections, maps and the API client): more counted cgroups than the
+/// budget of kept-open cgroupfs files allows must still all report memory,
+/// limit and throttling (read by open-read-close past the budget), and the
+/// agent must never run out of descriptors.
+#[test]
+fn a_low_open_files_limit_still_reads_every_cgroup() {
+    // 5 files each: 300 wanted, more than the whole limit; 44 in the budget.
+    const CGROUPS: usize = 60;
+    const NOFILE: usize = 300;
+    let tree = TestTree::with_cpu("nofile");
+    let cgroups: Vec<TestCgroup> = (0..CGROUPS)
+        .map(|i| tree.cgroup(&format!("c{i}")))
+        .collect();
+    for cg in &cgroups {
+        cg.set_cpu_limit(QUOTA_US, PERIOD_US);
+    }
+    let limit = format!("--nofile={NOFILE}:{NOFILE}");
+    let agent = Agent::start_under(
+        &["prlimit", &limit, "--"],
+        &["--no-kubernetes", "--refresh-interval", "1s"],
+    );
+    // Started after the agent, so it sees them run: 1 ms of work every
+    // 100 ms each, light enough for a 2-CPU machine.
+    let _work: Vec<_> = cgroups
+        .iter()
+        .map(|cg| cg.spawn(None, &["tick", "100000", "1000"]))
+        .collect();
+    let has_all = |s: &Scrape| {
+        cgroups.iter().all(|cg| {
+            [
+                "memory_working_set_bytes",
+                "cpu_limit_cores",
+                "cpu_periods_total",
+            ]
+            .iter()
+            .all(|m| s.cgroup(m, &cg.path).is_some())
+        })
+    };
+    let s = agent.scrape_until(Duration::from_secs(30), "every cgroup read", has_all);
+    for cg in &cgroups {
+        let limit = s.cgroup("cpu_limit_cores", &cg.path).unwrap();
+        assert!(
+            (limit - QUOTA / PERIOD).abs() < 1e-9,
+            "{}: limit {limit}",
+            cg.path
+        );
+        let memory = s.cgroup("memory_working_set_bytes", &cg.path).unwrap();
+        assert!(memory > 0.0, "{}: {memory} bytes", cg.path);
+    }
+    // Reads keep working past the budget, scrape after scrape.
+    for _ in 0..5 {
+        let s = agent.scrape();
+        assert!(has_all(&s), "a scrape lost cgroups:\n{}", s.text);
+        let fds = open_fds(agent.pid());
+        assert!(fds < NOFILE, "{fds} descriptors open of {NOFILE}");
+        sleep(Duration::from_millis(300));
+    }
+    let log = agent.log();
+    assert!(
+        !log.contains("out of file descriptors"),
+        "the budget should keep the agent clear of EMFILE:\n{log}"
+    );
+    assert!(log.contains("budget=44"), "budget not as expected:\n{log}");
+}
