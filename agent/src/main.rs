@@ -70,17 +70,19 @@ struct Cli {
 
     /// How long the series of a deleted cgroup keep their final values
     /// before they go (a few scrape intervals, so the last increase is seen).
+    /// 0 to 24h.
     #[arg(long, default_value = "90s", value_parser = flags::wait)]
     grace_period: Duration,
 
     /// How often to read memory and CPU limits and retire removed cgroups
-    /// (CPU time, traffic and throttling are read at each scrape).
+    /// (CPU time, traffic and throttling are read at each scrape). 1s to 24h.
     #[arg(long, default_value = "15s", value_parser = flags::interval)]
     refresh_interval: Duration,
 
     /// How often to walk the whole cgroup tree as a safety net. New and
     /// removed cgroups come as kernel events; where the kernel cannot
     /// provide them, the tree is walked every --refresh-interval instead.
+    /// 1s to 24h.
     #[arg(long, default_value = "5m", value_parser = flags::interval)]
     rescan_interval: Duration,
 
@@ -92,7 +94,7 @@ struct Cli {
 
     /// How long a scrape, or the background refresh beyond its interval,
     /// may stall before /healthz fails (and the kubelet's liveness probe
-    /// restarts the agent).
+    /// restarts the agent). 5s to 24h.
     #[arg(long, default_value = "60s", value_parser = flags::watchdog)]
     watchdog_timeout: Duration,
 
@@ -108,7 +110,7 @@ struct Cli {
 
     /// How long a new pod cgroup's series wait for its names from the API
     /// before they go out without them (a series' labels stay stable, and
-    /// the kernel keeps counting meanwhile, so nothing is lost).
+    /// the kernel keeps counting meanwhile, so nothing is lost). 0 to 24h.
     #[arg(long, default_value = "30s", value_parser = flags::wait)]
     metadata_wait: Duration,
 
