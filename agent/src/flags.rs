@@ -32,9 +32,10 @@ pub fn duration_between(s: &str, min: Duration, max: Duration) -> Result<Duratio
 const SECOND: Duration = Duration::from_secs(1);
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// `--refresh-interval` and `--rescan-interval`: 1 s to 1 day.
+/// `--refresh-interval` and `--rescan-interval`: 100 ms (tests run the
+/// background work that often) to 1 day.
 pub fn interval(s: &str) -> Result<Duration, String> {
-    duration_between(s, SECOND, DAY)
+    duration_between(s, Duration::from_millis(100), DAY)
 }
 
 /// `--grace-period` and `--metadata-wait`: 0 to 1 day.
@@ -95,8 +96,8 @@ mod tests {
         assert_eq!(interval("1m 30s"), Ok(Duration::from_secs(90)));
         assert_eq!(wait("0s"), Ok(Duration::ZERO));
         let e = interval("0s").unwrap_err();
-        assert_eq!(e, "0s is too short: the least is 1s");
-        let e = interval("500ms").unwrap_err();
+        assert_eq!(e, "0s is too short: the least is 100ms");
+        let e = interval("50ms").unwrap_err();
         assert!(e.contains("too short"), "{e}");
         let e = interval("1000years").unwrap_err();
         assert!(e.contains("too long"), "{e}");

@@ -75,14 +75,14 @@ struct Cli {
     grace_period: Duration,
 
     /// How often to read memory and CPU limits and retire removed cgroups
-    /// (CPU time, traffic and throttling are read at each scrape). 1s to 24h.
+    /// (CPU time, traffic and throttling are read at each scrape). 100ms to 24h.
     #[arg(long, default_value = "15s", value_parser = flags::interval)]
     refresh_interval: Duration,
 
     /// How often to walk the whole cgroup tree as a safety net. New and
     /// removed cgroups come as kernel events; where the kernel cannot
     /// provide them, the tree is walked every --refresh-interval instead.
-    /// 1s to 24h.
+    /// 100ms to 24h.
     #[arg(long, default_value = "5m", value_parser = flags::interval)]
     rescan_interval: Duration,
 

@@ -65,6 +65,13 @@ fn cgroup_root_that_is_not_cgroup2() {
     one_line(&lines, &["--cgroup-root /proc", "not a cgroup2"]);
     let (_, lines) = fails(Command::new(podmeter_bin()).args(["--cgroup-root", "/does/not/exist"]));
     one_line(&lines, &["--cgroup-root /does/not/exist"]);
+    // The cause is said once, not once per error in the chain.
+    let line = &lines[0];
+    assert_eq!(
+        line.matches("No such file or directory").count(),
+        1,
+        "{line}"
+    );
 }
 
 #[test]
@@ -74,6 +81,11 @@ fn bad_flag_values_are_refused_by_the_parser() {
         &["--grace-period", "soon"],
         &["--max-cgroups", "0"],
         &["--log-level", "[[["],
+        &["--refresh-interval", "0s"],
+        &["--rescan-interval", "1000years"],
+        &["--watchdog-timeout", "1s"],
+        &["--pod-labels", "team,,app"],
+        &["--pod-labels", "a.b,a_b"],
     ] {
         let (code, lines) = fails(Command::new(podmeter_bin()).args(args));
         assert_eq!(code, 2, "{args:?}: {lines:?}");
