@@ -1,7 +1,7 @@
 //! Start-up checks that turn the usual ways of running podmeter wrong into a
 //! one-line error with the fix, before anything touches the kernel.
 
-use std::{fs, io, net::SocketAddr, path::Path};
+use std::{io, net::SocketAddr, path::Path};
 
 /// A reason podmeter cannot start, with the fix in its message.
 #[derive(Debug, thiserror::Error)]
@@ -44,29 +44,22 @@ pub enum PreflightError {
     },
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
 /// Checks the effective capabilities of this process.
 pub fn privileges() -> Result<(), PreflightError> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| eff & (1 << cap) != 0;
+    use caps::{CapSet, Capability};
+    // Unreadable: say what is needed rather than guess.
+    let eff = caps::read(None, CapSet::Effective).unwrap_or_default();
+    let has = |c: Capability| eff.contains(&c);
     // CAP_SYS_ADMIN stands in for BPF and PERFMON (pre-5.8 semantics, still honoured).
+    let admin = has(Capability::CAP_SYS_ADMIN);
     let mut missing = Vec::new();
-    if !(has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+    if !(has(Capability::CAP_BPF) || admin) {
         missing.push("CAP_BPF");
     }
-    if !(has(CAP_PERFMON) || has(CAP_SYS_ADMIN)) {
+    if !(has(Capability::CAP_PERFMON) || admin) {
         missing.push("CAP_PERFMON");
     }
-    if !has(CAP_NET_ADMIN) {
+    if !has(Capability::CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
     if missing.is_empty() {
