@@ -34,7 +34,8 @@ enum Task {
     /// the pinned nightly with rust-src, bpf-linker (cached outside the
     /// clone), Prometheus, bpftool, iproute2, stress-ng, iperf3.
     Setup,
-    /// Build the agent (with the eBPF object embedded).
+    /// Build the agent (with the eBPF object embedded); installs only the
+    /// eBPF toolchain (LLVM, the pinned nightly, bpf-linker) if missing.
     Build {
         /// Build with the release profile.
         #[arg(long)]
@@ -64,19 +65,20 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
-    /// cargo fmt --check and clippy -D warnings, userspace and eBPF crates.
+    /// cargo fmt --check and clippy -D warnings, userspace and eBPF crates;
+    /// installs only the eBPF toolchain if missing.
     Lint,
     /// A real single-node Kubernetes cluster on this machine (needs root).
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Regenerate deploy/manifests/podmeter.yaml from the Helm chart.
+    Manifests,
     /// Build (once, cached by version) the Prometheus-ecosystem programs the
     /// chart and monitoring tests use, from their Go modules: helm,
     /// controller-gen, prometheus-operator, Prometheus, Alertmanager,
     /// prometheus-adapter.
-    /// Regenerate deploy/manifests/podmeter.yaml from the Helm chart.
-    Manifests,
     Tools {
         /// Also import their images into the running local cluster and
         /// generate Prometheus Operator's CRDs into target/crds.
@@ -185,7 +187,7 @@ fn cargo() -> Command {
 }
 
 fn build(release: bool) -> Result<()> {
-    setup::all()?;
+    setup::build()?;
     let mut c = cargo();
     c.args(["build", "--package", "podmeter"]);
     if release {
@@ -370,7 +372,7 @@ fn podmeter_image() -> Result<PathBuf> {
 }
 
 fn lint() -> Result<()> {
-    setup::all()?;
+    setup::build()?;
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
     sh(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate only builds for the BPF target with its nightly.
@@ -395,4 +397,39 @@ fn lint() -> Result<()> {
             "-D",
             "warnings",
         ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Every command explains itself, in its own words: a doc comment on the
+    /// wrong variant once gave `manifests` the help meant for `tools`.
+    #[test]
+    fn every_command_has_its_own_help() {
+        Cli::command().debug_assert();
+        let mut cli = Cli::command();
+        let top = cli.render_long_help().to_string();
+        let mut abouts = Vec::new();
+        for sub in cli.get_subcommands_mut() {
+            let name = sub.get_name().to_owned();
+            let about = sub.get_about().map(ToString::to_string).unwrap_or_default();
+            assert!(!about.is_empty(), "`{name}` has no help");
+            assert!(top.contains(&name), "`--help` does not list `{name}`");
+            let help = sub.render_long_help().to_string();
+            assert!(help.contains(&about), "`{name} --help` lacks its summary");
+            abouts.push((name, about));
+        }
+        let about = |n: &str| &abouts.iter().find(|(name, _)| name == n).unwrap().1;
+        assert!(about("manifests").contains("deploy/manifests"));
+        assert!(about("tools").contains("helm"));
+        assert!(about("bench").contains("Measure"));
+        assert!(about("test").contains("test"));
+        let mut seen: Vec<_> = abouts.iter().map(|(_, a)| a).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), abouts.len(), "two commands share a summary");
+    }
 }

@@ -20,9 +20,8 @@ use crate::{root, sh};
 const BPF_LINKER: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
 
-/// Debian packages: LLVM for bpf-linker's build, then the tools the tests
-/// and benchmarks drive.
-const PACKAGES: &[&str] = &[
+/// Debian packages for building the agent: LLVM for bpf-linker's build.
+const BUILD_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "clang-22",
@@ -30,12 +29,17 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
     "libxml2-dev",
+];
+
+/// Debian packages the tests and benchmarks drive.
+const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "bpftool",
     "iproute2",
     "stress-ng",
     "iperf3",
     "curl",
+    "util-linux",
 ];
 
 /// Cache directory for builds that outlive a clone.
@@ -71,7 +75,14 @@ pub fn ebpf_toolchain() -> Result<String> {
 
 /// Everything, in dependency order.
 pub fn all() -> Result<()> {
-    apt(PACKAGES)?;
+    build()?;
+    apt(TEST_PACKAGES)
+}
+
+/// What building and linting the agent needs: LLVM, the pinned nightly
+/// and bpf-linker; none of the test tools.
+pub fn build() -> Result<()> {
+    apt(BUILD_PACKAGES)?;
     nightly()?;
     bpf_linker()
 }
