@@ -46,6 +46,7 @@ use serde_json::{Value, json};
 use crate::{root, setup};
 
 pub use cgroups::{Cg, Remove, Tree, unified_root};
+pub use kernel::programs;
 pub use process::{Agent, Proc, Workers, scrape_until};
 pub use scrape::{Endpoint, Fetch, Sample, burst_summary, parse_exposition};
 
@@ -76,7 +77,7 @@ pub struct Plan {
     pub cadvisor_burst: usize,
 }
 
-const QUICK: Plan = Plan {
+pub const QUICK: Plan = Plan {
     mode: "quick",
     kernel_secs: 10,
     switch_compare_secs: 5,
@@ -236,7 +237,7 @@ pub fn run(quick: bool) -> Result<()> {
     fs::write(base.with_extension("md"), &md)?;
     // A partial run does not replace the latest full table.
     if only.is_empty() {
-        fs::write(root().join("bench/RESULTS.md"), &md)?;
+        fs::write(root().join("bench/RESULTS.md"), with_soak(&md))?;
     }
     println!("{md}");
     eprintln!(
@@ -264,12 +265,22 @@ fn render(json_path: &Path) -> Result<()> {
     results["targets"] = report::targets(&results);
     let md = report::markdown(&results);
     fs::write(json_path.with_extension("md"), &md)?;
-    fs::write(root().join("bench/RESULTS.md"), &md)?;
+    fs::write(root().join("bench/RESULTS.md"), with_soak(&md))?;
     eprintln!(
         "bench: rendered {} and bench/RESULTS.md",
         json_path.with_extension("md").display()
     );
     Ok(())
+}
+
+/// `md` followed by the soak's section of the current `bench/RESULTS.md`,
+/// which `cargo xtask soak` writes and the benchmark keeps.
+fn with_soak(md: &str) -> String {
+    let existing = fs::read_to_string(root().join("bench/RESULTS.md")).unwrap_or_default();
+    match crate::soak::section_of(&existing) {
+        Some(section) => crate::soak::replace_section(md, section),
+        None => md.to_owned(),
+    }
 }
 
 /// The machine, kernel and versions, for the record.

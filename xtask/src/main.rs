@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod image;
 mod setup;
+mod soak;
 mod tools;
 
 use std::{
@@ -94,6 +95,12 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Run podmeter for a long while (default 10 minutes) under cgroup churn,
+    /// concurrent scrapes and a SIGKILL and restart (needs root): scrape
+    /// errors and latency, RSS and descriptor growth, retirement back to the
+    /// baseline, lost events, programs left; writes bench/results/ and the
+    /// "Reliability (soak)" section of bench/RESULTS.md.
+    Soak(soak::Options),
     /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
     /// and import it into the local cluster's containerd if it is up.
     Image,
@@ -149,6 +156,7 @@ fn dispatch(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Bench { quick } => bench::run(quick),
+        Task::Soak(o) => soak::run(o),
         Task::Image => {
             let tar = podmeter_image()?;
             if cluster::containerd_sock().exists() {

@@ -23,8 +23,8 @@ use super::{Agent, Bench, Proc, free_port, output, progress, round};
 
 /// One program's counters.
 #[derive(Clone, Debug)]
-struct Prog {
-    name: String,
+pub struct Prog {
+    pub name: String,
     kind: String,
     run_time_ns: u64,
     run_cnt: u64,
@@ -34,7 +34,7 @@ struct Prog {
 }
 
 /// Every loaded BPF program, by id.
-fn programs() -> Result<BTreeMap<u64, Prog>> {
+pub fn programs() -> Result<BTreeMap<u64, Prog>> {
     let text = output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let v: Value = serde_json::from_str(&text).context("bpftool -j prog show")?;
     Ok(v.as_array()

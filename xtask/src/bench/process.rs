@@ -139,6 +139,11 @@ pub struct Agent {
 impl Agent {
     /// Starts podmeter and waits until `/readyz` answers 200.
     pub fn start(b: &Bench, tag: &str) -> Result<Self> {
+        Self::start_with(b, tag, &[])
+    }
+
+    /// [`Agent::start`] with `extra` flags for podmeter.
+    pub fn start_with(b: &Bench, tag: &str, extra: &[&str]) -> Result<Self> {
         let port = free_port()?;
         let cg = b.tree.own(&format!("agent-{tag}"))?;
         let log = b.scratch.join(format!("podmeter-{tag}.log"));
@@ -150,6 +155,7 @@ impl Agent {
             "warn",
         ]
         .iter()
+        .chain(extra)
         .map(|s| (*s).to_owned())
         .collect();
         let stderr = fs::File::create(&log)?;

@@ -1,0 +1,1034 @@
+//! `cargo xtask soak [--duration 10m]`: podmeter under long churn, as a
+//! node with short-lived pods sees it. It prints figures; it asserts nothing.
+//!
+//! For `--duration`, `--scrapers` threads scrape `/metrics` (every request
+//! with a timeout, so a hung agent shows as errors, never as a hung soak)
+//! while cgroups are created and destroyed at `--rate` a second, each with
+//! a `pm-work` that sends UDP over loopback to a sink, and lives about a
+//! second. Halfway through the agent is SIGKILLed and started again. After
+//! the churn it keeps scraping for a grace period and a margin, so removed
+//! cgroups can be retired. Every few seconds it samples the agent's RSS,
+//! open descriptors and its own gauges.
+//!
+//! Reported: scrape errors, p50/p99 latency, RSS and descriptor growth
+//! after a warm-up per agent lifetime, tracked cgroups and kernel map
+//! entries against the baseline before the churn, mkdir events seen
+//! against cgroups made and lost-event log lines, podmeter programs left
+//! after the SIGKILL and after the final SIGTERM (and how long the SIGTERM
+//! took). Raw JSON goes to `bench/results/<time>-soak.json`, the table to
+//! the "Reliability (soak)" section of `bench/RESULTS.md` (the rest of the
+//! file stays; `PODMETER_SOAK_RENDER=<json>` writes an earlier run's section
+//! again).
+
+use std::{
+    collections::VecDeque,
+    fs,
+    process::Command,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{scope, sleep},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::{
+    bench::{
+        self, Agent, Bench, Endpoint, Proc, Sample, Tree, output, parse_exposition, percentile,
+        proc_status_bytes, round,
+    },
+    root, setup,
+};
+
+/// The heading of the soak's section in `bench/RESULTS.md`.
+const HEADING: &str = "## Reliability (soak)";
+
+#[derive(Args)]
+pub struct Options {
+    /// How long cgroups churn (the agent is SIGKILLed and restarted
+    /// halfway), e.g. 10m, 3m, 90s.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    duration: Duration,
+    /// Concurrent scrapers of /metrics.
+    #[arg(long, default_value_t = 8)]
+    scrapers: usize,
+    /// Cgroups created (and as many destroyed) a second.
+    #[arg(long, default_value_t = 50)]
+    rate: u32,
+    /// The agent's --grace-period (the soak waits that long and a margin
+    /// after the churn for the agent to retire what it removed).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    grace_period: Duration,
+    /// The agent's --refresh-interval (retirement runs at each refresh).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    refresh_interval: Duration,
+    /// How long a scrape may take before it counts as an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    scrape_timeout: Duration,
+}
+
+/// `90s`, `3m`, `1h`, `500ms`, or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: not a duration such as 90s, 3m or 1h"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    if ms == 0 {
+        return Err("must be more than zero".into());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// How long a churned cgroup lives.
+const LIFETIME: Duration = Duration::from_secs(1);
+/// Between two scrapes of one scraper.
+const SCRAPE_PAUSE: Duration = Duration::from_millis(100);
+/// Between two samples of the agent.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// Longest warm-up excluded from the growth figures.
+const WARM_UP: Duration = Duration::from_secs(120);
+
+/// What one scrape gave.
+struct Scraped {
+    agent: usize,
+    at: f64,
+    result: Result<f64, String>,
+}
+
+/// State the threads share.
+struct Shared {
+    started: Instant,
+    /// The agent to scrape and sample; none while it restarts.
+    target: Mutex<Option<Target>>,
+    samples: Mutex<Vec<Value>>,
+    stop: AtomicBool,
+    stop_churn: AtomicBool,
+    scrapes: Mutex<Vec<Scraped>>,
+    /// Scrapes cut short because their agent was killed under them.
+    cut: AtomicU64,
+    created: AtomicU64,
+    removed: AtomicU64,
+    /// The churn's worst lag behind its schedule, in ms.
+    lag_ms: AtomicU64,
+    timeout: Duration,
+}
+
+impl Life {
+    fn target(&self, index: usize) -> Target {
+        Target {
+            index,
+            url: self.agent.endpoint.url.clone(),
+            pid: self.agent.pid(),
+        }
+    }
+}
+
+impl Shared {
+    fn secs(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn endpoint(&self, url: &str) -> Endpoint {
+        // A later --max-time replaces the endpoint's default one.
+        Endpoint {
+            url: url.to_owned(),
+            tls: vec![
+                "--max-time".into(),
+                format!("{}", self.timeout.as_secs_f64()),
+            ],
+        }
+    }
+}
+
+/// The agent now: its index (0 before the SIGKILL, 1 after), URL, pid.
+#[derive(Clone)]
+struct Target {
+    index: usize,
+    url: String,
+    pid: u32,
+}
+
+/// One agent lifetime.
+struct Life {
+    agent: Agent,
+    tag: &'static str,
+    /// Seconds since the start of the soak.
+    started_at: f64,
+    /// Its BPF program ids.
+    progs: Vec<u64>,
+}
+
+/// `cargo xtask soak`.
+pub fn run(o: Options) -> Result<()> {
+    if let Some(json_path) = std::env::var_os("PODMETER_SOAK_RENDER") {
+        // An earlier run's markdown again, from its JSON (after a change to
+        // the report).
+        let results: Value = serde_json::from_str(&fs::read_to_string(&json_path)?)?;
+        return write_section(&results);
+    }
+    if !crate::is_root() {
+        bail!("the soak loads eBPF programs and makes cgroups: run `sudo -E cargo xtask soak`");
+    }
+    setup::all()?;
+    crate::build(true)?;
+    crate::build_pm_work()?;
+    let scratch = root().join("target/bench");
+    fs::create_dir_all(&scratch)?;
+    let b = Bench {
+        plan: &bench::QUICK,
+        podmeter: root().join("target/release/podmeter"),
+        pm_work: root().join("target/release/pm-work"),
+        scratch,
+        tree: Tree::new()?,
+        clk_tck: 100.0,
+    };
+    let stamp = output(Command::new("date").args(["-u", "+%Y-%m-%dT%H%M%SZ"]))?
+        .trim()
+        .to_owned();
+    let version = output(Command::new(&b.podmeter).arg("--version"))?
+        .trim()
+        .to_owned();
+    let commit =
+        output(
+            Command::new("git")
+                .current_dir(root())
+                .args(["rev-parse", "--short", "HEAD"]),
+        )?
+        .trim()
+        .to_owned();
+    let results = soak(&b, &o)?;
+    let results = json!({
+        "started": stamp,
+        "podmeter": format!("{version} ({commit})"),
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": output(Command::new("uname").arg("-r"))?.trim(),
+        "options": {
+            "duration_secs": o.duration.as_secs_f64(),
+            "scrapers": o.scrapers,
+            "rate_per_sec": o.rate,
+            "cgroup_lifetime_secs": LIFETIME.as_secs_f64(),
+            "grace_period_secs": o.grace_period.as_secs_f64(),
+            "refresh_interval_secs": o.refresh_interval.as_secs_f64(),
+            "scrape_timeout_secs": o.scrape_timeout.as_secs_f64(),
+        },
+        "soak": results,
+    });
+
+    let dir = root().join("bench/results");
+    fs::create_dir_all(&dir)?;
+    let json_path = dir.join(format!("{stamp}-soak.json"));
+    fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
+    eprintln!("soak: wrote {}", json_path.display());
+    write_section(&results)
+}
+
+/// Prints the soak's section and writes it into `bench/RESULTS.md`.
+fn write_section(results: &Value) -> Result<()> {
+    let md = markdown(results);
+    let path = root().join("bench/RESULTS.md");
+    let existing = fs::read_to_string(&path).unwrap_or_default();
+    fs::write(&path, replace_section(&existing, &md))?;
+    println!("{md}");
+    eprintln!(
+        "soak: wrote the \"{}\" section of bench/RESULTS.md",
+        &HEADING[3..]
+    );
+    Ok(())
+}
+
+/// `existing` with its soak section (up to the next `## ` heading)
+/// replaced by `section`, or `section` appended.
+pub fn replace_section(existing: &str, section: &str) -> String {
+    let section = section.trim_end();
+    let Some(at) = existing.find(HEADING) else {
+        let existing = existing.trim_end();
+        return if existing.is_empty() {
+            format!("{section}\n")
+        } else {
+            format!("{existing}\n\n{section}\n")
+        };
+    };
+    let after = &existing[at + HEADING.len()..];
+    let rest = after.find("\n## ").map_or("", |i| &after[i + 1..]);
+    let before = existing[..at].trim_end();
+    let mut out = String::new();
+    if !before.is_empty() {
+        out += before;
+        out += "\n\n";
+    }
+    out += section;
+    out += "\n";
+    if !rest.is_empty() {
+        out += "\n";
+        out += rest;
+    }
+    out
+}
+
+/// The soak section of an existing `bench/RESULTS.md`, if any (for the
+/// benchmark, which rewrites the rest of the file, to keep it).
+pub fn section_of(existing: &str) -> Option<&str> {
+    let at = existing.find(HEADING)?;
+    let after = &existing[at + HEADING.len()..];
+    let end = after
+        .find("\n## ")
+        .map_or(existing.len(), |i| at + HEADING.len() + i);
+    Some(existing[at..end].trim_end())
+}
+
+fn soak(b: &Bench, o: &Options) -> Result<Value> {
+    // One sink for every churned sender, in a cgroup of its own.
+    let mut sink = b
+        .tree
+        .cgroup("sink")?
+        .pm_work(b, None, &["udp-listen", "127.0.0.1:0"])?;
+    let sink_port = match sink.line()?.as_slice() {
+        [k, p] if k == "listening" => p.clone(),
+        other => bail!("udp-listen said {other:?}"),
+    };
+    let sink_addr = format!("127.0.0.1:{sink_port}");
+    let agent_args: Vec<String> = vec![
+        "--grace-period".into(),
+        format!("{}ms", o.grace_period.as_millis()),
+        "--refresh-interval".into(),
+        format!("{}ms", o.refresh_interval.as_millis()),
+    ];
+    let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+
+    let sh = Shared {
+        started: Instant::now(),
+        target: Mutex::new(None),
+        samples: Mutex::new(Vec::new()),
+        stop: AtomicBool::new(false),
+        stop_churn: AtomicBool::new(false),
+        scrapes: Mutex::new(Vec::new()),
+        cut: AtomicU64::new(0),
+        created: AtomicU64::new(0),
+        removed: AtomicU64::new(0),
+        lag_ms: AtomicU64::new(0),
+        timeout: o.scrape_timeout,
+    };
+    let mut life = start(b, &sh, "soak-a", &args)?;
+    let target = life.target(0);
+    let baseline = sample(&sh, &target);
+    sh.samples.lock().unwrap().push(baseline.clone());
+    sh.target.lock().unwrap().replace(target);
+    eprintln!(
+        "soak: agent up; baseline {}",
+        serde_json::to_string(&baseline["metrics"])?
+    );
+
+    let tail = o.grace_period + 2 * o.refresh_interval + Duration::from_secs(15);
+    let half = o.duration / 2;
+    let mut lives: Vec<Value> = Vec::new();
+    let mut kill: Value = Value::Null;
+    let mut churn_end: Option<f64> = None;
+    let mut created_at_kill = 0;
+    let mut end: Value = Value::Null;
+
+    let outcome: Result<()> = scope(|s| {
+        s.spawn(|| churn(b, &sh, o.rate, &sink_addr));
+        s.spawn(|| sampler(&sh));
+        for _ in 0..o.scrapers {
+            s.spawn(|| scraper(&sh));
+        }
+        let result = (|| -> Result<()> {
+            let mut last_progress = Instant::now();
+            loop {
+                sleep(Duration::from_millis(100));
+                let now = sh.started.elapsed();
+                if lives.is_empty() && now >= half {
+                    // A crash: SIGKILL, no cleanup of its own.
+                    sh.target.lock().unwrap().take();
+                    created_at_kill = sh.created.load(Ordering::Relaxed);
+                    let killed_at = sh.secs();
+                    let pid = life.agent.pid();
+                    signal(pid, "KILL");
+                    let exited = wait_exit(pid, Duration::from_secs(10));
+                    let progs = life.progs.clone();
+                    let (left, gone_after) = progs_left(&progs, Duration::from_secs(10))?;
+                    let samples = sh.samples.lock().unwrap().clone();
+                    lives.push(summary(&life, 0, &samples, killed_at));
+                    let log = b.scratch.join(format!("podmeter-{}.log", life.tag));
+                    let t = Instant::now();
+                    let old = std::mem::replace(&mut life, start(b, &sh, "soak-b", &args)?);
+                    let restart_secs = t.elapsed().as_secs_f64();
+                    drop(old);
+                    b.tree.remove("agent-soak-a");
+                    eprintln!(
+                        "soak: SIGKILLed the agent at {killed_at:.0} s (exited: {exited}); \
+                         its programs left: {left:?}; restarted in {restart_secs:.1} s"
+                    );
+                    kill = json!({
+                        "at_secs": round(killed_at, 1),
+                        "exited": exited,
+                        "programs": progs.len(),
+                        "programs_left": left,
+                        "programs_gone_after_secs": gone_after.map(|s| round(s, 2)),
+                        "restart_secs": round(restart_secs, 2),
+                        "log": log,
+                    });
+                    sh.target.lock().unwrap().replace(life.target(1));
+                }
+                if churn_end.is_none() && now >= o.duration {
+                    sh.stop_churn.store(true, Ordering::Relaxed);
+                    churn_end = Some(sh.secs());
+                    eprintln!(
+                        "soak: churn over ({} cgroups); {:.0} s for retirement",
+                        sh.created.load(Ordering::Relaxed),
+                        tail.as_secs_f64()
+                    );
+                }
+                if now >= o.duration + tail {
+                    return Ok(());
+                }
+                if last_progress.elapsed() >= Duration::from_secs(30) {
+                    last_progress = Instant::now();
+                    let scrapes = sh.scrapes.lock().unwrap();
+                    let errors = scrapes.iter().filter(|s| s.result.is_err()).count();
+                    eprintln!(
+                        "soak: {:.0} s: {} scrapes, {errors} errors, {} cgroups made",
+                        now.as_secs_f64(),
+                        scrapes.len(),
+                        sh.created.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        })();
+        sh.stop_churn.store(true, Ordering::Relaxed);
+        sh.stop.store(true, Ordering::Relaxed);
+        result
+    });
+    if let Err(e) = outcome {
+        eprintln!("soak: stopped early: {e:#}");
+        end["error"] = json!(format!("{e:#}"));
+    }
+    let ended_at = sh.secs();
+    let samples = std::mem::take(&mut *sh.samples.lock().unwrap());
+    lives.push(summary(&life, lives.len(), &samples, ended_at));
+
+    // The end: SIGTERM, which must detach the programs and exit.
+    let pid = life.agent.pid();
+    let progs = life.progs.clone();
+    let t = Instant::now();
+    signal(pid, "TERM");
+    let exited = wait_exit(pid, Duration::from_secs(10));
+    let exit_secs = t.elapsed().as_secs_f64();
+    if !exited {
+        signal(pid, "KILL");
+        wait_exit(pid, Duration::from_secs(10));
+    }
+    let (left, _) = progs_left(&progs, Duration::from_secs(5))?;
+    drop(life);
+    drop(sink);
+    end["sigterm"] = json!({
+        "exited_within_10s": exited,
+        "secs": round(exit_secs, 2),
+        "programs_left": left,
+    });
+
+    let scrapes = sh.scrapes.into_inner().unwrap();
+    let ms: Vec<f64> = scrapes
+        .iter()
+        .filter_map(|s| s.result.as_ref().ok().copied())
+        .collect();
+    let errors: Vec<&Scraped> = scrapes.iter().filter(|s| s.result.is_err()).collect();
+    let mut kinds: Vec<String> = Vec::new();
+    for e in &errors {
+        let msg = e.result.as_ref().err().cloned().unwrap_or_default();
+        if kinds.len() < 5 && !kinds.contains(&msg) {
+            kinds.push(msg);
+        }
+    }
+    let per_agent: Vec<Value> = (0..lives.len())
+        .map(|i| {
+            let mine: Vec<&Scraped> = scrapes.iter().filter(|s| s.agent == i).collect();
+            let errs: Vec<&&Scraped> = mine.iter().filter(|s| s.result.is_err()).collect();
+            json!({
+                "scrapes": mine.len(),
+                "errors": errs.len(),
+                "timeouts": errs.iter().filter(|s| is_timeout(s)).count(),
+                "first_error_at_secs": errs.first().map(|s| round(s.at, 1)),
+                "last_ok_at_secs": mine.iter().rev().find(|s| s.result.is_ok()).map(|s| round(s.at, 1)),
+            })
+        })
+        .collect();
+    let churn_end = churn_end.unwrap_or(ended_at);
+    let created = sh.created.load(Ordering::Relaxed);
+    Ok(json!({
+        "secs": round(ended_at, 0),
+        "churn": {
+            "cgroups_created": created,
+            "cgroups_removed": sh.removed.load(Ordering::Relaxed),
+            "achieved_rate_per_sec": round(created as f64 / churn_end.max(1.0), 1),
+            "worst_lag_ms": sh.lag_ms.load(Ordering::Relaxed),
+            "ended_at_secs": round(churn_end, 1),
+            "created_before_kill": created_at_kill,
+        },
+        "scrapes": {
+            "total": scrapes.len(),
+            "ok": ms.len(),
+            "errors": errors.len(),
+            "timeouts": errors.iter().filter(|s| is_timeout(s)).count(),
+            "cut_by_sigkill": sh.cut.load(Ordering::Relaxed),
+            "error_kinds": kinds,
+            "p50_ms": round(percentile(&ms, 50.0), 1),
+            "p99_ms": round(percentile(&ms, 99.0), 1),
+            "max_ms": round(percentile(&ms, 100.0), 1),
+            "per_agent": per_agent,
+        },
+        "baseline": baseline["metrics"],
+        "settle": settle(&samples, &baseline, churn_end),
+        "lives": lives,
+        "sigkill": kill,
+        "end": end,
+        "samples": samples,
+    }))
+}
+
+fn is_timeout(s: &Scraped) -> bool {
+    s.result
+        .as_ref()
+        .is_err_and(|e| e.contains("timed out") || e.contains("Timeout"))
+}
+
+/// Starts an agent and notes its programs.
+fn start(b: &Bench, sh: &Shared, tag: &'static str, args: &[&str]) -> Result<Life> {
+    let before: Vec<u64> = bench::programs()?.into_keys().collect();
+    let agent = Agent::start_with(b, tag, args)?;
+    let progs = bench::programs()?
+        .into_iter()
+        .filter(|(id, p)| !before.contains(id) && p.name.starts_with("pm_"))
+        .map(|(id, _)| id)
+        .collect();
+    Ok(Life {
+        agent,
+        tag,
+        started_at: sh.secs(),
+        progs,
+    })
+}
+
+/// Which of `progs` are still loaded, polled for up to `wait`; and how
+/// long they took to go.
+fn progs_left(progs: &[u64], wait: Duration) -> Result<(Vec<u64>, Option<f64>)> {
+    let t = Instant::now();
+    loop {
+        let loaded = bench::programs()?;
+        let left: Vec<u64> = progs
+            .iter()
+            .copied()
+            .filter(|id| loaded.contains_key(id))
+            .collect();
+        if left.is_empty() {
+            return Ok((left, Some(t.elapsed().as_secs_f64())));
+        }
+        if t.elapsed() > wait {
+            return Ok((left, None));
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .output();
+}
+
+/// Waits until `pid` has exited (a zombie counts: the agent is its child).
+fn wait_exit(pid: u32, wait: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        let gone = fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        });
+        if gone {
+            return true;
+        }
+        if t.elapsed() > wait {
+            return false;
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// Creates `rate` cgroups a second, each with a `pm-work` sending UDP to
+/// the sink, and removes each after [`LIFETIME`].
+fn churn(b: &Bench, sh: &Shared, rate: u32, sink: &str) {
+    let period = Duration::from_secs(1) / rate.max(1);
+    let mut live: VecDeque<(Instant, String, Proc)> = VecDeque::new();
+    let mut next = Instant::now();
+    let mut i = 0u64;
+    let retire = |rel: String, p: Proc| {
+        drop(p);
+        b.tree.remove(&rel);
+        sh.removed.fetch_add(1, Ordering::Relaxed);
+    };
+    while !sh.stop_churn.load(Ordering::Relaxed) {
+        while live.front().is_some_and(|(t, ..)| t.elapsed() >= LIFETIME) {
+            let (_, rel, p) = live.pop_front().unwrap();
+            retire(rel, p);
+        }
+        let rel = format!("churn/c{i}");
+        i += 1;
+        let made = b
+            .tree
+            .cgroup(&rel)
+            .and_then(|cg| cg.worker(b, &["udp-send", sink, "20", "200"]));
+        match made {
+            Ok(p) => {
+                sh.created.fetch_add(1, Ordering::Relaxed);
+                live.push_back((Instant::now(), rel, p));
+            }
+            Err(e) => {
+                eprintln!("soak: churn: {e:#}");
+                b.tree.remove(&rel);
+            }
+        }
+        next += period;
+        let now = Instant::now();
+        if now < next {
+            sleep(next - now);
+        } else {
+            let lag = (now - next).as_millis() as u64;
+            sh.lag_ms.fetch_max(lag, Ordering::Relaxed);
+        }
+    }
+    for (_, rel, p) in live.drain(..) {
+        retire(rel, p);
+    }
+    b.tree.remove("churn");
+}
+
+/// Scrapes the current agent until told to stop.
+fn scraper(sh: &Shared) {
+    while !sh.stop.load(Ordering::Relaxed) {
+        let target = sh.target.lock().unwrap().clone();
+        let Some(Target {
+            index: agent, url, ..
+        }) = target
+        else {
+            sleep(SCRAPE_PAUSE);
+            continue;
+        };
+        let at = sh.secs();
+        let result = sh
+            .endpoint(&url)
+            .fetch()
+            .map(|(f, _)| f.secs * 1e3)
+            .map_err(|e| format!("{e:#}"));
+        let current = sh.target.lock().unwrap().as_ref().map(|t| t.index) == Some(agent);
+        if result.is_err() && !current {
+            sh.cut.fetch_add(1, Ordering::Relaxed);
+        } else {
+            sh.scrapes
+                .lock()
+                .unwrap()
+                .push(Scraped { agent, at, result });
+        }
+        sleep(SCRAPE_PAUSE);
+    }
+}
+
+/// Samples the current agent every [`SAMPLE_EVERY`] until told to stop.
+fn sampler(sh: &Shared) {
+    let mut next = Instant::now();
+    while !sh.stop.load(Ordering::Relaxed) {
+        next += SAMPLE_EVERY;
+        while Instant::now() < next && !sh.stop.load(Ordering::Relaxed) {
+            sleep(Duration::from_millis(100));
+        }
+        let target = sh.target.lock().unwrap().clone();
+        if let Some(t) = target {
+            let v = sample(sh, &t);
+            sh.samples.lock().unwrap().push(v);
+        }
+    }
+}
+
+/// RSS, descriptors and gauges of the agent now.
+fn sample(sh: &Shared, t: &Target) -> Value {
+    let rss = proc_status_bytes(t.pid, "VmRSS").ok();
+    let fds = fs::read_dir(format!("/proc/{}/fd", t.pid))
+        .ok()
+        .map(|d| d.count());
+    let metrics = match sh.endpoint(&t.url).fetch() {
+        Ok((_, body)) => gauges(&parse_exposition(&body)),
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    };
+    json!({
+        "at_secs": round(sh.secs(), 1),
+        "agent": t.index,
+        "cgroups_made": sh.created.load(Ordering::Relaxed),
+        "rss_mib": rss.map(|b| round(b as f64 / 1048576.0, 2)),
+        "fds": fds,
+        "metrics": metrics,
+    })
+}
+
+/// The agent's own gauges and counters the soak follows.
+fn gauges(s: &[Sample]) -> Value {
+    let get = |name: &str, k: &str, v: &str| {
+        s.iter()
+            .find(|x| x.name == name && x.label(k) == Some(v))
+            .map(|x| x.value)
+    };
+    json!({
+        "live": get("podmeter_tracked_cgroups", "state", "live"),
+        "departed": get("podmeter_tracked_cgroups", "state", "departed"),
+        "unresolved": get("podmeter_tracked_cgroups", "state", "unresolved"),
+        "map_cpu": get("podmeter_bpf_map_entries", "map", "cpu"),
+        "map_net": get("podmeter_bpf_map_entries", "map", "net"),
+        "mkdir": get("podmeter_cgroup_tree_updates_total", "source", "mkdir"),
+        "rmdir": get("podmeter_cgroup_tree_updates_total", "source", "rmdir"),
+        "scan": get("podmeter_cgroup_tree_updates_total", "source", "scan"),
+        "dropped_cpu": get("podmeter_bpf_map_dropped_updates_total", "map", "cpu"),
+        "dropped_net": get("podmeter_bpf_map_dropped_updates_total", "map", "net"),
+    })
+}
+
+/// Figures of one agent lifetime, from its samples.
+fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value {
+    let index = index as u64;
+    let mine: Vec<&Value> = samples
+        .iter()
+        .filter(|s| s["agent"].as_u64() == Some(index))
+        .collect();
+    // The last answered sample (a hung agent answers none).
+    let last = mine
+        .iter()
+        .rev()
+        .find(|s| s["metrics"].get("error").is_none());
+    let lived = ended_at - life.started_at;
+    let warm = WARM_UP.as_secs_f64().min(lived / 3.0);
+    let after: Vec<&&Value> = mine
+        .iter()
+        .filter(|s| s["at_secs"].as_f64().unwrap_or(0.0) - life.started_at >= warm)
+        .collect();
+    let growth = |key: &str, digits: i32| {
+        let v: Vec<f64> = after.iter().filter_map(|s| s[key].as_f64()).collect();
+        let all: Vec<f64> = mine.iter().filter_map(|s| s[key].as_f64()).collect();
+        json!({
+            "after_warm_up": v.first().map(|x| round(*x, digits)),
+            "end": v.last().map(|x| round(*x, digits)),
+            "growth": v.first().zip(v.last()).map(|(a, z)| round(z - a, digits)),
+            "max": all.iter().copied().reduce(f64::max).map(|x| round(x, digits)),
+        })
+    };
+    // Lost-event log lines (`lost=N`), at warn level.
+    let log = fs::read_to_string(root().join(format!("target/bench/podmeter-{}.log", life.tag)))
+        .unwrap_or_default();
+    let lost_lines: Vec<&str> = log.lines().filter(|l| l.contains("events lost")).collect();
+    let lost: u64 = lost_lines
+        .iter()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("lost="))
+                .and_then(|n| {
+                    n.trim_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .sum();
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    json!({
+        "tag": life.tag,
+        "started_at_secs": round(life.started_at, 1),
+        "ended_at_secs": round(ended_at, 1),
+        "warm_up_secs": round(warm, 0),
+        "rss_mib": growth("rss_mib", 2),
+        "fds": growth("fds", 0),
+        "last_metrics": last.map(|s| &s["metrics"]),
+        "last_metrics_at_secs": last.map(|s| &s["at_secs"]),
+        "cgroups_made_by_last_metrics": last.map(|s| &s["cgroups_made"]),
+        "lost_event_log_lines": lost_lines.len(),
+        "lost_events_logged": lost,
+        "warn_log_lines": warnings,
+    })
+}
+
+/// After the churn: when the agent came back to its pre-churn counts, and
+/// where it ended.
+fn settle(samples: &[Value], baseline: &Value, churn_end: f64) -> Value {
+    let base = &baseline["metrics"];
+    let f = |v: &Value, k: &str| v[k].as_f64();
+    let settled = samples
+        .iter()
+        .filter(|s| s["at_secs"].as_f64().unwrap_or(0.0) >= churn_end)
+        .find(|s| {
+            let m = &s["metrics"];
+            f(m, "departed") == Some(0.0)
+                && f(m, "unresolved") <= f(base, "unresolved")
+                && f(m, "live")
+                    .zip(f(base, "live"))
+                    .is_some_and(|(a, b)| a <= b)
+                && f(m, "map_cpu")
+                    .zip(f(base, "map_cpu"))
+                    .is_some_and(|(a, b)| a <= b)
+                && f(m, "map_net")
+                    .zip(f(base, "map_net"))
+                    .is_some_and(|(a, b)| a <= b)
+        });
+    // The last answered sample (a hung agent answers none).
+    let last = samples
+        .iter()
+        .rev()
+        .find(|s| s["metrics"].get("error").is_none());
+    json!({
+        "settled_after_churn_secs": settled.and_then(|s| s["at_secs"].as_f64()).map(|t| round(t - churn_end, 0)),
+        "end": last.map(|s| &s["metrics"]),
+        "end_at_secs": last.map(|s| &s["at_secs"]),
+    })
+}
+
+/// The "Reliability (soak)" section.
+fn markdown(r: &Value) -> String {
+    let s = &r["soak"];
+    let o = &r["options"];
+    let sc = &s["scrapes"];
+    let mut md = format!(
+        "{HEADING}\n\n`cargo xtask soak --duration {}s`, {}, {} CPUs, kernel {}, run {}: \
+         {} scrapers (each with a {} s timeout) while cgroups come and go at {}/s \
+         (each lives {} s with a `pm-work` sending UDP on loopback); the agent \
+         (`--grace-period {} s --refresh-interval {} s`) is SIGKILLed and restarted \
+         halfway, and scraped for a grace period and a margin after the churn.\n\n",
+        o["duration_secs"].as_f64().unwrap_or(0.0),
+        text(&r["podmeter"]),
+        r["cpus"],
+        text(&r["kernel"]),
+        text(&r["started"]),
+        o["scrapers"],
+        o["scrape_timeout_secs"],
+        o["rate_per_sec"],
+        o["cgroup_lifetime_secs"],
+        o["grace_period_secs"],
+        o["refresh_interval_secs"],
+    );
+    let errors = sc["errors"].as_u64().unwrap_or(0);
+    if errors > 0 {
+        let first = sc["per_agent"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["first_error_at_secs"].as_f64())
+            .map(|t| format!("{t:.0} s"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        md += &format!(
+            "**Scrapes failed: {errors} errors ({} timeouts), first at {first} into the run \
+             ({}).**\n\n",
+            sc["timeouts"],
+            sc["error_kinds"]
+                .as_array()
+                .and_then(|k| k.first())
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        );
+    }
+    let row = |md: &mut String, k: &str, v: String| *md += &format!("| {k} | {v} |\n");
+    md += "| figure | value |\n|---|---|\n";
+    row(
+        &mut md,
+        "cgroups made / removed",
+        format!(
+            "{} / {} ({} /s achieved, worst lag {} ms)",
+            s["churn"]["cgroups_created"],
+            s["churn"]["cgroups_removed"],
+            s["churn"]["achieved_rate_per_sec"],
+            s["churn"]["worst_lag_ms"]
+        ),
+    );
+    row(
+        &mut md,
+        "scrapes: answered / errors (timeouts)",
+        format!(
+            "{} / {} ({}); {} cut by the SIGKILL",
+            sc["ok"], sc["errors"], sc["timeouts"], sc["cut_by_sigkill"]
+        ),
+    );
+    row(
+        &mut md,
+        "scrape latency p50 / p99 / max",
+        format!("{} / {} / {} ms", sc["p50_ms"], sc["p99_ms"], sc["max_ms"]),
+    );
+    for (i, l) in s["lives"].as_array().into_iter().flatten().enumerate() {
+        let name = if i == 0 {
+            "agent before the SIGKILL"
+        } else {
+            "agent after the restart"
+        };
+        let pa = &sc["per_agent"][i];
+        let made_before = if i == 0 {
+            0
+        } else {
+            s["churn"]["created_before_kill"].as_u64().unwrap_or(0)
+        };
+        row(
+            &mut md,
+            &format!("{name}: lifetime"),
+            format!(
+                "{} s to {} s; {} scrapes, {} errors (last answer at {} s)",
+                l["started_at_secs"],
+                l["ended_at_secs"],
+                pa["scrapes"],
+                pa["errors"],
+                pa["last_ok_at_secs"]
+            ),
+        );
+        row(
+            &mut md,
+            &format!(
+                "{name}: RSS after {} s warm-up → end (max)",
+                l["warm_up_secs"]
+            ),
+            format!(
+                "{} → {} MiB, growth {} MiB (max {})",
+                l["rss_mib"]["after_warm_up"],
+                l["rss_mib"]["end"],
+                l["rss_mib"]["growth"],
+                l["rss_mib"]["max"]
+            ),
+        );
+        row(
+            &mut md,
+            &format!("{name}: open descriptors after warm-up → end (max)"),
+            format!(
+                "{} → {}, growth {} (max {})",
+                l["fds"]["after_warm_up"], l["fds"]["end"], l["fds"]["growth"], l["fds"]["max"]
+            ),
+        );
+        let m = &l["last_metrics"];
+        row(
+            &mut md,
+            &format!(
+                "{name}: mkdir / rmdir / scan updates at its last answer \
+                 (soak cgroups made in its life by then); lost-event log lines (events)"
+            ),
+            format!(
+                "{} / {} / {} at {} s ({}); {} ({})",
+                m["mkdir"],
+                m["rmdir"],
+                m["scan"],
+                l["last_metrics_at_secs"],
+                l["cgroups_made_by_last_metrics"]
+                    .as_u64()
+                    .map_or("?".into(), |n| n.saturating_sub(made_before).to_string()),
+                l["lost_event_log_lines"],
+                l["lost_events_logged"]
+            ),
+        );
+        row(
+            &mut md,
+            &format!("{name}: map updates dropped (cpu / net)"),
+            format!("{} / {}", m["dropped_cpu"], m["dropped_net"]),
+        );
+    }
+    let k = &s["sigkill"];
+    row(
+        &mut md,
+        "podmeter programs left after the SIGKILL",
+        format!(
+            "{} of {} (gone after {} s); restart took {} s",
+            k["programs_left"].as_array().map_or(0, Vec::len),
+            k["programs"],
+            k["programs_gone_after_secs"],
+            k["restart_secs"]
+        ),
+    );
+    let (b, e) = (&s["baseline"], &s["settle"]["end"]);
+    row(
+        &mut md,
+        "tracked cgroups live / departed / unresolved: before churn → last answer",
+        format!(
+            "{} / {} / {} → {} / {} / {} (at {} s)",
+            b["live"],
+            b["departed"],
+            b["unresolved"],
+            e["live"],
+            e["departed"],
+            e["unresolved"],
+            s["settle"]["end_at_secs"]
+        ),
+    );
+    row(
+        &mut md,
+        "kernel map entries cpu / net: before churn → last answer",
+        format!(
+            "{} / {} → {} / {}",
+            b["map_cpu"], b["map_net"], e["map_cpu"], e["map_net"]
+        ),
+    );
+    row(
+        &mut md,
+        "back to the baseline after the churn",
+        match s["settle"]["settled_after_churn_secs"].as_f64() {
+            Some(t) => format!("after {t:.0} s"),
+            None => "no (see the end values; other cgroups on the host count too)".into(),
+        },
+    );
+    let t = &s["end"]["sigterm"];
+    row(
+        &mut md,
+        "final SIGTERM",
+        format!(
+            "{} after {} s; programs left {}",
+            if t["exited_within_10s"] == json!(true) {
+                "exited"
+            } else {
+                "**did not exit** (SIGKILLed)"
+            },
+            t["secs"],
+            t["programs_left"].as_array().map_or(0, Vec::len)
+        ),
+    );
+    md
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3m"), Ok(Duration::from_secs(180)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn section_replaced_or_appended() {
+        let md = "# Results\n\ntable\n";
+        let one = replace_section(md, &format!("{HEADING}\n\nfirst\n"));
+        assert_eq!(one, format!("# Results\n\ntable\n\n{HEADING}\n\nfirst\n"));
+        let two = replace_section(
+            &format!("{one}\n## Later\n\nx\n"),
+            &format!("{HEADING}\n\nsecond"),
+        );
+        assert_eq!(
+            two,
+            format!("# Results\n\ntable\n\n{HEADING}\n\nsecond\n\n## Later\n\nx\n")
+        );
+        assert_eq!(section_of(&two), Some(&*format!("{HEADING}\n\nsecond")));
+    }
+}
