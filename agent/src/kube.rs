@@ -171,6 +171,11 @@ impl PodStore {
         self.store.len()
     }
 
+    /// No pods in the store (yet).
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
     /// The store's pods by UID, for one scrape's lookups.
     pub fn by_uid(&self) -> HashMap<String, Arc<Pod>> {
         self.store
