@@ -32,7 +32,7 @@ use tokio::{
     time::{Instant, sleep, sleep_until, timeout},
 };
 use tower_service::Service as _;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{metrics::Exporter, tracker::Tracker};
 
@@ -203,9 +203,10 @@ async fn serve_router(
         {
             Ok(_) => {}
             Err(_) => {
-                debug!(
-                    "dropping {} connections after the grace period",
-                    tasks.len()
+                info!(
+                    "shutdown: dropping {} connections still open after the {:?} grace period",
+                    tasks.len(),
+                    limits.shutdown_grace
                 );
                 break;
             }
