@@ -4,6 +4,7 @@
 
 mod bench;
 mod cluster;
+mod fuzz;
 mod image;
 mod setup;
 mod tools;
@@ -64,6 +65,9 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Fuzz every parser of outside input (cargo-fuzz, pinned nightly) for a
+    /// bounded time per target; a crash fails with the saved input's path.
+    Fuzz(fuzz::Options),
     /// cargo fmt --check and clippy -D warnings, userspace and eBPF crates.
     Lint,
     /// A real single-node Kubernetes cluster on this machine (needs root).
@@ -126,6 +130,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Run { args } => run(args),
         Task::Test { filter, no_cluster } => test(filter, no_cluster),
         Task::E2e { filter, keep } => e2e(filter, keep),
+        Task::Fuzz(opts) => fuzz::run(&opts),
         Task::Lint => lint(),
         Task::Cluster { action } => match action {
             ClusterAction::Up => cluster::up(),
@@ -245,6 +250,11 @@ fn test(filter: Option<String>, no_cluster: bool) -> Result<()> {
         "--exclude",
         "podmeter-ebpf",
     ]))?;
+    fuzz::run(&fuzz::Options {
+        seconds: fuzz::SMOKE_SECONDS,
+        targets: vec![],
+        list: false,
+    })?;
     sh(cargo().args(["build", "--release", "--package", "podmeter"]))?;
     tools::all()?;
     let mut c = cargo();
