@@ -113,7 +113,8 @@ pub fn apt(packages: &[&str]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn nightly() -> Result<()> {
+/// Installs the pinned nightly (with rust-src and clippy) if missing.
+pub fn nightly() -> Result<()> {
     let tc = ebpf_toolchain()?;
     let has_src = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", &tc])

@@ -23,6 +23,15 @@ pub enum BtfError {
     NotFound(String),
 }
 
+/// How many typedefs and qualifiers a type may go through, and how deep
+/// anonymous members may nest: far beyond any kernel's, and a crafted cycle
+/// ends in an error instead of a loop or a stack overflow.
+const MAX_DEPTH: u32 = 32;
+/// How many members one lookup may look at in all (nested anonymous members
+/// shared by many parents would otherwise multiply); the kernel's
+/// `task_struct` needs a few hundred.
+const MAX_VISITS: u32 = 1 << 20;
+
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
@@ -117,8 +126,8 @@ impl<'a> Btf<'a> {
     }
 
     /// Follows typedefs and qualifiers to the underlying type id.
-    fn resolve(&self, mut id: u32) -> u32 {
-        for _ in 0..32 {
+    fn resolve(&self, mut id: u32) -> Result<u32, BtfError> {
+        for _ in 0..MAX_DEPTH {
             match self.types.get(id as usize) {
                 Some(t)
                     if matches!(
@@ -128,10 +137,10 @@ impl<'a> Btf<'a> {
                 {
                     id = t.size_or_type;
                 }
-                _ => break,
+                _ => return Ok(id),
             }
         }
-        id
+        Err(BtfError::Malformed("typedef chain too long (a cycle?)"))
     }
 
     fn struct_id(&self, name: &str) -> Option<u32> {
@@ -142,28 +151,50 @@ impl<'a> Btf<'a> {
     }
 
     /// `(member type id, bit offset)` of `member` in struct/union `id`,
-    /// looking inside anonymous members (randomised layouts nest them).
-    fn member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
-        let t = self.types.get(id as usize)?;
+    /// looking inside anonymous members (randomised layouts nest them), at
+    /// most [`MAX_DEPTH`] deep and [`MAX_VISITS`] members in all (`visits`
+    /// counts down).
+    fn member(
+        &self,
+        id: u32,
+        member: &str,
+        depth: u32,
+        visits: &mut u32,
+    ) -> Result<Option<(u32, u32)>, BtfError> {
+        if depth >= MAX_DEPTH {
+            return Err(BtfError::Malformed(
+                "anonymous members nested too deep (a cycle?)",
+            ));
+        }
+        let Some(t) = self.types.get(id as usize) else {
+            return Ok(None);
+        };
         if !matches!(t.kind(), KIND_STRUCT | KIND_UNION) {
-            return None;
+            return Ok(None);
         }
         for m in t.extra.chunks_exact(12) {
-            let (name_off, ty, raw) = (u32_at(m, 0).ok()?, u32_at(m, 4).ok()?, u32_at(m, 8).ok()?);
+            *visits = visits
+                .checked_sub(1)
+                .ok_or(BtfError::Malformed("too many members to look through"))?;
+            let (name_off, ty, raw) = (u32_at(m, 0)?, u32_at(m, 4)?, u32_at(m, 8)?);
             let bits = if t.kind_flag() {
                 raw & 0x00ff_ffff
             } else {
                 raw
             };
             if name_off == 0 {
-                if let Some((mt, inner)) = self.member(self.resolve(ty), member) {
-                    return Some((mt, bits + inner));
+                let inner = self.member(self.resolve(ty)?, member, depth + 1, visits)?;
+                if let Some((mt, inner)) = inner {
+                    let bits = bits
+                        .checked_add(inner)
+                        .ok_or_else(|| BtfError::Malformed("a member's offset overflows".into()))?;
+                    return Ok(Some((mt, bits)));
                 }
             } else if self.name(name_off) == member {
-                return Some((ty, bits));
+                return Ok(Some((ty, bits)));
             }
         }
-        None
+        Ok(None)
     }
 
     /// Byte offset of a member path such as `task_struct` → `["se", "sum_exec_runtime"]`.
@@ -173,11 +204,12 @@ impl<'a> Btf<'a> {
             .ok_or_else(|| BtfError::NotFound(format!("struct {struct_name}")))?;
         let mut bits = 0u64;
         for (i, m) in path.iter().enumerate() {
-            let (ty, off) = self.member(id, m).ok_or_else(|| {
+            let mut visits = MAX_VISITS;
+            let (ty, off) = self.member(id, m, 0, &mut visits)?.ok_or_else(|| {
                 BtfError::NotFound(format!("{struct_name}.{}", path[..=i].join(".")))
             })?;
             bits += u64::from(off);
-            id = self.resolve(ty);
+            id = self.resolve(ty)?;
         }
         if !bits.is_multiple_of(8) {
             return Err(BtfError::NotFound(format!(
@@ -207,6 +239,175 @@ mod tests {
         hdr.extend([0u8; 12]); // one type of kind 0 (void): unknown
         hdr.push(0);
         assert!(matches!(Btf::parse(&hdr), Err(BtfError::UnknownKind(0))));
+    }
+
+    /// Builds little-endian BTF blobs for tests: types are numbered from 1
+    /// in the order they are added.
+    #[derive(Default)]
+    struct Blob {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        count: u32,
+    }
+
+    impl Blob {
+        fn name(&mut self, name: &str) -> u32 {
+            if name.is_empty() {
+                return 0;
+            }
+            if self.strings.is_empty() {
+                self.strings.push(0);
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend(name.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        fn ty(
+            &mut self,
+            name: &str,
+            kind: u32,
+            vlen: u32,
+            size_or_type: u32,
+            extra: &[u32],
+        ) -> u32 {
+            let name_off = self.name(name);
+            for v in [name_off, kind << 24 | vlen, size_or_type]
+                .iter()
+                .chain(extra)
+            {
+                self.types.extend(v.to_le_bytes());
+            }
+            self.count += 1;
+            self.count
+        }
+
+        /// A struct of `(name, type id, bit offset)` members.
+        fn strukt(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let extra: Vec<u32> = members
+                .iter()
+                .flat_map(|&(n, ty, bits)| [self.name(n), ty, bits])
+                .collect();
+            self.ty(name, KIND_STRUCT, members.len() as u32, size, &extra)
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            let mut b = vec![0x9f, 0xeb, 1, 0];
+            let (types, strings) = (self.types.len() as u32, self.strings.len() as u32);
+            for v in [24, 0, types, types, strings] {
+                b.extend(u32::to_le_bytes(v));
+            }
+            b.extend(&self.types);
+            b.extend(&self.strings);
+            b
+        }
+    }
+
+    /// The shape of the kernel's `task_struct.se.sum_exec_runtime`, with a
+    /// typedef, a qualifier and an anonymous struct in the way.
+    fn tiny() -> Vec<u8> {
+        let mut b = Blob::default();
+        let int = b.ty("unsigned long long", 1, 0, 8, &[64]);
+        let u64_ = b.ty("u64", KIND_TYPEDEF, 0, int, &[]);
+        let se = b.strukt(
+            "sched_entity",
+            16,
+            &[("load", int, 0), ("sum_exec_runtime", u64_, 64)],
+        );
+        let cse = b.ty("", KIND_CONST, 0, se, &[]);
+        let anon = b.strukt("", 16, &[("se", cse, 0)]);
+        b.strukt("task_struct", 32, &[("__state", int, 0), ("", anon, 128)]);
+        b.bytes()
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_structs_and_typedefs() {
+        let data = tiny();
+        let btf = Btf::parse(&data).unwrap();
+        let off = btf.offset("task_struct", &["se", "sum_exec_runtime"]);
+        assert_eq!(off.unwrap(), 24);
+        assert_eq!(btf.offset("task_struct", &["__state"]).unwrap(), 0);
+        assert!(matches!(
+            btf.offset("task_struct", &["se", "nothing"]),
+            Err(BtfError::NotFound(_))
+        ));
+    }
+
+    /// The fuzzer's seed (`fuzz/corpus/btf/tiny.btf`) is this blob;
+    /// `PODMETER_BLESS=1` rewrites it.
+    #[test]
+    fn fuzz_seed_is_the_tiny_blob() {
+        let seed =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/btf/tiny.btf");
+        if std::env::var_os("PODMETER_BLESS").is_some() {
+            std::fs::write(&seed, tiny()).unwrap();
+        }
+        let on_disk = std::fs::read(&seed).unwrap();
+        assert!(
+            on_disk == tiny(),
+            "{} is stale: run with PODMETER_BLESS=1",
+            seed.display()
+        );
+    }
+
+    /// Found by the fuzzer: an anonymous member's offset plus its inner
+    /// member's offset past 2^32 bits overflowed (a panic in debug builds).
+    #[test]
+    fn overflowing_offsets_are_errors() {
+        let data = include_bytes!("../../../fuzz/corpus/btf/overflowing-anonymous-offset");
+        if let Ok(btf) = Btf::parse(data) {
+            let _ = btf.offset("task_struct", &["se", "sum_exec_runtime"]);
+            let _ = btf.offset("task_struct", &["cgroups"]);
+            let _ = btf.offset("cgroup", &["kn", "id"]);
+            let _ = btf.offset("sched_entity", &[]);
+        }
+    }
+
+    #[test]
+    fn cycles_are_errors_not_stack_overflows() {
+        // A struct whose anonymous member is itself.
+        let mut b = Blob::default();
+        b.strukt("task_struct", 8, &[("", 1, 0)]);
+        let data = b.bytes();
+        let e = Btf::parse(&data).unwrap().offset("task_struct", &["se"]);
+        assert!(matches!(e, Err(BtfError::Malformed(_))), "{e:?}");
+
+        // Two typedefs naming each other.
+        let mut b = Blob::default();
+        b.strukt("task_struct", 8, &[("se", 2, 0)]);
+        b.ty("a", KIND_TYPEDEF, 0, 3, &[]);
+        b.ty("b", KIND_TYPEDEF, 0, 2, &[]);
+        let data = b.bytes();
+        let e = Btf::parse(&data)
+            .unwrap()
+            .offset("task_struct", &["se", "sum_exec_runtime"]);
+        assert!(matches!(e, Err(BtfError::Malformed(_))), "{e:?}");
+
+        // A chain of 100 000 anonymous structs, each inside the next.
+        let mut b = Blob::default();
+        b.strukt("leaf", 8, &[("x", 0, 0)]);
+        for id in 1..100_000 {
+            b.strukt("", 8, &[("", id, 0)]);
+        }
+        b.strukt("task_struct", 8, &[("", 100_000, 0)]);
+        let data = b.bytes();
+        let e = Btf::parse(&data).unwrap().offset("task_struct", &["x"]);
+        assert!(matches!(e, Err(BtfError::Malformed(_))), "{e:?}");
+
+        // Wide sharing: 30 levels of two anonymous members of the level
+        // below (2^30 paths) is cut short by the visit budget.
+        let mut b = Blob::default();
+        let mut below = b.strukt("leaf", 8, &[("x", 0, 0)]);
+        for _ in 0..30 {
+            below = b.strukt("", 8, &[("", below, 0), ("", below, 0)]);
+        }
+        b.strukt("task_struct", 8, &[("", below, 0)]);
+        let data = b.bytes();
+        let e = Btf::parse(&data)
+            .unwrap()
+            .offset("task_struct", &["nothing"]);
+        assert!(matches!(e, Err(BtfError::Malformed(_))), "{e:?}");
     }
 
     /// Against this machine's kernel, checked with bpftool's own reading.

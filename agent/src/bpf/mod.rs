@@ -6,7 +6,7 @@
 //! stopped agent leaves nothing in `bpftool prog list`.
 
 mod batch;
-mod btf;
+pub mod btf;
 
 use std::{
     collections::HashMap,

@@ -57,13 +57,9 @@ impl Files {
     /// The working set now, or `None` when the hierarchy does not account
     /// memory for the cgroup (or it is gone).
     pub fn working_set(&self) -> io::Result<Option<u64>> {
-        let Ok(usage) = self.usage.read()?.trim().parse::<u64>() else {
-            return Ok(None);
-        };
+        let usage = self.usage.read()?;
         let stat = self.stat.read()?;
-        Ok(Some(usage.saturating_sub(
-            stat_value(&stat, self.inactive_key).unwrap_or(0),
-        )))
+        Ok(working_set_of(&usage, &stat, self.inactive_key))
     }
 
     /// Closes the files (the cgroup is gone).
@@ -119,6 +115,14 @@ pub fn read_small(root: &Path, rel: &str) -> io::Result<String> {
     String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// The working set from the usage file's text (`memory.current`,
+/// `memory.usage_in_bytes`) and `memory.stat`'s: usage less the inactive
+/// file cache under `inactive_key`; `None` when the usage is not a number.
+pub fn working_set_of(usage: &str, stat: &str, inactive_key: &str) -> Option<u64> {
+    let usage: u64 = usage.trim().parse().ok()?;
+    Some(usage.saturating_sub(stat_value(stat, inactive_key).unwrap_or(0)))
+}
+
 /// The value of `key` in a `key value` listing (memory.stat, cpu.stat).
 pub fn stat_value(stat: &str, key: &str) -> Option<u64> {
     stat.lines()
@@ -155,5 +159,15 @@ mod tests {
         assert_eq!(stat_value(stat, "total_inactive_file"), Some(300));
         assert_eq!(stat_value(stat, "active_file"), None);
         assert_eq!(stat_value("garbage", "inactive_file"), None);
+    }
+
+    #[test]
+    fn working_set_is_usage_less_inactive_file() {
+        let stat = "active_file 50\ninactive_file 200\n";
+        assert_eq!(working_set_of("1000\n", stat, "inactive_file"), Some(800));
+        // More inactive cache than usage (the files are read apart): zero.
+        assert_eq!(working_set_of("100", stat, "inactive_file"), Some(0));
+        assert_eq!(working_set_of("1000", "", "inactive_file"), Some(1000));
+        assert_eq!(working_set_of("max", stat, "inactive_file"), None);
     }
 }
