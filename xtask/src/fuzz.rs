@@ -23,9 +23,6 @@ use crate::{root, setup, sh};
 /// cargo-fuzz release, cached under the setup cache by version.
 const CARGO_FUZZ: &str = "0.13.1";
 
-/// Seconds per target that `cargo xtask test` gives each one.
-pub const SMOKE_SECONDS: u64 = 15;
-
 /// `cargo xtask fuzz`'s options.
 #[derive(clap::Args)]
 pub struct Options {

@@ -187,7 +187,7 @@ impl<'a> Btf<'a> {
                 if let Some((mt, inner)) = inner {
                     let bits = bits
                         .checked_add(inner)
-                        .ok_or_else(|| BtfError::Malformed("a member's offset overflows"))?;
+                        .ok_or(BtfError::Malformed("a member's offset overflows"))?;
                     return Ok(Some((mt, bits)));
                 }
             } else if self.name(name_off) == member {
