@@ -324,6 +324,9 @@ impl IndexState {
             }
         });
 
+        // Looked up once per counted id: a set, not the list (thousands of
+        // each after a churn peak).
+        let departed_now: std::collections::HashSet<u64> = retired.iter().copied().collect();
         let mut unresolved = HashMap::new();
         let mut stats = HashMap::with_capacity(counted.len());
         let (mut failed, mut last_error) = (0, None);
@@ -350,7 +353,7 @@ impl IndexState {
                 if let Some(&s) = index.stats.get(&id) {
                     stats.insert(id, s);
                 }
-            } else if !retired.contains(&id) {
+            } else if !departed_now.contains(&id) {
                 // Counted, never seen in the tree: died before any walk or
                 // event showed it, or a socket outlived its cgroup. Kept out
                 // of the series; its counters go after the grace period.
