@@ -161,8 +161,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+        // Bytes, not `&str` slices: a backslash before a multi-byte
+        // character must not split it.
+        if b[i] == b'\\' {
+            if let Some(v) = b.get(i + 1..i + 4).and_then(octal_byte) {
                 out.push(v);
                 i += 4;
                 continue;
@@ -172,6 +174,17 @@ fn unescape(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Three octal digits (`040`) as the byte they name, if it is one.
+fn octal_byte(digits: &[u8]) -> Option<u8> {
+    digits.iter().try_fold(0u8, |v, &d| {
+        if (b'0'..=b'7').contains(&d) {
+            v.checked_mul(8)?.checked_add(d - b'0')
+        } else {
+            None
+        }
+    })
 }
 
 /// The cgroup2 mount: the conventional places first, then any whole-tree one.
@@ -346,5 +359,16 @@ mod tests {
     fn escaped_mount_point() {
         let line = "40 25 0:30 / /mnt/with\\040space rw - cgroup2 cgroup2 rw";
         assert_eq!(find_cgroup2(line), Some("/mnt/with space".into()));
+    }
+
+    #[test]
+    fn escapes_next_to_multibyte_characters() {
+        // A backslash before `é` used to panic: the three bytes after it
+        // were sliced as a `&str`, inside the character.
+        let line = "40 25 0:30 / /mnt/\\é1\\04 rw - cgroup2 cgroup2 rw";
+        assert_eq!(find_cgroup2(line), Some("/mnt/\\é1\\04".into()));
+        // Not an escape: past a byte's range, or not octal digits.
+        let line = "40 25 0:30 / /a\\777\\08a rw - cgroup2 cgroup2 rw";
+        assert_eq!(find_cgroup2(line), Some("/a\\777\\08a".into()));
     }
 }
