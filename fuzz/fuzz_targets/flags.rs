@@ -1,9 +1,8 @@
-//! Command-line values: bounded durations, `--pod-labels` keys, and the
-//! kernel's CPU list (`/sys/devices/system/cpu/online`).
+//! Command-line values: bounded durations and `--pod-labels` keys.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use podmeter::{flags, node};
+use podmeter::flags;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -15,5 +14,4 @@ fuzz_target!(|data: &[u8]| {
         .filter_map(|k| flags::label_key(k).ok())
         .collect();
     let _ = flags::distinct_label_names(&keys);
-    let _ = node::count_cpu_list(&text);
 });
