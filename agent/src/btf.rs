@@ -355,7 +355,7 @@ mod tests {
     /// member's offset past 2^32 bits overflowed (a panic in debug builds).
     #[test]
     fn overflowing_offsets_are_errors() {
-        let data = include_bytes!("../../../fuzz/corpus/btf/overflowing-anonymous-offset");
+        let data = include_bytes!("../../fuzz/corpus/btf/overflowing-anonymous-offset");
         if let Ok(btf) = Btf::parse(data) {
             let _ = btf.offset("task_struct", &["se", "sum_exec_runtime"]);
             let _ = btf.offset("task_struct", &["cgroups"]);

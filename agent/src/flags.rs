@@ -70,12 +70,20 @@ pub fn label_key(s: &str) -> Result<String, String> {
     Ok(key.to_owned())
 }
 
+/// A Kubernetes label key as a Prometheus label name (`app.kubernetes.io/name`
+/// → `app_kubernetes_io_name`), as kube-state-metrics does.
+pub fn label_name(key: &str) -> String {
+    key.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
 /// Refuses keys that would give two labels the same name (`a.b` and `a_b`
 /// both become `label_a_b`).
 pub fn distinct_label_names(keys: &[String]) -> Result<(), String> {
     let mut seen: Vec<(String, &str)> = Vec::with_capacity(keys.len());
     for key in keys {
-        let name = crate::kube::sanitize(key);
+        let name = label_name(key);
         if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
             return Err(format!(
                 "--pod-labels {first:?} and {key:?} both become the label label_{name}"

@@ -43,18 +43,10 @@ impl LabelOptions {
         out.extend(
             self.pod_labels
                 .iter()
-                .map(|k| format!("label_{}", sanitize(k))),
+                .map(|k| format!("label_{}", crate::flags::label_name(k))),
         );
         out
     }
-}
-
-/// A Kubernetes label key as a Prometheus label name (`app.kubernetes.io/name`
-/// → `app_kubernetes_io_name`), as kube-state-metrics does.
-pub fn sanitize(key: &str) -> String {
-    key.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
 }
 
 /// Label values the API gives a pod cgroup.
@@ -372,7 +364,7 @@ mod tests {
 
     #[test]
     fn label_keys_are_sanitised() {
-        assert_eq!(sanitize("app.kubernetes.io/name"), "app_kubernetes_io_name");
+        assert_eq!(crate::flags::label_name("app.kubernetes.io/name"), "app_kubernetes_io_name");
         let o = LabelOptions {
             owner: true,
             pod_labels: vec!["team".into(), "app.kubernetes.io/name".into()],

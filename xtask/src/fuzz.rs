@@ -108,9 +108,9 @@ impl Fuzz {
         })
     }
 
-    /// `cargo fuzz` with the pinned nightly, in the workspace root; the
-    /// agent's build script embeds an empty eBPF object (the parsers do not
-    /// need it, and the fuzz build need not build it).
+    /// `cargo fuzz` with the pinned nightly, in the workspace root. The
+    /// build goes to the setup cache, not the clone: a fresh clone (CI)
+    /// then rebuilds only podmeter's own crate.
     fn command(&self) -> Command {
         let mut c = Command::new("rustup");
         c.args(["run", &self.toolchain])
@@ -118,10 +118,9 @@ impl Fuzz {
             .arg("fuzz")
             .current_dir(root())
             .env("PATH", setup::path_with_tools())
-            .env("AYA_BUILD_SKIP", "1")
+            .env("CARGO_TARGET_DIR", setup::cache_dir().join("fuzz-target"))
             .env_remove("CARGO")
-            .env_remove("RUSTC")
-            .env_remove("CARGO_TARGET_DIR");
+            .env_remove("RUSTC");
         c
     }
 

@@ -6,7 +6,6 @@
 //! stopped agent leaves nothing in `bpftool prog list`.
 
 mod batch;
-pub mod btf;
 
 use std::{
     collections::HashMap,
@@ -404,7 +403,7 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 8] {
         Ok(d) => d,
         Err(e) => return unknown(&e),
     };
-    let btf = match btf::Btf::parse(&data) {
+    let btf = match crate::btf::Btf::parse(&data) {
         Ok(b) => b,
         Err(e) => return unknown(&e),
     };
