@@ -129,8 +129,17 @@ pub struct Bench {
     pub clk_tck: f64,
 }
 
+/// `cargo xtask bench`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Shorter windows and fewer samples (under 10 minutes).
+    #[arg(long)]
+    pub quick: bool,
+}
+
 /// `cargo xtask bench`.
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(opts: &Options) -> Result<()> {
+    let quick = opts.quick;
     if let Some(json) = std::env::var_os("PODMETER_BENCH_RENDER") {
         return render(Path::new(&json));
     }
@@ -143,8 +152,8 @@ pub fn run(quick: bool) -> Result<()> {
     let plan = if quick { &QUICK } else { &FULL };
     setup::all()?;
     setup::apt(PACKAGES)?;
-    crate::build(true)?;
-    crate::build_pm_work()?;
+    crate::build::agent(true)?;
+    crate::image::build_pm_work()?;
     let scratch = root().join("target/bench");
     fs::create_dir_all(&scratch)?;
     let clk_tck = output(Command::new("getconf").arg("CLK_TCK"))?

@@ -156,6 +156,33 @@ fn run_quiet(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `cargo xtask cluster`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Build (once, cached) and start etcd, the control plane, containerd and
+    /// a kubelet; wait until the node is Ready.
+    Up,
+    /// Stop everything and remove every process, mount, netns, interface,
+    /// cgroup and file the cluster made.
+    Down,
+    /// Say whether the node is up and Ready.
+    Status,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    match opts.action {
+        Action::Up => up(),
+        Action::Down => down(),
+        Action::Status => status(),
+    }
+}
+
 /// `cargo xtask cluster up`.
 pub fn up() -> Result<()> {
     let started = Instant::now();

@@ -3,6 +3,9 @@
 //!
 //! Dynamically linked binaries are shipped with the shared libraries `ldd`
 //! names, at the same paths, so the image needs no base image.
+//!
+//! `cargo xtask image` builds podmeter's image and imports it into the local
+//! cluster if it is up; the e2e tests also use the tests' workload image.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +18,78 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
+
+use crate::{build, cargo, cluster, root, sh};
+
+/// `cargo xtask image`'s options (none).
+#[derive(clap::Args)]
+pub struct Options {}
+
+pub fn run(_: &Options) -> Result<()> {
+    let tar = podmeter()?;
+    if cluster::containerd_sock().exists() {
+        import(&tar, &cluster::containerd_sock())?;
+        eprintln!("image: imported {PODMETER} into the cluster's containerd");
+    }
+    Ok(())
+}
+
+/// The image reference the manifests use.
+pub const PODMETER: &str = "localhost/podmeter:dev";
+
+/// Builds the release agent and its OCI image; returns the tarball.
+pub fn podmeter() -> Result<PathBuf> {
+    build::agent(true)?;
+    let target = root().join("target");
+    let bin = target.join("podmeter.stripped");
+    sh(Command::new("strip")
+        .arg("-o")
+        .arg(&bin)
+        .arg(target.join("release/podmeter")))?;
+    let tar = target.join("podmeter.oci.tar");
+    build(
+        &Spec {
+            name: PODMETER,
+            files: with_libs(&bin, "/podmeter")?,
+            symlinks: vec![],
+            entrypoint: vec!["/podmeter".into()],
+        },
+        &tar,
+    )?;
+    eprintln!("image: {PODMETER} written to {}", tar.display());
+    Ok(tar)
+}
+
+/// The tests' `pm-work` workload helper (release), for e2e images and the
+/// bench.
+pub fn build_pm_work() -> Result<()> {
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "podmeter-tests",
+        "--bin",
+        "pm-work",
+    ]))
+}
+
+/// busybox and the tests' `pm-work` helper, for the e2e workloads.
+pub fn testwork() -> Result<PathBuf> {
+    build_pm_work()?;
+    let mut files = with_libs(&root().join("target/release/pm-work"), "/pm-work")?;
+    files.push((PathBuf::from("/bin/busybox"), "/bin/busybox".into()));
+    let tar = root().join("target/testwork.oci.tar");
+    build(
+        &Spec {
+            name: "localhost/podmeter-testwork:dev",
+            files,
+            symlinks: vec![("/bin/sh".into(), "busybox".into())],
+            entrypoint: vec!["/pm-work".into()],
+        },
+        &tar,
+    )?;
+    Ok(tar)
+}
 
 /// What goes into an image.
 pub struct Spec<'a> {

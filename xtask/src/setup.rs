@@ -73,6 +73,14 @@ pub fn ebpf_toolchain() -> Result<String> {
         .with_context(|| format!("no channel in {}", file.display()))
 }
 
+/// `cargo xtask setup`'s options (none).
+#[derive(clap::Args)]
+pub struct Options {}
+
+pub fn run(_: &Options) -> Result<()> {
+    all()
+}
+
 /// Everything, in dependency order.
 pub fn all() -> Result<()> {
     build()?;

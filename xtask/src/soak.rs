@@ -172,7 +172,7 @@ struct Life {
 }
 
 /// `cargo xtask soak`.
-pub fn run(o: Options) -> Result<()> {
+pub fn run(o: &Options) -> Result<()> {
     if let Some(json_path) = std::env::var_os("PODMETER_SOAK_RENDER") {
         // An earlier run's markdown again, from its JSON (after a change to
         // the report).
@@ -183,8 +183,8 @@ pub fn run(o: Options) -> Result<()> {
         bail!("the soak loads eBPF programs and makes cgroups: run `sudo -E cargo xtask soak`");
     }
     setup::all()?;
-    crate::build(true)?;
-    crate::build_pm_work()?;
+    crate::build::agent(true)?;
+    crate::image::build_pm_work()?;
     let scratch = root().join("target/bench");
     fs::create_dir_all(&scratch)?;
     let b = Bench {

@@ -126,6 +126,44 @@ impl GoTool {
     }
 }
 
+/// `cargo xtask tools`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Also import their images into the running local cluster and
+    /// generate Prometheus Operator's CRDs into target/crds.
+    #[arg(long)]
+    pub cluster: bool,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    all()?;
+    if opts.cluster {
+        import_images(&crate::cluster::containerd_sock())?;
+        operator_crds(&root().join("target/crds"))?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask manifests`'s options (none).
+#[derive(clap::Args)]
+pub struct ManifestsOptions {}
+
+/// `cargo xtask manifests`: writes the rendered chart over the committed
+/// manifests.
+pub fn write_manifests(_: &ManifestsOptions) -> Result<()> {
+    let path = root().join("deploy/manifests/podmeter.yaml");
+    std::fs::write(&path, render_manifests()?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("manifests: wrote {}", path.display());
+    Ok(())
+}
+
+/// Where the tests find the tools (helm, promtool).
+pub fn test_env(c: &mut Command) {
+    c.env("PODMETER_HELM", HELM.bin("helm"))
+        .env("PODMETER_PROMTOOL", PROMETHEUS.bin("promtool"));
+}
+
 /// Every tool above, built (or found in the cache).
 pub fn all() -> Result<()> {
     for tool in [

@@ -269,7 +269,7 @@ pub fn run(b: &Bench) -> Result<Value> {
         cluster::up()?;
         ClusterGuard(true)
     };
-    let tar = crate::testwork_image()?;
+    let tar = image::testwork()?;
     image::import(&tar, &cluster::containerd_sock())?;
     let _ns = Namespace::new()?;
 

@@ -1,0 +1,73 @@
+//! `cargo xtask test`: every test, in phases whose timings it prints at the
+//! end: unit tests, the fuzz targets for a short bounded time, the
+//! privileged integration tests on this host, then the end-to-end tests on
+//! a local Kubernetes cluster.
+
+use anyhow::{Result, bail};
+
+use crate::{build, cargo, e2e, fuzz, is_root, phases::Phases, root, setup, sh, tools};
+
+/// How long CI fuzzes each target: enough to replay the seeds and explore
+/// around them; `cargo xtask fuzz` runs longer.
+const FUZZ_SECONDS: u64 = 15;
+
+/// `cargo xtask test`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only run integration tests whose name contains this.
+    pub filter: Option<String>,
+    /// Skip the end-to-end tests on the local Kubernetes cluster.
+    #[arg(long)]
+    pub no_cluster: bool,
+    /// Skip the fuzz targets.
+    #[arg(long)]
+    pub no_fuzz: bool,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the integration tests load eBPF programs and make cgroups: run `sudo -E cargo xtask test`"
+        );
+    }
+    let mut phases = Phases::new("test");
+    phases.run("setup", setup::all)?;
+    // One profile for everything: the agent under test is the release build.
+    phases.run("unit tests", || {
+        sh(cargo().args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "podmeter-tests",
+            "--exclude",
+            "podmeter-ebpf",
+        ]))
+    })?;
+    if !opts.no_fuzz && opts.filter.is_none() {
+        phases.run("fuzz", || {
+            fuzz::run(&fuzz::Options {
+                seconds: FUZZ_SECONDS,
+                targets: Vec::new(),
+                list: false,
+            })
+        })?;
+    }
+    phases.run("build agent", || build::agent(true))?;
+    phases.run("tools", tools::all)?;
+    phases.run("integration tests", || {
+        let mut c = cargo();
+        c.args(["test", "--release", "--package", "podmeter-tests", "--"])
+            .arg("--test-threads=1")
+            .env("PODMETER_BIN", root().join("target/release/podmeter"));
+        tools::test_env(&mut c);
+        if let Some(f) = &opts.filter {
+            c.arg(f);
+        }
+        sh(&mut c)
+    })?;
+    if opts.no_cluster {
+        return Ok(());
+    }
+    e2e::run_in(&mut phases, opts.filter.as_deref(), false)
+}
