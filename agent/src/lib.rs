@@ -11,29 +11,14 @@ pub mod btf;
 pub mod cgroup;
 pub mod flags;
 
-#[cfg(feature = "agent")]
-pub mod bpf;
-#[cfg(feature = "agent")]
-pub mod counters;
-#[cfg(feature = "agent")]
-pub mod health;
-#[cfg(feature = "agent")]
-pub mod http;
-#[cfg(feature = "agent")]
-pub mod index;
-#[cfg(feature = "agent")]
-pub mod kube;
-#[cfg(feature = "agent")]
-pub mod metrics;
-#[cfg(feature = "agent")]
-pub mod namer;
-#[cfg(feature = "agent")]
-pub mod node;
-#[cfg(feature = "agent")]
-pub mod preflight;
-#[cfg(feature = "agent")]
-pub mod privileges;
-#[cfg(feature = "agent")]
-pub mod refresher;
-#[cfg(feature = "agent")]
-pub mod tracker;
+/// The running agent's modules, which only the `agent` feature builds.
+macro_rules! agent_modules {
+    ($($name:ident),* $(,)?) => {
+        $(#[cfg(feature = "agent")] pub mod $name;)*
+    };
+}
+
+agent_modules!(
+    bpf, counters, health, http, index, kube, metrics, namer, node, preflight, privileges,
+    refresher, tracker,
+);
