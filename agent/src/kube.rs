@@ -364,7 +364,10 @@ mod tests {
 
     #[test]
     fn label_keys_are_sanitised() {
-        assert_eq!(crate::flags::label_name("app.kubernetes.io/name"), "app_kubernetes_io_name");
+        assert_eq!(
+            crate::flags::label_name("app.kubernetes.io/name"),
+            "app_kubernetes_io_name"
+        );
         let o = LabelOptions {
             owner: true,
             pod_labels: vec!["team".into(), "app.kubernetes.io/name".into()],

@@ -394,7 +394,7 @@ fn dashboards_are_grafana_json_with_node_namespace_pod_variables() {
         for v in ["datasource", "node", "namespace"] {
             assert!(vars.contains(v), "{}: no ${v} variable", path.display());
         }
-        let exprs = podmeter_tests::dashboard::exprs(&d);
+        let exprs = podmeter_test_support::dashboard::exprs(&d);
         assert!(!exprs.is_empty(), "{}: no queries", path.display());
         for (panel, expr) in exprs {
             assert!(expr.contains("podmeter"), "{panel}: {expr}");

@@ -3,7 +3,7 @@
 
 use std::{net::TcpListener, process::Command};
 
-use podmeter_tests::podmeter_bin;
+use podmeter_test_support::podmeter_bin;
 
 /// Runs podmeter to completion; returns exit code and stderr lines.
 fn fails(cmd: &mut Command) -> (i32, Vec<String>) {

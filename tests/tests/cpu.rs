@@ -3,7 +3,7 @@
 
 use std::{thread::sleep, time::Duration};
 
-use podmeter_tests::{Agent, Scrape, TestCgroup, TestTree};
+use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree};
 
 const CPU: &str = "podmeter_container_cpu_usage_seconds_total";
 

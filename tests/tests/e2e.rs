@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Kube, Namespace, Scrape, poll_scrape};
+use podmeter_test_support::{Kube, Namespace, Scrape, poll_scrape};
 
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
 const STATE: &str = "/var/lib/podmeter-cluster";
@@ -97,22 +97,8 @@ fn container_id(pod: &serde_json::Value) -> String {
 
 /// The cgroup2 directory of a container, wherever the kubelet put it.
 fn container_cgroup(id: &str) -> std::path::PathBuf {
-    let root = podmeter_tests::unified_root().join("kubepods");
-    fn find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
-        for e in fs::read_dir(dir).ok()?.flatten() {
-            if e.file_type().ok()?.is_dir() {
-                if e.file_name() == name {
-                    return Some(e.path());
-                }
-                if let Some(p) = find(&e.path(), name) {
-                    return Some(p);
-                }
-            }
-        }
-        None
-    }
-    find(&root, id)
-        .unwrap_or_else(|| panic!("no cgroup for container {id} under {}", root.display()))
+    podmeter_test_support::cgroups::container_cgroup(id)
+        .unwrap_or_else(|| panic!("no cgroup for container {id} under kubepods"))
 }
 
 fn cpu_stat(dir: &Path) -> f64 {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::Agent;
+use podmeter_test_support::Agent;
 
 const MAX_CONNECTIONS: usize = 128;
 /// Connections being closed that the agent may still hold (its

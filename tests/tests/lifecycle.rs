@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Agent, Scrape, TestTree, memory_v1_root, podmeter_prog_ids};
+use podmeter_test_support::{Agent, Scrape, TestTree, memory_v1_root, podmeter_prog_ids};
 
 const CPU: &str = "cpu_usage_seconds_total";
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Agent, Scrape, TestCgroup, TestTree, Throttling};
+use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, Throttling};
 
 const PERIOD_US: u64 = 100_000;
 const QUOTA_US: u64 = 20_000;

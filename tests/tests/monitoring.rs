@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Kube, Namespace};
+use podmeter_test_support::{Kube, Namespace};
 use serde_json::Value;
 
 const NS: &str = "podmeter";
@@ -150,7 +150,7 @@ impl Prom {
 
 /// Polls every 2 s: Prometheus and Alertmanager move in 30 s steps.
 fn until<T>(timeout: Duration, what: &str, ok: impl FnMut() -> Option<T>) -> T {
-    podmeter_tests::poll(timeout, Duration::from_secs(2), what, ok)
+    podmeter_test_support::poll(timeout, Duration::from_secs(2), what, ok)
 }
 
 fn step(what: &str) {
@@ -701,8 +701,8 @@ fn dashboard_panels_return_data(prom: &Prom) {
             .map(|v| v["name"].as_str().unwrap().to_owned())
             .collect();
         let vars: Vec<&str> = vars.iter().map(String::as_str).collect();
-        for (panel, expr) in podmeter_tests::dashboard::exprs(&d) {
-            let q = podmeter_tests::dashboard::substitute(&expr, &vars, "1m", "30s");
+        for (panel, expr) in podmeter_test_support::dashboard::exprs(&d) {
+            let q = podmeter_test_support::dashboard::substitute(&expr, &vars, "1m", "30s");
             let result = until(
                 Duration::from_secs(90),
                 &format!("{}: panel {panel:?} query {q} returns data", path.display()),

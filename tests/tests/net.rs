@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use podmeter_tests::{Agent, Scrape, TestCgroup, TestTree, veth_pair};
+use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, veth_pair};
 
 struct Net {
     rx_bytes: f64,

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Agent, TestTree, free_port};
+use podmeter_test_support::{Agent, TestTree, free_port};
 
 #[test]
 fn promtool_accepts_the_exposition() {

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_tests::{Agent, TestTree, podmeter_prog_ids};
+use podmeter_test_support::{Agent, TestTree, podmeter_prog_ids};
 
 /// How long scrapes race the churn. The code of issue 9 hung after 4, 16,
 /// 20 and 54 s in four runs on 2 shared vCPUs (every scraper then timed

@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 
 use crate::{root, setup};
 
-pub use cgroups::{Cg, Remove, Tree, unified_root};
+pub use cgroups::{Cg, Remove, Tree};
 pub use kernel::programs;
 pub use process::{Agent, Proc, Workers, scrape_until};
 pub use scrape::{Endpoint, Fetch, Sample, burst_summary, parse_exposition};

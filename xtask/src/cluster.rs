@@ -692,30 +692,6 @@ fn kill_pidfiles() {
 }
 
 /// Kills every process in cgroup `dir` (and below), then removes the dirs.
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..50 {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        if procs.trim().is_empty() {
-            break;
-        }
-        for pid in procs.lines() {
-            let _ = Command::new("kill")
-                .args(["-KILL", pid.trim()])
-                .stderr(Stdio::null())
-                .status();
-        }
-        sleep(Duration::from_millis(100));
-    }
-    let _ = fs::remove_dir(dir);
-}
-
 /// `cargo xtask cluster down`: removes everything `up` made.
 pub fn down() -> Result<()> {
     kill_pidfiles();
@@ -754,26 +730,24 @@ pub fn down() -> Result<()> {
     // Pod cgroups, in every hierarchy the kubelet and runc wrote to.
     if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
         for e in entries.flatten() {
-            remove_cgroup_tree(&e.path().join("kubepods"));
+            podmeter_test_support::cgroups::remove_tree(&e.path().join("kubepods"));
         }
     }
-    remove_cgroup_tree(Path::new("/sys/fs/cgroup/kubepods"));
+    podmeter_test_support::cgroups::remove_tree(Path::new("/sys/fs/cgroup/kubepods"));
 
     // Mounts under our directories (container rootfs, volumes, netns), deepest first.
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<&str> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
+    let mut mounts: Vec<PathBuf> = podmeter::cgroup::mount::mount_points(&mountinfo)
         .filter(|m| {
             m.starts_with(STATE)
                 || m.starts_with(RUN)
-                || m.starts_with("/run/netns/cni-")
-                || m.starts_with("/var/run/netns/cni-")
+                || m.to_string_lossy().starts_with("/run/netns/cni-")
+                || m.to_string_lossy().starts_with("/var/run/netns/cni-")
         })
         .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
     for m in mounts {
-        let _ = Command::new("umount").args(["-l", m]).status();
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
     }
     if let Ok(entries) = fs::read_dir("/run/netns") {
         for e in entries.flatten() {

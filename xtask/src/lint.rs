@@ -13,7 +13,10 @@ pub struct Options {}
 pub fn run(_: &Options) -> Result<()> {
     let mut phases = Phases::new("lint");
     phases.run("eBPF toolchain", setup::build)?;
-    phases.run("fmt", || sh(cargo().args(["fmt", "--all", "--", "--check"])))?;
+    phases.run(
+        "fmt",
+        || sh(cargo().args(["fmt", "--all", "--", "--check"])),
+    )?;
     phases.run("clippy", || {
         sh(cargo().args([
             "clippy",

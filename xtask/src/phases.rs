@@ -108,7 +108,10 @@ mod tests {
         assert_eq!(err.to_string(), "boom");
         let table = p.table();
         assert!(table.contains("first"), "{table}");
-        assert!(table.contains("second") && table.contains("FAILED"), "{table}");
+        assert!(
+            table.contains("second") && table.contains("FAILED"),
+            "{table}"
+        );
         assert!(table.contains("total"), "{table}");
     }
 }

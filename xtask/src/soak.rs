@@ -209,7 +209,7 @@ pub fn run(o: &Options) -> Result<()> {
         )?
         .trim()
         .to_owned();
-    let results = soak(&b, &o)?;
+    let results = soak(&b, o)?;
     let results = json!({
         "started": stamp,
         "podmeter": format!("{version} ({commit})"),
@@ -666,8 +666,12 @@ fn sample(sh: &Shared, t: &Target) -> Value {
     let fds = fs::read_dir(format!("/proc/{}/fd", t.pid))
         .ok()
         .map(|d| d.count());
-    let metrics = match sh.endpoint(&t.url).fetch() {
-        Ok((_, body)) => gauges(&parse_exposition(&body)),
+    let metrics = match sh
+        .endpoint(&t.url)
+        .fetch()
+        .and_then(|(_, body)| parse_exposition(&body))
+    {
+        Ok(samples) => gauges(&samples),
         Err(e) => json!({ "error": format!("{e:#}") }),
     };
     json!({

@@ -248,9 +248,22 @@ pub fn find_v1_controller(mountinfo: &str, controller: &str) -> Option<PathBuf> 
         .map(|m| m.point)
 }
 
+/// Every mount point, unescaped, in mountinfo's order.
+pub fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    mountinfo.lines().filter_map(parse_line).map(|m| m.point)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_mount_point() {
+        let points: Vec<PathBuf> = mount_points(HYBRID).collect();
+        assert_eq!(points.len(), HYBRID.lines().count());
+        assert_eq!(points[0], Path::new("/sys"));
+        assert_eq!(points.last().unwrap(), Path::new("/sys/fs/cgroup/unified"));
+    }
 
     const HYBRID: &str = "\
 25 1 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

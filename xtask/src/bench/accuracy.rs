@@ -122,7 +122,7 @@ fn cpu(b: &Bench, agent: &Agent) -> Result<Value> {
         let (_, body) = agent.endpoint.fetch()?;
         let after: Vec<f64> = cgs.iter().map(|c| c.2.cpu_secs()).collect::<Result<_>>()?;
         let mid = before.iter().zip(&after).map(|(x, y)| (x + y) / 2.0);
-        Ok((mid.collect(), parse_exposition(&body)))
+        Ok((mid.collect(), parse_exposition(&body)?))
     };
     progress(&format!("CPU accuracy window ({} s)", b.plan.accuracy_secs));
     let (k0, s0) = read()?;

@@ -4,54 +4,12 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    thread::sleep,
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
+use podmeter_test_support::cgroups;
 
 use super::{Bench, Proc, cgroup_cpu_secs};
-
-/// Where the cgroup2 hierarchy is mounted (pure v2 or hybrid).
-pub fn unified_root() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    let points: Vec<&str> = mountinfo
-        .lines()
-        .filter_map(|l| l.split_once(" - "))
-        .filter(|(_, post)| post.starts_with("cgroup2 "))
-        .filter_map(|(pre, _)| pre.split(' ').nth(4))
-        .collect();
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .find(|p| points.contains(p))
-        .or(points.first().copied())
-        .map(PathBuf::from)
-        .context("no cgroup2 mount")
-}
-
-/// Kills every process in `dir` and below, then removes the directories.
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..250 {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<&str> = procs.split_whitespace().collect();
-        if !pids.is_empty() {
-            let _ = Command::new("kill").arg("-KILL").args(&pids).output();
-        }
-        match fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(_) => sleep(Duration::from_millis(20)),
-        }
-    }
-    eprintln!("bench: warning: could not remove {}", dir.display());
-}
 
 /// The benchmark's cgroups: `/podmeter-bench-<pid>` in the cgroup2
 /// hierarchy and, on hybrid hosts, in the v1 memory, cpu and cpuacct
@@ -67,17 +25,8 @@ pub struct Tree {
 
 impl Tree {
     pub fn new() -> Result<Self> {
-        let unified = unified_root()?;
-        let v1: Vec<PathBuf> = [
-            ("memory", "memory.usage_in_bytes"),
-            ("cpu", "cpu.shares"),
-            ("cpuacct", "cpuacct.usage"),
-        ]
-        .iter()
-        .map(|(d, f)| (Path::new("/sys/fs/cgroup").join(d), f))
-        .filter(|(d, f)| d != &unified && d.join(f).exists())
-        .map(|(d, _)| d)
-        .collect();
+        let unified = cgroups::try_unified_root().context("no cgroup2 mount")?;
+        let v1 = cgroups::v1_roots();
         let tree = Self {
             name: format!("podmeter-bench-{}", std::process::id()),
             unified,
@@ -91,7 +40,7 @@ impl Tree {
                     .and_then(|p| p.parse::<u32>().ok())
                     .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
                 if stale {
-                    remove_cgroup_tree(&e.path());
+                    cgroups::remove_tree(&e.path());
                 }
             }
             fs::create_dir_all(r.join(&tree.name))?;
@@ -129,7 +78,7 @@ impl Tree {
     /// Removes `rel` (and what runs in it) from every hierarchy.
     pub fn remove(&self, rel: &str) {
         for r in self.roots() {
-            remove_cgroup_tree(&r.join(&self.name).join(rel));
+            cgroups::remove_tree(&r.join(&self.name).join(rel));
         }
     }
 }
@@ -137,7 +86,7 @@ impl Tree {
 impl Drop for Tree {
     fn drop(&mut self) {
         for r in self.roots() {
-            remove_cgroup_tree(&r.join(&self.name));
+            cgroups::remove_tree(&r.join(&self.name));
         }
     }
 }

@@ -1,9 +1,7 @@
 //! Child processes the benchmark starts, and the agent under test.
 
 use std::{
-    fs,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -11,7 +9,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Bench, Cg, Endpoint, Fetch, Sample, free_port, parse_exposition, proc_status_bytes};
+use podmeter_test_support::agent::Launch;
+
+use super::{Bench, Cg, Endpoint, Fetch, Sample, parse_exposition, proc_status_bytes};
 
 /// A child process, stopped (SIGTERM, then SIGKILL after 10 s) on drop.
 pub struct Proc {
@@ -128,12 +128,12 @@ impl Drop for Workers {
 }
 
 /// A podmeter process (the release build, host mode) in its own cgroup,
-/// listening on a free loopback port.
+/// listening on a free loopback port: the tests' runner, with the
+/// benchmark's binary, cgroup and log file.
 pub struct Agent {
-    proc: Proc,
+    agent: podmeter_test_support::Agent,
     pub endpoint: Endpoint,
     pub cg: Cg,
-    log: PathBuf,
 }
 
 impl Agent {
@@ -144,59 +144,28 @@ impl Agent {
 
     /// [`Agent::start`] with `extra` flags for podmeter.
     pub fn start_with(b: &Bench, tag: &str, extra: &[&str]) -> Result<Self> {
-        let port = free_port()?;
         let cg = b.tree.own(&format!("agent-{tag}"))?;
-        let log = b.scratch.join(format!("podmeter-{tag}.log"));
-        let args: Vec<String> = [
-            "--no-kubernetes",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--log-level",
-            "warn",
-        ]
-        .iter()
-        .chain(extra)
-        .map(|s| (*s).to_owned())
-        .collect();
-        let stderr = fs::File::create(&log)?;
-        let proc = cg.spawn_with("podmeter", &b.podmeter, &args, |c| {
-            // --no-kubernetes conflicts with a KUBECONFIG from the caller.
-            c.env_remove("KUBECONFIG").stderr(stderr);
-        })?;
-        let mut agent = Self {
-            proc,
-            endpoint: Endpoint::plain(format!("http://127.0.0.1:{port}/metrics")),
-            cg,
-            log,
-        };
-        let ready = format!("http://127.0.0.1:{port}/readyz");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if !agent.proc.running() {
-                bail!("podmeter exited during start:\n{}", agent.log_tail());
-            }
-            let ok = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", &ready])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return Ok(agent);
-            }
-            if Instant::now() > deadline {
-                bail!("podmeter not ready in 60 s:\n{}", agent.log_tail());
-            }
-            sleep(Duration::from_millis(100));
+        let mut args = vec!["--no-kubernetes"];
+        args.extend_from_slice(extra);
+        let agent = Launch {
+            bin: Some(b.podmeter.clone()),
+            cgroup: Some(cg.dir().to_owned()),
+            log: Some(b.scratch.join(format!("podmeter-{tag}.log"))),
+            log_level: "warn",
+            ready_within: Duration::from_secs(60),
+            ..Launch::new(&args)
         }
+        .start()
+        .map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            endpoint: Endpoint::plain(format!("http://127.0.0.1:{}/metrics", agent.port)),
+            agent,
+            cg,
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.agent.pid() as u32
     }
 
     /// CPU seconds of the agent (its cgroup's `cpu.stat`, µs resolution,
@@ -213,12 +182,13 @@ impl Agent {
     /// One parsed scrape.
     pub fn scrape(&self) -> Result<(Fetch, Vec<Sample>)> {
         let (f, body) = self.endpoint.fetch()?;
-        Ok((f, parse_exposition(&body)))
+        Ok((f, parse_exposition(&body)?))
     }
 
     /// Stops the agent (SIGTERM: it detaches its programs).
     pub fn stop(mut self) -> Result<()> {
-        self.proc.stop();
+        let st = self.agent.stop();
+        anyhow::ensure!(st.success(), "podmeter exited with {st} on SIGTERM");
         Ok(())
     }
 }

@@ -106,7 +106,7 @@ fn point(agent: &Agent, pods: &[FakePod]) -> Result<Point> {
         .iter()
         .map(|p| p.cg.cpu_secs())
         .collect::<Result<_>>()?;
-    let samples = parse_exposition(&body);
+    let samples = parse_exposition(&body)?;
     let by_id = cpu_by_container(&samples);
     Ok(Point {
         kernel: before

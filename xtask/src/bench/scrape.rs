@@ -98,74 +98,9 @@ pub fn burst_summary(v: &[Fetch]) -> Value {
     })
 }
 
-/// One sample of the Prometheus text format.
-#[derive(Debug)]
-pub struct Sample {
-    pub name: String,
-    pub labels: Vec<(String, String)>,
-    pub value: f64,
-    /// Milliseconds, where the exposer gives one (cAdvisor does).
-    pub ts_ms: Option<f64>,
-}
+pub use podmeter_test_support::scrape::Sample;
 
-impl Sample {
-    pub fn label(&self, k: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses the text exposition format (comments skipped).
-pub fn parse_exposition(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(parse_line)
-        .collect()
-}
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let (name, mut rest, labels) = match line.find(['{', ' ']) {
-        Some(i) if line.as_bytes()[i] == b'{' => {
-            let mut labels = Vec::new();
-            let mut s = &line[i + 1..];
-            loop {
-                s = s.trim_start_matches([',', ' ']);
-                if let Some(r) = s.strip_prefix('}') {
-                    s = r;
-                    break;
-                }
-                let (k, r) = s.split_once('=')?;
-                let r = r.strip_prefix('"')?;
-                let mut v = String::new();
-                let mut chars = r.char_indices();
-                let end = loop {
-                    match chars.next()? {
-                        (_, '\\') => match chars.next()?.1 {
-                            'n' => v.push('\n'),
-                            c => v.push(c),
-                        },
-                        (j, '"') => break j,
-                        (_, c) => v.push(c),
-                    }
-                };
-                labels.push((k.trim().to_owned(), v));
-                s = &r[end + 1..];
-            }
-            (&line[..i], s, labels)
-        }
-        Some(i) => (&line[..i], &line[i..], Vec::new()),
-        None => return None,
-    };
-    rest = rest.trim();
-    let mut it = rest.split_whitespace();
-    let value = it.next()?.parse().ok()?;
-    let ts_ms = it.next().and_then(|t| t.parse().ok());
-    Some(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-        ts_ms,
-    })
+/// Parses the text exposition format (the tests' parser).
+pub fn parse_exposition(text: &str) -> Result<Vec<Sample>> {
+    podmeter_test_support::scrape::parse(text).map_err(anyhow::Error::msg)
 }

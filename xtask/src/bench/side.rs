@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 
 use super::{
     Agent, Bench, Endpoint, LIGHT_TICK, Sample, burst_summary, error_pct, free_port, ip_octets,
-    number, output, parse_exposition, proc_cpu_secs, progress, round, unified_root,
+    number, output, parse_exposition, proc_cpu_secs, progress, round,
 };
 use crate::{cluster, image};
 
@@ -140,22 +140,8 @@ struct RealPod {
 
 /// The cgroup2 directory of a container, wherever the kubelet put it.
 fn container_cgroup(id: &str) -> Result<PathBuf> {
-    fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-        for e in fs::read_dir(dir).ok()?.flatten() {
-            if e.file_type().ok()?.is_dir() {
-                if e.file_name() == name {
-                    return Some(e.path());
-                }
-                if let Some(p) = find(&e.path(), name) {
-                    return Some(p);
-                }
-            }
-        }
-        None
-    }
-    let root = unified_root()?.join("kubepods");
-    find(&root, id)
-        .with_context(|| format!("no cgroup for container {id} under {}", root.display()))
+    podmeter_test_support::cgroups::container_cgroup(id)
+        .with_context(|| format!("no cgroup for container {id} under kubepods"))
 }
 
 /// Waits until every pod in `names` runs; returns them.
@@ -457,7 +443,7 @@ pub fn run(b: &Bench) -> Result<Value> {
                     .collect();
                 pm.push((t, mid, s));
                 let (_, body) = cadvisor_ep.fetch()?;
-                cad.push((now_ms(), parse_exposition(&body)));
+                cad.push((now_ms(), parse_exposition(&body)?));
             }
             sleep(Duration::from_millis(500));
             Ok((pm, cad))
@@ -510,7 +496,7 @@ pub fn run(b: &Bench) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(90);
     let cad_net = loop {
         let (_, body) = cadvisor_ep.fetch()?;
-        let s = parse_exposition(&body);
+        let s = parse_exposition(&body)?;
         let fresh = net_pods.iter().all(|n| {
             cadvisor(
                 &s,
@@ -530,7 +516,7 @@ pub fn run(b: &Bench) -> Result<Value> {
     };
     let (_, body) = agent.endpoint.fetch()?;
     fs::write(b.scratch.join("side-podmeter.txt"), &body)?;
-    let pm_net = parse_exposition(&body);
+    let pm_net = parse_exposition(&body)?;
     let mut net_rows = Vec::new();
     for (name, dir) in [
         ("tcp-send", "transmit"),

@@ -1,0 +1,61 @@
+//! Processes the tests start: the `pm-work` workload helper.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout},
+};
+
+use nix::{sys::signal::kill, unistd::Pid};
+
+/// The `pm-work` helper binary: cargo builds it next to the test's `deps/`.
+pub fn pm_work() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(Path::parent).unwrap().join("pm-work");
+    assert!(p.exists(), "{} missing", p.display());
+    p
+}
+
+/// Whether a process exists.
+pub fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// A running `pm-work`; killed on drop.
+pub struct Work {
+    pub(crate) child: Child,
+    pub(crate) stdout: BufReader<ChildStdout>,
+}
+
+impl Work {
+    /// The next `key value...` line it prints, split on whitespace.
+    pub fn line(&mut self) -> Vec<String> {
+        let mut s = String::new();
+        self.stdout.read_line(&mut s).unwrap();
+        assert!(!s.is_empty(), "pm-work exited without reporting");
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    /// Waits for it to exit successfully.
+    pub fn wait(&mut self) {
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "pm-work failed: {st}");
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
