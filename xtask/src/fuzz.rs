@@ -169,11 +169,11 @@ impl Fuzz {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting cargo fuzz run")?;
-        // libFuzzer reports on stderr: pass it through, keep the end.
+        // libFuzzer reports on stderr, thousands of lines a run: keep the
+        // end, and show it only when the target fails.
         let mut tail = VecDeque::new();
         for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
             let line = line.context("reading cargo fuzz's output")?;
-            eprintln!("{line}");
             if tail.len() == 400 {
                 tail.pop_front();
             }
@@ -182,6 +182,9 @@ impl Fuzz {
         let status = child.wait()?;
         let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
         if !status.success() {
+            for line in &lines {
+                eprintln!("{line}");
+            }
             let artifact = lines
                 .iter()
                 .find_map(|l| l.split("Test unit written to ").nth(1))
