@@ -328,9 +328,17 @@ fn pod_traffic_tcp_udp_and_host_network_is_billed_to_the_pods() {
         net(&s, &ns.name, "udp-client", "transmit_packets_total"),
         1000.0
     );
-    assert_eq!(
+    // What arrives at the server's cgroup is counted before its socket
+    // queues it: a busy node drops some datagrams at a full receive buffer
+    // after they were counted (seen under load: 1000 counted, 900 read).
+    let (rx, rxp) = (
         net(&s, &ns.name, "udp-server", "receive_bytes_total"),
-        received * 1028.0
+        net(&s, &ns.name, "udp-server", "receive_packets_total"),
+    );
+    assert_eq!(rx, rxp * 1028.0, "UDP rx {rx} bytes in {rxp} datagrams");
+    assert!(
+        (received..=1000.0).contains(&rxp),
+        "UDP rx {rxp} datagrams: the server read {received} of 1000 sent"
     );
 
     // A hostNetwork pod shares the node's network namespace, but its
