@@ -167,11 +167,7 @@ impl TestTree {
             );
             CpuController::V1
         };
-        let tree = Self::make(tag, Some(cpu));
-        if cpu == CpuController::Unified {
-            enable_cpu(&tree.roots[0].join(&tree.name));
-        }
-        tree
+        Self::make(tag, Some(cpu))
     }
 
     /// Which cpu controller [`TestTree::with_cpu`] found.
@@ -205,7 +201,30 @@ impl TestTree {
         for root in &roots {
             fs::create_dir_all(root.join(&name)).unwrap();
         }
-        Self { name, roots, cpu }
+        let tree = Self { name, roots, cpu };
+        tree.delegate(&tree.roots[0].join(&tree.name));
+        tree
+    }
+
+    /// Hands the cgroup2 controllers down from `dir` to its children, as
+    /// systemd does down `kubepods.slice` on a pure v2 node: memory and
+    /// pids wherever the root delegates them (else a nested cgroup has no
+    /// `memory.current`), cpu for a [`TestTree::with_cpu`] tree. Nothing on a
+    /// hybrid host, whose cgroup2 root delegates none.
+    fn delegate(&self, dir: &Path) {
+        let offered =
+            fs::read_to_string(self.roots[0].join("cgroup.subtree_control")).unwrap_or_default();
+        for c in ["memory", "pids"] {
+            if offered.split_whitespace().any(|o| o == c) {
+                fs::write(dir.join("cgroup.subtree_control"), format!("+{c}"))
+                    .unwrap_or_else(|e| panic!("enabling {c} in {}: {e}", dir.display()));
+            }
+        }
+        if self.cpu == Some(CpuController::Unified) {
+            // cpu.max exists where the parent enables cpu for its children.
+            fs::write(dir.join("cgroup.subtree_control"), "+cpu")
+                .unwrap_or_else(|e| panic!("enabling cpu in {}: {e}", dir.display()));
+        }
     }
 
     /// Creates `rel` (may be nested) below the top cgroup.
@@ -215,15 +234,12 @@ impl TestTree {
             .iter()
             .map(|r| r.join(&self.name).join(rel))
             .collect();
-        if self.cpu == Some(CpuController::Unified) {
-            // cpu.max exists where the parent enables cpu for its children:
-            // enable it at every level of the test's own tree above `rel`.
-            let mut dir = self.roots[0].join(&self.name);
-            for part in Path::new(rel).parent().into_iter().flat_map(Path::iter) {
-                dir.push(part);
-                fs::create_dir_all(&dir).unwrap();
-                enable_cpu(&dir);
-            }
+        // Every level of the test's own tree above `rel` delegates.
+        let mut dir = self.roots[0].join(&self.name);
+        for part in Path::new(rel).parent().into_iter().flat_map(Path::iter) {
+            dir.push(part);
+            fs::create_dir_all(&dir).unwrap();
+            self.delegate(&dir);
         }
         for d in &dirs {
             fs::create_dir_all(d).unwrap();
@@ -239,12 +255,6 @@ impl TestTree {
             cpu_dir,
         }
     }
-}
-
-/// `+cpu` in a test cgroup's subtree_control (it has no processes of its own).
-fn enable_cpu(dir: &Path) {
-    fs::write(dir.join("cgroup.subtree_control"), "+cpu")
-        .unwrap_or_else(|e| panic!("enabling cpu in {}: {e}", dir.display()));
 }
 
 impl Drop for TestTree {

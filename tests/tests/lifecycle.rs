@@ -74,6 +74,12 @@ fn churn_leaves_series_and_map_entries_bounded() {
     for i in 0..40 {
         let cg = tree.cgroup(&format!("job-{i}"));
         let mut w = cg.spawn(None, &["burn"]);
+        // Burning in the cgroup, not still starting (slow under emulation:
+        // the VM tests).
+        let started = Instant::now();
+        while cg.cpu_stat_seconds() == 0.0 && started.elapsed() < Duration::from_secs(10) {
+            sleep(Duration::from_millis(5));
+        }
         sleep(Duration::from_millis(30));
         w.kill();
         // Give the scan a chance to see some of them by name, not all.

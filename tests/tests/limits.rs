@@ -354,6 +354,8 @@ fn a_low_open_files_limit_still_reads_every_cgroup() {
             ]
             .iter()
             .all(|m| s.cgroup(m, &cg.path).is_some())
+                // Read since its worker started: an empty cgroup has none.
+                && s.cgroup("memory_working_set_bytes", &cg.path) > Some(0.0)
         })
     };
     let s = agent.scrape_until(Duration::from_secs(30), "every cgroup read", has_all);

@@ -9,6 +9,7 @@ use std::{
     fs::{self, File},
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     time::Duration,
 };
@@ -114,6 +115,9 @@ fn tcp_bytes_sent(s: &TcpStream) -> Result<(u64, u64)> {
     Ok((at(200), at(208)))
 }
 
+/// Set once pm-work has joined its cgroups and started again in them.
+const JOINED: &str = "PM_WORK_JOINED";
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(ns) = &cli.netns {
@@ -121,9 +125,21 @@ fn main() -> Result<()> {
             File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
         setns(f, CloneFlags::CLONE_NEWNET).context("setns")?;
     }
-    for cg in &cli.cgroup {
-        fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining {}", cg.display()))?;
+    if !cli.cgroup.is_empty() && std::env::var_os(JOINED).is_none() {
+        for cg in &cli.cgroup {
+            fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+                .with_context(|| format!("joining {}", cg.display()))?;
+        }
+        // Start again inside them, as runc starts a container's process:
+        // cgroup v2 does not move memory charges, so without this the
+        // image's own pages (stack, heap) would stay billed where pm-work
+        // started, and a light workload would show ~0 bytes in its cgroup.
+        let exe = std::env::current_exe().context("pm-work's own path")?;
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(JOINED, "1")
+            .exec();
+        return Err(err).context("re-executing pm-work in its cgroups");
     }
     let mut out = std::io::stdout().lock();
     let linger = cli.linger;
