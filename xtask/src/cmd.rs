@@ -19,6 +19,11 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
+/// Where cargo builds: `CARGO_TARGET_DIR`, or `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d))
+}
+
 /// Runs a command in the workspace root; fails with the command line.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     if cmd.get_current_dir().is_none() {

@@ -17,6 +17,7 @@ mod setup;
 mod soak;
 mod test;
 mod tools;
+mod vm;
 
 use clap::{Parser, Subcommand};
 pub(crate) use cmd::{cargo, is_root, root, sh};
@@ -77,6 +78,10 @@ enum Task {
     /// baseline, lost events, programs left; writes bench/results/ and the
     /// "Reliability (soak)" section of bench/RESULTS.md.
     Soak(soak::Options),
+    /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels in qemu (pure cgroup
+    /// v2) and run the privileged integration tests in each; prints a table
+    /// per kernel.
+    VmTest(vm::Options),
     /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
     /// and import it into the local cluster's containerd if it is up.
     Image(image::Options),
@@ -97,6 +102,7 @@ fn main() -> std::process::ExitCode {
         Task::Bench(o) => bench::run(o),
         Task::Soak(o) => soak::run(o),
         Task::Image(o) => image::run(o),
+        Task::VmTest(o) => vm::run(o),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

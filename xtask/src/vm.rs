@@ -1,0 +1,725 @@
+//! `cargo xtask vm-test [KERNEL...]`: the privileged integration tests on
+//! the kernels our users' nodes run, each booted in qemu (TCG: no KVM here)
+//! from an initramfs that holds podmeter, the test binaries and what they
+//! call (aya's way: no disk image, no 9p, which Debian's cloud kernels
+//! lack). Inside, the hierarchy is pure cgroup v2 at `/sys/fs/cgroup` with
+//! cpu and memory delegated, as on a systemd node, and not the host's
+//! hybrid one.
+//!
+//! Kernels are Debian's cloud kernels (the newest build of each series in
+//! its suite), fetched with apt's ordinary client through a private sources
+//! list and state directory (the machine's apt configuration is left
+//! alone), and cached by package name under
+//! `/var/cache/podmeter/kernels/`. A kernel already cached is used without
+//! the network.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{build, cargo, image, root, setup, sh};
+
+/// Debian cloud kernels by series: the suite that carries them.
+const KERNELS: [(&str, &str); 3] = [
+    ("5.10", "bullseye-security"),
+    ("6.1", "bookworm and bookworm-security"),
+    ("6.12", "bookworm-security"),
+];
+
+/// What the VMs need on the host: qemu, the initramfs's shell and tools.
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "iproute2",
+    "bpftool",
+    "util-linux",
+];
+
+/// Host programs copied into the VM (with their libraries): what the tests
+/// call besides busybox.
+const PROGRAMS: &[&str] = &[
+    "/usr/sbin/ip",
+    "/usr/sbin/bpftool",
+    "/usr/bin/setpriv",
+    "/usr/bin/prlimit",
+    "/usr/bin/unshare",
+];
+
+/// `cargo xtask vm-test`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Kernel series to boot (5.10, 6.1, 6.12); all of them by default.
+    pub kernels: Vec<String>,
+    /// Test files (tests/tests/<name>.rs) to run in each VM.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cpu,net,lifecycle,limits"
+    )]
+    pub tests: Vec<String>,
+    /// Only tests whose name contains this.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Memory of each VM, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_mib: u32,
+    /// Virtual CPUs of each VM.
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Give up on a VM after this many minutes.
+    #[arg(long, default_value_t = 25)]
+    pub timeout_minutes: u64,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let series: Vec<&str> = if opts.kernels.is_empty() {
+        KERNELS.iter().map(|(s, _)| *s).collect()
+    } else {
+        opts.kernels.iter().map(String::as_str).collect()
+    };
+    for s in &series {
+        if !KERNELS.iter().any(|(k, _)| k == s) {
+            let known: Vec<&str> = KERNELS.iter().map(|(k, _)| *k).collect();
+            bail!("no kernel series {s:?}; there are: {}", known.join(", "));
+        }
+    }
+    setup::apt(PACKAGES)?;
+    let payload = Payload::build(&opts.tests)?;
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for s in series {
+        let kernel = fetch_kernel(s)?;
+        let outcome =
+            boot(&kernel, &payload, opts).with_context(|| format!("kernel {}", kernel.release))?;
+        if !outcome.passed() {
+            failed.push(kernel.release.clone());
+        }
+        rows.push((kernel, outcome));
+    }
+    eprint!("{}", table(&rows));
+    if !failed.is_empty() {
+        bail!("tests failed on {} (logs in target/vm/)", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// A kernel unpacked from its Debian package.
+pub struct Kernel {
+    /// `uname -r`, e.g. `6.1.0-57-cloud-amd64`.
+    pub release: String,
+    /// The Debian package version, e.g. `6.1.192-3`.
+    pub version: String,
+    dir: PathBuf,
+}
+
+impl Kernel {
+    fn vmlinuz(&self) -> PathBuf {
+        self.dir.join(format!("boot/vmlinuz-{}", self.release))
+    }
+
+    fn modules(&self) -> PathBuf {
+        self.dir.join(format!("lib/modules/{}", self.release))
+    }
+}
+
+/// apt with a private sources list and state, under the cache.
+fn apt_private(tool: &str) -> Result<Command> {
+    let dir = setup::cache_dir().join("kernels/apt");
+    for d in ["lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    let list = dir.join("sources.list");
+    let mut text = String::new();
+    for suite in ["bullseye", "bookworm"] {
+        let _ = writeln!(
+            text,
+            "deb [trusted=yes] http://deb.debian.org/debian {suite} main\n\
+             deb [trusted=yes] http://deb.debian.org/debian-security {suite}-security main"
+        );
+    }
+    fs::write(&list, text)?;
+    let mut c = Command::new(tool);
+    for (k, v) in [
+        ("Dir::Etc::SourceList", list.clone()),
+        ("Dir::Etc::SourceParts", PathBuf::from("/dev/null")),
+        ("Dir::State::Lists", dir.join("lists")),
+        ("Dir::Cache", dir.join("cache")),
+        // Downloads land in the cache, which the _apt user cannot write.
+        ("APT::Sandbox::User", PathBuf::from("root")),
+    ] {
+        c.arg("-o").arg(format!("{k}={}", v.display()));
+    }
+    Ok(c)
+}
+
+/// The newest cloud kernel of `series`, from the cache or Debian.
+fn fetch_kernel(series: &str) -> Result<Kernel> {
+    let cache = setup::cache_dir().join("kernels");
+    fs::create_dir_all(&cache)?;
+    let prefix = format!("linux-image-{series}");
+    let cached = |cache: &Path| -> Option<Kernel> {
+        let mut found: Vec<PathBuf> = fs::read_dir(cache)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("version").exists())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with(&format!("{prefix}.")) || n.starts_with(&format!("{prefix}-"))
+                })
+            })
+            .collect();
+        found.sort();
+        let dir = found.pop()?;
+        let release = dir
+            .file_name()?
+            .to_str()?
+            .strip_prefix("linux-image-")?
+            .to_owned();
+        let version = fs::read_to_string(dir.join("version"))
+            .ok()?
+            .trim()
+            .to_owned();
+        Some(Kernel {
+            release,
+            version,
+            dir,
+        })
+    };
+    if let Some(k) = cached(&cache) {
+        return Ok(k);
+    }
+    let suite = KERNELS
+        .iter()
+        .find(|(s, _)| *s == series)
+        .map_or("?", |(_, suite)| suite);
+    eprintln!(
+        "vm: fetching Debian's newest {series} cloud kernel from {suite} (once; cached under {})",
+        cache.display()
+    );
+    sh(apt_private("apt-get")?.args(["update", "-qq"]))?;
+    let out = apt_private("apt-cache")?
+        .args(["search", "--names-only"])
+        .arg(format!(
+            "^linux-image-{}[.-].*cloud-amd64$",
+            regex_escape(series)
+        ))
+        .output()
+        .context("apt-cache search")?;
+    let mut packages: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|p| !p.contains("-dbg") && !p.contains("unsigned"))
+        // Only packages named by an ABI (`-57-`, `+deb12-`), not metas.
+        .filter(|p| {
+            p.chars()
+                .nth(prefix.len() + 1)
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .map(str::to_owned)
+        .collect();
+    packages.sort_by_key(|p| version_key(p));
+    let package = packages
+        .pop()
+        .with_context(|| format!("no cloud kernel of series {series} in Debian's lists"))?;
+    let dl = cache.join("downloads");
+    fs::create_dir_all(&dl)?;
+    sh(apt_private("apt-get")?
+        .arg("download")
+        .arg(&package)
+        .current_dir(&dl))?;
+    let deb = fs::read_dir(&dl)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+        })
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let version = deb
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('_').nth(1))
+        .unwrap_or("?")
+        .to_owned();
+    let dir = cache.join(&package);
+    let partial = cache.join(format!("{package}.partial"));
+    let _ = fs::remove_dir_all(&partial);
+    sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    fs::write(partial.join("version"), &version)?;
+    fs::rename(&partial, &dir)?;
+    fs::remove_file(&deb)?;
+    cached(&cache).context("the kernel just unpacked is not found in the cache")
+}
+
+/// Orders `linux-image-6.1.0-57-cloud-amd64` after `...-6.1.0-9-...`.
+fn version_key(package: &str) -> Vec<u64> {
+    package
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+fn regex_escape(s: &str) -> String {
+    s.replace('.', "\\.")
+}
+
+/// What goes into every VM: the agent, the test binaries, `pm-work`.
+struct Payload {
+    podmeter: PathBuf,
+    pm_work: PathBuf,
+    /// `(file name, path)` of each test binary, in the order asked.
+    tests: Vec<(String, PathBuf)>,
+}
+
+impl Payload {
+    fn build(tests: &[String]) -> Result<Self> {
+        build::agent(true)?;
+        image::build_pm_work()?;
+        let out = cargo()
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "podmeter-tests",
+                "--no-run",
+                "--message-format=json",
+            ])
+            .args(tests.iter().flat_map(|t| ["--test", t.as_str()]))
+            .current_dir(root())
+            .stderr(Stdio::inherit())
+            .output()
+            .context("building the test binaries")?;
+        if !out.status.success() {
+            bail!("building the test binaries failed");
+        }
+        let mut found = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let (Some(name), Some(exe)) =
+                (msg["target"]["name"].as_str(), msg["executable"].as_str())
+            else {
+                continue;
+            };
+            if msg["target"]["kind"][0] == "test" {
+                found.push((name.to_owned(), PathBuf::from(exe)));
+            }
+        }
+        let mut ordered = Vec::new();
+        for t in tests {
+            let f = found
+                .iter()
+                .find(|(n, _)| n == t)
+                .with_context(|| format!("no test file tests/tests/{t}.rs"))?;
+            ordered.push(f.clone());
+        }
+        let release = crate::cmd::target_dir().join("release");
+        Ok(Self {
+            podmeter: release.join("podmeter"),
+            pm_work: release.join("pm-work"),
+            tests: ordered,
+        })
+    }
+}
+
+/// The result of one VM: each test file's exit code and counts.
+struct Outcome {
+    files: Vec<FileResult>,
+    /// The largest error of podmeter's CPU seconds against `cpu.stat` that
+    /// the CPU test printed, in percent.
+    cpu_error_pct: Option<f64>,
+    secs: f64,
+    /// Set when the VM did not report every file (a crash, a timeout).
+    incomplete: Option<String>,
+}
+
+struct FileResult {
+    name: String,
+    code: i32,
+    passed: u32,
+    failed: u32,
+    secs: f64,
+}
+
+impl Outcome {
+    fn passed(&self) -> bool {
+        self.incomplete.is_none() && self.files.iter().all(|f| f.code == 0)
+    }
+}
+
+/// Boots `kernel` with the payload and runs the tests; the serial console
+/// goes to `target/vm/<release>.log`.
+fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
+    let work = crate::cmd::target_dir().join("vm");
+    let stage = work.join(format!("root-{}", kernel.release));
+    let _ = fs::remove_dir_all(&stage);
+    fs::create_dir_all(&stage)?;
+    stage_root(&stage, kernel, payload, opts)?;
+    let initrd = work.join(format!("initrd-{}.cpio", kernel.release));
+    pack(&stage, &initrd)?;
+    let log_path = work.join(format!("{}.log", kernel.release));
+    eprintln!(
+        "vm: booting {} ({}) with {} (console: {})",
+        kernel.release,
+        kernel.version,
+        payload
+            .tests
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        log_path.display()
+    );
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-cpu", "max", "-nographic", "-no-reboot"])
+        .args(["-m", &opts.memory_mib.to_string()])
+        .args(["-smp", &opts.cpus.to_string()])
+        .arg("-kernel")
+        .arg(kernel.vmlinuz())
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().expect("piped");
+    let deadline = Duration::from_secs(opts.timeout_minutes * 60);
+    // qemu's own timer: kill it when the deadline passes, whatever it prints.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            std::thread::sleep(Duration::from_secs(1));
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    let mut log = fs::File::create(&log_path)?;
+    let mut files = Vec::new();
+    let mut current: Option<(String, u32, u32)> = None;
+    let mut cpu_error_pct: Option<f64> = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        writeln!(log, "{line}")?;
+        let clean = line.trim();
+        if let Some(e) = cpu_error(clean) {
+            cpu_error_pct = Some(cpu_error_pct.map_or(e, |m: f64| m.max(e)));
+        }
+        if let Some(rest) = clean.strip_prefix("PM-START ") {
+            eprintln!("vm: {}: {rest} ...", kernel.release);
+            current = Some((rest.to_owned(), 0, 0));
+        } else if let Some(rest) = clean.strip_prefix("test result: ") {
+            if let Some((_, passed, failed)) = current.as_mut() {
+                *passed += count(rest, "passed");
+                *failed += count(rest, "failed");
+            }
+        } else if clean.starts_with("test ") && clean.ends_with("FAILED") {
+            eprintln!("vm: {}: {clean}", kernel.release);
+        } else if let Some(rest) = clean.strip_prefix("PM-END ") {
+            let mut it = rest.split_whitespace();
+            let (name, code, secs) = (
+                it.next().unwrap_or("?").to_owned(),
+                it.next().and_then(|c| c.parse().ok()).unwrap_or(-1),
+                it.next().and_then(|c| c.parse().ok()).unwrap_or(0.0),
+            );
+            let (passed, failed) = current.take().map_or((0, 0), |(_, p, f)| (p, f));
+            eprintln!(
+                "vm: {}: {name}: {passed} passed, {failed} failed, exit {code}, {secs:.0} s",
+                kernel.release
+            );
+            files.push(FileResult {
+                name,
+                code,
+                passed,
+                failed,
+                secs,
+            });
+        }
+    }
+    let status = child.wait()?;
+    let _ = watchdog.join();
+    let secs = started.elapsed().as_secs_f64();
+    let incomplete = if files.len() < payload.tests.len() {
+        Some(if secs >= deadline.as_secs_f64() {
+            format!("timed out after {} min", opts.timeout_minutes)
+        } else {
+            format!(
+                "the VM stopped ({status}) after {} of {} test files",
+                files.len(),
+                payload.tests.len()
+            )
+        })
+    } else {
+        None
+    };
+    Ok(Outcome {
+        files,
+        cpu_error_pct,
+        secs,
+        incomplete,
+    })
+}
+
+/// `E` from the CPU test's `cgroup N: podmeter ... cpu.stat ... error E %`.
+fn cpu_error(line: &str) -> Option<f64> {
+    if !line.contains("cpu.stat") {
+        return None;
+    }
+    line.split("error ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `N` from `... N passed; ...`.
+fn count(summary: &str, what: &str) -> u32 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            let mut it = part.split_whitespace();
+            let n = it.find_map(|w| w.parse::<u32>().ok())?;
+            it.next().filter(|w| *w == what).map(|_| n)
+        })
+        .unwrap_or(0)
+}
+
+/// Fills the initramfs tree: busybox, the host programs and their
+/// libraries, veth, the payload (stripped of debug info, or the initramfs
+/// would hold ~1 GB of it) and `/init`.
+fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<()> {
+    let mut libs = std::collections::BTreeSet::new();
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "pm/t/deps",
+        "etc",
+    ] {
+        fs::create_dir_all(stage.join(d))?;
+    }
+    fs::copy("/bin/busybox", stage.join("bin/busybox")).context("copying busybox")?;
+    // A real /bin/sh for the tests' `sh -c`: Debian's static busybox runs
+    // its own applets first (its `unshare` lacks --cgroup).
+    fs::copy("/bin/dash", stage.join("bin/sh")).context("copying dash")?;
+    libs.extend(image::shared_libs(Path::new("/bin/dash"))?);
+    for applet in [
+        "mount", "umount", "mkdir", "cat", "echo", "poweroff", "insmod", "sleep", "kill",
+        "taskset", "date", "ls", "uname", "grep", "rm", "ln", "dmesg", "awk",
+    ] {
+        std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet))?;
+    }
+    for program in PROGRAMS {
+        let dest = stage.join(program.trim_start_matches('/'));
+        fs::copy(program, &dest).with_context(|| format!("copying {program}"))?;
+        libs.extend(image::shared_libs(Path::new(program))?);
+    }
+    let strip = |from: &Path, to: &Path| -> Result<()> {
+        sh(Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(to)
+            .arg(from))
+    };
+    strip(&payload.podmeter, &stage.join("pm/podmeter"))?;
+    strip(&payload.pm_work, &stage.join("pm/t/pm-work"))?;
+    libs.extend(image::shared_libs(&payload.podmeter)?);
+    libs.extend(image::shared_libs(&payload.pm_work)?);
+    for (name, exe) in &payload.tests {
+        strip(exe, &stage.join("pm/t/deps").join(name))?;
+        libs.extend(image::shared_libs(exe)?);
+    }
+    for lib in libs {
+        let dest = stage.join(lib.to_string_lossy().trim_start_matches('/'));
+        fs::create_dir_all(dest.parent().expect("a library has a directory"))?;
+        fs::copy(&lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    let veth = kernel.modules().join("kernel/drivers/net/veth.ko");
+    let veth_xz = veth.with_extension("ko.xz");
+    if veth.exists() {
+        fs::copy(&veth, stage.join("veth.ko"))?;
+    } else if veth_xz.exists() {
+        let out = Command::new("xz").arg("-dc").arg(&veth_xz).output()?;
+        fs::write(stage.join("veth.ko"), out.stdout)?;
+    }
+    let filter = opts.filter.clone().unwrap_or_default();
+    let mut init = String::from(INIT_HEAD);
+    for (name, _) in &payload.tests {
+        let _ = writeln!(
+            init,
+            "run_tests {name} {}",
+            if filter.is_empty() {
+                "''".to_owned()
+            } else {
+                format!("'{}'", filter.replace('\'', ""))
+            }
+        );
+    }
+    init.push_str("echo PM-DONE\npoweroff -f\n");
+    let path = stage.join("init");
+    fs::write(&path, init)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The VM's `/init`: mounts, a pure cgroup v2 hierarchy with cpu, memory
+/// and pids delegated, loopback and veth, then one `run_tests` per file.
+const INIT_HEAD: &str = r#"#!/bin/busybox sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+mkdir -p /var && ln -s /run /var/run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+ip link set lo up
+[ -f /veth.ko ] && insmod /veth.ko
+echo "PM-KERNEL $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
+export PODMETER_BIN=/pm/podmeter RUST_BACKTRACE=1 HOME=/tmp
+run_tests() {
+    echo "PM-START $1"
+    start=$(cat /proc/uptime)
+    /pm/t/deps/$1 --test-threads=1 --nocapture $2
+    code=$?
+    end=$(cat /proc/uptime)
+    echo "PM-END $1 $code $(echo "${start%% *} ${end%% *}" | awk '{ printf "%.0f", $2 - $1 }')"
+}
+"#;
+
+/// `cpio -o -H newc` of the tree (uncompressed: faster to make and to boot
+/// under TCG than gzip).
+fn pack(stage: &Path, out: &Path) -> Result<()> {
+    let files = Command::new("find")
+        .arg(".")
+        .current_dir(stage)
+        .output()
+        .context("find")?;
+    let mut cpio = Command::new("cpio")
+        .args(["-o", "-H", "newc", "--quiet"])
+        .current_dir(stage)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(out)?)
+        .spawn()
+        .context("cpio")?;
+    cpio.stdin.take().expect("piped").write_all(&files.stdout)?;
+    let st = cpio.wait()?;
+    if !st.success() {
+        bail!("cpio failed: {st}");
+    }
+    Ok(())
+}
+
+/// One row per kernel and test file.
+fn table(rows: &[(Kernel, Outcome)]) -> String {
+    let mut out = String::from("\nvm-test results (qemu TCG, pure cgroup v2):\n");
+    let _ = writeln!(
+        out,
+        "  {:<24} {:<14} {:<10} {:>6} {:>6} {:>7}",
+        "kernel", "package", "tests", "passed", "failed", "seconds"
+    );
+    for (k, o) in rows {
+        for f in &o.files {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<14} {:<10} {:>6} {:>6} {:>7.0}{}",
+                k.release,
+                k.version,
+                f.name,
+                f.passed,
+                f.failed,
+                f.secs,
+                if f.code == 0 { "" } else { "  FAILED" }
+            );
+        }
+        if let Some(why) = &o.incomplete {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<14} INCOMPLETE: {why}",
+                k.release, k.version
+            );
+        }
+        let cpu = o
+            .cpu_error_pct
+            .map_or_else(|| "not measured".to_owned(), |e| format!("{e:.2} %"));
+        let _ = writeln!(
+            out,
+            "  {:<24} boot to power-off {:.0} s; CPU vs cpu.stat, largest error: {cpu}",
+            k.release, o.secs
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_a_test_summary() {
+        let s = "ok. 9 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 22.33s";
+        assert_eq!(count(s, "passed"), 9);
+        assert_eq!(count(s, "failed"), 1);
+        assert_eq!(count(s, "ignored"), 0);
+    }
+
+    #[test]
+    fn cpu_error_from_the_cpu_test() {
+        let l = "cgroup 3: podmeter 4.1234 s, cpu.stat 4.1200 s, error 0.083 %";
+        assert_eq!(cpu_error(l), Some(0.083));
+        assert_eq!(
+            cpu_error("working set: podmeter 1 bytes, kernel 1 bytes"),
+            None
+        );
+    }
+
+    #[test]
+    fn newest_abi_sorts_last() {
+        let mut p = [
+            "linux-image-6.1.0-57-cloud-amd64",
+            "linux-image-6.1.0-9-cloud-amd64",
+            "linux-image-6.1.0-53-cloud-amd64",
+        ];
+        p.sort_by_key(|p| version_key(p));
+        assert_eq!(p.last(), Some(&"linux-image-6.1.0-57-cloud-amd64"));
+        let mut p = [
+            "linux-image-6.12.118+deb12-cloud-amd64",
+            "linux-image-6.12.99+deb12-cloud-amd64",
+        ];
+        p.sort_by_key(|p| version_key(p));
+        assert_eq!(p.last(), Some(&"linux-image-6.12.118+deb12-cloud-amd64"));
+    }
+}
