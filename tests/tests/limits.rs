@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, Throttling};
+use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, Throttling, agent::Launch};
 
 const PERIOD_US: u64 = 100_000;
 const QUOTA_US: u64 = 20_000;
@@ -383,4 +383,49 @@ fn a_low_open_files_limit_still_reads_every_cgroup() {
         "the budget should keep the agent clear of EMFILE:\n{log}"
     );
     assert!(log.contains("budget=44"), "budget not as expected:\n{log}");
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Without
+/// CAP_SYS_RESOURCE to lift a 64 KiB limit, podmeter must refuse with one
+/// line that names the limit and the fix; later kernels (memcg accounting)
+/// must start as usual. `cargo xtask vm-test 5.10` runs the first case.
+#[test]
+fn a_low_memlock_limit_is_refused_only_where_the_kernel_charges_it() {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (nums.next().unwrap(), nums.next().unwrap());
+    let started = Launch {
+        wrapper: [
+            "prlimit",
+            "--memlock=65536:65536",
+            "--",
+            "setpriv",
+            "--bounding-set=-sys_resource",
+            "--inh-caps=-all",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Launch::new(&["--no-kubernetes"])
+    }
+    .start();
+    if version < (5, 11) {
+        let err = started
+            .err()
+            .expect("podmeter started with 64 KiB of memlock");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("podmeter: error:"))
+            .unwrap_or_else(|| panic!("no error line:\n{err}"));
+        assert!(
+            line.contains("RLIMIT_MEMLOCK") && line.contains("64 KiB"),
+            "{line}"
+        );
+        assert!(line.contains("CAP_SYS_RESOURCE"), "{line}");
+    } else {
+        let agent = started.unwrap_or_else(|e| panic!("kernel {release}: {e}"));
+        let (code, _) = agent.get("/metrics").unwrap();
+        assert_eq!(code, 200);
+    }
 }

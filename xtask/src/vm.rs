@@ -606,6 +606,9 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+# As containerd's service unit does (LimitMEMLOCK=infinity): kernels before
+# 5.11 charge BPF maps to it (one test lowers it again on purpose).
+ulimit -l unlimited
 ip link set lo up
 [ -f /veth.ko ] && insmod /veth.ko
 echo "PM-KERNEL $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"

@@ -47,6 +47,19 @@ pub enum BpfError {
     /// The object was rejected as a whole (maps, BTF).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
+    /// Map creation refused by a kernel that charges maps to
+    /// RLIMIT_MEMLOCK (before 5.11), with a limit this process cannot raise.
+    #[error(
+        "the kernel refused to create the BPF maps: kernel {kernel} (before 5.11) charges them to          RLIMIT_MEMLOCK, which is {limit} here and cannot be raised without CAP_SYS_RESOURCE;          raise the container's memlock limit (containerd's service unit sets LimitMEMLOCK=infinity)          or grant CAP_SYS_RESOURCE ({source})"
+    )]
+    Memlock {
+        /// `uname -r`.
+        kernel: String,
+        /// The soft limit, readable.
+        limit: String,
+        /// What aya said (boxed: it is large, and rare).
+        source: Box<EbpfError>,
+    },
     /// A program failed to load or attach.
     #[error("eBPF program {name}: {source}")]
     Program {
@@ -171,6 +184,43 @@ pub struct Loaded {
 /// `cgroup_skb` ingress/egress at `cgroup2_root`, and, where the kernel
 /// allows and `follow_tree` is `Ok`, the cgroup mkdir/rmdir tracepoints
 /// (`Err` says why the agent cannot use their events).
+/// [`BpfError::Memlock`] for a map creation refused with EPERM where the
+/// memlock limit is the likely cause; the plain load error otherwise.
+fn memlock_or(e: EbpfError) -> BpfError {
+    let refused = matches!(
+        &e,
+        EbpfError::MapError(MapError::CreateError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::EPERM)
+    );
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+        .map(|(soft, _)| soft)
+        .unwrap_or(u64::MAX);
+    if refused && limit != libc::RLIM_INFINITY && charges_memlock(&kernel) {
+        BpfError::Memlock {
+            kernel,
+            limit: format!("{} KiB", limit / 1024),
+            source: Box::new(e),
+        }
+    } else {
+        BpfError::Load(e)
+    }
+}
+
+/// Whether kernel `release` (`5.10.0-46-cloud-amd64`) charges BPF maps to
+/// RLIMIT_MEMLOCK: every kernel before 5.11, which moved them to memcg.
+fn charges_memlock(release: &str) -> bool {
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    match (nums.next().flatten(), nums.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (5, 11),
+        _ => false,
+    }
+}
+
 pub fn load(
     cgroup2_root: &Path,
     btf_path: &Path,
@@ -189,7 +239,7 @@ pub fn load(
     for (global, value) in &offsets {
         loader.override_global(global, value, true);
     }
-    let mut ebpf = loader.load(OBJECT)?;
+    let mut ebpf = loader.load(OBJECT).map_err(memlock_or)?;
     // Parsed once for every BTF-typed program, after the load: a parse of a
     // kernel's BTF allocates about 15 MiB.
     let btf = Btf::parse_file(btf_path, Endianness::default())
@@ -615,5 +665,20 @@ impl Maps {
             let _ = self.cpu.remove(id);
             let _ = self.net.remove(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_before_5_11_charge_maps_to_memlock() {
+        assert!(charges_memlock("5.10.0-46-cloud-amd64"));
+        assert!(charges_memlock("4.19.0"));
+        assert!(!charges_memlock("5.11.0"));
+        assert!(!charges_memlock("6.1.0-57-cloud-amd64"));
+        assert!(!charges_memlock("6.12.118+deb12-cloud-amd64"));
+        assert!(!charges_memlock("garbage"));
     }
 }
