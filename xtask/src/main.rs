@@ -47,8 +47,10 @@ enum Task {
     /// `--` go to podmeter, e.g. `cargo xtask run -- --listen 127.0.0.1:9740`.
     Run(run::Options),
     /// Run every test: unit tests, the fuzz targets briefly, then the
-    /// privileged integration and end-to-end tests (real eBPF, cgroups,
-    /// traffic, Prometheus, Kubernetes; needs root); prints phase timings.
+    /// privileged integration tests (real eBPF, cgroups, traffic,
+    /// Prometheus) on this host and on three kernels in qemu, and the
+    /// end-to-end tests on a local Kubernetes cluster (needs root); prints
+    /// phase timings.
     Test(test::Options),
     /// Only the end-to-end tests: cluster up, images, tests, cluster down.
     E2e(e2e::Options),

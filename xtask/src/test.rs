@@ -1,11 +1,12 @@
 //! `cargo xtask test`: every test, in phases whose timings it prints at the
 //! end: unit tests, the fuzz targets for a short bounded time, the
-//! privileged integration tests on this host, then the end-to-end tests on
-//! a local Kubernetes cluster.
+//! privileged integration tests on this host, the same tests on Debian's
+//! 5.10, 6.1 and 6.12 kernels in qemu (`vm-test`), then the end-to-end tests
+//! on a local Kubernetes cluster.
 
 use anyhow::{Result, bail};
 
-use crate::{build, cargo, e2e, fuzz, is_root, phases::Phases, root, setup, sh, tools};
+use crate::{build, cargo, e2e, fuzz, is_root, phases::Phases, root, setup, sh, tools, vm};
 
 /// How long CI fuzzes each target: enough to replay the seeds and explore
 /// around them; `cargo xtask fuzz` runs longer.
@@ -22,6 +23,9 @@ pub struct Options {
     /// Skip the fuzz targets.
     #[arg(long)]
     pub no_fuzz: bool,
+    /// Skip the kernel matrix (`cargo xtask vm-test`).
+    #[arg(long)]
+    pub no_vm: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -66,6 +70,18 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         sh(&mut c)
     })?;
+    if !opts.no_vm && opts.filter.is_none() {
+        phases.run("vm-test", || {
+            vm::run(&vm::Options {
+                kernels: Vec::new(),
+                tests: vm::DEFAULT_TESTS.iter().map(|t| (*t).to_owned()).collect(),
+                filter: None,
+                memory_mib: 2048,
+                cpus: 2,
+                timeout_minutes: 25,
+            })
+        })?;
+    }
     if opts.no_cluster {
         return Ok(());
     }

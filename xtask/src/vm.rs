@@ -54,6 +54,11 @@ const PROGRAMS: &[&str] = &[
     "/usr/bin/unshare",
 ];
 
+/// The test files each VM runs by default: CPU against `cpu.stat`, TCP/UDP
+/// over loopback and veth between namespaces, lifecycle and churn, CPU
+/// limits, throttling and capabilities.
+pub const DEFAULT_TESTS: [&str; 4] = ["cpu", "net", "lifecycle", "limits"];
+
 /// `cargo xtask vm-test`'s options.
 #[derive(clap::Args)]
 pub struct Options {
