@@ -154,7 +154,7 @@ pub fn run(opts: &Options) -> Result<()> {
     setup::apt(PACKAGES)?;
     crate::build::agent(true)?;
     crate::image::build_pm_work()?;
-    let scratch = root().join("target/bench");
+    let scratch = crate::cmd::target_dir().join("bench");
     fs::create_dir_all(&scratch)?;
     let clk_tck = output(Command::new("getconf").arg("CLK_TCK"))?
         .trim()
@@ -162,8 +162,8 @@ pub fn run(opts: &Options) -> Result<()> {
         .context("getconf CLK_TCK")?;
     let b = Bench {
         plan,
-        podmeter: root().join("target/release/podmeter"),
-        pm_work: root().join("target/release/pm-work"),
+        podmeter: crate::cmd::target_dir().join("release/podmeter"),
+        pm_work: crate::cmd::target_dir().join("release/pm-work"),
         scratch,
         tree: Tree::new()?,
         clk_tck,
@@ -340,7 +340,7 @@ fn machine() -> Result<Value> {
         },
         "podmeter": format!(
             "{} ({}{})",
-            first_line(Command::new(root().join("target/release/podmeter")).arg("--version")),
+            first_line(Command::new(crate::cmd::target_dir().join("release/podmeter")).arg("--version")),
             git(&["rev-parse", "--short", "HEAD"]),
             if dirty { ", agent/ differs from the commit" } else { "" }
         ),

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use crate::{cargo, cluster, image, phases::Phases, root, sh, tools};
+use crate::{cargo, cluster, cmd::target_dir, image, phases::Phases, sh, tools};
 
 /// `cargo xtask e2e`'s options.
 #[derive(clap::Args)]
@@ -30,7 +30,7 @@ pub fn run_in(phases: &mut Phases, filter: Option<&str>, keep: bool) -> Result<(
             image::import(&image::podmeter()?, &sock)?;
             image::import(&image::testwork()?, &sock)?;
             tools::import_images(&sock)?;
-            tools::operator_crds(&root().join("target/crds"))
+            tools::operator_crds(&target_dir().join("crds"))
         })?;
         phases.run("e2e tests", || {
             let mut c = cargo();
@@ -49,7 +49,7 @@ pub fn run_in(phases: &mut Phases, filter: Option<&str>, keep: bool) -> Result<(
             ])
             .env("PODMETER_KUBECTL", cluster::kubectl_bin())
             .env("KUBECONFIG", cluster::kubeconfig())
-            .env("PODMETER_CRDS", root().join("target/crds"));
+            .env("PODMETER_CRDS", target_dir().join("crds"));
             tools::test_env(&mut c);
             if let Some(f) = filter {
                 c.arg(f);

@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::{build, cargo, cluster, root, sh};
+use crate::{build, cargo, cluster, cmd::target_dir, sh};
 
 /// `cargo xtask image`'s options (none).
 #[derive(clap::Args)]
@@ -40,7 +40,7 @@ pub const PODMETER: &str = "localhost/podmeter:dev";
 /// Builds the release agent and its OCI image; returns the tarball.
 pub fn podmeter() -> Result<PathBuf> {
     build::agent(true)?;
-    let target = root().join("target");
+    let target = target_dir();
     let bin = target.join("podmeter.stripped");
     sh(Command::new("strip")
         .arg("-o")
@@ -76,9 +76,9 @@ pub fn build_pm_work() -> Result<()> {
 /// busybox and the tests' `pm-work` helper, for the e2e workloads.
 pub fn testwork() -> Result<PathBuf> {
     build_pm_work()?;
-    let mut files = with_libs(&root().join("target/release/pm-work"), "/pm-work")?;
+    let mut files = with_libs(&target_dir().join("release/pm-work"), "/pm-work")?;
     files.push((PathBuf::from("/bin/busybox"), "/bin/busybox".into()));
-    let tar = root().join("target/testwork.oci.tar");
+    let tar = target_dir().join("testwork.oci.tar");
     build(
         &Spec {
             name: "localhost/podmeter-testwork:dev",

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::{build, is_root, root, sh};
+use crate::{build, cmd::target_dir, is_root, sh};
 
 /// `cargo xtask run`'s options.
 #[derive(clap::Args)]
@@ -19,7 +19,7 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("podmeter loads eBPF programs and needs root: run `sudo -E cargo xtask run`");
     }
     build::agent(true)?;
-    let bin = root().join("target/release/podmeter");
+    let bin = target_dir().join("release/podmeter");
     let args = &opts.args;
     let listen = args
         .iter()

@@ -185,12 +185,12 @@ pub fn run(o: &Options) -> Result<()> {
     setup::all()?;
     crate::build::agent(true)?;
     crate::image::build_pm_work()?;
-    let scratch = root().join("target/bench");
+    let scratch = crate::cmd::target_dir().join("bench");
     fs::create_dir_all(&scratch)?;
     let b = Bench {
         plan: &bench::QUICK,
-        podmeter: root().join("target/release/podmeter"),
-        pm_work: root().join("target/release/pm-work"),
+        podmeter: crate::cmd::target_dir().join("release/podmeter"),
+        pm_work: crate::cmd::target_dir().join("release/pm-work"),
         scratch,
         tree: Tree::new()?,
         clk_tck: 100.0,

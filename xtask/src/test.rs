@@ -6,7 +6,9 @@
 
 use anyhow::{Result, bail};
 
-use crate::{build, cargo, e2e, fuzz, is_root, phases::Phases, root, setup, sh, tools, vm};
+use crate::{
+    build, cargo, cmd::target_dir, e2e, fuzz, is_root, phases::Phases, setup, sh, tools, vm,
+};
 
 /// How long CI fuzzes each target: enough to replay the seeds and explore
 /// around them; `cargo xtask fuzz` runs longer.
@@ -63,7 +65,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let mut c = cargo();
         c.args(["test", "--release", "--package", "podmeter-tests", "--"])
             .arg("--test-threads=1")
-            .env("PODMETER_BIN", root().join("target/release/podmeter"));
+            .env("PODMETER_BIN", target_dir().join("release/podmeter"));
         tools::test_env(&mut c);
         if let Some(f) = &opts.filter {
             c.arg(f);

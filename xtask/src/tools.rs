@@ -139,7 +139,7 @@ pub fn run(opts: &Options) -> Result<()> {
     all()?;
     if opts.cluster {
         import_images(&crate::cluster::containerd_sock())?;
-        operator_crds(&root().join("target/crds"))?;
+        operator_crds(&crate::cmd::target_dir().join("crds"))?;
     }
     Ok(())
 }
@@ -206,7 +206,7 @@ pub fn import_images(sock: &std::path::Path) -> Result<()> {
         (&ALERTMANAGER, "alertmanager"),
         (&PROMETHEUS_ADAPTER, "adapter"),
     ];
-    let out = root().join("target/images");
+    let out = crate::cmd::target_dir().join("images");
     std::fs::create_dir_all(&out)?;
     for (tool, bin) in images {
         tool.ensure()?;
