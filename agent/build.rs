@@ -34,14 +34,39 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:warning=AYA_BUILD_SKIP=1; skipping eBPF build");
         return Ok(());
     }
-    {
-        // Fail early with the fix, rather than deep inside the nested build.
-        let found = Command::new("bpf-linker").arg("--version").output();
-        if !matches!(found, Ok(ref o) if o.status.success()) {
-            bail!(
-                "bpf-linker is not on PATH; run `cargo xtask setup` (installs it and the {toolchain} toolchain)"
-            );
+    println!("cargo:rerun-if-env-changed=PATH");
+    println!("cargo:rerun-if-env-changed=PODMETER_CACHE");
+    if !linker_works() {
+        // Where `cargo xtask setup` caches it: a plain `cargo build` or
+        // `cargo test` then works without PATH set up by hand.
+        let cache = env::var_os("PODMETER_CACHE")
+            .map_or_else(|| PathBuf::from("/var/cache/podmeter"), PathBuf::from);
+        let cached = fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|bin| {
+                bin.parent()
+                    .and_then(|d| d.file_name())
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("bpf-linker-"))
+            })
+            .max();
+        if let Some(bin) = cached {
+            let path = env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![bin];
+            dirs.extend(env::split_paths(&path));
+            // SAFETY: build scripts are single-threaded; nothing reads env concurrently.
+            unsafe { env::set_var("PATH", env::join_paths(dirs)?) };
         }
+    }
+    if !linker_works() {
+        // Fail early with the fix, rather than deep inside the nested build.
+        bail!(
+            "bpf-linker is neither on PATH nor cached under /var/cache/podmeter; run `cargo xtask setup` \
+             (installs it and the {toolchain} toolchain)"
+        );
     }
 
     let ebpf_dir = ebpf_dir.canonicalize()?;
@@ -57,6 +82,13 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&toolchain),
     )
+}
+
+fn linker_works() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// The `channel` of a rust-toolchain.toml, without a TOML parser for one key.
