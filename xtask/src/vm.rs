@@ -348,6 +348,8 @@ struct Outcome {
     secs: f64,
     /// Set when the VM did not report every file (a crash, a timeout).
     incomplete: Option<String>,
+    /// podmeter's exit code and error line on the v1-only boot.
+    v1_only: Option<(i32, String)>,
 }
 
 struct FileResult {
@@ -360,7 +362,9 @@ struct FileResult {
 
 impl Outcome {
     fn passed(&self) -> bool {
-        self.incomplete.is_none() && self.files.iter().all(|f| f.code == 0)
+        self.incomplete.is_none()
+            && self.files.iter().all(|f| f.code == 0)
+            && self.v1_only.as_ref().is_some_and(v1_refused)
     }
 }
 
@@ -396,10 +400,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1",
-        ])
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -425,12 +426,17 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let mut files = Vec::new();
     let mut current: Option<(String, u32, u32)> = None;
     let mut cpu_error_pct: Option<f64> = None;
+    let mut v1_only = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         writeln!(log, "{line}")?;
         let clean = line.trim();
         if let Some(e) = cpu_error(clean) {
             cpu_error_pct = Some(cpu_error_pct.map_or(e, |m: f64| m.max(e)));
+        }
+        if let Some(rest) = clean.strip_prefix("PM-V1ONLY ") {
+            let (code, line) = rest.split_once(' ').unwrap_or((rest, ""));
+            v1_only = Some((code.parse().unwrap_or(-1), line.to_owned()));
         }
         if let Some(rest) = clean.strip_prefix("PM-START ") {
             eprintln!("vm: {}: {rest} ...", kernel.release);
@@ -481,10 +487,17 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     };
     Ok(Outcome {
         files,
+        v1_only,
         cpu_error_pct,
         secs,
         incomplete,
     })
+}
+
+/// Whether podmeter refused the v1-only boot as it should: exit 1 and one
+/// line that says cgroup v2 is needed.
+fn v1_refused((code, line): &(i32, String)) -> bool {
+    *code == 1 && line.contains("no cgroup2 filesystem is mounted")
 }
 
 /// `E` from the CPU test's `cgroup N: podmeter ... cpu.stat ... error E %`.
@@ -589,6 +602,7 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
             }
         );
     }
+    init.push_str(V1_ONLY);
     init.push_str("echo PM-DONE\npoweroff -f\n");
     let path = stage.join("init");
     fs::write(&path, init)?;
@@ -626,6 +640,19 @@ run_tests() {
     end=$(cat /proc/uptime)
     echo "PM-END $1 $code $(echo "${start%% *} ${end%% *}" | awk '{ printf "%.0f", $2 - $1 }')"
 }
+"#;
+
+/// After the tests, the same kernel as a v1-only node: cgroup2 unmounted
+/// (its controllers handed back first) and the cpu and memory controllers
+/// mounted as v1 hierarchies. podmeter must refuse with one line.
+const V1_ONLY: &str = r#"echo "-cpu -memory -pids" > /sys/fs/cgroup/cgroup.subtree_control
+umount /sys/fs/cgroup
+mount -t tmpfs cgroup /sys/fs/cgroup
+mkdir /sys/fs/cgroup/cpu,cpuacct /sys/fs/cgroup/memory
+mount -t cgroup -o cpu,cpuacct cgroup /sys/fs/cgroup/cpu,cpuacct
+mount -t cgroup -o memory cgroup /sys/fs/cgroup/memory
+/pm/podmeter --no-kubernetes --listen 127.0.0.1:9740 >/dev/null 2>/tmp/v1.err
+echo "PM-V1ONLY $? $(grep -m1 'podmeter: error' /tmp/v1.err)"
 "#;
 
 /// `cpio -o -H newc` of the tree (uncompressed: faster to make and to boot
@@ -680,6 +707,12 @@ fn table(rows: &[(Kernel, Outcome)]) -> String {
                 k.release, k.version
             );
         }
+        let v1 = match &o.v1_only {
+            Some(r) if v1_refused(r) => "refused with one line".to_owned(),
+            Some((code, line)) => format!("NOT REFUSED RIGHT (exit {code}: {line:?})"),
+            None => "not reached".to_owned(),
+        };
+        let _ = writeln!(out, "  {:<24} v1-only boot: {v1}", k.release);
         let cpu = o
             .cpu_error_pct
             .map_or_else(|| "not measured".to_owned(), |e| format!("{e:.2} %"));
