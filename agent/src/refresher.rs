@@ -53,6 +53,8 @@ pub struct Refresher {
     counters: Arc<dyn CounterSource>,
     publish: watch::Sender<Arc<Index>>,
     health: Arc<Health>,
+    /// Cgroups retired or dropped since freed memory was last given back.
+    since_release: usize,
 }
 
 impl Refresher {
@@ -72,6 +74,7 @@ impl Refresher {
             counters,
             publish,
             health,
+            since_release: 0,
         };
         (r, index)
     }
@@ -99,7 +102,14 @@ impl Refresher {
             self.counters.forget(&changes.retired);
         }
         self.publish();
-        if changes.retired.len() + changes.dropped >= RELEASE_AFTER {
+        // Counted across refreshes: in steady churn retirements come a few
+        // per refresh (a scrape that meets a new cgroup asks for one), so a
+        // per-refresh threshold was never reached and RSS only grew (a
+        // 10-minute soak: +2.2 MiB in 200 s, then −30 MiB at the one
+        // refresh that retired 294 at once).
+        self.since_release += changes.retired.len() + changes.dropped;
+        if self.since_release >= RELEASE_AFTER {
+            self.since_release = 0;
             release_free_memory();
         }
         changes
@@ -252,7 +262,7 @@ impl Refresher {
     }
 }
 
-/// Retirements at once that are worth giving freed memory back for.
+/// Retirements (since the last release) worth giving freed memory back for.
 const RELEASE_AFTER: usize = 256;
 
 /// Gives the allocator's free memory back to the kernel. glibc keeps freed
