@@ -723,19 +723,37 @@ fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value
         .iter()
         .filter(|s| s["at_secs"].as_f64().unwrap_or(0.0) - life.started_at >= warm)
         .collect();
+    // Medians of the first and the last minute after the warm-up, not two
+    // single samples: the agent gives freed memory back every few hundred
+    // retirements, so RSS is a sawtooth whose period is near the sampling's.
     let growth = |key: &str, digits: i32| {
-        let v: Vec<f64> = after.iter().filter_map(|s| s[key].as_f64()).collect();
+        let v: Vec<(f64, f64)> = after
+            .iter()
+            .filter_map(|s| Some((s["at_secs"].as_f64()?, s[key].as_f64()?)))
+            .collect();
+        let median_of = |keep: &dyn Fn(f64) -> bool| {
+            let w: Vec<f64> = v
+                .iter()
+                .filter(|(t, _)| keep(*t))
+                .map(|(_, x)| *x)
+                .collect();
+            (!w.is_empty()).then(|| percentile(&w, 50.0))
+        };
+        let first = v.first().and_then(|(t0, _)| median_of(&|t| t <= t0 + 60.0));
+        let end = v.last().and_then(|(t1, _)| median_of(&|t| t >= t1 - 60.0));
         let all: Vec<f64> = mine.iter().filter_map(|s| s[key].as_f64()).collect();
         json!({
-            "after_warm_up": v.first().map(|x| round(*x, digits)),
-            "end": v.last().map(|x| round(*x, digits)),
-            "growth": v.first().zip(v.last()).map(|(a, z)| round(z - a, digits)),
+            "after_warm_up": first.map(|x| round(x, digits)),
+            "end": end.map(|x| round(x, digits)),
+            "growth": first.zip(end).map(|(a, z)| round(z - a, digits)),
             "max": all.iter().copied().reduce(f64::max).map(|x| round(x, digits)),
         })
     };
     // Lost-event log lines (`lost=N`), at warn level.
-    let log = fs::read_to_string(root().join(format!("target/bench/podmeter-{}.log", life.tag)))
-        .unwrap_or_default();
+    let log = fs::read_to_string(
+        crate::cmd::target_dir().join(format!("bench/podmeter-{}.log", life.tag)),
+    )
+    .unwrap_or_default();
     let lost_lines: Vec<&str> = log.lines().filter(|l| l.contains("events lost")).collect();
     let lost: u64 = lost_lines
         .iter()
@@ -897,7 +915,7 @@ fn markdown(r: &Value) -> String {
         row(
             &mut md,
             &format!(
-                "{name}: RSS after {} s warm-up → end (max)",
+                "{name}: RSS, median of the first minute after {} s warm-up → of the last minute (max)",
                 l["warm_up_secs"]
             ),
             format!(
@@ -910,7 +928,9 @@ fn markdown(r: &Value) -> String {
         );
         row(
             &mut md,
-            &format!("{name}: open descriptors after warm-up → end (max)"),
+            &format!(
+                "{name}: open descriptors, first minute after warm-up → last minute, medians (max)"
+            ),
             format!(
                 "{} → {}, growth {} (max {})",
                 l["fds"]["after_warm_up"], l["fds"]["end"], l["fds"]["growth"], l["fds"]["max"]
