@@ -93,11 +93,8 @@ impl Launch {
         let mut cmd = match &self.cgroup {
             // The shell joins the cgroup, then becomes the program.
             Some(dir) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-                    .arg(dir)
-                    .args(&program);
+                let mut c = crate::cgroups::command_in(dir, &program[0]);
+                c.args(&program[1..]);
                 c
             }
             None => {

@@ -34,6 +34,17 @@ pub fn try_unified_root() -> Option<PathBuf> {
     mount::find_cgroup2(&mountinfo())
 }
 
+/// A command that runs `program` inside the cgroup directory `dir` from its
+/// first instruction: a shell joins the cgroup, then becomes the program.
+pub fn command_in(dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+        .arg(dir)
+        .arg(program);
+    c
+}
+
 /// The cgroup2 directory of a container, wherever the kubelet put it
 /// under `kubepods` (either driver, any QoS class): the directory named by
 /// its id.

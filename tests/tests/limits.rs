@@ -366,8 +366,6 @@ fn a_low_open_files_limit_still_reads_every_cgroup() {
             "{}: limit {limit}",
             cg.path
         );
-        let memory = s.cgroup("memory_working_set_bytes", &cg.path).unwrap();
-        assert!(memory > 0.0, "{}: {memory} bytes", cg.path);
     }
     // Reads keep working past the budget, scrape after scrape.
     for _ in 0..5 {

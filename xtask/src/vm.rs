@@ -68,7 +68,7 @@ pub struct Options {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cpu,net,lifecycle,limits"
+        default_values = DEFAULT_TESTS
     )]
     pub tests: Vec<String>,
     /// Only tests whose name contains this.

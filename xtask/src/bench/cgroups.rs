@@ -170,13 +170,8 @@ impl Cg {
         args: &[String],
         setup: impl FnOnce(&mut Command),
     ) -> Result<Proc> {
-        // The shell joins the cgroup, then becomes the program.
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(self.dir())
-            .arg(program)
-            .args(args);
+        let mut c = cgroups::command_in(self.dir(), program);
+        c.args(args);
         setup(&mut c);
         Proc::quiet(name, &mut c)
     }
