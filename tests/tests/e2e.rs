@@ -363,15 +363,23 @@ fn pod_traffic_tcp_udp_and_host_network_is_billed_to_the_pods() {
         "  hostNetwork: true\n",
         "",
     ));
-    report(&kube, &ns.name, "host-client", "sent");
+    let sent = report(&kube, &ns.name, "host-client", "sent");
+    let on_wire: f64 = sent[2].parse().unwrap();
     let s = scrape_until(&url, "hostNetwork pod bytes", |s| {
-        net(s, &ns.name, "host-client", "transmit_bytes_total") >= BYTES as f64
+        net(s, &ns.name, "host-client", "transmit_bytes_total") >= on_wire
     });
-    let tx = net(&s, &ns.name, "host-client", "transmit_bytes_total");
-    eprintln!("hostNetwork client: {tx} bytes");
+    let (tx, txp) = (
+        net(&s, &ns.name, "host-client", "transmit_bytes_total"),
+        net(&s, &ns.name, "host-client", "transmit_packets_total"),
+    );
+    eprintln!("hostNetwork client: {tx} bytes in {txp} packets for {on_wire} payload bytes");
+    // The overhead is per packet, not per byte: the node's own interface
+    // may not segment-offload, so a flat percentage fails (CI saw 2.6 %
+    // with 1448-byte segments). 40..120 header bytes per packet is exact
+    // enough to catch a double count or another cgroup's traffic.
     assert!(
-        tx <= BYTES as f64 * 1.02,
-        "hostNetwork pod billed {tx} bytes for {BYTES}"
+        tx >= on_wire + 40.0 * txp && tx <= on_wire + 120.0 * txp,
+        "hostNetwork pod billed {tx} bytes in {txp} packets for {on_wire}"
     );
 }
 
