@@ -148,13 +148,29 @@ impl Prom {
     }
 }
 
-/// Polls every 2 s: Prometheus and Alertmanager move in 30 s steps.
+/// Polls every 2 s: Prometheus and Alertmanager move in 30 s steps. Waits
+/// of 10 s or more are logged, so a slow run says where its time went.
 fn until<T>(timeout: Duration, what: &str, ok: impl FnMut() -> Option<T>) -> T {
-    podmeter_test_support::poll(timeout, Duration::from_secs(2), what, ok)
+    let t = Instant::now();
+    let v = podmeter_test_support::poll(timeout, Duration::from_secs(2), what, ok);
+    if t.elapsed() >= Duration::from_secs(10) {
+        eprintln!(
+            "monitoring e2e: [{:>4.0} s] waited {:.0} s for {what}",
+            since_start(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    v
+}
+
+/// Seconds since the test began (the first call).
+fn since_start() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
 
 fn step(what: &str) {
-    eprintln!("monitoring e2e: {what}");
+    eprintln!("monitoring e2e: [{:>4.0} s] {what}", since_start());
 }
 
 /// CRDs, operator, Prometheus, Alertmanager; returns Prometheus' API.
