@@ -48,6 +48,22 @@ pub fn watchdog(s: &str) -> Result<Duration, String> {
     duration_between(s, 5 * SECOND, DAY)
 }
 
+/// `--remove-pins-with`: `namespace/name` of a Kubernetes object.
+pub fn namespaced(s: &str) -> Result<(String, String), String> {
+    let valid = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    match s.trim().split_once('/') {
+        Some((ns, name)) if valid(ns) && valid(name) => Ok((ns.to_owned(), name.to_owned())),
+        _ => Err(format!(
+            "{s:?} is not NAMESPACE/NAME (lower-case names, e.g. monitoring/podmeter)"
+        )),
+    }
+}
+
 /// One `--pod-labels` key: a Kubernetes label key (`[prefix/]name`, at most
 /// 316 bytes), which becomes the label `label_<key sanitised>`.
 pub fn label_key(s: &str) -> Result<String, String> {
@@ -114,6 +130,18 @@ mod tests {
         assert!(!e.contains('\n'));
         let e = watchdog("1s").unwrap_err();
         assert!(e.contains("the least is 5s"), "{e}");
+    }
+
+    #[test]
+    fn namespaced_names() {
+        assert_eq!(
+            namespaced("monitoring/podmeter"),
+            Ok(("monitoring".into(), "podmeter".into()))
+        );
+        for bad in ["podmeter", "/podmeter", "ns/", "Ns/x", "a/b/c"] {
+            let e = namespaced(bad).unwrap_err();
+            assert!(e.contains("is not NAMESPACE/NAME"), "{bad}: {e}");
+        }
     }
 
     #[test]

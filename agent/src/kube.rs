@@ -296,6 +296,25 @@ fn container_name<'a>(pod: &'a Pod, id: &str) -> Option<&'a str> {
         .map(|s| s.name.as_str())
 }
 
+/// Whether DaemonSet `namespace/name` is gone or going (deleted, or being
+/// deleted): the release was uninstalled, so the agent's pins should go
+/// too. `Ok(false)` while it exists (a rolling upgrade or a drain); `Err`
+/// when the API cannot tell (then the pins stay: losing counts to an API
+/// outage would be worse than programs left until `podmeter cleanup`).
+///
+/// The release's RBAC and service account may be deleted in the same
+/// uninstall, before this asks: 401 and 403 count as gone too.
+pub async fn daemonset_gone(client: Client, namespace: &str, name: &str) -> anyhow::Result<bool> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let api: ::kube::Api<DaemonSet> = ::kube::Api::namespaced(client, namespace);
+    match api.get_opt(name).await {
+        Ok(Some(ds)) => Ok(ds.metadata.deletion_timestamp.is_some()),
+        Ok(None) => Ok(true),
+        Err(::kube::Error::Api(e)) if e.code == 401 || e.code == 403 => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,3 +402,4 @@ mod tests {
         );
     }
 }
+

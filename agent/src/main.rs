@@ -15,7 +15,9 @@ use clap::Parser;
 use tracing::{debug, info, warn};
 
 use podmeter::{
-    bpf, cgroup,
+    bpf,
+    bpf::pins::{Origin, Pins},
+    cgroup,
     cgroup::Mounts,
     counters::{CounterSource, KernelCounters},
     flags,
@@ -48,6 +50,9 @@ const NOFILE_RESERVE: usize = 256;
 #[derive(Debug, Parser)]
 #[command(name = "podmeter", version, max_term_width = 100)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Address to serve /metrics, /healthz and /readyz on.
     #[arg(long, env = "PODMETER_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -124,9 +129,42 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_name = "KEYS", value_parser = flags::label_key)]
     pod_labels: Vec<String>,
 
+    /// Where the counting programs and their maps are pinned (in bpffs), so
+    /// that the kernel keeps counting while no agent runs and the next agent
+    /// continues every counter. Under /sys/fs/bpf, bpffs is mounted there if
+    /// it is not already. A directory podmeter owns: `podmeter cleanup`
+    /// removes it.
+    #[arg(
+        long,
+        env = "PODMETER_PIN_PATH",
+        value_name = "PATH",
+        default_value = "/sys/fs/bpf/podmeter"
+    )]
+    pin_path: PathBuf,
+
+    /// Pin nothing: the programs detach when the agent exits, and every
+    /// counter starts from zero at the next start.
+    #[arg(long, conflicts_with = "pin_path")]
+    no_pin: bool,
+
+    /// When stopped, remove the pins (as `podmeter cleanup` does) if this
+    /// DaemonSet no longer exists or is being deleted: an uninstall leaves
+    /// nothing in the kernel, while a rolling upgrade or a drain keeps
+    /// counting. The chart sets it to its own DaemonSet.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = flags::namespaced)]
+    remove_pins_with: Option<(String, String)>,
+
     /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
     #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
     btf_path: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Remove every pin under --pin-path, which detaches the programs that
+    /// kept counting after the agent stopped, and exit. Run it on a node
+    /// podmeter is removed from (the chart does on uninstall).
+    Cleanup,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +185,25 @@ fn main() -> ExitCode {
     if let Err(e) = flags::distinct_label_names(&cli.pod_labels) {
         eprintln!("podmeter: error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(Command::Cleanup) = cli.command {
+        return match bpf::pins::cleanup(&cli.pin_path) {
+            Ok(removed) => {
+                info!(
+                    "removed {} pins under {}; nothing of podmeter's is left attached",
+                    removed.len(),
+                    cli.pin_path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "podmeter: error: removing the pins under {}: {e}",
+                    cli.pin_path.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -229,6 +286,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .context("Kubernetes API client")?
     };
 
+    // Pins are prepared while every capability is still there (mounting
+    // bpffs needs CAP_SYS_ADMIN).
+    let (pins, origin) = if cli.no_pin {
+        (None, Origin::Unpinned("--no-pin".into()))
+    } else {
+        match Pins::prepare(&cli.pin_path, cli.max_cgroups) {
+            Ok((p, origin)) => (Some(p), origin),
+            Err(why) => (None, Origin::Unpinned(why)),
+        }
+    };
     let bpf::Loaded {
         attached,
         maps,
@@ -246,7 +313,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mounts.unified.display()
             )),
         },
+        pins.as_ref(),
     )?;
+    match &origin {
+        Origin::Adopted => info!(
+            pin_path = %cli.pin_path.display(),
+            "adopted the pinned counters of an earlier agent: every counter continues, including \
+             what the kernel counted while no agent ran"
+        ),
+        Origin::Created => info!(
+            pin_path = %cli.pin_path.display(),
+            "pinned the counting programs and maps: they keep counting if this agent stops"
+        ),
+        Origin::Reset(what) => warn!(
+            pin_path = %cli.pin_path.display(),
+            "COUNTER RESET: removed pins this agent cannot read: {what}; every counter restarts \
+             from zero (podmeter_counters_origin_info{{origin=\"reset\"}})"
+        ),
+        Origin::Unpinned(why) => {
+            let level_warn = !cli.no_pin;
+            if level_warn {
+                warn!(
+                    "not pinning ({why}): counting stops while no agent runs, and a restart \
+                     resets every counter"
+                );
+            } else {
+                info!("not pinning (--no-pin): the programs detach when the agent exits");
+            }
+        }
+    }
     info!(
         max_cgroups = cli.max_cgroups,
         "attached sched_switch, a CPU tick on every online CPU, cgroup_skb ingress/egress at {}{}",
@@ -283,11 +378,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
 
+    let pins_for_exit = pins.is_some();
+    let (pin_path, remove_pins_with) = (cli.pin_path.clone(), cli.remove_pins_with.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let remove_pins = runtime.block_on(async move {
         let label_options = kube::LabelOptions {
             owner: cli.owner_labels,
             pod_labels: cli.pod_labels.clone(),
@@ -297,6 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map(::kube::Client::try_from)
             .transpose()
             .context("Kubernetes API client")?;
+        let owner_client = client.clone();
         let pods = client.map(|c| kube::PodStore::watch(c, &node, label_options));
         let namer = Namer::new(pods, extra_labels.len(), cli.metadata_wait);
 
@@ -339,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             &kernel,
             extra_labels,
+            origin.label(),
         )?);
 
         listener.set_nonblocking(true)?;
@@ -351,13 +450,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_scan_age: (cli.refresh_interval * 3).max(Duration::from_secs(30)),
         };
         http::serve(listener, app, shutdown_signal()).await?;
-        anyhow::Ok(())
+        // Asked here, while the runtime runs; the pins go after the
+        // programs' last reader (this process) is done.
+        let remove = match (&pins, &cli.remove_pins_with, owner_client) {
+            (Some(_), Some((ns, name)), Some(client)) => {
+                let asked = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    kube::daemonset_gone(client, ns, name),
+                )
+                .await;
+                match asked {
+                    Ok(Ok(gone)) => gone,
+                    Ok(Err(e)) => {
+                        warn!("cannot tell whether DaemonSet {ns}/{name} still exists ({e}); keeping the pins");
+                        false
+                    }
+                    Err(_) => {
+                        warn!("no answer from the API in 3 s about DaemonSet {ns}/{name}; keeping the pins");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        anyhow::Ok(remove)
     })?;
     // A worker stuck in a blocking call must not hold the exit up.
     runtime.shutdown_timeout(Duration::from_secs(2));
 
     drop(attached);
-    info!("programs detached; exiting");
+    if remove_pins {
+        let (ns, name) = remove_pins_with.as_ref().expect("asked only when set");
+        match bpf::pins::cleanup(&pin_path) {
+            Ok(removed) => info!(
+                "DaemonSet {ns}/{name} is gone: removed {} pins under {}; exiting with nothing left attached",
+                removed.len(),
+                pin_path.display()
+            ),
+            Err(e) => warn!(
+                "DaemonSet {ns}/{name} is gone, but removing the pins under {} failed ({e}); \
+                 `podmeter cleanup` on this node removes them",
+                pin_path.display()
+            ),
+        }
+    } else if pins_for_exit {
+        info!("exiting; the pinned programs keep counting for the next agent");
+    } else {
+        info!("programs detached; exiting");
+    }
     Ok(())
 }
 

@@ -453,6 +453,7 @@ impl Exporter {
         node: String,
         kernel: &str,
         extra_labels: Vec<String>,
+        origin: &str,
     ) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let build = IntGauge::with_opts(
@@ -466,6 +467,20 @@ impl Exporter {
         )?;
         build.set(1);
         registry.register(Box::new(build))?;
+        let started = IntGauge::with_opts(
+            Opts::new(
+                "podmeter_counters_origin_info",
+                "Where this agent's counters started from; always 1. origin: adopted (pins of an \
+                 earlier agent: every counter continues, with what the kernel counted while no \
+                 agent ran), created (no pins found: counting started now), reset (pins this \
+                 agent cannot read were removed: every counter restarted from zero), unpinned \
+                 (--no-pin or no bpffs: counting stops with this process).",
+            )
+            .const_label("origin", origin)
+            .const_label("node", node.clone()),
+        )?;
+        started.set(1);
+        registry.register(Box::new(started))?;
         let scrape_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "podmeter_scrape_duration_seconds",

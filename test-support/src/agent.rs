@@ -103,6 +103,12 @@ impl Launch {
                 c
             }
         };
+        // Agents of parallel tests must not adopt each other's pins: only a
+        // test that names a pin path pins.
+        let pin = self
+            .args
+            .iter()
+            .any(|a| a == "--no-pin" || a.starts_with("--pin-path"));
         if self.args.iter().any(|a| a == "--no-kubernetes") {
             // A KUBECONFIG from the caller would conflict with it.
             cmd.env_remove("KUBECONFIG");
@@ -112,6 +118,7 @@ impl Launch {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--log-level", self.log_level])
             .args(&self.args)
+            .args((!pin).then_some("--no-pin"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -217,6 +224,14 @@ impl Agent {
         ok: impl Fn(&Scrape) -> bool,
     ) -> Scrape {
         poll_scrape(timeout, what, || self.scrape(), ok)
+    }
+
+    /// SIGKILL, as the OOM killer sends it: nothing of the agent's own
+    /// shutdown runs.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.

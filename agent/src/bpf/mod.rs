@@ -1,11 +1,15 @@
 //! Loading podmeter's kernel programs and reading their maps.
 //!
 //! The object is built from `agent-ebpf` by this crate's build script and
-//! embedded in the binary. Every attachment is an fd-backed link owned by
-//! [`Attached`]: dropping it (or the process dying) detaches everything, so a
-//! stopped agent leaves nothing in `bpftool prog list`.
+//! embedded in the binary. Every attachment is an fd-backed link. Pinned
+//! (the default, see [`pins`]), the counting programs and their maps stay in
+//! the kernel when the agent stops, for the next agent to adopt; unpinned
+//! (`--no-pin`), [`Attached`] owns every link, and dropping it (or the
+//! process dying) detaches everything, leaving nothing in `bpftool prog
+//! list`.
 
 mod batch;
+pub mod pins;
 
 use std::{
     collections::HashMap,
@@ -22,6 +26,7 @@ use aya::{
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, PerfEvent, ProgramError,
         RawTracePoint,
+        links::FdLink,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -90,11 +95,57 @@ pub enum BpfError {
     /// The online CPUs could not be listed.
     #[error("listing online CPUs ({0}): {1}")]
     Cpus(&'static str, io::Error),
+    /// A link could not be pinned.
+    #[error("pinning {path}: {source}")]
+    Pin {
+        /// The pin's path.
+        path: String,
+        /// What the kernel said.
+        source: io::Error,
+    },
 }
 
-/// The attached programs. Dropping this detaches them.
+/// The attached programs. Dropping this detaches those that are not
+/// pinned.
 pub struct Attached {
     _ebpf: Ebpf,
+}
+
+/// Where the links of the counting programs go: pinned for the next agent,
+/// or held by this one.
+enum Keep<'a> {
+    Pinned { pins: &'a pins::Pins, names: Vec<String> },
+    Unpinned,
+}
+
+impl Keep<'_> {
+    /// Pins `link` as `name` in place of an earlier agent's (the new link is
+    /// attached before the old one is unpinned: nothing is missed).
+    fn pin(&mut self, name: String, link: FdLink) -> Result<(), BpfError> {
+        let Keep::Pinned { pins, names } = self else {
+            unreachable!("only pinned links are taken from their program")
+        };
+        let path = pins.link(&name);
+        let pin_err = |source| BpfError::Pin {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::debug!("replaced pinned link {name}"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pin_err(e)),
+        }
+        link.pin(&path).map_err(|e| pin_err(io::Error::other(e)))?;
+        names.push(name);
+        Ok(())
+    }
+
+    fn pinned(&self) -> Option<&pins::Pins> {
+        match self {
+            Keep::Pinned { pins, .. } => Some(pins),
+            Keep::Unpinned => None,
+        }
+    }
 }
 
 /// The maps the agent reads at scrape time.
@@ -226,6 +277,7 @@ pub fn load(
     btf_path: &Path,
     max_cgroups: u32,
     follow_tree: Result<(), String>,
+    pins: Option<&pins::Pins>,
 ) -> Result<Loaded, BpfError> {
     let offsets = kernel_offsets(btf_path);
     let mut loader = EbpfLoader::new();
@@ -239,6 +291,20 @@ pub fn load(
     for (global, value) in &offsets {
         loader.override_global(global, value, true);
     }
+    if let Some(p) = pins {
+        // An existing pin is opened as it is; a missing one is made and
+        // pinned.
+        for name in pins::map_names() {
+            loader.map_pin_path(name, p.map(name));
+        }
+    }
+    let mut keep = match pins {
+        Some(pins) => Keep::Pinned {
+            pins,
+            names: Vec::new(),
+        },
+        None => Keep::Unpinned,
+    };
     let mut ebpf = loader.load(OBJECT).map_err(memlock_or)?;
     // Parsed once for every BTF-typed program, after the load: a parse of a
     // kernel's BTF allocates about 15 MiB.
@@ -260,7 +326,7 @@ pub fn load(
     let fast = if btf_ok {
         btf.as_ref()
             .map_err(Clone::clone)
-            .and_then(|b| attach_switch_btf(&mut ebpf, b))
+            .and_then(|b| attach_switch_btf(&mut ebpf, b, &mut keep))
     } else {
         Err("some task_struct/cgroup members are missing from kernel BTF".to_owned())
     };
@@ -275,7 +341,11 @@ pub fn load(
             .try_into()
             .map_err(err(name))?;
         p.load().map_err(err(name))?;
-        p.attach("sched_switch").map_err(err(name))?;
+        let id = p.attach("sched_switch").map_err(err(name))?;
+        if keep.pinned().is_some() {
+            let link = p.take_link(id).map_err(err(name))?;
+            keep.pin("switch".into(), link.into())?;
+        }
     }
 
     let name = "pm_cpu_tick";
@@ -285,14 +355,32 @@ pub fn load(
         .try_into()
         .map_err(err(name))?;
     p.load().map_err(err(name))?;
+    // Before 5.15 a perf event takes its program by ioctl, not a link, and
+    // the event dies with its descriptor: the tick cannot outlive the agent
+    // there (the switch still bills every slice when it ends).
+    let pin_tick = keep.pinned().is_some() && aya::features().bpf_perf_link();
+    if keep.pinned().is_some() && !pin_tick {
+        tracing::info!(
+            "this kernel cannot pin perf event links (before 5.15): the CPU tick stops while no agent runs"
+        );
+    }
     for cpu in online_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))? {
-        p.attach(
-            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Period(TICK_PERIOD_NS),
-            false,
-        )
-        .map_err(err(name))?;
+        let id = p
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Period(TICK_PERIOD_NS),
+                false,
+            )
+            .map_err(err(name))?;
+        if pin_tick {
+            let link = p.take_link(id).map_err(err(name))?;
+            let link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+                path: format!("tick-{cpu}"),
+                source: io::Error::other(e),
+            })?;
+            keep.pin(format!("tick-{cpu}"), link)?;
+        }
     }
 
     let root = File::open(cgroup2_root).map_err(|source| BpfError::CgroupRoot {
@@ -309,12 +397,45 @@ pub fn load(
             .try_into()
             .map_err(err(name))?;
         p.load().map_err(err(name))?;
+        let pin = name.trim_start_matches("pm_").replace('_', "-");
+        if let Some(old) = keep.pinned().and_then(|k| k.old_link(&pin)) {
+            // The earlier agent's link runs this program from now on, in
+            // one step: no packet is counted twice or missed.
+            let swapped = p
+                .fd()
+                .map_err(err(name))
+                .and_then(|fd| pins::link_update(old.as_fd(), fd.as_fd()).map_err(|e| {
+                    BpfError::Pin { path: pin.clone(), source: e }
+                }));
+            match swapped {
+                Ok(()) => {
+                    tracing::debug!("{pin}: pinned link now runs this agent's program");
+                    if let Keep::Pinned { names, .. } = &mut keep {
+                        names.push(pin);
+                    }
+                    continue;
+                }
+                Err(e) => tracing::warn!("{e}; attaching anew instead"),
+            }
+        }
         // On 5.7+ aya attaches through a bpf_link, which the kernel always
         // attaches in multi mode: the root is shared with Cilium, other
         // monitors or a second podmeter. The link API takes no flags, so
         // `AllowMultiple` (BPF_F_ALLOW_MULTI) would be refused with EINVAL.
-        p.attach(&root, ty, CgroupAttachMode::Single)
+        let id = p
+            .attach(&root, ty, CgroupAttachMode::Single)
             .map_err(err(name))?;
+        if keep.pinned().is_some() {
+            let link = p.take_link(id).map_err(err(name))?;
+            let link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+                path: pin.clone(),
+                source: io::Error::other(e),
+            })?;
+            keep.pin(pin, link)?;
+        }
+    }
+    if let Keep::Pinned { pins, names } = &keep {
+        pins.remove_links_except(names);
     }
 
     let tree = if let Err(why) = follow_tree {
@@ -349,6 +470,7 @@ pub fn load(
         batch: AtomicBool::new(true),
         oncpu: take(&mut ebpf, "PM_ONCPU")?,
         drops: take(&mut ebpf, "PM_DROPS")?,
+        // Adopted maps have it too: pins of another capacity are not adopted.
         capacity: max_cgroups,
     };
     Ok(Loaded {
@@ -385,17 +507,25 @@ fn attach_tree(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
 }
 
 /// Loads and attaches the `tp_btf` flavour of the switch program.
-fn attach_switch_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
+fn attach_switch_btf(ebpf: &mut Ebpf, btf: &Btf, keep: &mut Keep<'_>) -> Result<(), String> {
     let p: &mut BtfTracePoint = ebpf
         .program_mut("pm_sched_switch")
         .ok_or("no pm_sched_switch in the object")?
         .try_into()
         .map_err(|e: ProgramError| e.to_string())?;
     p.load("sched_switch", btf).map_err(|e| e.to_string())?;
-    if let Err(e) = p.attach() {
-        // Not left loaded next to the fallback.
-        let _ = p.unload();
-        return Err(e.to_string());
+    let id = match p.attach() {
+        Ok(id) => id,
+        Err(e) => {
+            // Not left loaded next to the fallback.
+            let _ = p.unload();
+            return Err(e.to_string());
+        }
+    };
+    if keep.pinned().is_some() {
+        let link = p.take_link(id).map_err(|e| e.to_string())?;
+        keep.pin("switch".into(), link.into())
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
