@@ -127,6 +127,8 @@ fn default_install_is_privileged_daemonset_with_servicemonitor_rules_and_dashboa
             "ConfigMap",
             "DaemonSet",
             "PrometheusRule",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount",
             "ServiceMonitor"
@@ -147,6 +149,22 @@ fn default_install_is_privileged_daemonset_with_servicemonitor_rules_and_dashboa
     );
     assert_eq!(c["volumeMounts"][0]["readOnly"], true);
     assert!(c["resources"]["limits"]["memory"].is_string());
+    // Pinned in the host's bpffs; removed when the DaemonSet goes.
+    let a = args(&docs);
+    assert!(
+        a.contains(&"--pin-path=/sys/fs/bpf/podmeter".to_owned()),
+        "{a:?}"
+    );
+    assert!(
+        a.contains(&"--remove-pins-with=monitoring/pm-podmeter".to_owned()),
+        "{a:?}"
+    );
+    assert_eq!(c["volumeMounts"][1]["mountPath"], "/sys/fs/bpf");
+    assert_eq!(pod["volumes"][1]["hostPath"]["path"], "/sys/fs/bpf");
+    let role = only(&docs, "Role");
+    assert_eq!(role["rules"][0]["resources"][0], "daemonsets");
+    assert_eq!(role["rules"][0]["resourceNames"][0], "pm-podmeter");
+    assert_eq!(role["rules"][0]["verbs"][0], "get");
 
     let sm = only(&docs, "ServiceMonitor");
     let ep = &sm["spec"]["endpoints"][0];
@@ -155,6 +173,12 @@ fn default_install_is_privileged_daemonset_with_servicemonitor_rules_and_dashboa
     assert_eq!(ep["relabelings"][0]["targetLabel"], "job");
     assert_eq!(ep["relabelings"][0]["replacement"], "podmeter");
     assert_eq!(ep["relabelings"][1]["targetLabel"], "node");
+    // The node names the target: a restarted agent continues its series.
+    assert_eq!(ep["relabelings"][2]["targetLabel"], "instance");
+    assert_eq!(
+        ep["relabelings"][2]["sourceLabels"][0],
+        "__meta_kubernetes_pod_node_name"
+    );
     // The ServiceMonitor selects the Service, the Service selects the pods.
     let svc = only(&docs, "Service");
     assert_eq!(svc["spec"]["clusterIP"], "None");
@@ -187,10 +211,25 @@ fn capabilities_mode_has_no_privilege_beyond_the_listed_capabilities() {
         .map(|c| c.as_str().unwrap())
         .collect();
     assert_eq!(add, ["BPF", "PERFMON", "NET_ADMIN"]);
+    // The host's bpffs is as writable as in privileged mode.
+    assert_eq!(
+        container(&docs)["volumeMounts"][1]["mountPath"],
+        "/sys/fs/bpf"
+    );
     assert_eq!(
         only(&docs, "DaemonSet")["spec"]["template"]["spec"]["hostPID"],
         false
     );
+}
+
+#[test]
+fn pinning_off_pins_nothing_and_mounts_no_bpffs() {
+    let docs = render(&["pinning.enabled=false"]);
+    let a = args(&docs);
+    assert!(a.contains(&"--no-pin".to_owned()), "{a:?}");
+    assert!(!a.iter().any(|x| x.starts_with("--pin-path")), "{a:?}");
+    let c = container(&docs);
+    assert_eq!(c["volumeMounts"].as_sequence().unwrap().len(), 1);
 }
 
 #[test]

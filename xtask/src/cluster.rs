@@ -213,6 +213,7 @@ pub fn up() -> Result<()> {
     fs::create_dir_all(RUN)?;
 
     node_address()?;
+    bpffs()?;
     pki()?;
     kubeconfigs()?;
     etcd()?;
@@ -228,6 +229,20 @@ pub fn up() -> Result<()> {
         started.elapsed().as_secs_f64(),
         kubeconfig().display()
     );
+    Ok(())
+}
+
+/// bpffs at /sys/fs/bpf, as systemd mounts it at boot on users' nodes: the
+/// agent pins its programs there through a hostPath (PID 1 here is not
+/// systemd, so nothing else mounts it). Left mounted by `down`: pins in it
+/// are the agent's business, and removing them is what the tests check.
+fn bpffs() -> Result<()> {
+    let mounted = fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
     Ok(())
 }
 

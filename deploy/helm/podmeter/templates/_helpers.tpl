@@ -50,6 +50,12 @@ name the alert rules select on, and the node each target runs on (so that
 - action: replace
   sourceLabels: [__meta_kubernetes_pod_node_name]
   targetLabel: node
+# One agent per node: the node, not the agent pod's address, names the
+# target, so a restarted or upgraded agent (which continues its pinned
+# counters) continues the very same series.
+- action: replace
+  sourceLabels: [__meta_kubernetes_pod_node_name]
+  targetLabel: instance
 {{- with .Values.monitor.relabelings }}
 {{ toYaml . }}
 {{- end }}
