@@ -426,6 +426,7 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     helm(&["securityMode=capabilities"], true);
     every_agent_up(&kube, &prom, "serviceMonitor/");
     capabilities_are_dropped(&kube, &prom);
+    counters_continued_across_the_roll(&prom);
 
     let mut fired = Vec::new();
     alerts_fire_on_real_faults(&kube, &prom, &hook, &node_name, &mut fired);
@@ -447,6 +448,90 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     step("helm upgrade to a PodMonitor");
     helm(&["monitor.kind=PodMonitor"], true);
     every_agent_up(&kube, &prom, "podMonitor/");
+
+    uninstall_leaves_nothing_in_the_kernel();
+}
+
+/// The upgrade to capabilities mode rolled the DaemonSet: the new agent
+/// adopted the old one's pinned counters, so Prometheus saw no counter
+/// reset in any series across the roll.
+fn counters_continued_across_the_roll(prom: &Prom) {
+    step("no counter reset across the DaemonSet roll (pinned counters adopted)");
+    let origin = prom.query("podmeter_counters_origin_info");
+    assert!(
+        origin.iter().any(|s| s["metric"]["origin"] == "adopted"),
+        "the new agent did not adopt the pins: {origin:?}"
+    );
+    // One series across both agents (the target is named by its node), so
+    // the resets below compare the old agent's values with the new one's.
+    let q = "count_over_time(podmeter_container_cpu_usage_seconds_total{namespace=\"monitoring\",pod=\"prometheus-k8s-0\",container=\"prometheus\"}[10m])";
+    let series = prom.query(q);
+    assert_eq!(series.len(), 1, "{q}: {series:?}");
+    for family in [
+        "podmeter_container_cpu_usage_seconds_total",
+        "podmeter_container_network_transmit_bytes_total",
+    ] {
+        let q = format!("resets({family}{{namespace=\"monitoring\"}}[10m])");
+        let series = prom.query(&q);
+        assert!(!series.is_empty(), "no series for {q}");
+        for s in &series {
+            assert_eq!(s["value"][1], "0", "a counter reset across the roll: {s}");
+        }
+    }
+}
+
+/// `helm uninstall` stops every agent with its DaemonSet gone: each removes
+/// its pins, and nothing of podmeter's stays in the kernel.
+fn uninstall_leaves_nothing_in_the_kernel() {
+    step("helm uninstall: no program, link or pin left");
+    // The links that hold podmeter's programs, before.
+    let links_of = |progs: &[u64]| -> Vec<u64> {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show"])
+            .output()
+            .unwrap();
+        let links: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p)))
+            .filter_map(|l| l["id"].as_u64())
+            .collect()
+    };
+    let progs = podmeter_test_support::podmeter_prog_ids();
+    let links = links_of(&progs);
+    assert!(
+        !links.is_empty(),
+        "no links of podmeter's programs {progs:?} before the uninstall"
+    );
+    let out = Command::new(env_path("PODMETER_HELM"))
+        .args(["uninstall", "podmeter", "--namespace", NS, "--wait"])
+        .args(["--timeout", "120s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pins = Path::new("/sys/fs/bpf/podmeter");
+    until(
+        Duration::from_secs(60),
+        "podmeter's programs, links and pins gone",
+        || {
+            let pinned: Vec<_> = fs::read_dir(pins)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            (podmeter_test_support::podmeter_prog_ids().is_empty()
+                && links_of(&progs).is_empty()
+                && pinned.is_empty())
+            .then_some(())
+        },
+    );
 }
 
 /// In capabilities mode the pod is unprivileged with three capabilities;
