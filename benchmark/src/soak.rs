@@ -23,6 +23,7 @@
 use std::{
     collections::VecDeque,
     fs,
+    path::Path,
     process::Command,
     sync::{
         Mutex,
@@ -37,11 +38,12 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::{
+    Host,
     bench::{
         self, Agent, Bench, Endpoint, Proc, Sample, Tree, output, parse_exposition, percentile,
         proc_status_bytes, round,
     },
-    root, setup,
+    is_root,
 };
 
 /// The heading of the soak's section in `bench/RESULTS.md`.
@@ -172,25 +174,26 @@ struct Life {
 }
 
 /// `cargo xtask soak`.
-pub fn run(o: &Options) -> Result<()> {
+pub fn run(o: &Options, host: &dyn Host) -> Result<()> {
+    let root = host.root();
     if let Some(json_path) = std::env::var_os("PODMETER_SOAK_RENDER") {
         // An earlier run's markdown again, from its JSON (after a change to
         // the report).
         let results: Value = serde_json::from_str(&fs::read_to_string(&json_path)?)?;
-        return write_section(&results);
+        return write_section(&root, &results);
     }
-    if !crate::is_root() {
+    if !is_root() {
         bail!("the soak loads eBPF programs and makes cgroups: run `sudo -E cargo xtask soak`");
     }
-    setup::all()?;
-    crate::build::agent(true)?;
-    crate::image::build_pm_work()?;
-    let scratch = crate::cmd::target_dir().join("bench");
+    host.prepare(&[])?;
+    let target = host.target_dir();
+    let scratch = target.join("bench");
     fs::create_dir_all(&scratch)?;
     let b = Bench {
+        host,
         plan: &bench::QUICK,
-        podmeter: crate::cmd::target_dir().join("release/podmeter"),
-        pm_work: crate::cmd::target_dir().join("release/pm-work"),
+        podmeter: target.join("release/podmeter"),
+        pm_work: target.join("release/pm-work"),
         scratch,
         tree: Tree::new()?,
         clk_tck: 100.0,
@@ -204,7 +207,7 @@ pub fn run(o: &Options) -> Result<()> {
     let commit =
         output(
             Command::new("git")
-                .current_dir(root())
+                .current_dir(&root)
                 .args(["rev-parse", "--short", "HEAD"]),
         )?
         .trim()
@@ -227,18 +230,18 @@ pub fn run(o: &Options) -> Result<()> {
         "soak": results,
     });
 
-    let dir = root().join("bench/results");
+    let dir = root.join("bench/results");
     fs::create_dir_all(&dir)?;
     let json_path = dir.join(format!("{stamp}-soak.json"));
     fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     eprintln!("soak: wrote {}", json_path.display());
-    write_section(&results)
+    write_section(&root, &results)
 }
 
 /// Prints the soak's section and writes it into `bench/RESULTS.md`.
-fn write_section(results: &Value) -> Result<()> {
+fn write_section(root: &Path, results: &Value) -> Result<()> {
     let md = markdown(results);
-    let path = root().join("bench/RESULTS.md");
+    let path = root.join("bench/RESULTS.md");
     let existing = fs::read_to_string(&path).unwrap_or_default();
     fs::write(&path, replace_section(&existing, &md))?;
     println!("{md}");
@@ -361,7 +364,7 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
                     let progs = life.progs.clone();
                     let (left, gone_after) = progs_left(&progs, Duration::from_secs(10))?;
                     let samples = sh.samples.lock().unwrap().clone();
-                    lives.push(summary(&life, 0, &samples, killed_at));
+                    lives.push(summary(b, &life, 0, &samples, killed_at));
                     let log = b.scratch.join(format!("podmeter-{}.log", life.tag));
                     let t = Instant::now();
                     let old = std::mem::replace(&mut life, start(b, &sh, "soak-b", &args)?);
@@ -418,7 +421,7 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
     }
     let ended_at = sh.secs();
     let samples = std::mem::take(&mut *sh.samples.lock().unwrap());
-    lives.push(summary(&life, lives.len(), &samples, ended_at));
+    lives.push(summary(b, &life, lives.len(), &samples, ended_at));
 
     // The end: SIGTERM, which must detach the programs and exit.
     let pid = life.agent.pid();
@@ -706,7 +709,7 @@ fn gauges(s: &[Sample]) -> Value {
 }
 
 /// Figures of one agent lifetime, from its samples.
-fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value {
+fn summary(b: &Bench, life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value {
     let index = index as u64;
     let mine: Vec<&Value> = samples
         .iter()
@@ -750,10 +753,8 @@ fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value
         })
     };
     // Lost-event log lines (`lost=N`), at warn level.
-    let log = fs::read_to_string(
-        crate::cmd::target_dir().join(format!("bench/podmeter-{}.log", life.tag)),
-    )
-    .unwrap_or_default();
+    let log = fs::read_to_string(b.scratch.join(format!("podmeter-{}.log", life.tag)))
+        .unwrap_or_default();
     let lost_lines: Vec<&str> = log.lines().filter(|l| l.contains("events lost")).collect();
     let lost: u64 = lost_lines
         .iter()

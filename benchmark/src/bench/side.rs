@@ -39,17 +39,18 @@ use super::{
     Agent, Bench, Endpoint, LIGHT_TICK, Sample, burst_summary, error_pct, free_port, ip_octets,
     number, output, parse_exposition, proc_cpu_secs, progress, round,
 };
-use crate::{cluster, image};
 
 const NS: &str = "bench";
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
 
-fn kubectl(args: &[&str]) -> Result<String> {
-    output(cluster::kubectl().args(args))
+fn kubectl(b: &Bench, args: &[&str]) -> Result<String> {
+    output(b.host.kubectl().args(args))
 }
 
-fn apply(yaml: &str) -> Result<()> {
-    let mut child = cluster::kubectl()
+fn apply(b: &Bench, yaml: &str) -> Result<()> {
+    let mut child = b
+        .host
+        .kubectl()
         .args(["apply", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -66,14 +67,17 @@ fn apply(yaml: &str) -> Result<()> {
     Ok(())
 }
 
-fn node_ready() -> bool {
-    kubectl(&[
-        "get",
-        "node",
-        cluster::NODE,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-    ])
+fn node_ready(b: &Bench) -> bool {
+    kubectl(
+        b,
+        &[
+            "get",
+            "node",
+            b.host.node(),
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ],
+    )
     .is_ok_and(|s| s == "True")
 }
 
@@ -84,13 +88,13 @@ fn now_ms() -> f64 {
 }
 
 /// Stops the cluster on drop if this run started it.
-struct ClusterGuard(bool);
+struct ClusterGuard<'a>(&'a Bench<'a>, bool);
 
-impl Drop for ClusterGuard {
+impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
-        if self.0 {
+        if self.1 {
             progress("stopping the cluster this run started");
-            if let Err(e) = cluster::down() {
+            if let Err(e) = self.0.host.cluster_down() {
                 progress(&format!("cluster down failed: {e:#}"));
             }
         }
@@ -98,27 +102,33 @@ impl Drop for ClusterGuard {
 }
 
 /// The `bench` namespace, deleted with its pods on drop.
-struct Namespace;
+struct Namespace<'a>(&'a Bench<'a>);
 
-impl Namespace {
-    fn new() -> Result<Self> {
-        let _ = kubectl(&["delete", "namespace", NS, "--wait=true", "--timeout=120s"]);
-        kubectl(&["create", "namespace", NS])?;
-        Ok(Self)
+impl<'a> Namespace<'a> {
+    fn new(b: &'a Bench<'a>) -> Result<Self> {
+        let _ = kubectl(
+            b,
+            &["delete", "namespace", NS, "--wait=true", "--timeout=120s"],
+        );
+        kubectl(b, &["create", "namespace", NS])?;
+        Ok(Self(b))
     }
 }
 
-impl Drop for Namespace {
+impl Drop for Namespace<'_> {
     fn drop(&mut self) {
         progress(&format!("deleting namespace {NS}"));
-        let _ = kubectl(&[
-            "delete",
-            "namespace",
-            NS,
-            "--wait=true",
-            "--timeout=120s",
-            "--grace-period=1",
-        ]);
+        let _ = kubectl(
+            self.0,
+            &[
+                "delete",
+                "namespace",
+                NS,
+                "--wait=true",
+                "--timeout=120s",
+                "--grace-period=1",
+            ],
+        );
     }
 }
 
@@ -145,10 +155,11 @@ fn container_cgroup(id: &str) -> Result<PathBuf> {
 }
 
 /// Waits until every pod in `names` runs; returns them.
-fn running(names: &[String]) -> Result<Vec<RealPod>> {
+fn running(b: &Bench, names: &[String]) -> Result<Vec<RealPod>> {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let v: Value = serde_json::from_str(&kubectl(&["get", "pods", "-n", NS, "-o", "json"])?)?;
+        let v: Value =
+            serde_json::from_str(&kubectl(b, &["get", "pods", "-n", NS, "-o", "json"])?)?;
         let items = v["items"].as_array().cloned().unwrap_or_default();
         let by_name: HashMap<&str, &Value> = items
             .iter()
@@ -187,10 +198,10 @@ fn running(names: &[String]) -> Result<Vec<RealPod>> {
 }
 
 /// Waits for the line starting with `word` in a pod's log.
-fn report(pod: &str, word: &str) -> Result<Vec<String>> {
+fn report(b: &Bench, pod: &str, word: &str) -> Result<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        if let Ok(log) = kubectl(&["logs", "-n", NS, pod])
+        if let Ok(log) = kubectl(b, &["logs", "-n", NS, pod])
             && let Some(l) = log.lines().find(|l| l.starts_with(word))
         {
             return Ok(l.split_whitespace().map(str::to_owned).collect());
@@ -248,16 +259,15 @@ fn per_scrape_ms(burst_cpu: f64, idle_rate: f64, burst_secs: f64, n: usize) -> f
 }
 
 pub fn run(b: &Bench) -> Result<Value> {
-    let _cluster = if node_ready() {
-        ClusterGuard(false)
+    let _cluster = if node_ready(b) {
+        ClusterGuard(b, false)
     } else {
         progress("the local cluster is down: starting it (and stopping it afterwards)");
-        cluster::up()?;
-        ClusterGuard(true)
+        b.host.cluster_up()?;
+        ClusterGuard(b, true)
     };
-    let tar = image::testwork()?;
-    image::import(&tar, &cluster::containerd_sock())?;
-    let _ns = Namespace::new()?;
+    b.host.load_work_image()?;
+    let _ns = Namespace::new(b)?;
 
     // node-exporter, in its own cgroup.
     let ne_port = free_port()?;
@@ -299,18 +309,18 @@ pub fn run(b: &Bench) -> Result<Value> {
     let agent = Agent::start(b, "side")?;
 
     // The kubelet, scraped on its own port.
-    let kubelet_pid: u32 = fs::read_to_string(Path::new(cluster::STATE).join("pids/kubelet.pid"))?
+    let kubelet_pid: u32 = fs::read_to_string(b.host.cluster_state().join("pids/kubelet.pid"))?
         .trim()
         .parse()?;
     let node: Value =
-        serde_json::from_str(&kubectl(&["get", "node", cluster::NODE, "-o", "json"])?)?;
+        serde_json::from_str(&kubectl(b, &["get", "node", b.host.node(), "-o", "json"])?)?;
     let node_ip = node["status"]["addresses"]
         .as_array()
         .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
         .and_then(|x| x["address"].as_str())
         .context("node InternalIP")?
         .to_owned();
-    let pki = Path::new(cluster::STATE).join("pki");
+    let pki = b.host.cluster_state().join("pki");
     let cadvisor_ep = Endpoint {
         url: format!("https://{node_ip}:10250/metrics/cadvisor"),
         tls: vec![
@@ -350,10 +360,10 @@ pub fn run(b: &Bench) -> Result<Value> {
         "starting {} pods in namespace {NS}",
         cpu_pods.len() + 2
     ));
-    apply(&yaml)?;
+    apply(b, &yaml)?;
     let mut names = cpu_pods.clone();
     names.extend(["tcp-sink".into(), "udp-sink".into()]);
-    let first = running(&names)?;
+    let first = running(b, &names)?;
     let ip_of = |n: &str| first.iter().find(|p| p.name == n).map(|p| p.ip.clone());
     let (tcp_ip, udp_ip) = (
         ip_of("tcp-sink").context("tcp-sink")?,
@@ -376,13 +386,13 @@ pub fn run(b: &Bench) -> Result<Value> {
         ],
         light,
     );
-    apply(&yaml)?;
-    let senders = running(&["tcp-send".into(), "udp-send".into()])?;
+    apply(b, &yaml)?;
+    let senders = running(b, &["tcp-send".into(), "udp-send".into()])?;
     let pods: Vec<RealPod> = first.into_iter().chain(senders).collect();
     let pod = |n: &str| pods.iter().find(|p| p.name == n);
-    let tcp_sent = report("tcp-send", "sent")?;
-    report("tcp-sink", "received")?;
-    report("udp-send", "sent")?;
+    let tcp_sent = report(b, "tcp-send", "sent")?;
+    report(b, "tcp-sink", "received")?;
+    report(b, "udp-send", "sent")?;
     sleep(Duration::from_millis(500));
     let traffic_done = now_ms();
     progress("pod traffic done");
@@ -591,15 +601,18 @@ pub fn run(b: &Bench) -> Result<Value> {
             "cpu_source": if i == 2 { "/proc/<kubelet>/stat (10 ms ticks)" } else { "own cgroup cpu.stat" },
         }));
     }
-    let pods_on_node = kubectl(&[
-        "get",
-        "pods",
-        "-A",
-        "--field-selector",
-        &format!("spec.nodeName={}", cluster::NODE),
-        "-o",
-        "name",
-    ])?
+    let pods_on_node = kubectl(
+        b,
+        &[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            &format!("spec.nodeName={}", b.host.node()),
+            "-o",
+            "name",
+        ],
+    )?
     .lines()
     .count();
     agent.stop()?;
