@@ -26,7 +26,8 @@ mod accuracy;
 mod cgroups;
 mod kernel;
 mod process;
-mod report;
+pub mod report;
+pub mod results;
 mod scale;
 mod scrape;
 mod side;
@@ -43,7 +44,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+pub use crate::schema::round;
 use crate::{Host, is_root};
+use results::{BenchResults, SCHEMA_VERSION};
 
 pub use cgroups::{Cg, Remove, Tree};
 pub use kernel::programs;
@@ -180,6 +183,7 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
     );
 
     let mut results = json!({
+        "schema_version": SCHEMA_VERSION,
         "mode": plan.mode,
         "started": stamp,
         "machine": machine,
@@ -232,7 +236,6 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         results[name] = v;
     }
     results["total_secs"] = json!(round(started.elapsed().as_secs_f64(), 0));
-    results["targets"] = report::targets(&results);
 
     let dir = root.join("bench/results");
     fs::create_dir_all(&dir)?;
@@ -242,12 +245,24 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         format!("{stamp}-{}-only-{}", plan.mode, only.replace(',', "-"))
     });
     let json_path = base.with_extension("json");
+    let mut results: BenchResults = match serde_json::from_value(results.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            // Keep what was measured.
+            fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
+            bail!(
+                "the results do not fit their schema ({e}); wrote them untyped to {}",
+                json_path.display()
+            );
+        }
+    };
+    results.targets = report::targets(&results);
     fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     let md = report::markdown(&results);
     fs::write(base.with_extension("md"), &md)?;
     // A partial run does not replace the latest full table.
     if only.is_empty() {
-        fs::write(root.join("bench/RESULTS.md"), with_soak(&root, &md))?;
+        fs::write(root.join("bench/RESULTS.md"), with_others(&root, &md))?;
     }
     println!("{md}");
     eprintln!(
@@ -271,11 +286,12 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
 fn render(root: &Path, json_path: &Path) -> Result<()> {
     let text = fs::read_to_string(json_path)
         .with_context(|| format!("reading {}", json_path.display()))?;
-    let mut results: Value = serde_json::from_str(&text)?;
-    results["targets"] = report::targets(&results);
+    let mut results: BenchResults = serde_json::from_str(&text)
+        .with_context(|| format!("reading {} as benchmark results", json_path.display()))?;
+    results.targets = report::targets(&results);
     let md = report::markdown(&results);
     fs::write(json_path.with_extension("md"), &md)?;
-    fs::write(root.join("bench/RESULTS.md"), with_soak(root, &md))?;
+    fs::write(root.join("bench/RESULTS.md"), with_others(root, &md))?;
     eprintln!(
         "bench: rendered {} and bench/RESULTS.md",
         json_path.with_extension("md").display()
@@ -283,14 +299,11 @@ fn render(root: &Path, json_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `md` followed by the soak's section of the current `bench/RESULTS.md`,
-/// which `cargo xtask soak` writes and the benchmark keeps.
-fn with_soak(root: &Path, md: &str) -> String {
+/// `md` followed by the sections of the current `bench/RESULTS.md` the
+/// report does not write (the soak's, the kernel matrix), which it keeps.
+fn with_others(root: &Path, md: &str) -> String {
     let existing = fs::read_to_string(root.join("bench/RESULTS.md")).unwrap_or_default();
-    match crate::soak::section_of(&existing) {
-        Some(section) => crate::soak::replace_section(md, section),
-        None => md.to_owned(),
-    }
+    report::with_other_sections(md, &existing)
 }
 
 /// The machine, kernel and versions, for the record.
@@ -372,12 +385,6 @@ pub fn output(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `x` rounded to `digits` decimals, for readable JSON.
-pub fn round(x: f64, digits: i32) -> f64 {
-    let m = 10f64.powi(digits);
-    (x * m).round() / m
 }
 
 /// /proc/loadavg's first three fields.

@@ -7,6 +7,7 @@
 //! it), and its unit tests need no root.
 
 pub mod bench;
+pub mod schema;
 pub mod soak;
 
 use std::{path::PathBuf, process::Command};

@@ -1,179 +1,157 @@
-//! The targets of issue 5, judged from the results, and the markdown report.
+//! The targets of issue 5, judged from the results, and the markdown report
+//! (`bench/results/<time>-<mode>.md` and the top of `bench/RESULTS.md`).
 
 use std::fmt::Write as _;
 
-use serde_json::{Value, json};
+use super::results::{BenchResults, Conditions, Exposer, Outcome, Scenario, Target};
+use crate::schema::{json_text, num};
 
-/// A number as text, `–` where missing.
-fn num(v: &Value, digits: usize) -> String {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => format!("{x:.digits$}"),
-        Some(x) => format!("{x}"),
-        None => "–".into(),
-    }
-}
-
-fn find<'a>(list: &'a Value, key: &str, value: &str) -> &'a Value {
-    list.as_array()
-        .and_then(|a| a.iter().find(|x| x[key] == value))
-        .unwrap_or(&Value::Null)
-}
-
-fn at_pods(r: &Value, n: u64) -> &Value {
-    r["scale"]["by_pods"]
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["pods"] == n))
-        .unwrap_or(&Value::Null)
-}
-
-/// The row with the largest absolute `field` over `sources` (rows, the
-/// field, how to name a row), as (|value|, name).
-/// Rows, the field compared, and how to name a row.
-type Source<'a> = (&'a Value, &'a str, &'a dyn Fn(&Value) -> String);
-
-fn worst(sources: &[Source<'_>]) -> Option<(f64, String)> {
-    sources
-        .iter()
-        .flat_map(|(rows, field, name)| {
-            rows.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(move |r| Some((r[*field].as_f64()?.abs(), name(r))))
-        })
+/// The row with the largest absolute figure, as (|value|, name).
+fn worst(rows: impl IntoIterator<Item = (Option<f64>, String)>) -> Option<(f64, String)> {
+    rows.into_iter()
+        .filter_map(|(x, name)| Some((x?.abs(), name)))
         .reduce(|a, b| if b.0 > a.0 { b } else { a })
 }
 
-fn text(v: &Value) -> &str {
-    v.as_str().unwrap_or("?")
-}
-
-/// Each target: what was measured and whether it is met (`null` when the
+/// Each target: what was measured and whether it is met (`None` when the
 /// scenario did not produce the figure).
-pub fn targets(r: &Value) -> Value {
+pub fn targets(r: &BenchResults) -> Vec<Target> {
     let mut out = Vec::new();
-    let mut add = |target: &str, measured: Option<f64>, unit: &str, ok: &dyn Fn(f64) -> bool| {
-        out.push(json!({
-            "target": target,
-            "measured": measured.map(|m| format!("{m:.3} {unit}").trim().to_owned()),
-            "met": measured.map(ok),
-        }));
+    let mut add = |target: &str, measured: Option<f64>, unit: &str, limit: f64| {
+        out.push(Target {
+            target: target.to_owned(),
+            measured: measured.map(|m| format!("{m:.3} {unit}").trim().to_owned()),
+            met: measured.map(|x| x <= limit),
+        });
     };
-    let sched = find(
-        &r["kernel"]["context_switch_load"]["programs"],
-        "program",
-        "pm_sched_switch",
-    );
+    let sched = r.kernel().and_then(|k| {
+        k.context_switch_load
+            .programs
+            .iter()
+            .find(|p| p.program == "pm_sched_switch")
+    });
     add(
         "sched_switch program ≤ 100 ns per event",
-        sched["ns_per_event"].as_f64(),
+        sched.and_then(|p| p.ns_per_event),
         "ns",
-        &|x| x <= 100.0,
+        100.0,
     );
-    let k = at_pods(r, 1000);
+    let k = r.at_pods(1000);
     add(
         "agent ≤ 0.5 % of one core at 1000 pods, 15 s scrapes",
-        k["cpu_pct_of_one_core"].as_f64(),
+        k.map(|k| k.cpu_pct_of_one_core),
         "%",
-        &|x| x <= 0.5,
+        0.5,
     );
     add(
         "agent ≤ 40 MiB RSS at 1000 pods",
-        k["peak_rss_mib"].as_f64(),
+        k.map(|k| k.peak_rss_mib),
         "MiB",
-        &|x| x <= 40.0,
+        40.0,
     );
     add(
         "/metrics p99 ≤ 20 ms at 1000 pods",
-        k["scrape"]["p99_ms"].as_f64(),
+        k.and_then(|k| k.scrape.p99_ms),
         "ms",
-        &|x| x <= 20.0,
+        20.0,
     );
     let mut add_worst = |target: &str, w: Option<(f64, String)>, limit: f64| {
-        out.push(json!({
-            "target": target,
-            "measured": w.as_ref().map(|(x, name)| format!("{x:.3} % ({name})")),
-            "met": w.map(|(x, _)| x <= limit),
-        }));
+        out.push(Target {
+            target: target.to_owned(),
+            measured: w.as_ref().map(|(x, name)| format!("{x:.3} % ({name})")),
+            met: w.map(|(x, _)| x <= limit),
+        });
     };
+    let (accuracy, side) = (r.accuracy(), r.side_by_side());
     add_worst(
         "CPU error ≤ 1 % (worst cgroup or pod, against cpu.stat)",
-        worst(&[
-            (&r["accuracy"]["cpu"]["cgroups"], "error_pct", &|c| {
-                format!("host cgroup {}", text(&c["cgroup"]))
-            }),
-            (&r["side_by_side"]["cpu"], "podmeter_error_pct", &|c| {
-                format!("pod {}", text(&c["pod"]))
-            }),
-        ]),
+        worst(
+            accuracy
+                .into_iter()
+                .flat_map(|a| &a.cpu.cgroups)
+                .map(|c| (c.error_pct, format!("host cgroup {}", c.cgroup)))
+                .chain(
+                    side.into_iter()
+                        .flat_map(|s| &s.cpu)
+                        .map(|c| (c.podmeter_error_pct, format!("pod {}", c.pod))),
+                ),
+        ),
         1.0,
     );
     add_worst(
         "network error ≤ 0.5 % (worst flow direction, against the kernel's IP bytes)",
-        worst(&[
-            (&r["accuracy"]["network"]["flows"], "error_pct", &|f| {
-                format!("host {} {}", text(&f["flow"]), text(&f["counter"]))
-            }),
-            (&r["side_by_side"]["network"], "podmeter_error_pct", &|f| {
-                format!("pod {} {}", text(&f["pod"]), text(&f["direction"]))
-            }),
-        ]),
+        worst(
+            accuracy
+                .into_iter()
+                .flat_map(|a| &a.network.flows)
+                .map(|f| (f.error_pct, format!("host {} {}", f.flow, f.counter)))
+                .chain(side.into_iter().flat_map(|s| &s.network).map(|f| {
+                    (
+                        f.podmeter_error_pct,
+                        format!("pod {} {}", f.pod, f.direction),
+                    )
+                })),
+        ),
         0.5,
     );
-    let ex = &r["side_by_side"]["exposers"];
-    let pm = find(ex, "exposer", "podmeter")["cpu_ms_per_scrape"].as_f64();
-    let cad = find(ex, "exposer", "kubelet cAdvisor")["cpu_ms_per_scrape"].as_f64();
-    out.push(json!({
-        "target": "cheaper than cAdvisor per scrape (same pods)",
-        "measured": pm.zip(cad).map(|(p, c)| format!("podmeter {p:.3} ms vs kubelet {c:.3} ms CPU per scrape")),
-        "met": pm.zip(cad).map(|(p, c)| p < c),
-    }));
-    Value::Array(out)
+    let cost = |name: &str| r.exposer(name).map(|e| e.cpu_ms_per_scrape);
+    let (pm, cad) = (cost("podmeter"), cost("kubelet cAdvisor"));
+    out.push(Target {
+        target: "cheaper than cAdvisor per scrape (same pods)".into(),
+        measured: pm
+            .zip(cad)
+            .map(|(p, c)| format!("podmeter {p:.3} ms vs kubelet {c:.3} ms CPU per scrape")),
+        met: pm.zip(cad).map(|(p, c)| p < c),
+    });
+    out
 }
 
-fn failed(v: &Value) -> Option<String> {
-    v["error"]
-        .as_str()
-        .map(|e| format!("**Failed:** `{e}`\n\n"))
+fn failed<T>(v: Option<&Scenario<T>>) -> String {
+    match v.and_then(|v| v.outcome.error()) {
+        Some(e) => format!("**Failed:** `{e}`\n\n"),
+        None => String::new(),
+    }
+}
+
+/// KiB, from bytes.
+fn kib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0
 }
 
 /// The report as markdown.
-pub fn markdown(r: &Value) -> String {
+pub fn markdown(r: &BenchResults) -> String {
     let mut s = String::new();
-    let m = &r["machine"];
+    let m = &r.machine;
     let _ = writeln!(s, "# podmeter benchmark\n");
     let _ = writeln!(
         s,
         "`cargo xtask bench{}` run of {} ({} s in all). Raw figures: `bench/results/{}-{}.json`. \
          Figures as measured, on a machine that may have had other work: see the load averages.\n",
-        if r["mode"] == "quick" { " --quick" } else { "" },
-        r["started"].as_str().unwrap_or("?"),
-        num(&r["total_secs"], 0),
-        r["started"].as_str().unwrap_or("?"),
-        r["mode"].as_str().unwrap_or("?"),
+        if r.mode == "quick" { " --quick" } else { "" },
+        r.started,
+        num(r.total_secs, 0),
+        r.started,
+        r.mode,
     );
-    if let Some(note) = r["note"].as_str() {
+    if let Some(note) = &r.note {
         let _ = writeln!(s, "> {note}\n");
     }
     let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");
-    for (k, label) in [
-        ("cpu", "CPU"),
-        ("cpus", "CPUs"),
-        ("hypervisor", "virtual machine"),
-        ("memory_gib", "memory (GiB)"),
-        ("kernel", "kernel"),
-        ("cgroups", "cgroups"),
-        ("podmeter", "podmeter"),
-        ("kubelet", "kubelet (cAdvisor)"),
-        ("node_exporter", "node-exporter"),
-        ("stress_ng", "stress-ng"),
-        ("iperf3", "iperf3"),
-        ("bpftool", "bpftool"),
-        ("rustc", "rustc"),
+    for (label, v) in [
+        ("CPU", m.cpu.clone()),
+        ("CPUs", m.cpus.to_string()),
+        ("virtual machine", m.hypervisor.to_string()),
+        ("memory (GiB)", json_text(&m.memory_gib)),
+        ("kernel", m.kernel.clone()),
+        ("cgroups", m.cgroups.clone()),
+        ("podmeter", m.podmeter.clone()),
+        ("kubelet (cAdvisor)", m.kubelet.clone()),
+        ("node-exporter", m.node_exporter.clone()),
+        ("stress-ng", m.stress_ng.clone()),
+        ("iperf3", m.iperf3.clone()),
+        ("bpftool", m.bpftool.clone()),
+        ("rustc", m.rustc.clone()),
     ] {
-        let v = match &m[k] {
-            Value::String(x) => x.clone(),
-            other => other.to_string(),
-        };
         let _ = writeln!(s, "| {label} | {} |", v.replace('|', "\\|"));
     }
     let _ = writeln!(
@@ -182,15 +160,22 @@ pub fn markdown(r: &Value) -> String {
          the machine shows as load beyond it):\n\n\
          | scenario | secs | load avg at start | at end | machine CPU busy % | steal % |\n|---|---:|---|---|---:|---:|"
     );
-    for k in ["kernel", "scale", "accuracy", "side_by_side"] {
+    let none = Conditions::default();
+    for (k, c) in [
+        ("kernel", r.kernel.as_ref().map(|x| &x.meta)),
+        ("scale", r.scale.as_ref().map(|x| &x.meta)),
+        ("accuracy", r.accuracy.as_ref().map(|x| &x.meta)),
+        ("side_by_side", r.side_by_side.as_ref().map(|x| &x.meta)),
+    ] {
+        let c = c.unwrap_or(&none);
         let _ = writeln!(
             s,
             "| {k} | {} | {} | {} | {} | {} |",
-            num(&r[k]["secs"], 0),
-            r[k]["load_at_start"].as_str().unwrap_or("–"),
-            r[k]["load_at_end"].as_str().unwrap_or("–"),
-            num(&r[k]["machine_busy_pct"], 1),
-            num(&r[k]["machine_steal_pct"], 1),
+            num(c.secs, 0),
+            c.load_at_start.as_deref().unwrap_or("–"),
+            c.load_at_end.as_deref().unwrap_or("–"),
+            num(c.machine_busy_pct, 1),
+            num(c.machine_steal_pct, 1),
         );
     }
     s.push('\n');
@@ -198,8 +183,8 @@ pub fn markdown(r: &Value) -> String {
         s,
         "## Targets\n\n| target | measured | met |\n|---|---|---|"
     );
-    for t in r["targets"].as_array().into_iter().flatten() {
-        let met = match t["met"].as_bool() {
+    for t in &r.targets {
+        let met = match t.met {
             Some(true) => "yes",
             Some(false) => "**no**",
             None => "not measured",
@@ -207,15 +192,14 @@ pub fn markdown(r: &Value) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {met} |",
-            t["target"].as_str().unwrap_or(""),
-            t["measured"].as_str().unwrap_or("–")
+            t.target,
+            t.measured.as_deref().unwrap_or("–")
         );
     }
 
     // 1. Kernel.
-    let k = &r["kernel"];
     let _ = writeln!(s, "\n## 1. Kernel cost per event (eBPF programs)\n");
-    s += &failed(k).unwrap_or_default();
+    s += &failed(r.kernel.as_ref());
     let _ = writeln!(
         s,
         "`run_time_ns / run_cnt` with BPF run-time statistics on (they add two clock reads \
@@ -225,23 +209,23 @@ pub fn markdown(r: &Value) -> String {
         s,
         "| load | program | events/s | ns/event | CPU % of one core |\n|---|---|---:|---:|---:|"
     );
-    for key in ["context_switch_load", "packet_flood"] {
-        for p in k[key]["programs"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                s,
-                "| {} | `{}` | {} | {} | {} |",
-                k[key]["load"].as_str().unwrap_or(""),
-                p["program"].as_str().unwrap_or(""),
-                num(&p["events_per_sec"], 0),
-                num(&p["ns_per_event"], 1),
-                num(&p["cpu_pct_of_one_core"], 2),
-            );
+    if let Some(k) = r.kernel() {
+        for load in [&k.context_switch_load, &k.packet_flood] {
+            for p in &load.programs {
+                let _ = writeln!(
+                    s,
+                    "| {} | `{}` | {} | {} | {} |",
+                    load.load,
+                    p.program,
+                    num(p.events_per_sec, 0),
+                    num(p.ns_per_event, 1),
+                    num(p.cpu_pct_of_one_core, 2),
+                );
+            }
         }
-    }
-    let sw = &k["switch_throughput"];
-    if sw.is_object() {
-        let base = sw["without_agent"]["bogo_ops_per_sec"].as_f64();
-        let pct = |v: &Value| match (v["bogo_ops_per_sec"].as_f64(), base) {
+        let sw = &k.switch_throughput;
+        let base = sw.without_agent.bogo_ops_per_sec;
+        let pct = |x: Option<f64>| match (x, base) {
             (Some(x), Some(b)) if b > 0.0 => format!(" ({:+.1} %)", (x - b) / b * 100.0),
             _ => String::new(),
         };
@@ -250,12 +234,12 @@ pub fn markdown(r: &Value) -> String {
             "\nContext-switch throughput (`stress-ng --switch`, bogo ops/s): without podmeter {}, \
              with podmeter {}{}, with podmeter and BPF statistics {}{}. \
              (`other_podmeter_programs_loaded`: {} programs of other podmeter instances were loaded.)",
-            num(&sw["without_agent"]["bogo_ops_per_sec"], 0),
-            num(&sw["with_agent_stats_off"]["bogo_ops_per_sec"], 0),
-            pct(&sw["with_agent_stats_off"]),
-            num(&sw["with_agent_stats_on"]["bogo_ops_per_sec"], 0),
-            pct(&sw["with_agent_stats_on"]),
-            num(&k["other_podmeter_programs_loaded"], 0),
+            num(base, 0),
+            num(sw.with_agent_stats_off.bogo_ops_per_sec, 0),
+            pct(sw.with_agent_stats_off.bogo_ops_per_sec),
+            num(sw.with_agent_stats_on.bogo_ops_per_sec, 0),
+            pct(sw.with_agent_stats_on.bogo_ops_per_sec),
+            num(k.other_podmeter_programs_loaded, 0),
         );
     }
 
@@ -264,9 +248,9 @@ pub fn markdown(r: &Value) -> String {
         s,
         "\n## 2. Agent at scale (pod-like cgroups with light workers)\n"
     );
-    s += &failed(&r["scale"]).unwrap_or_default();
+    s += &failed(r.scale.as_ref());
     // Runs before the limit was added have no such key.
-    let limit = match r["plan"]["scale_cpu_limit_millicores"].as_u64() {
+    let limit = match r.plan.scale_cpu_limit_millicores {
         Some(m) => format!(
             ", the container limited to {m}m CPU (so podmeter reads every container's \
              throttling counters at each scrape: the costlier case)"
@@ -280,89 +264,89 @@ pub fn markdown(r: &Value) -> String {
          window scraped every 15 s; /metrics latency from {} back-to-back scrapes (HTTP/1.1, \
          gzip accepted, as Prometheus asks); CPU per scrape = burst CPU minus the idle rate. \
          CPU error: podmeter's delta against each container's `cpu.stat` over the window.\n",
-        num(&r["plan"]["window_secs"], 0),
-        num(&r["plan"]["burst"], 0),
+        num(r.plan.window_secs, 0),
+        num(r.plan.burst, 0),
     );
     let _ = writeln!(
         s,
         "| pods | CPU s/min | % of one core | peak RSS MiB | p50 ms | p99 ms | payload KiB (gzip) | series | CPU ms/scrape | idle % core | CPU error total % | per-container max % |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
     );
-    for p in r["scale"]["by_pods"].as_array().into_iter().flatten() {
-        if let Some(e) = p["error"].as_str() {
-            let _ = writeln!(s, "| {} | failed: {e} |", num(&p["pods"], 0));
-            continue;
-        }
+    for row in r.scale().into_iter().flat_map(|x| &x.by_pods) {
+        let p = match &row.outcome {
+            Outcome::Measured(p) => p,
+            Outcome::Failed(e) => {
+                let _ = writeln!(s, "| {} | failed: {e} |", row.meta.pods);
+                continue;
+            }
+        };
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |",
-            num(&p["pods"], 0),
-            num(&p["cpu_secs_per_min"], 3),
-            num(&p["cpu_pct_of_one_core"], 3),
-            num(&p["peak_rss_mib"], 1),
-            num(&p["scrape"]["p50_ms"], 2),
-            num(&p["scrape"]["p99_ms"], 2),
-            num(&json!(p["payload_bytes"].as_f64().map(|b| b / 1024.0)), 1),
-            num(
-                &json!(p["scrape"]["wire_bytes"].as_f64().map(|b| b / 1024.0)),
-                1
-            ),
-            num(&p["series"], 0),
-            num(&p["cpu_ms_per_scrape"], 3),
-            num(&p["background_cpu_pct"], 3),
-            num(&p["cpu_accuracy"]["total_error_pct"], 3),
-            num(&p["cpu_accuracy"]["per_container_abs_error_pct"]["max"], 3),
+            row.meta.pods,
+            num(p.cpu_secs_per_min, 3),
+            num(p.cpu_pct_of_one_core, 3),
+            num(p.peak_rss_mib, 1),
+            num(p.scrape.p50_ms, 2),
+            num(p.scrape.p99_ms, 2),
+            num(kib(p.payload_bytes), 1),
+            num(kib(p.scrape.wire_bytes), 1),
+            num(p.series, 0),
+            num(p.cpu_ms_per_scrape, 3),
+            num(p.background_cpu_pct, 3),
+            num(p.cpu_accuracy.total_error_pct, 3),
+            num(p.cpu_accuracy.per_container_abs_error_pct.max, 3),
         );
     }
 
     // 3. Accuracy.
-    let a = &r["accuracy"];
+    let a = r.accuracy();
     let _ = writeln!(s, "\n## 3. Accuracy on this host\n");
-    s += &failed(a).unwrap_or_default();
+    s += &failed(r.accuracy.as_ref());
     let _ = writeln!(
         s,
         "CPU over {} s against `cpu.stat` (read just before and after each scrape):\n\n\
          | cgroup | work | CPU % | kernel s | podmeter s | error % |\n|---|---|---:|---:|---:|---:|",
-        num(&a["cpu"]["window_secs"], 0)
+        num(a.map(|a| a.cpu.window_secs), 0)
     );
-    for c in a["cpu"]["cgroups"].as_array().into_iter().flatten() {
+    for c in a.into_iter().flat_map(|a| &a.cpu.cgroups) {
         let _ = writeln!(
             s,
             "| {} | `pm-work {}` | {} | {} | {} | {} |",
-            c["cgroup"].as_str().unwrap_or(""),
-            c["work"].as_str().unwrap_or(""),
-            num(&c["kernel_cpu_pct"], 1),
-            num(&c["kernel_cpu_secs"], 3),
-            num(&c["podmeter_cpu_secs"], 3),
-            num(&c["error_pct"], 3),
+            c.cgroup,
+            c.work,
+            num(c.kernel_cpu_pct, 1),
+            num(c.kernel_cpu_secs, 3),
+            num(c.podmeter_cpu_secs, 3),
+            num(c.error_pct, 3),
         );
     }
     let _ = writeln!(
         s,
         "\nNetwork between two namespaces over a veth pair (TCP {} bytes, UDP {} × 1000 bytes):\n\n\
          | flow | counter | podmeter bytes | truth bytes | truth | error % |\n|---|---|---:|---:|---|---:|",
-        num(&r["plan"]["tcp_bytes"], 0),
-        num(&r["plan"]["udp_count"], 0),
+        num(r.plan.tcp_bytes, 0),
+        num(r.plan.udp_count, 0),
     );
-    for f in a["network"]["flows"].as_array().into_iter().flatten() {
+    for f in a.into_iter().flat_map(|a| &a.network.flows) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} |",
-            f["flow"].as_str().unwrap_or(""),
-            f["counter"].as_str().unwrap_or(""),
-            num(&f["podmeter_bytes"], 0),
-            num(&f["truth_bytes"], 0),
-            f["truth"].as_str().unwrap_or(""),
-            num(&f["error_pct"], 4),
+            f.flow,
+            f.counter,
+            num(f.podmeter_bytes, 0),
+            num(f.truth_bytes, 0),
+            f.truth,
+            num(f.error_pct, 4),
         );
     }
 
     // 4. Side by side.
-    let sb = &r["side_by_side"];
+    let sb = r.side_by_side();
     let _ = writeln!(
         s,
         "\n## 4. Side by side on real pods: podmeter, cAdvisor, node-exporter\n"
     );
-    s += &failed(sb).unwrap_or_default();
+    s += &failed(r.side_by_side.as_ref());
     let _ = writeln!(
         s,
         "{} pods of ours in namespace `bench` ({} on the node in all). Every exposer is scraped \
@@ -370,24 +354,21 @@ pub fn markdown(r: &Value) -> String {
          exposer's idle rate. The kubelet's CPU comes from `/proc/<pid>/stat` (10 ms ticks) and \
          includes everything it does in the burst.\n\n\
          | exposer | p50 ms | p99 ms | payload KiB (gzip) | series | CPU ms per scrape | idle % core |\n|---|---:|---:|---|---:|---:|---:|",
-        num(&sb["bench_pods"], 0),
-        num(&sb["pods_on_node"], 0),
+        num(sb.map(|x| x.bench_pods), 0),
+        num(sb.map(|x| x.pods_on_node), 0),
     );
-    for e in sb["exposers"].as_array().into_iter().flatten() {
+    for e in sb.into_iter().flat_map(|x| &x.exposers) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} ({}) | {} | {} | {} |",
-            e["exposer"].as_str().unwrap_or(""),
-            num(&e["scrape"]["p50_ms"], 2),
-            num(&e["scrape"]["p99_ms"], 2),
-            num(&json!(e["payload_bytes"].as_f64().map(|b| b / 1024.0)), 1),
-            num(
-                &json!(e["scrape"]["wire_bytes"].as_f64().map(|b| b / 1024.0)),
-                1
-            ),
-            num(&e["series"], 0),
-            num(&e["cpu_ms_per_scrape"], 3),
-            num(&e["idle_cpu_pct"], 3),
+            e.exposer,
+            num(e.scrape.p50_ms, 2),
+            num(e.scrape.p99_ms, 2),
+            num(kib(e.payload_bytes), 1),
+            num(kib(e.scrape.wire_bytes), 1),
+            num(e.series, 0),
+            num(e.cpu_ms_per_scrape, 3),
+            num(e.idle_cpu_pct, 3),
         );
     }
     let _ = writeln!(
@@ -396,15 +377,15 @@ pub fn markdown(r: &Value) -> String {
          counter interpolated at cAdvisor's own sample times):\n\n\
          | pod | CPU % | podmeter error % | cAdvisor error % | cAdvisor sample age (s) |\n|---|---:|---:|---:|---:|"
     );
-    for c in sb["cpu"].as_array().into_iter().flatten() {
+    for c in sb.into_iter().flat_map(|x| &x.cpu) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} |",
-            c["pod"].as_str().unwrap_or(""),
-            num(&c["kernel_cpu_pct"], 2),
-            num(&c["podmeter_error_pct"], 3),
-            num(&c["cadvisor_error_pct"], 3),
-            num(&c["cadvisor_sample_age_max_secs"], 1),
+            c.pod,
+            num(c.kernel_cpu_pct, 2),
+            num(c.podmeter_error_pct, 3),
+            num(c.cadvisor_error_pct, 3),
+            num(c.cadvisor_sample_age_max_secs, 1),
         );
     }
     let _ = writeln!(
@@ -413,15 +394,15 @@ pub fn markdown(r: &Value) -> String {
          (cAdvisor counts the pod's `eth0`, link-layer headers and non-IP frames included):\n\n\
          | pod | direction | truth bytes | podmeter error % | cAdvisor error % |\n|---|---|---:|---:|---:|"
     );
-    for n in sb["network"].as_array().into_iter().flatten() {
+    for n in sb.into_iter().flat_map(|x| &x.network) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} |",
-            n["pod"].as_str().unwrap_or(""),
-            n["direction"].as_str().unwrap_or(""),
-            num(&n["truth_ip_bytes"], 0),
-            num(&n["podmeter_error_pct"], 4),
-            num(&n["cadvisor_error_pct"], 4),
+            n.pod,
+            n.direction,
+            num(n.truth_ip_bytes, 0),
+            num(n.podmeter_error_pct, 4),
+            num(n.cadvisor_error_pct, 4),
         );
     }
     s += &notes(r);
@@ -429,14 +410,14 @@ pub fn markdown(r: &Value) -> String {
 }
 
 /// What the figures say beyond the tables, derived from them.
-fn notes(r: &Value) -> String {
+fn notes(r: &BenchResults) -> String {
     let mut n = Vec::new();
-    let ex = &r["side_by_side"]["exposers"];
-    let pm = find(ex, "exposer", "podmeter");
-    if let (Some(w), Some(p)) = (
-        pm["scrape"]["wire_bytes"].as_f64(),
-        pm["payload_bytes"].as_f64(),
-    ) && w >= p * 0.9
+    if let Some(Exposer {
+        scrape,
+        payload_bytes,
+        ..
+    }) = r.exposer("podmeter")
+        && scrape.wire_bytes as f64 >= *payload_bytes as f64 * 0.9
     {
         n.push(
             "podmeter answered uncompressed although the scraper accepts gzip \
@@ -444,30 +425,26 @@ fn notes(r: &Value) -> String {
                 .to_owned(),
         );
     }
-    let ages: Vec<f64> = r["side_by_side"]["cpu"]
-        .as_array()
+    let ages = r
+        .side_by_side()
         .into_iter()
-        .flatten()
-        .filter_map(|c| c["cadvisor_sample_age_max_secs"].as_f64())
-        .collect();
-    if let Some(max) = ages.iter().copied().reduce(f64::max) {
+        .flat_map(|x| &x.cpu)
+        .filter_map(|c| c.cadvisor_sample_age_max_secs);
+    if let Some(max) = ages.reduce(f64::max) {
         n.push(format!(
             "cAdvisor serves what its housekeeping last read: samples up to {max:.1} s old \
              at scrape time; podmeter reads its kernel maps at the scrape."
         ));
     }
-    for key in ["context_switch_load", "packet_flood"] {
-        for p in r["kernel"][key]["programs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if let Some(m) = p["recursion_misses"].as_u64().filter(|m| *m > 0) {
-                n.push(format!(
-                    "`{}` was skipped {m} times under {} (already running on that CPU).",
-                    text(&p["program"]),
-                    text(&r["kernel"][key]["load"])
-                ));
+    if let Some(k) = r.kernel() {
+        for load in [&k.context_switch_load, &k.packet_flood] {
+            for p in &load.programs {
+                if let Some(m) = p.recursion_misses.filter(|m| *m > 0) {
+                    n.push(format!(
+                        "`{}` was skipped {m} times under {} (already running on that CPU).",
+                        p.program, load.load
+                    ));
+                }
             }
         }
     }
@@ -486,4 +463,249 @@ fn notes(r: &Value) -> String {
         let _ = writeln!(s, "- {x}");
     }
     s
+}
+
+/// `md` (a new report) followed by the sections of `existing` (the current
+/// `bench/RESULTS.md`) that the report does not write: the soak's, which
+/// `cargo xtask soak` writes, and any written by hand (the kernel matrix).
+/// A section runs from its `## ` heading to the next one.
+pub fn with_other_sections(md: &str, existing: &str) -> String {
+    let ours: Vec<&str> = md.lines().filter(|l| l.starts_with("## ")).collect();
+    let mut out = md.trim_end().to_owned();
+    out.push('\n');
+    let mut keep = false;
+    let mut kept = String::new();
+    for line in existing.lines() {
+        if line.starts_with("## ") {
+            keep = !ours.contains(&line);
+            if keep && !kept.is_empty() {
+                kept = kept.trim_end().to_owned() + "\n\n";
+            }
+        }
+        if keep {
+            kept += line;
+            kept.push('\n');
+        }
+    }
+    if !kept.is_empty() {
+        out.push('\n');
+        out += kept.trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::results::{Conditions, Machine, PlanRecord, SCHEMA_VERSION};
+
+    /// The latest full run (schema 1: no `schema_version`) and its report
+    /// as the untyped code rendered it.
+    const FULL: &str = include_str!("../../testdata/2026-11-30T184237Z-full.json");
+    const FULL_MD: &str = include_str!("../../testdata/2026-11-30T184237Z-full.md");
+    /// An older run: no load figures per scenario, no recursion misses, no
+    /// CPU limit in the plan.
+    const OLDER: &str = include_str!("../../testdata/2026-11-25T074050Z-full.json");
+
+    fn full() -> BenchResults {
+        serde_json::from_str(FULL).unwrap()
+    }
+
+    fn rendered(mut r: BenchResults) -> String {
+        r.targets = targets(&r);
+        markdown(&r)
+    }
+
+    #[test]
+    fn renders_the_stored_run_as_before() {
+        let r = full();
+        assert_eq!(r.schema_version, 1);
+        let md = rendered(r);
+        for row in [
+            "| sched_switch program ≤ 100 ns per event | 97.600 ns | yes |",
+            "| /metrics p99 ≤ 20 ms at 1000 pods | 35.840 ms | **no** |",
+            "| stress-ng --switch 2 (30 s) | `pm_sched_switch` | 521526 | 97.6 | 5.09 |",
+            "| stress-ng --switch 2 (30 s) | `pm_skb_ingress` | 0 | – | 0.00 |",
+            "| 1000 | 0.256 | 0.427 | 32.5 | 22.88 | 35.84 | 1680.9 (1680.9) | 7040 | 18.832 | 0.290 | -0.020 | 0.879 |",
+            "| duty-50 | `pm-work tick 10000 5000` | 47.9 | 57.438 | 57.355 | -0.144 |",
+            "| kubelet cAdvisor | 166.55 | 212.22 | 1267.8 (62.4) | 4563 | 159.281 | 3.967 |",
+            "| light-6 | 0.07 | 0.061 | – | 17.4 |",
+            "| tcp-send | receive | 147228 | 0.0000 | 33.6077 |",
+        ] {
+            assert!(md.lines().any(|l| l == row), "no row {row:?} in\n{md}");
+        }
+        assert_eq!(md, FULL_MD);
+    }
+
+    #[test]
+    fn reads_an_older_run() {
+        let r: BenchResults = serde_json::from_str(OLDER).unwrap();
+        assert_eq!(r.plan.scale_cpu_limit_millicores, None);
+        assert_eq!(r.kernel.as_ref().unwrap().meta.load_at_start, None);
+        assert!(r.note.is_some());
+        let md = rendered(r);
+        assert!(md.contains(", no CPU limits."), "{md}");
+        assert!(
+            md.contains("| kernel | 120 | – | 16.26 10.05 8.85 | – | – |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn round_trips() {
+        let mut r = full();
+        r.schema_version = SCHEMA_VERSION;
+        r.targets = targets(&r);
+        let text = serde_json::to_string_pretty(&r).unwrap();
+        let back: BenchResults = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert!(text.contains(&format!("\"schema_version\": {SCHEMA_VERSION}")));
+        // A figure the run did not produce stays null, not 0.
+        assert!(text.contains("\"ns_per_event\": null"), "{text}");
+    }
+
+    #[test]
+    fn failed_scenarios_and_sizes_are_reported() {
+        let mut r = full();
+        r.side_by_side.as_mut().unwrap().outcome = Outcome::Failed("cluster down".into());
+        let by_pods = &mut r.scale.as_mut().unwrap().outcome;
+        let Outcome::Measured(scale) = by_pods else {
+            panic!()
+        };
+        scale.by_pods[2].outcome = Outcome::Failed("out of memory".into());
+        let text = serde_json::to_string(&r).unwrap();
+        let r: BenchResults = serde_json::from_str(&text).unwrap();
+        let md = rendered(r);
+        assert!(md.contains("**Failed:** `cluster down`"), "{md}");
+        assert!(md.contains("| 1000 | failed: out of memory |"), "{md}");
+        assert!(
+            md.contains("| side_by_side | 244 | 1.43 1.36 3.99 |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn targets_judged() {
+        let mut r = full();
+        let met =
+            |r: &BenchResults| -> Vec<Option<bool>> { targets(r).iter().map(|t| t.met).collect() };
+        assert_eq!(
+            met(&r),
+            [
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(false),
+                Some(true),
+                Some(true),
+                Some(true)
+            ]
+        );
+        // Over the RSS target; a pod's CPU 1.5 % off; no side by side, so no
+        // comparison with cAdvisor (and the CPU target falls back to the
+        // host's cgroups).
+        let Outcome::Measured(scale) = &mut r.scale.as_mut().unwrap().outcome else {
+            panic!()
+        };
+        let Outcome::Measured(p) = &mut scale.by_pods[2].outcome else {
+            panic!()
+        };
+        p.peak_rss_mib = 40.5;
+        p.scrape.p99_ms = Some(19.0);
+        let t = targets(&r);
+        assert_eq!(t[2].met, Some(false));
+        assert_eq!(t[2].measured.as_deref(), Some("40.500 MiB"));
+        assert_eq!(t[3].met, Some(true));
+        let Outcome::Measured(a) = &mut r.accuracy.as_mut().unwrap().outcome else {
+            panic!()
+        };
+        a.cpu.cgroups[1].error_pct = Some(-1.5);
+        let t = targets(&r);
+        assert_eq!(t[4].met, Some(false));
+        assert_eq!(
+            t[4].measured.as_deref(),
+            Some("1.500 % (host cgroup duty-20)")
+        );
+        r.side_by_side = None;
+        let t = targets(&r);
+        assert_eq!(t[6].met, None);
+        assert_eq!(t[6].measured, None);
+    }
+
+    #[test]
+    fn nothing_measured() {
+        let r = BenchResults {
+            schema_version: SCHEMA_VERSION,
+            mode: "quick".into(),
+            started: "2026-01-01T000000Z".into(),
+            note: None,
+            machine: Machine {
+                cpu: "test".into(),
+                cpus: 2,
+                hypervisor: false,
+                memory_gib: 4.0,
+                kernel: "6.1".into(),
+                cgroups: "cgroup2".into(),
+                podmeter: "podmeter".into(),
+                kubelet: "not found".into(),
+                node_exporter: "a | b".into(),
+                stress_ng: String::new(),
+                iperf3: String::new(),
+                bpftool: String::new(),
+                rustc: String::new(),
+            },
+            plan: PlanRecord {
+                kernel_secs: 1,
+                scales: vec![10],
+                idle_secs: 1,
+                window_secs: 1,
+                scrape_every_secs: 15,
+                burst: 1,
+                accuracy_secs: 1,
+                tcp_bytes: 1,
+                udp_count: 1,
+                light_pods: 1,
+                cadvisor_burst: 1,
+                light_worker: "tick 100000 20".into(),
+                scale_cpu_limit_millicores: Some(500),
+            },
+            kernel: Some(Scenario {
+                meta: Conditions::default(),
+                outcome: Outcome::Failed("no bpftool".into()),
+            }),
+            scale: None,
+            accuracy: None,
+            side_by_side: None,
+            total_secs: None,
+            targets: vec![],
+        };
+        assert!(
+            targets(&r)
+                .iter()
+                .all(|t| t.met.is_none() && t.measured.is_none())
+        );
+        let md = rendered(r);
+        assert!(md.contains("`cargo xtask bench --quick` run of 2026-01-01T000000Z (– s in all)"));
+        assert!(md.contains("| node-exporter | a \\| b |"));
+        assert!(md.contains("| memory (GiB) | 4.0 |"));
+        assert!(md.contains("| scale | – | – | – | – | – |"));
+        assert!(md.contains("**Failed:** `no bpftool`"));
+        assert_eq!(md.matches("| not measured |").count(), 7);
+    }
+
+    #[test]
+    fn other_sections_are_kept() {
+        let md = "# podmeter benchmark\n\nnew\n\n## Machine\n\nnew machine\n\n## Notes\n\n- new\n";
+        let existing = "# podmeter benchmark\n\nold\n\n## Machine\n\nold machine\n\n## Notes\n\n- old\n\n\
+                        ## Kernel matrix (vm-test)\n\nby hand\n\n## Reliability (soak)\n\nsoak\n";
+        assert_eq!(
+            with_other_sections(md, existing),
+            format!(
+                "{}\n## Kernel matrix (vm-test)\n\nby hand\n\n## Reliability (soak)\n\nsoak\n",
+                md
+            )
+        );
+        assert_eq!(with_other_sections(md, ""), md);
+    }
 }
