@@ -205,8 +205,8 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
     });
     type Scenario = fn(&Bench) -> Result<Value>;
     let scenarios: [(&str, Scenario); 4] = [
-        ("kernel", kernel::run),
-        ("scale", scale::run),
+        ("kernel", |b| Ok(serde_json::to_value(kernel::run(b)?)?)),
+        ("scale", |b| Ok(serde_json::to_value(scale::run(b)?)?)),
         ("accuracy", accuracy::run),
         ("side_by_side", side::run),
     ];
