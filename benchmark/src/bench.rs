@@ -42,11 +42,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
 
 pub use crate::schema::round;
 use crate::{Host, is_root};
-use results::{BenchResults, SCHEMA_VERSION};
+use results::{BenchResults, Conditions, Machine, Outcome, PlanRecord, SCHEMA_VERSION, Scenario};
 
 pub use cgroups::{Cg, Remove, Tree};
 pub use kernel::programs;
@@ -176,66 +175,44 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         .trim()
         .to_owned();
     eprintln!("bench: {} run {stamp}", plan.mode);
-    let machine = machine(&b)?;
+    let machine = machine(&b);
     eprintln!(
         "bench: {}",
         serde_json::to_string_pretty(&machine).unwrap_or_default()
     );
 
-    let mut results = json!({
-        "schema_version": SCHEMA_VERSION,
-        "mode": plan.mode,
-        "started": stamp,
-        "machine": machine,
-        "plan": {
-            "kernel_secs": plan.kernel_secs,
-            "scales": plan.scales,
-            "idle_secs": plan.idle_secs,
-            "window_secs": plan.window_secs,
-            "scrape_every_secs": SCRAPE_EVERY.as_secs(),
-            "burst": plan.burst,
-            "accuracy_secs": plan.accuracy_secs,
-            "tcp_bytes": plan.tcp_bytes,
-            "udp_count": plan.udp_count,
-            "light_pods": plan.light_pods,
-            "cadvisor_burst": plan.cadvisor_burst,
-            "light_worker": LIGHT_TICK.join(" "),
-            "scale_cpu_limit_millicores": scale::CPU_LIMIT_MILLICORES,
-        },
-    });
-    type Scenario = fn(&Bench) -> Result<Value>;
-    let scenarios: [(&str, Scenario); 4] = [
-        ("kernel", |b| Ok(serde_json::to_value(kernel::run(b)?)?)),
-        ("scale", |b| Ok(serde_json::to_value(scale::run(b)?)?)),
-        ("accuracy", accuracy::run),
-        ("side_by_side", side::run),
-    ];
+    let plan_record = PlanRecord {
+        kernel_secs: plan.kernel_secs,
+        scales: plan.scales.iter().map(|&n| n as u64).collect(),
+        idle_secs: plan.idle_secs,
+        window_secs: plan.window_secs,
+        scrape_every_secs: SCRAPE_EVERY.as_secs(),
+        burst: plan.burst as u64,
+        accuracy_secs: plan.accuracy_secs,
+        tcp_bytes: plan.tcp_bytes,
+        udp_count: plan.udp_count,
+        light_pods: plan.light_pods as u64,
+        cadvisor_burst: plan.cadvisor_burst as u64,
+        light_worker: LIGHT_TICK.join(" "),
+        scale_cpu_limit_millicores: Some(scale::CPU_LIMIT_MILLICORES),
+    };
     // PODMETER_BENCH_ONLY=kernel,side runs only those (for trying changes).
     let only = std::env::var("PODMETER_BENCH_ONLY").unwrap_or_default();
-    for (name, f) in scenarios {
-        if !only.is_empty() && !only.split(',').any(|o| name.starts_with(o.trim())) {
-            continue;
-        }
-        let load = loadavg();
-        eprintln!("\nbench: == {name} == (load {load})");
-        let t = Instant::now();
-        let cpu0 = machine_cpu();
-        let mut v = f(&b).unwrap_or_else(|e| {
-            eprintln!("bench: {name} failed: {e:#}");
-            json!({ "error": format!("{e:#}") })
-        });
-        v["load_at_start"] = json!(load);
-        v["load_at_end"] = json!(loadavg());
-        if let (Some(a), Some(z)) = (cpu0, machine_cpu()) {
-            // What the whole machine did meanwhile, the benchmark included.
-            let total = (z.total - a.total).max(1) as f64;
-            v["machine_busy_pct"] = json!(round((z.busy - a.busy) as f64 / total * 100.0, 1));
-            v["machine_steal_pct"] = json!(round((z.steal - a.steal) as f64 / total * 100.0, 1));
-        }
-        v["secs"] = json!(round(t.elapsed().as_secs_f64(), 1));
-        results[name] = v;
-    }
-    results["total_secs"] = json!(round(started.elapsed().as_secs_f64(), 0));
+    let run = |name: &str| only.is_empty() || only.split(',').any(|o| name.starts_with(o.trim()));
+    let mut results = BenchResults {
+        schema_version: SCHEMA_VERSION,
+        mode: plan.mode.to_owned(),
+        started: stamp.clone(),
+        note: None,
+        machine,
+        plan: plan_record,
+        kernel: run("kernel").then(|| scenario(&b, "kernel", kernel::run)),
+        scale: run("scale").then(|| scenario(&b, "scale", scale::run)),
+        accuracy: run("accuracy").then(|| scenario(&b, "accuracy", accuracy::run)),
+        side_by_side: run("side_by_side").then(|| scenario(&b, "side_by_side", side::run)),
+        total_secs: Some(round(started.elapsed().as_secs_f64(), 0)),
+        targets: Vec::new(),
+    };
 
     let dir = root.join("bench/results");
     fs::create_dir_all(&dir)?;
@@ -245,17 +222,6 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         format!("{stamp}-{}-only-{}", plan.mode, only.replace(',', "-"))
     });
     let json_path = base.with_extension("json");
-    let mut results: BenchResults = match serde_json::from_value(results.clone()) {
-        Ok(r) => r,
-        Err(e) => {
-            // Keep what was measured.
-            fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
-            bail!(
-                "the results do not fit their schema ({e}); wrote them untyped to {}",
-                json_path.display()
-            );
-        }
-    };
     results.targets = report::targets(&results);
     fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     let md = report::markdown(&results);
@@ -278,6 +244,32 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// Runs one scenario: its figures or error, and what the machine did
+/// meanwhile.
+fn scenario<T>(b: &Bench, name: &str, f: fn(&Bench) -> Result<T>) -> Scenario<T> {
+    let load = loadavg();
+    eprintln!("\nbench: == {name} == (load {load})");
+    let t = Instant::now();
+    let cpu0 = machine_cpu();
+    let outcome = Outcome::from(f(b));
+    if let Some(e) = outcome.error() {
+        eprintln!("bench: {name} failed: {e}");
+    }
+    let mut meta = Conditions {
+        load_at_start: Some(load),
+        load_at_end: Some(loadavg()),
+        ..Conditions::default()
+    };
+    if let (Some(a), Some(z)) = (cpu0, machine_cpu()) {
+        // What the whole machine did meanwhile, the benchmark included.
+        let total = (z.total - a.total).max(1) as f64;
+        meta.machine_busy_pct = Some(round((z.busy - a.busy) as f64 / total * 100.0, 1));
+        meta.machine_steal_pct = Some(round((z.steal - a.steal) as f64 / total * 100.0, 1));
+    }
+    meta.secs = Some(round(t.elapsed().as_secs_f64(), 1));
+    Scenario { meta, outcome }
 }
 
 /// Writes the markdown of an earlier run's JSON again (after a change to
@@ -307,7 +299,7 @@ fn with_others(root: &Path, md: &str) -> String {
 }
 
 /// The machine, kernel and versions, for the record.
-fn machine(b: &Bench) -> Result<Value> {
+fn machine(b: &Bench) -> Machine {
     let root = b.host.root();
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |k: &str| {
@@ -342,30 +334,38 @@ fn machine(b: &Bench) -> Result<Value> {
         .and_then(|p| fs::read_link(format!("/proc/{}/exe", p.trim())).ok())
         .unwrap_or_else(|| b.host.kubelet_bin());
     let kubelet = first_line(Command::new(kubelet).arg("--version"));
-    Ok(json!({
-        "cpu": field("model name"),
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "hypervisor": cpuinfo.contains(" hypervisor"),
-        "memory_gib": round(mem_kib as f64 / 1048576.0, 1),
-        "kernel": first_line(Command::new("uname").arg("-r")),
-        "cgroups": if Path::new("/sys/fs/cgroup/unified").join("cgroup.procs").exists() {
+    Machine {
+        cpu: field("model name"),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get() as u64),
+        hypervisor: cpuinfo.contains(" hypervisor"),
+        memory_gib: round(mem_kib as f64 / 1048576.0, 1),
+        kernel: first_line(Command::new("uname").arg("-r")),
+        cgroups: if Path::new("/sys/fs/cgroup/unified")
+            .join("cgroup.procs")
+            .exists()
+        {
             "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified)"
         } else {
             "cgroup2"
-        },
-        "podmeter": format!(
+        }
+        .to_owned(),
+        podmeter: format!(
             "{} ({}{})",
             first_line(Command::new(&b.podmeter).arg("--version")),
             git(&["rev-parse", "--short", "HEAD"]),
-            if dirty { ", agent/ differs from the commit" } else { "" }
+            if dirty {
+                ", agent/ differs from the commit"
+            } else {
+                ""
+            }
         ),
-        "kubelet": kubelet,
-        "node_exporter": first_line(Command::new("prometheus-node-exporter").arg("--version")),
-        "stress_ng": first_line(Command::new("stress-ng").arg("--version")),
-        "iperf3": first_line(Command::new("iperf3").arg("--version")),
-        "bpftool": first_line(Command::new("bpftool").arg("--version")),
-        "rustc": first_line(Command::new("rustc").arg("--version")),
-    }))
+        kubelet,
+        node_exporter: first_line(Command::new("prometheus-node-exporter").arg("--version")),
+        stress_ng: first_line(Command::new("stress-ng").arg("--version")),
+        iperf3: first_line(Command::new("iperf3").arg("--version")),
+        bpftool: first_line(Command::new("bpftool").arg("--version")),
+        rustc: first_line(Command::new("rustc").arg("--version")),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -428,10 +428,10 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A number a helper printed, as JSON (null if absent or not a number).
-pub fn number(word: Option<&String>) -> Value {
+/// A number a helper printed (None if absent or not a number).
+pub fn number(word: Option<&String>) -> Option<f64> {
     word.and_then(|w| w.parse::<f64>().ok())
-        .map_or(Value::Null, |x| json!(x))
+        .and_then(crate::schema::finite)
 }
 
 /// Nearest-rank percentile of `v` (`p` in 0..=100); NaN when empty.

@@ -33,12 +33,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     Agent, Bench, Endpoint, LIGHT_TICK, Sample, burst_summary, error_pct, free_port, ip_octets,
-    number, output, parse_exposition, proc_cpu_secs, progress, round,
+    number, output, parse_exposition, proc_cpu_secs, progress,
+    results::{Exposer, PodCpu, PodNetwork, SideBySide, TcpApplication},
+    round,
 };
+use crate::schema::{finite, rounded};
 
 const NS: &str = "bench";
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
@@ -258,7 +261,7 @@ fn per_scrape_ms(burst_cpu: f64, idle_rate: f64, burst_secs: f64, n: usize) -> f
     )
 }
 
-pub fn run(b: &Bench) -> Result<Value> {
+pub fn run(b: &Bench) -> Result<SideBySide> {
     let _cluster = if node_ready(b) {
         ClusterGuard(b, false)
     } else {
@@ -487,17 +490,17 @@ pub fn run(b: &Bench) -> Result<Value> {
             _ => (f64::NAN, None, f64::NAN),
         };
         let secs = (pm_points[1].0 - pm_points[0].0) / 1e3;
-        cpu_rows.push(json!({
-            "pod": p.name,
-            "kernel_cpu_pct": round(dk / secs * 100.0, 2),
-            "kernel_cpu_secs": round(dk, 4),
-            "podmeter_cpu_secs": round(dp, 4),
-            "podmeter_error_pct": round(error_pct(dp, dk), 3),
-            "cadvisor_cpu_secs": round(cad_delta, 4),
-            "kernel_cpu_secs_at_cadvisor_times": cad_truth.map(|x| round(x, 4)),
-            "cadvisor_error_pct": cad_truth.map(|t| round(error_pct(cad_delta, t), 3)),
-            "cadvisor_sample_age_max_secs": round(staleness, 1),
-        }));
+        cpu_rows.push(PodCpu {
+            pod: p.name.clone(),
+            kernel_cpu_pct: round(dk / secs * 100.0, 2),
+            kernel_cpu_secs: round(dk, 4),
+            podmeter_cpu_secs: rounded(dp, 4),
+            podmeter_error_pct: rounded(error_pct(dp, dk), 3),
+            cadvisor_cpu_secs: rounded(cad_delta, 4),
+            kernel_cpu_secs_at_cadvisor_times: cad_truth.and_then(|x| rounded(x, 4)),
+            cadvisor_error_pct: cad_truth.and_then(|t| rounded(error_pct(cad_delta, t), 3)),
+            cadvisor_sample_age_max_secs: rounded(staleness, 1),
+        });
     }
 
     // Network: cAdvisor's counters once it has sampled after the traffic.
@@ -552,15 +555,15 @@ pub fn run(b: &Bench) -> Result<Value> {
             ("interface", "eth0"),
         )
         .map_or(f64::NAN, |(v, _)| v);
-        net_rows.push(json!({
-            "pod": name,
-            "direction": dir,
-            "truth_ip_bytes": truth,
-            "podmeter_bytes": pm,
-            "podmeter_error_pct": round(error_pct(pm, truth), 4),
-            "cadvisor_eth0_bytes": cad,
-            "cadvisor_error_pct": round(error_pct(cad, truth), 4),
-        }));
+        net_rows.push(PodNetwork {
+            pod: name.to_owned(),
+            direction: dir.to_owned(),
+            truth_ip_bytes: truth,
+            podmeter_bytes: pm,
+            podmeter_error_pct: rounded(error_pct(pm, truth), 4),
+            cadvisor_eth0_bytes: finite(cad),
+            cadvisor_error_pct: rounded(error_pct(cad, truth), 4),
+        });
     }
 
     // Cost per scrape.
@@ -591,15 +594,20 @@ pub fn run(b: &Bench) -> Result<Value> {
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .count();
-        exposers.push(json!({
-            "exposer": name,
-            "scrape": burst_summary(&burst),
-            "payload_bytes": body.len(),
-            "series": series,
-            "cpu_ms_per_scrape": per_scrape_ms(c1[i] - c0[i], idle[i], secs, n),
-            "idle_cpu_pct": round(idle[i] * 100.0, 3),
-            "cpu_source": if i == 2 { "/proc/<kubelet>/stat (10 ms ticks)" } else { "own cgroup cpu.stat" },
-        }));
+        exposers.push(Exposer {
+            exposer: name.to_owned(),
+            scrape: burst_summary(&burst),
+            payload_bytes: body.len() as u64,
+            series: series as u64,
+            cpu_ms_per_scrape: per_scrape_ms(c1[i] - c0[i], idle[i], secs, n),
+            idle_cpu_pct: round(idle[i] * 100.0, 3),
+            cpu_source: if i == 2 {
+                "/proc/<kubelet>/stat (10 ms ticks)"
+            } else {
+                "own cgroup cpu.stat"
+            }
+            .to_owned(),
+        });
     }
     let pods_on_node = kubectl(
         b,
@@ -616,17 +624,19 @@ pub fn run(b: &Bench) -> Result<Value> {
     .lines()
     .count();
     agent.stop()?;
-    Ok(json!({
-        "bench_pods": pods.len(),
-        "pods_on_node": pods_on_node,
-        "exposers": exposers,
-        "cpu": cpu_rows,
-        "network": net_rows,
-        "node_exporter_args": ne_args,
-        "tcp_application": {
-            "payload_written": number(tcp_sent.get(1)),
-            "payload_on_wire_incl_retransmits": number(tcp_sent.get(2)),
+    Ok(SideBySide {
+        bench_pods: pods.len() as u64,
+        pods_on_node: pods_on_node as u64,
+        exposers,
+        cpu: cpu_rows,
+        network: net_rows,
+        node_exporter_args: ne_args,
+        tcp_application: TcpApplication {
+            payload_written: number(tcp_sent.get(1)),
+            payload_on_wire_incl_retransmits: number(tcp_sent.get(2)),
+            retransmitted: None,
+            payload_received: None,
         },
-        "udp_datagrams_sent": b.plan.udp_count,
-    }))
+        udp_datagrams_sent: b.plan.udp_count,
+    })
 }
