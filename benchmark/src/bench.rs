@@ -14,11 +14,14 @@
 //!    and node-exporter: scrape cost, and CPU and network against the same
 //!    ground truth.
 //!
-//! Results go to `bench/results/<time>-<mode>.json` and `.md`, and the
-//! latest table to `bench/RESULTS.md`. `PODMETER_BENCH_ONLY=kernel,side`
-//! runs only the scenarios named (for trying a change; such a partial run
-//! leaves `bench/RESULTS.md` alone); `PODMETER_BENCH_RENDER=<json>` writes
-//! an earlier run's markdown again from its JSON. Everything the run makes (cgroups,
+//! Results ([`results::BenchResults`], schema [`results::SCHEMA_VERSION`])
+//! go to `bench/results/<time>-<mode>.json`, the report rendered from them
+//! ([`report`]) to `.md` next to it and to `bench/RESULTS.md`, whose other
+//! sections (the soak's, the kernel matrix) stay.
+//! `PODMETER_BENCH_ONLY=kernel,side` runs only the scenarios named (for
+//! trying a change; such a partial run leaves `bench/RESULTS.md` alone);
+//! `PODMETER_BENCH_RENDER=<json>` writes an earlier run's markdown again
+//! from its JSON. Everything the run makes (cgroups,
 //! processes, network namespaces, the `bench` namespace, the BPF statistics
 //! switch) is removed when it ends, also on failure.
 

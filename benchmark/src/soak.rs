@@ -15,7 +15,8 @@
 //! entries against the baseline before the churn, mkdir events seen
 //! against cgroups made and lost-event log lines, podmeter programs left
 //! after the SIGKILL and after the final SIGTERM (and how long the SIGTERM
-//! took). Raw JSON goes to `bench/results/<time>-soak.json`, the table to
+//! took). Raw JSON ([`results::SoakResults`]) goes to
+//! `bench/results/<time>-soak.json`, the table to
 //! the "Reliability (soak)" section of `bench/RESULTS.md` (the rest of the
 //! file stays; `PODMETER_SOAK_RENDER=<json>` writes an earlier run's section
 //! again).
