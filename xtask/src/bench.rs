@@ -1,530 +1,60 @@
-//! `cargo xtask bench [--quick]`: what podmeter costs and how right it is,
-//! measured on this machine next to what users already run (the kubelet's
-//! cAdvisor and node-exporter). It prints figures; it asserts nothing.
-//!
-//! Scenarios, in order (each one's failure is recorded and the rest go on):
-//! 1. [`kernel`]: per-event cost of each eBPF program (`bpf_stats`) under a
-//!    context-switch storm and a small-packet flood;
-//! 2. [`scale`]: the agent's CPU and peak RSS with 10, 100 and 1000
-//!    kubelet-style pod cgroups that carry work, scraped every 15 s, and its
-//!    `/metrics` latency and size;
-//! 3. [`accuracy`]: podmeter against `cpu.stat` and the kernel's IP byte
-//!    counters on this host;
-//! 4. [`side`]: real pods on the local cluster, podmeter next to cAdvisor
-//!    and node-exporter: scrape cost, and CPU and network against the same
-//!    ground truth.
-//!
-//! Results go to `bench/results/<time>-<mode>.json` and `.md`, and the
-//! latest table to `bench/RESULTS.md`. `PODMETER_BENCH_ONLY=kernel,side`
-//! runs only the scenarios named (for trying a change; such a partial run
-//! leaves `bench/RESULTS.md` alone); `PODMETER_BENCH_RENDER=<json>` writes
-//! an earlier run's markdown again from its JSON. Everything the run makes (cgroups,
-//! processes, network namespaces, the `bench` namespace, the BPF statistics
-//! switch) is removed when it ends, also on failure.
+//! `cargo xtask bench` and `cargo xtask soak`: the benchmark and the soak
+//! live in the `podmeter-bench` crate (`benchmark/`); this gives them what
+//! they need from xtask (setup, the agent's build, the local cluster).
 
-mod accuracy;
-mod cgroups;
-mod kernel;
-mod process;
-mod report;
-mod scale;
-mod scrape;
-mod side;
+use std::{path::PathBuf, process::Command};
 
-use std::{
-    fs,
-    io::Write as _,
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use anyhow::Result;
 
-use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
+use crate::{build, cluster, cmd, image, setup};
 
-use crate::{root, setup};
+/// xtask as the benchmark's [`podmeter_bench::Host`].
+pub struct Xtask;
 
-pub use cgroups::{Cg, Remove, Tree};
-pub use kernel::programs;
-pub use process::{Agent, Proc, Workers, scrape_until};
-pub use scrape::{Endpoint, Fetch, Sample, burst_summary, parse_exposition};
-
-/// How long and how big each scenario is.
-pub struct Plan {
-    /// `quick` or `full`.
-    pub mode: &'static str,
-    /// Each measured load in the kernel scenario.
-    pub kernel_secs: u64,
-    /// Context-switch throughput runs with and without the agent.
-    pub switch_compare_secs: u64,
-    /// Pod counts for the scale scenario.
-    pub scales: &'static [usize],
-    /// Window without scrapes, for the agent's background cost.
-    pub idle_secs: u64,
-    /// Window scraped every [`SCRAPE_EVERY`]: the headline CPU figure.
-    pub window_secs: u64,
-    /// Back-to-back scrapes for latency percentiles and CPU per scrape.
-    pub burst: usize,
-    /// CPU accuracy window (host and real pods).
-    pub accuracy_secs: u64,
-    /// TCP bytes per transfer and UDP datagrams (1000 bytes) per run.
-    pub tcp_bytes: u64,
-    pub udp_count: u64,
-    /// Light pods on the real cluster (besides the CPU and network pods).
-    pub light_pods: usize,
-    /// Back-to-back scrapes of the kubelet's cAdvisor endpoint.
-    pub cadvisor_burst: usize,
-}
-
-pub const QUICK: Plan = Plan {
-    mode: "quick",
-    kernel_secs: 10,
-    switch_compare_secs: 5,
-    scales: &[10, 100, 1000],
-    idle_secs: 10,
-    window_secs: 45,
-    burst: 50,
-    accuracy_secs: 30,
-    tcp_bytes: 100_000_000,
-    udp_count: 20_000,
-    light_pods: 6,
-    cadvisor_burst: 15,
-};
-
-const FULL: Plan = Plan {
-    mode: "full",
-    kernel_secs: 30,
-    switch_compare_secs: 15,
-    scales: &[10, 100, 1000],
-    idle_secs: 30,
-    window_secs: 300,
-    burst: 200,
-    accuracy_secs: 120,
-    tcp_bytes: 500_000_000,
-    udp_count: 100_000,
-    light_pods: 24,
-    cadvisor_burst: 50,
-};
-
-/// Scrape interval of the cost windows, as the issue asks.
-pub const SCRAPE_EVERY: Duration = Duration::from_secs(15);
-
-/// A light pod's worker: wakes every 100 ms and spins 20 µs. (Every 10 ms
-/// would be 100,000 wake-ups a second at 1000 pods: more than 2 cores.)
-pub const LIGHT_TICK: [&str; 3] = ["tick", "100000", "20"];
-
-/// Debian packages the benchmark drives, beyond `cargo xtask setup`'s.
-const PACKAGES: &[&str] = &["prometheus-node-exporter", "stress-ng", "iperf3", "curl"];
-
-/// State shared by the scenarios.
-pub struct Bench {
-    pub plan: &'static Plan,
-    pub podmeter: PathBuf,
-    pub pm_work: PathBuf,
-    /// Scratch files (logs, scrapes) under target/bench.
-    pub scratch: PathBuf,
-    pub tree: Tree,
-    /// USER_HZ, for /proc/<pid>/stat.
-    pub clk_tck: f64,
-}
-
-/// `cargo xtask bench`'s options.
-#[derive(clap::Args)]
-pub struct Options {
-    /// Shorter windows and fewer samples (under 10 minutes).
-    #[arg(long)]
-    pub quick: bool,
-}
-
-/// `cargo xtask bench`.
-pub fn run(opts: &Options) -> Result<()> {
-    let quick = opts.quick;
-    if let Some(json) = std::env::var_os("PODMETER_BENCH_RENDER") {
-        return render(Path::new(&json));
+impl podmeter_bench::Host for Xtask {
+    fn root(&self) -> PathBuf {
+        cmd::root()
     }
-    if !crate::is_root() {
-        bail!(
-            "the benchmark loads eBPF programs and makes cgroups: run `sudo -E cargo xtask bench`"
-        );
-    }
-    let started = Instant::now();
-    let plan = if quick { &QUICK } else { &FULL };
-    setup::all()?;
-    setup::apt(PACKAGES)?;
-    crate::build::agent(true)?;
-    crate::image::build_pm_work()?;
-    let scratch = crate::cmd::target_dir().join("bench");
-    fs::create_dir_all(&scratch)?;
-    let clk_tck = output(Command::new("getconf").arg("CLK_TCK"))?
-        .trim()
-        .parse()
-        .context("getconf CLK_TCK")?;
-    let b = Bench {
-        plan,
-        podmeter: crate::cmd::target_dir().join("release/podmeter"),
-        pm_work: crate::cmd::target_dir().join("release/pm-work"),
-        scratch,
-        tree: Tree::new()?,
-        clk_tck,
-    };
-    let stamp = output(Command::new("date").args(["-u", "+%Y-%m-%dT%H%M%SZ"]))?
-        .trim()
-        .to_owned();
-    eprintln!("bench: {} run {stamp}", plan.mode);
-    let machine = machine()?;
-    eprintln!(
-        "bench: {}",
-        serde_json::to_string_pretty(&machine).unwrap_or_default()
-    );
 
-    let mut results = json!({
-        "mode": plan.mode,
-        "started": stamp,
-        "machine": machine,
-        "plan": {
-            "kernel_secs": plan.kernel_secs,
-            "scales": plan.scales,
-            "idle_secs": plan.idle_secs,
-            "window_secs": plan.window_secs,
-            "scrape_every_secs": SCRAPE_EVERY.as_secs(),
-            "burst": plan.burst,
-            "accuracy_secs": plan.accuracy_secs,
-            "tcp_bytes": plan.tcp_bytes,
-            "udp_count": plan.udp_count,
-            "light_pods": plan.light_pods,
-            "cadvisor_burst": plan.cadvisor_burst,
-            "light_worker": LIGHT_TICK.join(" "),
-            "scale_cpu_limit_millicores": scale::CPU_LIMIT_MILLICORES,
-        },
-    });
-    type Scenario = fn(&Bench) -> Result<Value>;
-    let scenarios: [(&str, Scenario); 4] = [
-        ("kernel", kernel::run),
-        ("scale", scale::run),
-        ("accuracy", accuracy::run),
-        ("side_by_side", side::run),
-    ];
-    // PODMETER_BENCH_ONLY=kernel,side runs only those (for trying changes).
-    let only = std::env::var("PODMETER_BENCH_ONLY").unwrap_or_default();
-    for (name, f) in scenarios {
-        if !only.is_empty() && !only.split(',').any(|o| name.starts_with(o.trim())) {
-            continue;
+    fn target_dir(&self) -> PathBuf {
+        cmd::target_dir()
+    }
+
+    fn prepare(&self, packages: &[&str]) -> Result<()> {
+        setup::all()?;
+        if !packages.is_empty() {
+            setup::apt(packages)?;
         }
-        let load = loadavg();
-        eprintln!("\nbench: == {name} == (load {load})");
-        let t = Instant::now();
-        let cpu0 = machine_cpu();
-        let mut v = f(&b).unwrap_or_else(|e| {
-            eprintln!("bench: {name} failed: {e:#}");
-            json!({ "error": format!("{e:#}") })
-        });
-        v["load_at_start"] = json!(load);
-        v["load_at_end"] = json!(loadavg());
-        if let (Some(a), Some(z)) = (cpu0, machine_cpu()) {
-            // What the whole machine did meanwhile, the benchmark included.
-            let total = (z.total - a.total).max(1) as f64;
-            v["machine_busy_pct"] = json!(round((z.busy - a.busy) as f64 / total * 100.0, 1));
-            v["machine_steal_pct"] = json!(round((z.steal - a.steal) as f64 / total * 100.0, 1));
-        }
-        v["secs"] = json!(round(t.elapsed().as_secs_f64(), 1));
-        results[name] = v;
+        build::agent(true)?;
+        image::build_pm_work()
     }
-    results["total_secs"] = json!(round(started.elapsed().as_secs_f64(), 0));
-    results["targets"] = report::targets(&results);
 
-    let dir = root().join("bench/results");
-    fs::create_dir_all(&dir)?;
-    let base = dir.join(if only.is_empty() {
-        format!("{stamp}-{}", plan.mode)
-    } else {
-        format!("{stamp}-{}-only-{}", plan.mode, only.replace(',', "-"))
-    });
-    let json_path = base.with_extension("json");
-    fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
-    let md = report::markdown(&results);
-    fs::write(base.with_extension("md"), &md)?;
-    // A partial run does not replace the latest full table.
-    if only.is_empty() {
-        fs::write(root().join("bench/RESULTS.md"), with_soak(&md))?;
+    fn kubectl(&self) -> Command {
+        cluster::kubectl()
     }
-    println!("{md}");
-    eprintln!(
-        "bench: {} run took {:.0} s; wrote {} and {}{}",
-        plan.mode,
-        started.elapsed().as_secs_f64(),
-        json_path.display(),
-        base.with_extension("md").display(),
-        if only.is_empty() {
-            " and bench/RESULTS.md"
-        } else {
-            ""
-        }
-    );
-    Ok(())
-}
 
-/// Writes the markdown of an earlier run's JSON again (after a change to
-/// the report, without measuring again): next to it, and as
-/// `bench/RESULTS.md`.
-fn render(json_path: &Path) -> Result<()> {
-    let text = fs::read_to_string(json_path)
-        .with_context(|| format!("reading {}", json_path.display()))?;
-    let mut results: Value = serde_json::from_str(&text)?;
-    results["targets"] = report::targets(&results);
-    let md = report::markdown(&results);
-    fs::write(json_path.with_extension("md"), &md)?;
-    fs::write(root().join("bench/RESULTS.md"), with_soak(&md))?;
-    eprintln!(
-        "bench: rendered {} and bench/RESULTS.md",
-        json_path.with_extension("md").display()
-    );
-    Ok(())
-}
-
-/// `md` followed by the soak's section of the current `bench/RESULTS.md`,
-/// which `cargo xtask soak` writes and the benchmark keeps.
-fn with_soak(md: &str) -> String {
-    let existing = fs::read_to_string(root().join("bench/RESULTS.md")).unwrap_or_default();
-    match crate::soak::section_of(&existing) {
-        Some(section) => crate::soak::replace_section(md, section),
-        None => md.to_owned(),
+    fn node(&self) -> &str {
+        cluster::NODE
     }
-}
 
-/// The machine, kernel and versions, for the record.
-fn machine() -> Result<Value> {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |k: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_owned())
-            .unwrap_or_default()
-    };
-    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let first_line = |cmd: &mut Command| {
-        output(cmd)
-            .ok()
-            .and_then(|s| s.lines().find(|l| !l.trim().is_empty()).map(str::to_owned))
-            .unwrap_or_else(|| "not found".into())
-    };
-    let git = |args: &[&str]| first_line(Command::new("git").current_dir(root()).args(args));
-    let dirty = !Command::new("git")
-        .current_dir(root())
-        .args(["diff", "--quiet", "HEAD", "--", "agent", "agent-ebpf"])
-        .status()
-        .is_ok_and(|s| s.success());
-    // The running kubelet's, else the one the side-by-side scenario starts.
-    let kubelet = fs::read_to_string(Path::new(crate::cluster::STATE).join("pids/kubelet.pid"))
-        .ok()
-        .and_then(|p| fs::read_link(format!("/proc/{}/exe", p.trim())).ok())
-        .unwrap_or_else(crate::cluster::kubelet_bin);
-    let kubelet = first_line(Command::new(kubelet).arg("--version"));
-    Ok(json!({
-        "cpu": field("model name"),
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "hypervisor": cpuinfo.contains(" hypervisor"),
-        "memory_gib": round(mem_kib as f64 / 1048576.0, 1),
-        "kernel": first_line(Command::new("uname").arg("-r")),
-        "cgroups": if Path::new("/sys/fs/cgroup/unified").join("cgroup.procs").exists() {
-            "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified)"
-        } else {
-            "cgroup2"
-        },
-        "podmeter": format!(
-            "{} ({}{})",
-            first_line(Command::new(crate::cmd::target_dir().join("release/podmeter")).arg("--version")),
-            git(&["rev-parse", "--short", "HEAD"]),
-            if dirty { ", agent/ differs from the commit" } else { "" }
-        ),
-        "kubelet": kubelet,
-        "node_exporter": first_line(Command::new("prometheus-node-exporter").arg("--version")),
-        "stress_ng": first_line(Command::new("stress-ng").arg("--version")),
-        "iperf3": first_line(Command::new("iperf3").arg("--version")),
-        "bpftool": first_line(Command::new("bpftool").arg("--version")),
-        "rustc": first_line(Command::new("rustc").arg("--version")),
-    }))
-}
-
-// ---------------------------------------------------------------------------
-// Small helpers
-
-/// Runs `cmd` and returns its stdout; fails with its stderr.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    fn cluster_state(&self) -> PathBuf {
+        PathBuf::from(cluster::STATE)
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
-/// `x` rounded to `digits` decimals, for readable JSON.
-pub fn round(x: f64, digits: i32) -> f64 {
-    let m = 10f64.powi(digits);
-    (x * m).round() / m
-}
-
-/// /proc/loadavg's first three fields.
-pub fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Jiffies of all CPUs from /proc/stat.
-struct MachineCpu {
-    total: u64,
-    busy: u64,
-    steal: u64,
-}
-
-fn machine_cpu() -> Option<MachineCpu> {
-    let stat = fs::read_to_string("/proc/stat").ok()?;
-    let f: Vec<u64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    let total: u64 = f.iter().take(8).sum();
-    let (idle, steal) = (f.get(3)? + f.get(4)?, *f.get(7)?);
-    Some(MachineCpu {
-        total,
-        busy: total - idle - steal,
-        steal,
-    })
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A number a helper printed, as JSON (null if absent or not a number).
-pub fn number(word: Option<&String>) -> Value {
-    word.and_then(|w| w.parse::<f64>().ok())
-        .map_or(Value::Null, |x| json!(x))
-}
-
-/// Nearest-rank percentile of `v` (`p` in 0..=100); NaN when empty.
-pub fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
+    fn kubelet_bin(&self) -> PathBuf {
+        cluster::kubelet_bin()
     }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
 
-/// Signed relative error of `measured` against `truth`, in percent.
-pub fn error_pct(measured: f64, truth: f64) -> f64 {
-    if truth == 0.0 {
-        return if measured == 0.0 { 0.0 } else { f64::INFINITY };
+    fn cluster_up(&self) -> Result<()> {
+        cluster::up()
     }
-    (measured - truth) / truth * 100.0
-}
 
-/// utime + stime of a process, in seconds (clock-tick resolution).
-pub fn proc_cpu_secs(pid: u32, clk_tck: f64) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name may hold spaces; fields count from after its ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    let ticks = |i: usize| -> Result<f64> {
-        f.get(i - 3)
-            .context("short /proc stat")?
-            .parse::<f64>()
-            .context("bad /proc stat")
-    };
-    Ok((ticks(14)? + ticks(15)?) / clk_tck)
-}
+    fn cluster_down(&self) -> Result<()> {
+        cluster::down()
+    }
 
-/// A `/proc/<pid>/status` value in bytes (`VmHWM`, `VmRSS`).
-pub fn proc_status_bytes(pid: u32, key: &str) -> Result<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
-    Ok(kib * 1024)
-}
-
-/// `cpu.stat` `usage_usec` of a cgroup2 directory, in seconds.
-pub fn cgroup_cpu_secs(dir: &Path) -> Result<f64> {
-    let stat = fs::read_to_string(dir.join("cpu.stat"))
-        .with_context(|| format!("reading {}/cpu.stat", dir.display()))?;
-    let usec: u64 = stat
-        .lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .context("no usage_usec in cpu.stat")?
-        .trim()
-        .parse()?;
-    Ok(usec as f64 / 1e6)
-}
-
-/// `InOctets` and `OutOctets` (IPv4 bytes, headers included) of the network
-/// namespace `pid` lives in.
-pub fn ip_octets(pid: u32) -> Result<(u64, u64)> {
-    ip_octets_of(&fs::read_to_string(format!("/proc/{pid}/net/netstat"))?)
-}
-
-/// [`ip_octets`] of the named network namespace.
-pub fn netns_ip_octets(ns: &str) -> Result<(u64, u64)> {
-    ip_octets_of(&output(Command::new("ip").args([
-        "netns",
-        "exec",
-        ns,
-        "cat",
-        "/proc/net/netstat",
-    ]))?)
-}
-
-/// `InOctets` and `OutOctets` from the text of `/proc/net/netstat`.
-fn ip_octets_of(text: &str) -> Result<(u64, u64)> {
-    let mut rows = text.lines().filter(|l| l.starts_with("IpExt:"));
-    let (names, values) = (rows.next(), rows.next());
-    let (Some(names), Some(values)) = (names, values) else {
-        bail!("no IpExt in /proc/net/netstat");
-    };
-    let get = |k: &str| -> Result<u64> {
-        let i = names
-            .split_whitespace()
-            .position(|n| n == k)
-            .with_context(|| format!("no {k} in IpExt"))?;
-        Ok(values
-            .split_whitespace()
-            .nth(i)
-            .context("short IpExt")?
-            .parse()?)
-    };
-    Ok((get("InOctets")?, get("OutOctets")?))
-}
-
-/// Writes a line to stderr now (progress of long windows).
-pub fn progress(msg: &str) {
-    let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "bench: {msg}");
+    fn load_work_image(&self) -> Result<()> {
+        let tar = image::testwork()?;
+        image::import(&tar, &cluster::containerd_sock())
+    }
 }

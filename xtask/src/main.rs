@@ -14,7 +14,6 @@ mod lint;
 mod phases;
 mod run;
 mod setup;
-mod soak;
 mod test;
 mod tools;
 mod vm;
@@ -73,13 +72,13 @@ enum Task {
     /// pods, /metrics latency, accuracy) next to cAdvisor and node-exporter
     /// on real pods of the local cluster (needs root); writes
     /// bench/results/ and bench/RESULTS.md.
-    Bench(bench::Options),
+    Bench(podmeter_bench::bench::Options),
     /// Run podmeter for a long while (default 10 minutes) under cgroup churn,
     /// concurrent scrapes and a SIGKILL and restart (needs root): scrape
     /// errors and latency, RSS and descriptor growth, retirement back to the
     /// baseline, lost events, programs left; writes bench/results/ and the
     /// "Reliability (soak)" section of bench/RESULTS.md.
-    Soak(soak::Options),
+    Soak(podmeter_bench::soak::Options),
     /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels in qemu (pure cgroup
     /// v2) and run the privileged integration tests in each; prints a table
     /// per kernel.
@@ -101,8 +100,8 @@ fn main() -> std::process::ExitCode {
         Task::Cluster(o) => cluster::run(o),
         Task::Manifests(o) => tools::write_manifests(o),
         Task::Tools(o) => tools::run(o),
-        Task::Bench(o) => bench::run(o),
-        Task::Soak(o) => soak::run(o),
+        Task::Bench(o) => podmeter_bench::bench::run(o, &bench::Xtask),
+        Task::Soak(o) => podmeter_bench::soak::run(o, &bench::Xtask),
         Task::Image(o) => image::run(o),
         Task::VmTest(o) => vm::run(o),
     };

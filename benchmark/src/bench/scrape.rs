@@ -3,10 +3,9 @@
 
 use std::process::{Command, Stdio};
 
+use super::{output, percentile, results::BurstSummary};
+use crate::schema::rounded;
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
-
-use super::{output, percentile, round};
 
 /// One HTTP fetch: seconds to the last byte, and bytes on the wire.
 #[derive(Clone, Copy, Debug)]
@@ -87,15 +86,15 @@ fn parse_fetch(line: &str) -> Result<Fetch> {
 }
 
 /// Latency and size figures of a burst.
-pub fn burst_summary(v: &[Fetch]) -> Value {
+pub fn burst_summary(v: &[Fetch]) -> BurstSummary {
     let ms: Vec<f64> = v.iter().map(|f| f.secs * 1e3).collect();
-    json!({
-        "scrapes": v.len(),
-        "p50_ms": round(percentile(&ms, 50.0), 2),
-        "p99_ms": round(percentile(&ms, 99.0), 2),
-        "max_ms": round(percentile(&ms, 100.0), 2),
-        "wire_bytes": v.last().map_or(0, |f| f.bytes),
-    })
+    BurstSummary {
+        scrapes: v.len() as u64,
+        p50_ms: rounded(percentile(&ms, 50.0), 2),
+        p99_ms: rounded(percentile(&ms, 99.0), 2),
+        max_ms: rounded(percentile(&ms, 100.0), 2),
+        wire_bytes: v.last().map_or(0, |f| f.bytes),
+    }
 }
 
 pub use podmeter_test_support::scrape::Sample;

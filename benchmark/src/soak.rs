@@ -15,7 +15,8 @@
 //! entries against the baseline before the churn, mkdir events seen
 //! against cgroups made and lost-event log lines, podmeter programs left
 //! after the SIGKILL and after the final SIGTERM (and how long the SIGTERM
-//! took). Raw JSON goes to `bench/results/<time>-soak.json`, the table to
+//! took). Raw JSON ([`results::SoakResults`]) goes to
+//! `bench/results/<time>-soak.json`, the table to
 //! the "Reliability (soak)" section of `bench/RESULTS.md` (the rest of the
 //! file stays; `PODMETER_SOAK_RENDER=<json>` writes an earlier run's section
 //! again).
@@ -23,6 +24,7 @@
 use std::{
     collections::VecDeque,
     fs,
+    path::Path,
     process::Command,
     sync::{
         Mutex,
@@ -32,16 +34,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use serde_json::{Value, json};
 
 use crate::{
+    Host,
     bench::{
         self, Agent, Bench, Endpoint, Proc, Sample, Tree, output, parse_exposition, percentile,
         proc_status_bytes, round,
     },
-    root, setup,
+    is_root,
+    schema::{SCHEMA_VERSION, json_text, rounded},
+};
+
+pub mod results;
+
+use results::{
+    AgentSample, AgentScrapes, Churn, End, Gauges, Growth, Life as LifeSummary,
+    Scrapes as ScrapeFigures, Settle, Sigkill, Sigterm, Soak, SoakOptions, SoakResults,
 };
 
 /// The heading of the soak's section in `bench/RESULTS.md`.
@@ -113,7 +123,7 @@ struct Shared {
     started: Instant,
     /// The agent to scrape and sample; none while it restarts.
     target: Mutex<Option<Target>>,
-    samples: Mutex<Vec<Value>>,
+    samples: Mutex<Vec<AgentSample>>,
     stop: AtomicBool,
     stop_churn: AtomicBool,
     scrapes: Mutex<Vec<Scraped>>,
@@ -172,25 +182,32 @@ struct Life {
 }
 
 /// `cargo xtask soak`.
-pub fn run(o: &Options) -> Result<()> {
+pub fn run(o: &Options, host: &dyn Host) -> Result<()> {
+    let root = host.root();
     if let Some(json_path) = std::env::var_os("PODMETER_SOAK_RENDER") {
         // An earlier run's markdown again, from its JSON (after a change to
         // the report).
-        let results: Value = serde_json::from_str(&fs::read_to_string(&json_path)?)?;
-        return write_section(&results);
+        let text = fs::read_to_string(&json_path)?;
+        let results: SoakResults = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "reading {} as soak results",
+                Path::new(&json_path).display()
+            )
+        })?;
+        return write_section(&root, &results);
     }
-    if !crate::is_root() {
+    if !is_root() {
         bail!("the soak loads eBPF programs and makes cgroups: run `sudo -E cargo xtask soak`");
     }
-    setup::all()?;
-    crate::build::agent(true)?;
-    crate::image::build_pm_work()?;
-    let scratch = crate::cmd::target_dir().join("bench");
+    host.prepare(&[])?;
+    let target = host.target_dir();
+    let scratch = target.join("bench");
     fs::create_dir_all(&scratch)?;
     let b = Bench {
+        host,
         plan: &bench::QUICK,
-        podmeter: crate::cmd::target_dir().join("release/podmeter"),
-        pm_work: crate::cmd::target_dir().join("release/pm-work"),
+        podmeter: target.join("release/podmeter"),
+        pm_work: target.join("release/pm-work"),
         scratch,
         tree: Tree::new()?,
         clk_tck: 100.0,
@@ -204,41 +221,42 @@ pub fn run(o: &Options) -> Result<()> {
     let commit =
         output(
             Command::new("git")
-                .current_dir(root())
+                .current_dir(&root)
                 .args(["rev-parse", "--short", "HEAD"]),
         )?
         .trim()
         .to_owned();
     let results = soak(&b, o)?;
-    let results = json!({
-        "started": stamp,
-        "podmeter": format!("{version} ({commit})"),
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "kernel": output(Command::new("uname").arg("-r"))?.trim(),
-        "options": {
-            "duration_secs": o.duration.as_secs_f64(),
-            "scrapers": o.scrapers,
-            "rate_per_sec": o.rate,
-            "cgroup_lifetime_secs": LIFETIME.as_secs_f64(),
-            "grace_period_secs": o.grace_period.as_secs_f64(),
-            "refresh_interval_secs": o.refresh_interval.as_secs_f64(),
-            "scrape_timeout_secs": o.scrape_timeout.as_secs_f64(),
+    let results = SoakResults {
+        schema_version: SCHEMA_VERSION,
+        started: stamp.clone(),
+        podmeter: format!("{version} ({commit})"),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get() as u64),
+        kernel: output(Command::new("uname").arg("-r"))?.trim().to_owned(),
+        options: SoakOptions {
+            duration_secs: o.duration.as_secs_f64(),
+            scrapers: o.scrapers as u64,
+            rate_per_sec: u64::from(o.rate),
+            cgroup_lifetime_secs: LIFETIME.as_secs_f64(),
+            grace_period_secs: o.grace_period.as_secs_f64(),
+            refresh_interval_secs: o.refresh_interval.as_secs_f64(),
+            scrape_timeout_secs: o.scrape_timeout.as_secs_f64(),
         },
-        "soak": results,
-    });
+        soak: results,
+    };
 
-    let dir = root().join("bench/results");
+    let dir = root.join("bench/results");
     fs::create_dir_all(&dir)?;
     let json_path = dir.join(format!("{stamp}-soak.json"));
     fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     eprintln!("soak: wrote {}", json_path.display());
-    write_section(&results)
+    write_section(&root, &results)
 }
 
 /// Prints the soak's section and writes it into `bench/RESULTS.md`.
-fn write_section(results: &Value) -> Result<()> {
+fn write_section(root: &Path, results: &SoakResults) -> Result<()> {
     let md = markdown(results);
-    let path = root().join("bench/RESULTS.md");
+    let path = root.join("bench/RESULTS.md");
     let existing = fs::read_to_string(&path).unwrap_or_default();
     fs::write(&path, replace_section(&existing, &md))?;
     println!("{md}");
@@ -289,7 +307,7 @@ pub fn section_of(existing: &str) -> Option<&str> {
     Some(existing[at..end].trim_end())
 }
 
-fn soak(b: &Bench, o: &Options) -> Result<Value> {
+fn soak(b: &Bench, o: &Options) -> Result<Soak> {
     // One sink for every churned sender, in a cgroup of its own.
     let mut sink = b
         .tree
@@ -328,16 +346,16 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
     sh.target.lock().unwrap().replace(target);
     eprintln!(
         "soak: agent up; baseline {}",
-        serde_json::to_string(&baseline["metrics"])?
+        serde_json::to_string(&baseline.metrics)?
     );
 
     let tail = o.grace_period + 2 * o.refresh_interval + Duration::from_secs(15);
     let half = o.duration / 2;
-    let mut lives: Vec<Value> = Vec::new();
-    let mut kill: Value = Value::Null;
+    let mut lives: Vec<LifeSummary> = Vec::new();
+    let mut kill: Option<Sigkill> = None;
     let mut churn_end: Option<f64> = None;
     let mut created_at_kill = 0;
-    let mut end: Value = Value::Null;
+    let mut error: Option<String> = None;
 
     let outcome: Result<()> = scope(|s| {
         s.spawn(|| churn(b, &sh, o.rate, &sink_addr));
@@ -361,7 +379,7 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
                     let progs = life.progs.clone();
                     let (left, gone_after) = progs_left(&progs, Duration::from_secs(10))?;
                     let samples = sh.samples.lock().unwrap().clone();
-                    lives.push(summary(&life, 0, &samples, killed_at));
+                    lives.push(summary(b, &life, 0, &samples, killed_at));
                     let log = b.scratch.join(format!("podmeter-{}.log", life.tag));
                     let t = Instant::now();
                     let old = std::mem::replace(&mut life, start(b, &sh, "soak-b", &args)?);
@@ -372,14 +390,14 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
                         "soak: SIGKILLed the agent at {killed_at:.0} s (exited: {exited}); \
                          its programs left: {left:?}; restarted in {restart_secs:.1} s"
                     );
-                    kill = json!({
-                        "at_secs": round(killed_at, 1),
-                        "exited": exited,
-                        "programs": progs.len(),
-                        "programs_left": left,
-                        "programs_gone_after_secs": gone_after.map(|s| round(s, 2)),
-                        "restart_secs": round(restart_secs, 2),
-                        "log": log,
+                    kill = Some(Sigkill {
+                        at_secs: round(killed_at, 1),
+                        exited,
+                        programs: progs.len() as u64,
+                        programs_left: left,
+                        programs_gone_after_secs: gone_after.map(|s| round(s, 2)),
+                        restart_secs: round(restart_secs, 2),
+                        log: log.display().to_string(),
                     });
                     sh.target.lock().unwrap().replace(life.target(1));
                 }
@@ -414,11 +432,11 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
     });
     if let Err(e) = outcome {
         eprintln!("soak: stopped early: {e:#}");
-        end["error"] = json!(format!("{e:#}"));
+        error = Some(format!("{e:#}"));
     }
     let ended_at = sh.secs();
     let samples = std::mem::take(&mut *sh.samples.lock().unwrap());
-    lives.push(summary(&life, lives.len(), &samples, ended_at));
+    lives.push(summary(b, &life, lives.len(), &samples, ended_at));
 
     // The end: SIGTERM, which must detach the programs and exit.
     let pid = life.agent.pid();
@@ -434,11 +452,14 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
     let (left, _) = progs_left(&progs, Duration::from_secs(5))?;
     drop(life);
     drop(sink);
-    end["sigterm"] = json!({
-        "exited_within_10s": exited,
-        "secs": round(exit_secs, 2),
-        "programs_left": left,
-    });
+    let end = End {
+        error,
+        sigterm: Sigterm {
+            exited_within_10s: exited,
+            secs: round(exit_secs, 2),
+            programs_left: left,
+        },
+    };
 
     let scrapes = sh.scrapes.into_inner().unwrap();
     let ms: Vec<f64> = scrapes
@@ -453,50 +474,54 @@ fn soak(b: &Bench, o: &Options) -> Result<Value> {
             kinds.push(msg);
         }
     }
-    let per_agent: Vec<Value> = (0..lives.len())
+    let per_agent: Vec<AgentScrapes> = (0..lives.len())
         .map(|i| {
             let mine: Vec<&Scraped> = scrapes.iter().filter(|s| s.agent == i).collect();
             let errs: Vec<&&Scraped> = mine.iter().filter(|s| s.result.is_err()).collect();
-            json!({
-                "scrapes": mine.len(),
-                "errors": errs.len(),
-                "timeouts": errs.iter().filter(|s| is_timeout(s)).count(),
-                "first_error_at_secs": errs.first().map(|s| round(s.at, 1)),
-                "last_ok_at_secs": mine.iter().rev().find(|s| s.result.is_ok()).map(|s| round(s.at, 1)),
-            })
+            AgentScrapes {
+                scrapes: mine.len() as u64,
+                errors: errs.len() as u64,
+                timeouts: errs.iter().filter(|s| is_timeout(s)).count() as u64,
+                first_error_at_secs: errs.first().map(|s| round(s.at, 1)),
+                last_ok_at_secs: mine
+                    .iter()
+                    .rev()
+                    .find(|s| s.result.is_ok())
+                    .map(|s| round(s.at, 1)),
+            }
         })
         .collect();
     let churn_end = churn_end.unwrap_or(ended_at);
     let created = sh.created.load(Ordering::Relaxed);
-    Ok(json!({
-        "secs": round(ended_at, 0),
-        "churn": {
-            "cgroups_created": created,
-            "cgroups_removed": sh.removed.load(Ordering::Relaxed),
-            "achieved_rate_per_sec": round(created as f64 / churn_end.max(1.0), 1),
-            "worst_lag_ms": sh.lag_ms.load(Ordering::Relaxed),
-            "ended_at_secs": round(churn_end, 1),
-            "created_before_kill": created_at_kill,
+    Ok(Soak {
+        secs: round(ended_at, 0),
+        churn: Churn {
+            cgroups_created: created,
+            cgroups_removed: sh.removed.load(Ordering::Relaxed),
+            achieved_rate_per_sec: round(created as f64 / churn_end.max(1.0), 1),
+            worst_lag_ms: sh.lag_ms.load(Ordering::Relaxed),
+            ended_at_secs: round(churn_end, 1),
+            created_before_kill: created_at_kill,
         },
-        "scrapes": {
-            "total": scrapes.len(),
-            "ok": ms.len(),
-            "errors": errors.len(),
-            "timeouts": errors.iter().filter(|s| is_timeout(s)).count(),
-            "cut_by_sigkill": sh.cut.load(Ordering::Relaxed),
-            "error_kinds": kinds,
-            "p50_ms": round(percentile(&ms, 50.0), 1),
-            "p99_ms": round(percentile(&ms, 99.0), 1),
-            "max_ms": round(percentile(&ms, 100.0), 1),
-            "per_agent": per_agent,
+        scrapes: ScrapeFigures {
+            total: scrapes.len() as u64,
+            ok: ms.len() as u64,
+            errors: errors.len() as u64,
+            timeouts: errors.iter().filter(|s| is_timeout(s)).count() as u64,
+            cut_by_sigkill: sh.cut.load(Ordering::Relaxed),
+            error_kinds: kinds,
+            p50_ms: rounded(percentile(&ms, 50.0), 1),
+            p99_ms: rounded(percentile(&ms, 99.0), 1),
+            max_ms: rounded(percentile(&ms, 100.0), 1),
+            per_agent,
         },
-        "baseline": baseline["metrics"],
-        "settle": settle(&samples, &baseline, churn_end),
-        "lives": lives,
-        "sigkill": kill,
-        "end": end,
-        "samples": samples,
-    }))
+        settle: settle(&samples, &baseline, churn_end),
+        baseline: baseline.metrics,
+        lives,
+        sigkill: kill,
+        end,
+        samples,
+    })
 }
 
 fn is_timeout(s: &Scraped) -> bool {
@@ -661,75 +686,75 @@ fn sampler(sh: &Shared) {
 }
 
 /// RSS, descriptors and gauges of the agent now.
-fn sample(sh: &Shared, t: &Target) -> Value {
+fn sample(sh: &Shared, t: &Target) -> AgentSample {
     let rss = proc_status_bytes(t.pid, "VmRSS").ok();
     let fds = fs::read_dir(format!("/proc/{}/fd", t.pid))
         .ok()
         .map(|d| d.count());
-    let metrics = match sh
+    let metrics = sh
         .endpoint(&t.url)
         .fetch()
         .and_then(|(_, body)| parse_exposition(&body))
-    {
-        Ok(samples) => gauges(&samples),
-        Err(e) => json!({ "error": format!("{e:#}") }),
-    };
-    json!({
-        "at_secs": round(sh.secs(), 1),
-        "agent": t.index,
-        "cgroups_made": sh.created.load(Ordering::Relaxed),
-        "rss_mib": rss.map(|b| round(b as f64 / 1048576.0, 2)),
-        "fds": fds,
-        "metrics": metrics,
-    })
+        .map(|samples| gauges(&samples));
+    AgentSample {
+        at_secs: round(sh.secs(), 1),
+        agent: t.index as u64,
+        cgroups_made: sh.created.load(Ordering::Relaxed),
+        rss_mib: rss.map(|b| round(b as f64 / 1048576.0, 2)),
+        fds: fds.map(|n| n as u64),
+        metrics: metrics.into(),
+    }
 }
 
 /// The agent's own gauges and counters the soak follows.
-fn gauges(s: &[Sample]) -> Value {
+fn gauges(s: &[Sample]) -> Gauges {
     let get = |name: &str, k: &str, v: &str| {
         s.iter()
             .find(|x| x.name == name && x.label(k) == Some(v))
             .map(|x| x.value)
     };
-    json!({
-        "live": get("podmeter_tracked_cgroups", "state", "live"),
-        "departed": get("podmeter_tracked_cgroups", "state", "departed"),
-        "unresolved": get("podmeter_tracked_cgroups", "state", "unresolved"),
-        "map_cpu": get("podmeter_bpf_map_entries", "map", "cpu"),
-        "map_net": get("podmeter_bpf_map_entries", "map", "net"),
-        "mkdir": get("podmeter_cgroup_tree_updates_total", "source", "mkdir"),
-        "rmdir": get("podmeter_cgroup_tree_updates_total", "source", "rmdir"),
-        "scan": get("podmeter_cgroup_tree_updates_total", "source", "scan"),
-        "dropped_cpu": get("podmeter_bpf_map_dropped_updates_total", "map", "cpu"),
-        "dropped_net": get("podmeter_bpf_map_dropped_updates_total", "map", "net"),
-    })
+    Gauges {
+        live: get("podmeter_tracked_cgroups", "state", "live"),
+        departed: get("podmeter_tracked_cgroups", "state", "departed"),
+        unresolved: get("podmeter_tracked_cgroups", "state", "unresolved"),
+        map_cpu: get("podmeter_bpf_map_entries", "map", "cpu"),
+        map_net: get("podmeter_bpf_map_entries", "map", "net"),
+        mkdir: get("podmeter_cgroup_tree_updates_total", "source", "mkdir"),
+        rmdir: get("podmeter_cgroup_tree_updates_total", "source", "rmdir"),
+        scan: get("podmeter_cgroup_tree_updates_total", "source", "scan"),
+        dropped_cpu: get("podmeter_bpf_map_dropped_updates_total", "map", "cpu"),
+        dropped_net: get("podmeter_bpf_map_dropped_updates_total", "map", "net"),
+    }
 }
 
 /// Figures of one agent lifetime, from its samples.
-fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value {
+fn summary(
+    b: &Bench,
+    life: &Life,
+    index: usize,
+    samples: &[AgentSample],
+    ended_at: f64,
+) -> LifeSummary {
     let index = index as u64;
-    let mine: Vec<&Value> = samples
-        .iter()
-        .filter(|s| s["agent"].as_u64() == Some(index))
-        .collect();
+    let mine: Vec<&AgentSample> = samples.iter().filter(|s| s.agent == index).collect();
     // The last answered sample (a hung agent answers none).
     let last = mine
         .iter()
         .rev()
-        .find(|s| s["metrics"].get("error").is_none());
+        .find_map(|s| Some((s, s.metrics.measured()?)));
     let lived = ended_at - life.started_at;
     let warm = WARM_UP.as_secs_f64().min(lived / 3.0);
-    let after: Vec<&&Value> = mine
+    let after: Vec<&&AgentSample> = mine
         .iter()
-        .filter(|s| s["at_secs"].as_f64().unwrap_or(0.0) - life.started_at >= warm)
+        .filter(|s| s.at_secs - life.started_at >= warm)
         .collect();
     // Medians of the first and the last minute after the warm-up, not two
     // single samples: the agent gives freed memory back every few hundred
     // retirements, so RSS is a sawtooth whose period is near the sampling's.
-    let growth = |key: &str, digits: i32| {
+    let growth = |key: fn(&AgentSample) -> Option<f64>, digits: i32| {
         let v: Vec<(f64, f64)> = after
             .iter()
-            .filter_map(|s| Some((s["at_secs"].as_f64()?, s[key].as_f64()?)))
+            .filter_map(|s| Some((s.at_secs, key(s)?)))
             .collect();
         let median_of = |keep: &dyn Fn(f64) -> bool| {
             let w: Vec<f64> = v
@@ -741,19 +766,21 @@ fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value
         };
         let first = v.first().and_then(|(t0, _)| median_of(&|t| t <= t0 + 60.0));
         let end = v.last().and_then(|(t1, _)| median_of(&|t| t >= t1 - 60.0));
-        let all: Vec<f64> = mine.iter().filter_map(|s| s[key].as_f64()).collect();
-        json!({
-            "after_warm_up": first.map(|x| round(x, digits)),
-            "end": end.map(|x| round(x, digits)),
-            "growth": first.zip(end).map(|(a, z)| round(z - a, digits)),
-            "max": all.iter().copied().reduce(f64::max).map(|x| round(x, digits)),
-        })
+        let all: Vec<f64> = mine.iter().filter_map(|s| key(s)).collect();
+        Growth {
+            after_warm_up: first.map(|x| round(x, digits)),
+            end: end.map(|x| round(x, digits)),
+            growth: first.zip(end).map(|(a, z)| round(z - a, digits)),
+            max: all
+                .iter()
+                .copied()
+                .reduce(f64::max)
+                .map(|x| round(x, digits)),
+        }
     };
     // Lost-event log lines (`lost=N`), at warn level.
-    let log = fs::read_to_string(
-        crate::cmd::target_dir().join(format!("bench/podmeter-{}.log", life.tag)),
-    )
-    .unwrap_or_default();
+    let log = fs::read_to_string(b.scratch.join(format!("podmeter-{}.log", life.tag)))
+        .unwrap_or_default();
     let lost_lines: Vec<&str> = log.lines().filter(|l| l.contains("events lost")).collect();
     let lost: u64 = lost_lines
         .iter()
@@ -768,111 +795,103 @@ fn summary(life: &Life, index: usize, samples: &[Value], ended_at: f64) -> Value
         })
         .sum();
     let warnings = log.lines().filter(|l| l.contains("WARN")).count();
-    json!({
-        "tag": life.tag,
-        "started_at_secs": round(life.started_at, 1),
-        "ended_at_secs": round(ended_at, 1),
-        "warm_up_secs": round(warm, 0),
-        "rss_mib": growth("rss_mib", 2),
-        "fds": growth("fds", 0),
-        "last_metrics": last.map(|s| &s["metrics"]),
-        "last_metrics_at_secs": last.map(|s| &s["at_secs"]),
-        "cgroups_made_by_last_metrics": last.map(|s| &s["cgroups_made"]),
-        "lost_event_log_lines": lost_lines.len(),
-        "lost_events_logged": lost,
-        "warn_log_lines": warnings,
-    })
+    LifeSummary {
+        tag: life.tag.to_owned(),
+        started_at_secs: round(life.started_at, 1),
+        ended_at_secs: round(ended_at, 1),
+        warm_up_secs: round(warm, 0),
+        rss_mib: growth(|s| s.rss_mib, 2),
+        fds: growth(|s| s.fds.map(|n| n as f64), 0),
+        last_metrics: last.map(|(_, m)| m.clone()),
+        last_metrics_at_secs: last.map(|(s, _)| s.at_secs),
+        cgroups_made_by_last_metrics: last.map(|(s, _)| s.cgroups_made),
+        lost_event_log_lines: lost_lines.len() as u64,
+        lost_events_logged: lost,
+        warn_log_lines: warnings as u64,
+    }
 }
 
 /// After the churn: when the agent came back to its pre-churn counts, and
 /// where it ended.
-fn settle(samples: &[Value], baseline: &Value, churn_end: f64) -> Value {
-    let base = &baseline["metrics"];
-    let f = |v: &Value, k: &str| v[k].as_f64();
-    let settled = samples
-        .iter()
-        .filter(|s| s["at_secs"].as_f64().unwrap_or(0.0) >= churn_end)
-        .find(|s| {
-            let m = &s["metrics"];
-            f(m, "departed") == Some(0.0)
-                && f(m, "unresolved") <= f(base, "unresolved")
-                && f(m, "live")
-                    .zip(f(base, "live"))
-                    .is_some_and(|(a, b)| a <= b)
-                && f(m, "map_cpu")
-                    .zip(f(base, "map_cpu"))
-                    .is_some_and(|(a, b)| a <= b)
-                && f(m, "map_net")
-                    .zip(f(base, "map_net"))
-                    .is_some_and(|(a, b)| a <= b)
-        });
+fn settle(samples: &[AgentSample], baseline: &AgentSample, churn_end: f64) -> Settle {
+    let none = Gauges::default();
+    let base = baseline.metrics.measured().unwrap_or(&none);
+    let le = |a: Option<f64>, b: Option<f64>| a.zip(b).is_some_and(|(a, b)| a <= b);
+    let settled = samples.iter().filter(|s| s.at_secs >= churn_end).find(|s| {
+        s.metrics.measured().is_some_and(|m| {
+            m.departed == Some(0.0)
+                    // A missing value is less than any number.
+                    && m.unresolved <= base.unresolved
+                    && le(m.live, base.live)
+                    && le(m.map_cpu, base.map_cpu)
+                    && le(m.map_net, base.map_net)
+        })
+    });
     // The last answered sample (a hung agent answers none).
     let last = samples
         .iter()
         .rev()
-        .find(|s| s["metrics"].get("error").is_none());
-    json!({
-        "settled_after_churn_secs": settled.and_then(|s| s["at_secs"].as_f64()).map(|t| round(t - churn_end, 0)),
-        "end": last.map(|s| &s["metrics"]),
-        "end_at_secs": last.map(|s| &s["at_secs"]),
-    })
+        .find_map(|s| Some((s, s.metrics.measured()?)));
+    Settle {
+        settled_after_churn_secs: settled.map(|s| round(s.at_secs - churn_end, 0)),
+        end: last.map(|(_, m)| m.clone()),
+        end_at_secs: last.map(|(s, _)| s.at_secs),
+    }
 }
 
-/// The "Reliability (soak)" section.
-fn markdown(r: &Value) -> String {
-    let s = &r["soak"];
-    let o = &r["options"];
-    let sc = &s["scrapes"];
+/// The "Reliability (soak)" section. Figures print as their JSON text
+/// (`30.0`, `null` where missing), as they always have.
+fn markdown(r: &SoakResults) -> String {
+    let j = |x: &dyn erased::Text| x.text();
+    let s = &r.soak;
+    let o = &r.options;
+    let sc = &s.scrapes;
     let mut md = format!(
         "{HEADING}\n\n`cargo xtask soak --duration {}s`, {}, {} CPUs, kernel {}, run {}: \
          {} scrapers (each with a {} s timeout) while cgroups come and go at {}/s \
          (each lives {} s with a `pm-work` sending UDP on loopback); the agent \
          (`--grace-period {} s --refresh-interval {} s`) is SIGKILLed and restarted \
          halfway, and scraped for a grace period and a margin after the churn.\n\n",
-        o["duration_secs"].as_f64().unwrap_or(0.0),
-        text(&r["podmeter"]),
-        r["cpus"],
-        text(&r["kernel"]),
-        text(&r["started"]),
-        o["scrapers"],
-        o["scrape_timeout_secs"],
-        o["rate_per_sec"],
-        o["cgroup_lifetime_secs"],
-        o["grace_period_secs"],
-        o["refresh_interval_secs"],
+        o.duration_secs,
+        r.podmeter,
+        r.cpus,
+        r.kernel,
+        r.started,
+        o.scrapers,
+        j(&o.scrape_timeout_secs),
+        o.rate_per_sec,
+        j(&o.cgroup_lifetime_secs),
+        j(&o.grace_period_secs),
+        j(&o.refresh_interval_secs),
     );
-    let errors = sc["errors"].as_u64().unwrap_or(0);
-    if errors > 0 {
-        let first = sc["per_agent"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a["first_error_at_secs"].as_f64())
+    if sc.errors > 0 {
+        let first = sc
+            .per_agent
+            .iter()
+            .filter_map(|a| a.first_error_at_secs)
             .map(|t| format!("{t:.0} s"))
             .collect::<Vec<_>>()
             .join(", ");
         md += &format!(
-            "**Scrapes failed: {errors} errors ({} timeouts), first at {first} into the run \
+            "**Scrapes failed: {} errors ({} timeouts), first at {first} into the run \
              ({}).**\n\n",
-            sc["timeouts"],
-            sc["error_kinds"]
-                .as_array()
-                .and_then(|k| k.first())
-                .and_then(Value::as_str)
-                .unwrap_or("")
+            sc.errors,
+            sc.timeouts,
+            sc.error_kinds.first().map_or("", String::as_str)
         );
     }
     let row = |md: &mut String, k: &str, v: String| *md += &format!("| {k} | {v} |\n");
     md += "| figure | value |\n|---|---|\n";
+    let c = &s.churn;
     row(
         &mut md,
         "cgroups made / removed",
         format!(
             "{} / {} ({} /s achieved, worst lag {} ms)",
-            s["churn"]["cgroups_created"],
-            s["churn"]["cgroups_removed"],
-            s["churn"]["achieved_rate_per_sec"],
-            s["churn"]["worst_lag_ms"]
+            c.cgroups_created,
+            c.cgroups_removed,
+            j(&c.achieved_rate_per_sec),
+            c.worst_lag_ms
         ),
     );
     row(
@@ -880,50 +899,52 @@ fn markdown(r: &Value) -> String {
         "scrapes: answered / errors (timeouts)",
         format!(
             "{} / {} ({}); {} cut by the SIGKILL",
-            sc["ok"], sc["errors"], sc["timeouts"], sc["cut_by_sigkill"]
+            sc.ok, sc.errors, sc.timeouts, sc.cut_by_sigkill
         ),
     );
     row(
         &mut md,
         "scrape latency p50 / p99 / max",
-        format!("{} / {} / {} ms", sc["p50_ms"], sc["p99_ms"], sc["max_ms"]),
+        format!(
+            "{} / {} / {} ms",
+            j(&sc.p50_ms),
+            j(&sc.p99_ms),
+            j(&sc.max_ms)
+        ),
     );
-    for (i, l) in s["lives"].as_array().into_iter().flatten().enumerate() {
+    let none = Gauges::default();
+    for (i, l) in s.lives.iter().enumerate() {
         let name = if i == 0 {
             "agent before the SIGKILL"
         } else {
             "agent after the restart"
         };
-        let pa = &sc["per_agent"][i];
-        let made_before = if i == 0 {
-            0
-        } else {
-            s["churn"]["created_before_kill"].as_u64().unwrap_or(0)
-        };
+        let pa = sc.per_agent.get(i);
+        let made_before = if i == 0 { 0 } else { c.created_before_kill };
         row(
             &mut md,
             &format!("{name}: lifetime"),
             format!(
                 "{} s to {} s; {} scrapes, {} errors (last answer at {} s)",
-                l["started_at_secs"],
-                l["ended_at_secs"],
-                pa["scrapes"],
-                pa["errors"],
-                pa["last_ok_at_secs"]
+                j(&l.started_at_secs),
+                j(&l.ended_at_secs),
+                j(&pa.map(|p| p.scrapes)),
+                j(&pa.map(|p| p.errors)),
+                j(&pa.and_then(|p| p.last_ok_at_secs))
             ),
         );
         row(
             &mut md,
             &format!(
                 "{name}: RSS, median of the first minute after {} s warm-up → of the last minute (max)",
-                l["warm_up_secs"]
+                j(&l.warm_up_secs)
             ),
             format!(
                 "{} → {} MiB, growth {} MiB (max {})",
-                l["rss_mib"]["after_warm_up"],
-                l["rss_mib"]["end"],
-                l["rss_mib"]["growth"],
-                l["rss_mib"]["max"]
+                j(&l.rss_mib.after_warm_up),
+                j(&l.rss_mib.end),
+                j(&l.rss_mib.growth),
+                j(&l.rss_mib.max)
             ),
         );
         row(
@@ -933,10 +954,13 @@ fn markdown(r: &Value) -> String {
             ),
             format!(
                 "{} → {}, growth {} (max {})",
-                l["fds"]["after_warm_up"], l["fds"]["end"], l["fds"]["growth"], l["fds"]["max"]
+                j(&l.fds.after_warm_up),
+                j(&l.fds.end),
+                j(&l.fds.growth),
+                j(&l.fds.max)
             ),
         );
-        let m = &l["last_metrics"];
+        let m = l.last_metrics.as_ref().unwrap_or(&none);
         row(
             &mut md,
             &format!(
@@ -945,48 +969,48 @@ fn markdown(r: &Value) -> String {
             ),
             format!(
                 "{} / {} / {} at {} s ({}); {} ({})",
-                m["mkdir"],
-                m["rmdir"],
-                m["scan"],
-                l["last_metrics_at_secs"],
-                l["cgroups_made_by_last_metrics"]
-                    .as_u64()
+                j(&m.mkdir),
+                j(&m.rmdir),
+                j(&m.scan),
+                j(&l.last_metrics_at_secs),
+                l.cgroups_made_by_last_metrics
                     .map_or("?".into(), |n| n.saturating_sub(made_before).to_string()),
-                l["lost_event_log_lines"],
-                l["lost_events_logged"]
+                l.lost_event_log_lines,
+                l.lost_events_logged
             ),
         );
         row(
             &mut md,
             &format!("{name}: map updates dropped (cpu / net)"),
-            format!("{} / {}", m["dropped_cpu"], m["dropped_net"]),
+            format!("{} / {}", j(&m.dropped_cpu), j(&m.dropped_net)),
         );
     }
-    let k = &s["sigkill"];
+    let k = s.sigkill.as_ref();
     row(
         &mut md,
         "podmeter programs left after the SIGKILL",
         format!(
             "{} of {} (gone after {} s); restart took {} s",
-            k["programs_left"].as_array().map_or(0, Vec::len),
-            k["programs"],
-            k["programs_gone_after_secs"],
-            k["restart_secs"]
+            k.map_or(0, |k| k.programs_left.len()),
+            j(&k.map(|k| k.programs)),
+            j(&k.and_then(|k| k.programs_gone_after_secs)),
+            j(&k.map(|k| k.restart_secs))
         ),
     );
-    let (b, e) = (&s["baseline"], &s["settle"]["end"]);
+    let b = s.baseline.measured().unwrap_or(&none);
+    let e = s.settle.end.as_ref().unwrap_or(&none);
     row(
         &mut md,
         "tracked cgroups live / departed / unresolved: before churn → last answer",
         format!(
             "{} / {} / {} → {} / {} / {} (at {} s)",
-            b["live"],
-            b["departed"],
-            b["unresolved"],
-            e["live"],
-            e["departed"],
-            e["unresolved"],
-            s["settle"]["end_at_secs"]
+            j(&b.live),
+            j(&b.departed),
+            j(&b.unresolved),
+            j(&e.live),
+            j(&e.departed),
+            j(&e.unresolved),
+            j(&s.settle.end_at_secs)
         ),
     );
     row(
@@ -994,42 +1018,55 @@ fn markdown(r: &Value) -> String {
         "kernel map entries cpu / net: before churn → last answer",
         format!(
             "{} / {} → {} / {}",
-            b["map_cpu"], b["map_net"], e["map_cpu"], e["map_net"]
+            j(&b.map_cpu),
+            j(&b.map_net),
+            j(&e.map_cpu),
+            j(&e.map_net)
         ),
     );
     row(
         &mut md,
         "back to the baseline after the churn",
-        match s["settle"]["settled_after_churn_secs"].as_f64() {
+        match s.settle.settled_after_churn_secs {
             Some(t) => format!("after {t:.0} s"),
             None => "no (see the end values; other cgroups on the host count too)".into(),
         },
     );
-    let t = &s["end"]["sigterm"];
+    let t = &s.end.sigterm;
     row(
         &mut md,
         "final SIGTERM",
         format!(
             "{} after {} s; programs left {}",
-            if t["exited_within_10s"] == json!(true) {
+            if t.exited_within_10s {
                 "exited"
             } else {
                 "**did not exit** (SIGKILLed)"
             },
-            t["secs"],
-            t["programs_left"].as_array().map_or(0, Vec::len)
+            j(&t.secs),
+            t.programs_left.len()
         ),
     );
     md
 }
 
-fn text(v: &Value) -> &str {
-    v.as_str().unwrap_or("")
+/// Figures as their JSON text, whatever their type.
+mod erased {
+    pub trait Text {
+        fn text(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Text for T {
+        fn text(&self) -> String {
+            super::json_text(self)
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::Outcome;
 
     #[test]
     fn durations() {
@@ -1038,6 +1075,98 @@ mod tests {
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3 weeks").is_err());
+    }
+
+    /// The latest soak (schema 1) and its section as the untyped code
+    /// printed it.
+    const SOAK: &str = include_str!("../testdata/2026-12-04T152829Z-soak.json");
+    const SOAK_MD: &str = include_str!("../testdata/2026-12-04T152829Z-soak.md");
+
+    #[test]
+    fn renders_the_stored_soak_as_before() {
+        let r: SoakResults = serde_json::from_str(SOAK).unwrap();
+        assert_eq!(r.schema_version, 1);
+        let md = markdown(&r);
+        for row in [
+            "| cgroups made / removed | 29997 / 29997 (50.0 /s achieved, worst lag 26 ms) |",
+            "| scrapes: answered / errors (timeouts) | 44177 / 0 (0); 1 cut by the SIGKILL |",
+            "| back to the baseline after the churn | no (see the end values; other cgroups on the host count too) |",
+        ] {
+            assert!(md.lines().any(|l| l == row), "no row {row:?} in\n{md}");
+        }
+        // println! added the last newline.
+        assert_eq!(format!("{md}\n"), SOAK_MD);
+    }
+
+    #[test]
+    fn soak_round_trips_and_reports_failures() {
+        let mut r: SoakResults = serde_json::from_str(SOAK).unwrap();
+        r.schema_version = SCHEMA_VERSION;
+        r.soak.samples[3].metrics = Outcome::Failed("timed out".into());
+        r.soak.sigkill = None;
+        r.soak.end.error = Some("the churn stopped".into());
+        r.soak.end.sigterm.exited_within_10s = false;
+        r.soak.scrapes.errors = 2;
+        r.soak.scrapes.timeouts = 1;
+        r.soak.scrapes.per_agent[1].first_error_at_secs = Some(412.3);
+        r.soak.scrapes.error_kinds = vec!["scraping: timed out".into()];
+        let text = serde_json::to_string_pretty(&r).unwrap();
+        let back: SoakResults = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert!(text.contains("\"error\": \"timed out\""), "{text}");
+        let md = markdown(&back);
+        assert!(
+            md.contains(
+                "**Scrapes failed: 2 errors (1 timeouts), first at 412 s into the run \
+                 (scraping: timed out).**"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| podmeter programs left after the SIGKILL | 0 of null (gone after null s); restart took null s |"), "{md}");
+        assert!(
+            md.contains(
+                "| final SIGTERM | **did not exit** (SIGKILLed) after 0.02 s; programs left 0 |"
+            ),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn settled_when_back_to_the_baseline() {
+        let gauges = |live: f64, departed: f64| Gauges {
+            live: Some(live),
+            departed: Some(departed),
+            unresolved: Some(0.0),
+            map_cpu: Some(live),
+            map_net: Some(live),
+            ..Gauges::default()
+        };
+        let at = |t: f64, g: Gauges| AgentSample {
+            at_secs: t,
+            agent: 1,
+            cgroups_made: 0,
+            rss_mib: None,
+            fds: None,
+            metrics: Outcome::Measured(g),
+        };
+        let base = at(0.0, gauges(2.0, 0.0));
+        let samples = [
+            at(100.0, gauges(40.0, 3.0)),
+            at(110.0, gauges(3.0, 1.0)),
+            at(120.0, gauges(2.0, 0.0)),
+            AgentSample {
+                metrics: Outcome::Failed("down".into()),
+                ..at(125.0, Gauges::default())
+            },
+        ];
+        let s = settle(&samples, &base, 100.0);
+        assert_eq!(s.settled_after_churn_secs, Some(20.0));
+        assert_eq!(s.end_at_secs, Some(120.0));
+        assert_eq!(s.end, Some(gauges(2.0, 0.0)));
+        assert_eq!(
+            settle(&samples[..2], &base, 100.0).settled_after_churn_secs,
+            None
+        );
     }
 
     #[test]

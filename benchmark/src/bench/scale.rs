@@ -17,13 +17,15 @@ use std::{
 };
 
 use anyhow::Result;
-use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use super::{
     Agent, Bench, Cg, Fetch, LIGHT_TICK, Remove, SCRAPE_EVERY, Sample, Workers, burst_summary,
-    parse_exposition, percentile, progress, round, scrape_until,
+    parse_exposition, percentile, progress,
+    results::{AtPods, CpuAccuracy, Outcome, Percentiles, Pods, Scale, ScaleRow},
+    round, scrape_until,
 };
+use crate::schema::{num, rounded};
 
 const CPU: &str = "podmeter_container_cpu_usage_seconds_total";
 
@@ -127,7 +129,7 @@ fn point(agent: &Agent, pods: &[FakePod]) -> Result<Point> {
 
 /// Per-container CPU error between two points: podmeter's delta against
 /// the kernel's.
-fn cpu_errors(a: &Point, c: &Point) -> Value {
+fn cpu_errors(a: &Point, c: &Point) -> CpuAccuracy {
     let mut errs = Vec::new();
     let (mut pm_sum, mut k_sum, mut missing) = (0.0, 0.0, 0);
     for i in 0..a.kernel.len() {
@@ -148,19 +150,19 @@ fn cpu_errors(a: &Point, c: &Point) -> Value {
         .iter()
         .chain(&c.spread)
         .fold(0.0f64, |m, x| m.max(*x));
-    json!({
-        "containers": a.kernel.len(),
-        "missing_in_podmeter": missing,
-        "kernel_cpu_secs": round(k_sum, 4),
-        "podmeter_cpu_secs": round(pm_sum, 4),
-        "total_error_pct": round(super::error_pct(pm_sum, k_sum), 3),
-        "per_container_abs_error_pct": {
-            "p50": round(percentile(&errs, 50.0), 3),
-            "p99": round(percentile(&errs, 99.0), 3),
-            "max": round(percentile(&errs, 100.0), 3),
+    CpuAccuracy {
+        containers: a.kernel.len() as u64,
+        missing_in_podmeter: missing,
+        kernel_cpu_secs: round(k_sum, 4),
+        podmeter_cpu_secs: round(pm_sum, 4),
+        total_error_pct: rounded(super::error_pct(pm_sum, k_sum), 3),
+        per_container_abs_error_pct: Percentiles {
+            p50: rounded(percentile(&errs, 50.0), 3),
+            p99: rounded(percentile(&errs, 99.0), 3),
+            max: rounded(percentile(&errs, 100.0), 3),
         },
-        "max_cpu_stat_read_spread_ms": round(spread * 1e3, 3),
-    })
+        max_cpu_stat_read_spread_ms: round(spread * 1e3, 3),
+    }
 }
 
 fn gauge(s: &[Sample], name: &str, label: (&str, &str)) -> Option<f64> {
@@ -169,7 +171,7 @@ fn gauge(s: &[Sample], name: &str, label: (&str, &str)) -> Option<f64> {
         .map(|x| x.value)
 }
 
-fn one(b: &Bench, n: usize) -> Result<Value> {
+fn one(b: &Bench, n: usize) -> Result<AtPods> {
     let rel = format!("scale-{n}");
     // Dropped last: the workers go first, then their cgroups.
     let _cgroups = Remove(&b.tree, rel.clone());
@@ -235,47 +237,49 @@ fn one(b: &Bench, n: usize) -> Result<Value> {
     let rss = super::proc_status_bytes(agent.pid(), "VmRSS")?;
     let s = &last.samples;
     let window_ms: Vec<f64> = fetches.iter().map(|f| f.secs * 1e3).collect();
-    let result = json!({
-        "pods": n,
-        "all_seen_after_secs": round(seen_secs, 1),
-        "background_cpu_pct": round(background * 100.0, 3),
-        "window_secs": round(secs, 1),
-        "window_scrapes": fetches.len(),
-        "cpu_secs_per_min": round(cpu / secs * 60.0, 3),
-        "cpu_pct_of_one_core": round(cpu / secs * 100.0, 3),
-        "proc_stat_cpu_secs_per_min": round(proc_cpu / secs * 60.0, 3),
-        "peak_rss_mib": round(hwm as f64 / 1048576.0, 1),
-        "rss_mib": round(rss as f64 / 1048576.0, 1),
-        "window_scrape_ms": window_ms.iter().map(|x| round(*x, 2)).collect::<Vec<_>>(),
-        "scrape": burst_summary(&burst),
-        "cpu_ms_per_scrape": round(per_scrape * 1e3, 3),
-        "payload_bytes": last.body_len,
-        "series": s.len(),
-        "bpf_map_entries_cpu": gauge(s, "podmeter_bpf_map_entries", ("map", "cpu")),
-        "tracked_live": gauge(s, "podmeter_tracked_cgroups", ("state", "live")),
-        "cpu_accuracy": accuracy,
-    });
+    let result = AtPods {
+        all_seen_after_secs: round(seen_secs, 1),
+        background_cpu_pct: round(background * 100.0, 3),
+        window_secs: round(secs, 1),
+        window_scrapes: fetches.len() as u64,
+        cpu_secs_per_min: round(cpu / secs * 60.0, 3),
+        cpu_pct_of_one_core: round(cpu / secs * 100.0, 3),
+        proc_stat_cpu_secs_per_min: round(proc_cpu / secs * 60.0, 3),
+        peak_rss_mib: round(hwm as f64 / 1048576.0, 1),
+        rss_mib: round(rss as f64 / 1048576.0, 1),
+        window_scrape_ms: window_ms.iter().map(|x| round(*x, 2)).collect(),
+        scrape: burst_summary(&burst),
+        cpu_ms_per_scrape: round(per_scrape * 1e3, 3),
+        payload_bytes: last.body_len as u64,
+        series: s.len() as u64,
+        bpf_map_entries_cpu: gauge(s, "podmeter_bpf_map_entries", ("map", "cpu")),
+        tracked_live: gauge(s, "podmeter_tracked_cgroups", ("state", "live")),
+        cpu_accuracy: accuracy,
+    };
     agent.stop()?;
     drop(workers);
     Ok(result)
 }
 
-pub fn run(b: &Bench) -> Result<Value> {
+pub fn run(b: &Bench) -> Result<Scale> {
     let mut by_pods = Vec::new();
     for &n in b.plan.scales {
-        let v = one(b, n).unwrap_or_else(|e| {
-            progress(&format!("{n} pods failed: {e:#}"));
-            json!({ "pods": n, "error": format!("{e:#}") })
+        let outcome = Outcome::from(one(b, n));
+        match &outcome {
+            Outcome::Failed(e) => progress(&format!("{n} pods failed: {e}")),
+            Outcome::Measured(v) => progress(&format!(
+                "{n} pods: {} % of one core, peak RSS {} MiB, /metrics p50 {} ms p99 {} ms, {} bytes",
+                v.cpu_pct_of_one_core,
+                v.peak_rss_mib,
+                num(v.scrape.p50_ms, 2),
+                num(v.scrape.p99_ms, 2),
+                v.payload_bytes
+            )),
+        }
+        by_pods.push(ScaleRow {
+            meta: Pods { pods: n as u64 },
+            outcome,
         });
-        progress(&format!(
-            "{n} pods: {} % of one core, peak RSS {} MiB, /metrics p50 {} ms p99 {} ms, {} bytes",
-            v["cpu_pct_of_one_core"],
-            v["peak_rss_mib"],
-            v["scrape"]["p50_ms"],
-            v["scrape"]["p99_ms"],
-            v["payload_bytes"]
-        ));
-        by_pods.push(v);
     }
-    Ok(json!({ "by_pods": by_pods }))
+    Ok(Scale { by_pods })
 }

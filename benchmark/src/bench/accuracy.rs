@@ -17,12 +17,14 @@ use std::{
 };
 
 use anyhow::Result;
-use serde_json::{Value, json};
 
 use super::{
     Agent, Bench, Cg, LIGHT_TICK, Remove, Sample, Workers, error_pct, netns_ip_octets, number,
-    output, parse_exposition, progress, round, scrape_until,
+    output, parse_exposition, progress,
+    results::{Accuracy, Flow, HostCgroupCpu, HostCpu, HostNetwork, TcpApplication, UdpDatagrams},
+    round, scrape_until,
 };
+use crate::schema::rounded;
 
 /// A pair of network namespaces joined by a veth: `a` 10.232.0.1, `b`
 /// 10.232.0.2. Deleted (with their interfaces) on drop.
@@ -98,7 +100,7 @@ fn host_value(s: &[Sample], metric: &str, cg: &Cg) -> Option<f64> {
         .map(|x| x.value)
 }
 
-fn cpu(b: &Bench, agent: &Agent) -> Result<Value> {
+fn cpu(b: &Bench, agent: &Agent) -> Result<HostCpu> {
     let loads: [(&str, &[&str]); 4] = [
         ("light", &LIGHT_TICK),
         ("duty-20", &["tick", "10000", "2000"]),
@@ -136,31 +138,34 @@ fn cpu(b: &Bench, agent: &Agent) -> Result<Value> {
         let dk = k1[i] - k0[i];
         let dp = host_value(&s1, CPU, cg).unwrap_or(f64::NAN)
             - host_value(&s0, CPU, cg).unwrap_or(f64::NAN);
-        rows.push(json!({
-            "cgroup": name,
-            "work": args.join(" "),
-            "kernel_cpu_pct": round(dk / secs * 100.0, 2),
-            "kernel_cpu_secs": round(dk, 4),
-            "podmeter_cpu_secs": round(dp, 4),
-            "error_pct": round(error_pct(dp, dk), 3),
-        }));
+        rows.push(HostCgroupCpu {
+            cgroup: (*name).to_owned(),
+            work: args.join(" "),
+            kernel_cpu_pct: round(dk / secs * 100.0, 2),
+            kernel_cpu_secs: round(dk, 4),
+            podmeter_cpu_secs: rounded(dp, 4),
+            error_pct: rounded(error_pct(dp, dk), 3),
+        });
     }
-    Ok(json!({ "window_secs": round(secs, 1), "cgroups": rows }))
-}
-
-/// One direction of one flow: podmeter against the truth.
-fn row(flow: &str, what: &str, podmeter: f64, truth: f64, truth_is: &str) -> Value {
-    json!({
-        "flow": flow,
-        "counter": what,
-        "podmeter_bytes": podmeter,
-        "truth_bytes": truth,
-        "truth": truth_is,
-        "error_pct": round(error_pct(podmeter, truth), 4),
+    Ok(HostCpu {
+        window_secs: round(secs, 1),
+        cgroups: rows,
     })
 }
 
-fn network(b: &Bench, agent: &Agent) -> Result<Value> {
+/// One direction of one flow: podmeter against the truth.
+fn row(flow: &str, what: &str, podmeter: f64, truth: f64, truth_is: &str) -> Flow {
+    Flow {
+        flow: flow.to_owned(),
+        counter: what.to_owned(),
+        podmeter_bytes: podmeter,
+        truth_bytes: truth,
+        truth: truth_is.to_owned(),
+        error_pct: rounded(error_pct(podmeter, truth), 4),
+    }
+}
+
+fn network(b: &Bench, agent: &Agent) -> Result<HostNetwork> {
     let ns = NsPair::new()?;
     let mut rows = Vec::new();
     const TX: &str = "network_transmit_bytes_total";
@@ -208,12 +213,12 @@ fn network(b: &Bench, agent: &Agent) -> Result<Value> {
     rows.push(row("tcp", "sender rx (acks)", v(RX, &tx), d(0), truth));
     rows.push(row("tcp", "receiver rx", v(RX, &rx), d(2), truth));
     rows.push(row("tcp", "receiver tx (acks)", v(TX, &rx), d(3), truth));
-    let tcp_app = json!({
-        "payload_written": number(sent.get(1)),
-        "payload_on_wire_incl_retransmits": number(sent.get(2)),
-        "retransmitted": number(sent.get(3)),
-        "payload_received": number(received.get(1)),
-    });
+    let tcp_app = TcpApplication {
+        payload_written: number(sent.get(1)),
+        payload_on_wire_incl_retransmits: number(sent.get(2)),
+        retransmitted: number(sent.get(3)),
+        payload_received: number(received.get(1)),
+    };
 
     // UDP a -> b: 1000-byte datagrams.
     let (tx, rx) = (
@@ -254,18 +259,21 @@ fn network(b: &Bench, agent: &Agent) -> Result<Value> {
     // ingress filter first: podmeter, like IpExt, counts them; the
     // application's count does not, so it is not a ground truth here.
     rows.push(row("udp", "receiver rx", v(RX, &rx), d(2), truth));
-    Ok(json!({
-        "flows": rows,
-        "tcp_application": tcp_app,
-        "udp_datagrams": { "sent": b.plan.udp_count, "received_by_the_application": n_received },
-    }))
+    Ok(HostNetwork {
+        flows: rows,
+        tcp_application: tcp_app,
+        udp_datagrams: UdpDatagrams {
+            sent: b.plan.udp_count,
+            received_by_the_application: n_received,
+        },
+    })
 }
 
-pub fn run(b: &Bench) -> Result<Value> {
+pub fn run(b: &Bench) -> Result<Accuracy> {
     let _cgroups = Remove(&b.tree, "accuracy".into());
     let agent = Agent::start(b, "accuracy")?;
     let cpu = cpu(b, &agent)?;
     let network = network(b, &agent)?;
     agent.stop()?;
-    Ok(json!({ "cpu": cpu, "network": network }))
+    Ok(Accuracy { cpu, network })
 }

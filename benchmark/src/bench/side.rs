@@ -33,23 +33,27 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     Agent, Bench, Endpoint, LIGHT_TICK, Sample, burst_summary, error_pct, free_port, ip_octets,
-    number, output, parse_exposition, proc_cpu_secs, progress, round,
+    number, output, parse_exposition, proc_cpu_secs, progress,
+    results::{Exposer, PodCpu, PodNetwork, SideBySide, TcpApplication},
+    round,
 };
-use crate::{cluster, image};
+use crate::schema::{finite, rounded};
 
 const NS: &str = "bench";
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
 
-fn kubectl(args: &[&str]) -> Result<String> {
-    output(cluster::kubectl().args(args))
+fn kubectl(b: &Bench, args: &[&str]) -> Result<String> {
+    output(b.host.kubectl().args(args))
 }
 
-fn apply(yaml: &str) -> Result<()> {
-    let mut child = cluster::kubectl()
+fn apply(b: &Bench, yaml: &str) -> Result<()> {
+    let mut child = b
+        .host
+        .kubectl()
         .args(["apply", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -66,14 +70,17 @@ fn apply(yaml: &str) -> Result<()> {
     Ok(())
 }
 
-fn node_ready() -> bool {
-    kubectl(&[
-        "get",
-        "node",
-        cluster::NODE,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-    ])
+fn node_ready(b: &Bench) -> bool {
+    kubectl(
+        b,
+        &[
+            "get",
+            "node",
+            b.host.node(),
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ],
+    )
     .is_ok_and(|s| s == "True")
 }
 
@@ -84,13 +91,13 @@ fn now_ms() -> f64 {
 }
 
 /// Stops the cluster on drop if this run started it.
-struct ClusterGuard(bool);
+struct ClusterGuard<'a>(&'a Bench<'a>, bool);
 
-impl Drop for ClusterGuard {
+impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
-        if self.0 {
+        if self.1 {
             progress("stopping the cluster this run started");
-            if let Err(e) = cluster::down() {
+            if let Err(e) = self.0.host.cluster_down() {
                 progress(&format!("cluster down failed: {e:#}"));
             }
         }
@@ -98,27 +105,33 @@ impl Drop for ClusterGuard {
 }
 
 /// The `bench` namespace, deleted with its pods on drop.
-struct Namespace;
+struct Namespace<'a>(&'a Bench<'a>);
 
-impl Namespace {
-    fn new() -> Result<Self> {
-        let _ = kubectl(&["delete", "namespace", NS, "--wait=true", "--timeout=120s"]);
-        kubectl(&["create", "namespace", NS])?;
-        Ok(Self)
+impl<'a> Namespace<'a> {
+    fn new(b: &'a Bench<'a>) -> Result<Self> {
+        let _ = kubectl(
+            b,
+            &["delete", "namespace", NS, "--wait=true", "--timeout=120s"],
+        );
+        kubectl(b, &["create", "namespace", NS])?;
+        Ok(Self(b))
     }
 }
 
-impl Drop for Namespace {
+impl Drop for Namespace<'_> {
     fn drop(&mut self) {
         progress(&format!("deleting namespace {NS}"));
-        let _ = kubectl(&[
-            "delete",
-            "namespace",
-            NS,
-            "--wait=true",
-            "--timeout=120s",
-            "--grace-period=1",
-        ]);
+        let _ = kubectl(
+            self.0,
+            &[
+                "delete",
+                "namespace",
+                NS,
+                "--wait=true",
+                "--timeout=120s",
+                "--grace-period=1",
+            ],
+        );
     }
 }
 
@@ -145,10 +158,11 @@ fn container_cgroup(id: &str) -> Result<PathBuf> {
 }
 
 /// Waits until every pod in `names` runs; returns them.
-fn running(names: &[String]) -> Result<Vec<RealPod>> {
+fn running(b: &Bench, names: &[String]) -> Result<Vec<RealPod>> {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let v: Value = serde_json::from_str(&kubectl(&["get", "pods", "-n", NS, "-o", "json"])?)?;
+        let v: Value =
+            serde_json::from_str(&kubectl(b, &["get", "pods", "-n", NS, "-o", "json"])?)?;
         let items = v["items"].as_array().cloned().unwrap_or_default();
         let by_name: HashMap<&str, &Value> = items
             .iter()
@@ -187,10 +201,10 @@ fn running(names: &[String]) -> Result<Vec<RealPod>> {
 }
 
 /// Waits for the line starting with `word` in a pod's log.
-fn report(pod: &str, word: &str) -> Result<Vec<String>> {
+fn report(b: &Bench, pod: &str, word: &str) -> Result<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        if let Ok(log) = kubectl(&["logs", "-n", NS, pod])
+        if let Ok(log) = kubectl(b, &["logs", "-n", NS, pod])
             && let Some(l) = log.lines().find(|l| l.starts_with(word))
         {
             return Ok(l.split_whitespace().map(str::to_owned).collect());
@@ -247,17 +261,16 @@ fn per_scrape_ms(burst_cpu: f64, idle_rate: f64, burst_secs: f64, n: usize) -> f
     )
 }
 
-pub fn run(b: &Bench) -> Result<Value> {
-    let _cluster = if node_ready() {
-        ClusterGuard(false)
+pub fn run(b: &Bench) -> Result<SideBySide> {
+    let _cluster = if node_ready(b) {
+        ClusterGuard(b, false)
     } else {
         progress("the local cluster is down: starting it (and stopping it afterwards)");
-        cluster::up()?;
-        ClusterGuard(true)
+        b.host.cluster_up()?;
+        ClusterGuard(b, true)
     };
-    let tar = image::testwork()?;
-    image::import(&tar, &cluster::containerd_sock())?;
-    let _ns = Namespace::new()?;
+    b.host.load_work_image()?;
+    let _ns = Namespace::new(b)?;
 
     // node-exporter, in its own cgroup.
     let ne_port = free_port()?;
@@ -299,18 +312,18 @@ pub fn run(b: &Bench) -> Result<Value> {
     let agent = Agent::start(b, "side")?;
 
     // The kubelet, scraped on its own port.
-    let kubelet_pid: u32 = fs::read_to_string(Path::new(cluster::STATE).join("pids/kubelet.pid"))?
+    let kubelet_pid: u32 = fs::read_to_string(b.host.cluster_state().join("pids/kubelet.pid"))?
         .trim()
         .parse()?;
     let node: Value =
-        serde_json::from_str(&kubectl(&["get", "node", cluster::NODE, "-o", "json"])?)?;
+        serde_json::from_str(&kubectl(b, &["get", "node", b.host.node(), "-o", "json"])?)?;
     let node_ip = node["status"]["addresses"]
         .as_array()
         .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
         .and_then(|x| x["address"].as_str())
         .context("node InternalIP")?
         .to_owned();
-    let pki = Path::new(cluster::STATE).join("pki");
+    let pki = b.host.cluster_state().join("pki");
     let cadvisor_ep = Endpoint {
         url: format!("https://{node_ip}:10250/metrics/cadvisor"),
         tls: vec![
@@ -350,10 +363,10 @@ pub fn run(b: &Bench) -> Result<Value> {
         "starting {} pods in namespace {NS}",
         cpu_pods.len() + 2
     ));
-    apply(&yaml)?;
+    apply(b, &yaml)?;
     let mut names = cpu_pods.clone();
     names.extend(["tcp-sink".into(), "udp-sink".into()]);
-    let first = running(&names)?;
+    let first = running(b, &names)?;
     let ip_of = |n: &str| first.iter().find(|p| p.name == n).map(|p| p.ip.clone());
     let (tcp_ip, udp_ip) = (
         ip_of("tcp-sink").context("tcp-sink")?,
@@ -376,13 +389,13 @@ pub fn run(b: &Bench) -> Result<Value> {
         ],
         light,
     );
-    apply(&yaml)?;
-    let senders = running(&["tcp-send".into(), "udp-send".into()])?;
+    apply(b, &yaml)?;
+    let senders = running(b, &["tcp-send".into(), "udp-send".into()])?;
     let pods: Vec<RealPod> = first.into_iter().chain(senders).collect();
     let pod = |n: &str| pods.iter().find(|p| p.name == n);
-    let tcp_sent = report("tcp-send", "sent")?;
-    report("tcp-sink", "received")?;
-    report("udp-send", "sent")?;
+    let tcp_sent = report(b, "tcp-send", "sent")?;
+    report(b, "tcp-sink", "received")?;
+    report(b, "udp-send", "sent")?;
     sleep(Duration::from_millis(500));
     let traffic_done = now_ms();
     progress("pod traffic done");
@@ -477,17 +490,17 @@ pub fn run(b: &Bench) -> Result<Value> {
             _ => (f64::NAN, None, f64::NAN),
         };
         let secs = (pm_points[1].0 - pm_points[0].0) / 1e3;
-        cpu_rows.push(json!({
-            "pod": p.name,
-            "kernel_cpu_pct": round(dk / secs * 100.0, 2),
-            "kernel_cpu_secs": round(dk, 4),
-            "podmeter_cpu_secs": round(dp, 4),
-            "podmeter_error_pct": round(error_pct(dp, dk), 3),
-            "cadvisor_cpu_secs": round(cad_delta, 4),
-            "kernel_cpu_secs_at_cadvisor_times": cad_truth.map(|x| round(x, 4)),
-            "cadvisor_error_pct": cad_truth.map(|t| round(error_pct(cad_delta, t), 3)),
-            "cadvisor_sample_age_max_secs": round(staleness, 1),
-        }));
+        cpu_rows.push(PodCpu {
+            pod: p.name.clone(),
+            kernel_cpu_pct: round(dk / secs * 100.0, 2),
+            kernel_cpu_secs: round(dk, 4),
+            podmeter_cpu_secs: rounded(dp, 4),
+            podmeter_error_pct: rounded(error_pct(dp, dk), 3),
+            cadvisor_cpu_secs: rounded(cad_delta, 4),
+            kernel_cpu_secs_at_cadvisor_times: cad_truth.and_then(|x| rounded(x, 4)),
+            cadvisor_error_pct: cad_truth.and_then(|t| rounded(error_pct(cad_delta, t), 3)),
+            cadvisor_sample_age_max_secs: rounded(staleness, 1),
+        });
     }
 
     // Network: cAdvisor's counters once it has sampled after the traffic.
@@ -542,15 +555,15 @@ pub fn run(b: &Bench) -> Result<Value> {
             ("interface", "eth0"),
         )
         .map_or(f64::NAN, |(v, _)| v);
-        net_rows.push(json!({
-            "pod": name,
-            "direction": dir,
-            "truth_ip_bytes": truth,
-            "podmeter_bytes": pm,
-            "podmeter_error_pct": round(error_pct(pm, truth), 4),
-            "cadvisor_eth0_bytes": cad,
-            "cadvisor_error_pct": round(error_pct(cad, truth), 4),
-        }));
+        net_rows.push(PodNetwork {
+            pod: name.to_owned(),
+            direction: dir.to_owned(),
+            truth_ip_bytes: truth,
+            podmeter_bytes: pm,
+            podmeter_error_pct: rounded(error_pct(pm, truth), 4),
+            cadvisor_eth0_bytes: finite(cad),
+            cadvisor_error_pct: rounded(error_pct(cad, truth), 4),
+        });
     }
 
     // Cost per scrape.
@@ -581,39 +594,49 @@ pub fn run(b: &Bench) -> Result<Value> {
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .count();
-        exposers.push(json!({
-            "exposer": name,
-            "scrape": burst_summary(&burst),
-            "payload_bytes": body.len(),
-            "series": series,
-            "cpu_ms_per_scrape": per_scrape_ms(c1[i] - c0[i], idle[i], secs, n),
-            "idle_cpu_pct": round(idle[i] * 100.0, 3),
-            "cpu_source": if i == 2 { "/proc/<kubelet>/stat (10 ms ticks)" } else { "own cgroup cpu.stat" },
-        }));
+        exposers.push(Exposer {
+            exposer: name.to_owned(),
+            scrape: burst_summary(&burst),
+            payload_bytes: body.len() as u64,
+            series: series as u64,
+            cpu_ms_per_scrape: per_scrape_ms(c1[i] - c0[i], idle[i], secs, n),
+            idle_cpu_pct: round(idle[i] * 100.0, 3),
+            cpu_source: if i == 2 {
+                "/proc/<kubelet>/stat (10 ms ticks)"
+            } else {
+                "own cgroup cpu.stat"
+            }
+            .to_owned(),
+        });
     }
-    let pods_on_node = kubectl(&[
-        "get",
-        "pods",
-        "-A",
-        "--field-selector",
-        &format!("spec.nodeName={}", cluster::NODE),
-        "-o",
-        "name",
-    ])?
+    let pods_on_node = kubectl(
+        b,
+        &[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            &format!("spec.nodeName={}", b.host.node()),
+            "-o",
+            "name",
+        ],
+    )?
     .lines()
     .count();
     agent.stop()?;
-    Ok(json!({
-        "bench_pods": pods.len(),
-        "pods_on_node": pods_on_node,
-        "exposers": exposers,
-        "cpu": cpu_rows,
-        "network": net_rows,
-        "node_exporter_args": ne_args,
-        "tcp_application": {
-            "payload_written": number(tcp_sent.get(1)),
-            "payload_on_wire_incl_retransmits": number(tcp_sent.get(2)),
+    Ok(SideBySide {
+        bench_pods: pods.len() as u64,
+        pods_on_node: pods_on_node as u64,
+        exposers,
+        cpu: cpu_rows,
+        network: net_rows,
+        node_exporter_args: ne_args,
+        tcp_application: TcpApplication {
+            payload_written: number(tcp_sent.get(1)),
+            payload_on_wire_incl_retransmits: number(tcp_sent.get(2)),
+            retransmitted: None,
+            payload_received: None,
         },
-        "udp_datagrams_sent": b.plan.udp_count,
-    }))
+        udp_datagrams_sent: b.plan.udp_count,
+    })
 }

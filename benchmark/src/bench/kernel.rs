@@ -17,9 +17,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::{Agent, Bench, Proc, free_port, output, progress, round};
+use super::{
+    Agent, Bench, Proc, free_port, output, progress,
+    results::{Kernel, Load, ProgramCost, SwitchRun, SwitchThroughput},
+    round,
+};
+use crate::schema::rounded;
 
 /// One program's counters.
 #[derive(Clone, Debug)]
@@ -67,28 +72,31 @@ fn snapshot(ids: &[u64]) -> Result<(Instant, BTreeMap<u64, Prog>)> {
 }
 
 /// Per-program deltas between two snapshots.
-fn deltas(a: &(Instant, BTreeMap<u64, Prog>), b: &(Instant, BTreeMap<u64, Prog>)) -> Vec<Value> {
+fn deltas(
+    a: &(Instant, BTreeMap<u64, Prog>),
+    b: &(Instant, BTreeMap<u64, Prog>),
+) -> Vec<ProgramCost> {
     let secs = b.0.duration_since(a.0).as_secs_f64();
     b.1.iter()
         .filter_map(|(id, p1)| {
             let p0 = a.1.get(id)?;
             let cnt = p1.run_cnt.saturating_sub(p0.run_cnt);
             let ns = p1.run_time_ns.saturating_sub(p0.run_time_ns);
-            Some(json!({
-                "program": p1.name,
-                "type": p1.kind,
-                "events": cnt,
-                "events_per_sec": round(cnt as f64 / secs, 0),
-                "ns_per_event": if cnt > 0 { round(ns as f64 / cnt as f64, 1) } else { f64::NAN },
-                "cpu_pct_of_one_core": round(ns as f64 / 1e9 / secs * 100.0, 3),
-                "recursion_misses": p1.recursion_misses.saturating_sub(p0.recursion_misses),
-            }))
+            Some(ProgramCost {
+                program: p1.name.clone(),
+                kind: p1.kind.clone(),
+                events: cnt,
+                events_per_sec: round(cnt as f64 / secs, 0),
+                ns_per_event: (cnt > 0).then(|| round(ns as f64 / cnt as f64, 1)),
+                cpu_pct_of_one_core: round(ns as f64 / 1e9 / secs * 100.0, 3),
+                recursion_misses: Some(p1.recursion_misses.saturating_sub(p0.recursion_misses)),
+            })
         })
         .collect()
 }
 
 /// `stress-ng --switch <cpus>` for `secs`: bogo ops/s and ns per switch.
-fn stress_switch(b: &Bench, secs: u64) -> Result<Value> {
+fn stress_switch(b: &Bench, secs: u64) -> Result<SwitchRun> {
     let yaml = b.scratch.join("stress-switch.yaml");
     let _ = std::fs::remove_file(&yaml);
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -106,12 +114,13 @@ fn stress_switch(b: &Bench, secs: u64) -> Result<Value> {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(f64::NAN)
     };
-    Ok(json!({
-        "instances": cpus,
-        "secs": secs,
-        "bogo_ops_per_sec": round(field("bogo-ops-per-second-real-time"), 0),
-        "ns_per_switch": round(field("nanosecs-per-context-switch-pipe-method"), 0),
-    }))
+    Ok(SwitchRun {
+        instances: cpus as u64,
+        secs,
+        bogo_ops_per_sec: rounded(field("bogo-ops-per-second-real-time"), 0),
+        ns_per_switch: rounded(field("nanosecs-per-context-switch-pipe-method"), 0),
+        runs_bogo_ops_per_sec: None,
+    })
 }
 
 /// BPF run-time statistics on while this lives.
@@ -134,20 +143,18 @@ impl Stats {
 }
 
 /// The best (highest) throughput of several runs, and all of them.
-fn best(runs: Vec<Value>) -> Value {
+fn best(runs: Vec<SwitchRun>) -> Result<SwitchRun> {
+    let f = |r: &SwitchRun| r.bogo_ops_per_sec.unwrap_or(0.0);
     let mut top = runs
         .iter()
-        .max_by(|a, b| {
-            let f = |v: &Value| v["bogo_ops_per_sec"].as_f64().unwrap_or(0.0);
-            f(a).total_cmp(&f(b))
-        })
+        .max_by(|a, b| f(a).total_cmp(&f(b)))
         .cloned()
-        .unwrap_or(Value::Null);
-    top["runs_bogo_ops_per_sec"] = runs.iter().map(|r| r["bogo_ops_per_sec"].clone()).collect();
-    top
+        .context("no runs")?;
+    top.runs_bogo_ops_per_sec = Some(runs.iter().map(|r| r.bogo_ops_per_sec).collect());
+    Ok(top)
 }
 
-pub fn run(b: &Bench) -> Result<Value> {
+pub fn run(b: &Bench) -> Result<Kernel> {
     let secs = b.plan.kernel_secs;
     let others = programs()?
         .values()
@@ -235,22 +242,24 @@ pub fn run(b: &Bench) -> Result<Value> {
     drop(stats);
     agent.stop()?;
 
-    Ok(json!({
-        "other_podmeter_programs_loaded": others,
-        "switch_throughput": {
-            "without_agent": best(without),
-            "with_agent_stats_off": best(with),
-            "with_agent_stats_on": measured,
+    Ok(Kernel {
+        other_podmeter_programs_loaded: others as u64,
+        context_switch_load: Load {
+            load: format!("stress-ng --switch {} ({secs} s)", measured.instances),
+            iperf3_packets: None,
+            iperf3_lost_percent: None,
+            programs: switch_progs,
         },
-        "context_switch_load": {
-            "load": format!("stress-ng --switch {} ({secs} s)", measured["instances"]),
-            "programs": switch_progs,
+        switch_throughput: SwitchThroughput {
+            without_agent: best(without)?,
+            with_agent_stats_off: best(with)?,
+            with_agent_stats_on: measured,
         },
-        "packet_flood": {
-            "load": format!("iperf3 -u -b 0 -l 64 over loopback ({secs} s)"),
-            "iperf3_packets": sum["packets"],
-            "iperf3_lost_percent": sum["lost_percent"],
-            "programs": flood_progs,
+        packet_flood: Load {
+            load: format!("iperf3 -u -b 0 -l 64 over loopback ({secs} s)"),
+            iperf3_packets: sum["packets"].as_u64(),
+            iperf3_lost_percent: sum["lost_percent"].as_f64(),
+            programs: flood_progs,
         },
-    }))
+    })
 }

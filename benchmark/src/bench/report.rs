@@ -1,0 +1,711 @@
+//! The targets of issue 5, judged from the results, and the markdown report
+//! (`bench/results/<time>-<mode>.md` and the top of `bench/RESULTS.md`).
+
+use std::fmt::Write as _;
+
+use super::results::{BenchResults, Conditions, Exposer, Outcome, Scenario, Target};
+use crate::schema::{json_text, num};
+
+/// The row with the largest absolute figure, as (|value|, name).
+fn worst(rows: impl IntoIterator<Item = (Option<f64>, String)>) -> Option<(f64, String)> {
+    rows.into_iter()
+        .filter_map(|(x, name)| Some((x?.abs(), name)))
+        .reduce(|a, b| if b.0 > a.0 { b } else { a })
+}
+
+/// Each target: what was measured and whether it is met (`None` when the
+/// scenario did not produce the figure).
+pub fn targets(r: &BenchResults) -> Vec<Target> {
+    let mut out = Vec::new();
+    let mut add = |target: &str, measured: Option<f64>, unit: &str, limit: f64| {
+        out.push(Target {
+            target: target.to_owned(),
+            measured: measured.map(|m| format!("{m:.3} {unit}").trim().to_owned()),
+            met: measured.map(|x| x <= limit),
+        });
+    };
+    let sched = r.kernel().and_then(|k| {
+        k.context_switch_load
+            .programs
+            .iter()
+            .find(|p| p.program == "pm_sched_switch")
+    });
+    add(
+        "sched_switch program ≤ 100 ns per event",
+        sched.and_then(|p| p.ns_per_event),
+        "ns",
+        100.0,
+    );
+    let k = r.at_pods(1000);
+    add(
+        "agent ≤ 0.5 % of one core at 1000 pods, 15 s scrapes",
+        k.map(|k| k.cpu_pct_of_one_core),
+        "%",
+        0.5,
+    );
+    add(
+        "agent ≤ 40 MiB RSS at 1000 pods",
+        k.map(|k| k.peak_rss_mib),
+        "MiB",
+        40.0,
+    );
+    add(
+        "/metrics p99 ≤ 20 ms at 1000 pods",
+        k.and_then(|k| k.scrape.p99_ms),
+        "ms",
+        20.0,
+    );
+    let mut add_worst = |target: &str, w: Option<(f64, String)>, limit: f64| {
+        out.push(Target {
+            target: target.to_owned(),
+            measured: w.as_ref().map(|(x, name)| format!("{x:.3} % ({name})")),
+            met: w.map(|(x, _)| x <= limit),
+        });
+    };
+    let (accuracy, side) = (r.accuracy(), r.side_by_side());
+    add_worst(
+        "CPU error ≤ 1 % (worst cgroup or pod, against cpu.stat)",
+        worst(
+            accuracy
+                .into_iter()
+                .flat_map(|a| &a.cpu.cgroups)
+                .map(|c| (c.error_pct, format!("host cgroup {}", c.cgroup)))
+                .chain(
+                    side.into_iter()
+                        .flat_map(|s| &s.cpu)
+                        .map(|c| (c.podmeter_error_pct, format!("pod {}", c.pod))),
+                ),
+        ),
+        1.0,
+    );
+    add_worst(
+        "network error ≤ 0.5 % (worst flow direction, against the kernel's IP bytes)",
+        worst(
+            accuracy
+                .into_iter()
+                .flat_map(|a| &a.network.flows)
+                .map(|f| (f.error_pct, format!("host {} {}", f.flow, f.counter)))
+                .chain(side.into_iter().flat_map(|s| &s.network).map(|f| {
+                    (
+                        f.podmeter_error_pct,
+                        format!("pod {} {}", f.pod, f.direction),
+                    )
+                })),
+        ),
+        0.5,
+    );
+    let cost = |name: &str| r.exposer(name).map(|e| e.cpu_ms_per_scrape);
+    let (pm, cad) = (cost("podmeter"), cost("kubelet cAdvisor"));
+    out.push(Target {
+        target: "cheaper than cAdvisor per scrape (same pods)".into(),
+        measured: pm
+            .zip(cad)
+            .map(|(p, c)| format!("podmeter {p:.3} ms vs kubelet {c:.3} ms CPU per scrape")),
+        met: pm.zip(cad).map(|(p, c)| p < c),
+    });
+    out
+}
+
+fn failed<T>(v: Option<&Scenario<T>>) -> String {
+    match v.and_then(|v| v.outcome.error()) {
+        Some(e) => format!("**Failed:** `{e}`\n\n"),
+        None => String::new(),
+    }
+}
+
+/// KiB, from bytes.
+fn kib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0
+}
+
+/// The report as markdown.
+pub fn markdown(r: &BenchResults) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# podmeter benchmark\n");
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench{}` run of {} ({} s in all). Raw figures: `bench/results/{}-{}.json`. \
+         Figures as measured, on a machine that may have had other work: see the load averages.\n",
+        if r.mode == "quick" { " --quick" } else { "" },
+        r.started,
+        num(r.total_secs, 0),
+        r.started,
+        r.mode,
+    );
+    if let Some(note) = &r.note {
+        let _ = writeln!(s, "> {note}\n");
+    }
+    let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");
+    for (label, v) in [
+        ("CPU", m.cpu.clone()),
+        ("CPUs", m.cpus.to_string()),
+        ("virtual machine", m.hypervisor.to_string()),
+        ("memory (GiB)", json_text(&m.memory_gib)),
+        ("kernel", m.kernel.clone()),
+        ("cgroups", m.cgroups.clone()),
+        ("podmeter", m.podmeter.clone()),
+        ("kubelet (cAdvisor)", m.kubelet.clone()),
+        ("node-exporter", m.node_exporter.clone()),
+        ("stress-ng", m.stress_ng.clone()),
+        ("iperf3", m.iperf3.clone()),
+        ("bpftool", m.bpftool.clone()),
+        ("rustc", m.rustc.clone()),
+    ] {
+        let _ = writeln!(s, "| {label} | {} |", v.replace('|', "\\|"));
+    }
+    let _ = writeln!(
+        s,
+        "\nWhat the machine did during each scenario (this benchmark included; other work on \
+         the machine shows as load beyond it):\n\n\
+         | scenario | secs | load avg at start | at end | machine CPU busy % | steal % |\n|---|---:|---|---|---:|---:|"
+    );
+    let none = Conditions::default();
+    for (k, c) in [
+        ("kernel", r.kernel.as_ref().map(|x| &x.meta)),
+        ("scale", r.scale.as_ref().map(|x| &x.meta)),
+        ("accuracy", r.accuracy.as_ref().map(|x| &x.meta)),
+        ("side_by_side", r.side_by_side.as_ref().map(|x| &x.meta)),
+    ] {
+        let c = c.unwrap_or(&none);
+        let _ = writeln!(
+            s,
+            "| {k} | {} | {} | {} | {} | {} |",
+            num(c.secs, 0),
+            c.load_at_start.as_deref().unwrap_or("–"),
+            c.load_at_end.as_deref().unwrap_or("–"),
+            num(c.machine_busy_pct, 1),
+            num(c.machine_steal_pct, 1),
+        );
+    }
+    s.push('\n');
+    let _ = writeln!(
+        s,
+        "## Targets\n\n| target | measured | met |\n|---|---|---|"
+    );
+    for t in &r.targets {
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {met} |",
+            t.target,
+            t.measured.as_deref().unwrap_or("–")
+        );
+    }
+
+    // 1. Kernel.
+    let _ = writeln!(s, "\n## 1. Kernel cost per event (eBPF programs)\n");
+    s += &failed(r.kernel.as_ref());
+    let _ = writeln!(
+        s,
+        "`run_time_ns / run_cnt` with BPF run-time statistics on (they add two clock reads \
+         per run, so these are upper bounds). Events are counted machine-wide.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| load | program | events/s | ns/event | CPU % of one core |\n|---|---|---:|---:|---:|"
+    );
+    if let Some(k) = r.kernel() {
+        for load in [&k.context_switch_load, &k.packet_flood] {
+            for p in &load.programs {
+                let _ = writeln!(
+                    s,
+                    "| {} | `{}` | {} | {} | {} |",
+                    load.load,
+                    p.program,
+                    num(p.events_per_sec, 0),
+                    num(p.ns_per_event, 1),
+                    num(p.cpu_pct_of_one_core, 2),
+                );
+            }
+        }
+        let sw = &k.switch_throughput;
+        let base = sw.without_agent.bogo_ops_per_sec;
+        let pct = |x: Option<f64>| match (x, base) {
+            (Some(x), Some(b)) if b > 0.0 => format!(" ({:+.1} %)", (x - b) / b * 100.0),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "\nContext-switch throughput (`stress-ng --switch`, bogo ops/s): without podmeter {}, \
+             with podmeter {}{}, with podmeter and BPF statistics {}{}. \
+             (`other_podmeter_programs_loaded`: {} programs of other podmeter instances were loaded.)",
+            num(base, 0),
+            num(sw.with_agent_stats_off.bogo_ops_per_sec, 0),
+            pct(sw.with_agent_stats_off.bogo_ops_per_sec),
+            num(sw.with_agent_stats_on.bogo_ops_per_sec, 0),
+            pct(sw.with_agent_stats_on.bogo_ops_per_sec),
+            num(k.other_podmeter_programs_loaded, 0),
+        );
+    }
+
+    // 2. Scale.
+    let _ = writeln!(
+        s,
+        "\n## 2. Agent at scale (pod-like cgroups with light workers)\n"
+    );
+    s += &failed(r.scale.as_ref());
+    // Runs before the limit was added have no such key.
+    let limit = match r.plan.scale_cpu_limit_millicores {
+        Some(m) => format!(
+            ", the container limited to {m}m CPU (so podmeter reads every container's \
+             throttling counters at each scrape: the costlier case)"
+        ),
+        None => ", no CPU limits".to_owned(),
+    };
+    let _ = writeln!(
+        s,
+        "Each pod: a kubelet-style cgroupfs pod and container cgroup with a worker waking every \
+         100 ms for 20 µs{limit}. Fresh agent per size; CPU from its cgroup's `cpu.stat` over a {} s \
+         window scraped every 15 s; /metrics latency from {} back-to-back scrapes (HTTP/1.1, \
+         gzip accepted, as Prometheus asks); CPU per scrape = burst CPU minus the idle rate. \
+         CPU error: podmeter's delta against each container's `cpu.stat` over the window.\n",
+        num(r.plan.window_secs, 0),
+        num(r.plan.burst, 0),
+    );
+    let _ = writeln!(
+        s,
+        "| pods | CPU s/min | % of one core | peak RSS MiB | p50 ms | p99 ms | payload KiB (gzip) | series | CPU ms/scrape | idle % core | CPU error total % | per-container max % |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+    );
+    for row in r.scale().into_iter().flat_map(|x| &x.by_pods) {
+        let p = match &row.outcome {
+            Outcome::Measured(p) => p,
+            Outcome::Failed(e) => {
+                let _ = writeln!(s, "| {} | failed: {e} |", row.meta.pods);
+                continue;
+            }
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+            row.meta.pods,
+            num(p.cpu_secs_per_min, 3),
+            num(p.cpu_pct_of_one_core, 3),
+            num(p.peak_rss_mib, 1),
+            num(p.scrape.p50_ms, 2),
+            num(p.scrape.p99_ms, 2),
+            num(kib(p.payload_bytes), 1),
+            num(kib(p.scrape.wire_bytes), 1),
+            num(p.series, 0),
+            num(p.cpu_ms_per_scrape, 3),
+            num(p.background_cpu_pct, 3),
+            num(p.cpu_accuracy.total_error_pct, 3),
+            num(p.cpu_accuracy.per_container_abs_error_pct.max, 3),
+        );
+    }
+
+    // 3. Accuracy.
+    let a = r.accuracy();
+    let _ = writeln!(s, "\n## 3. Accuracy on this host\n");
+    s += &failed(r.accuracy.as_ref());
+    let _ = writeln!(
+        s,
+        "CPU over {} s against `cpu.stat` (read just before and after each scrape):\n\n\
+         | cgroup | work | CPU % | kernel s | podmeter s | error % |\n|---|---|---:|---:|---:|---:|",
+        num(a.map(|a| a.cpu.window_secs), 0)
+    );
+    for c in a.into_iter().flat_map(|a| &a.cpu.cgroups) {
+        let _ = writeln!(
+            s,
+            "| {} | `pm-work {}` | {} | {} | {} | {} |",
+            c.cgroup,
+            c.work,
+            num(c.kernel_cpu_pct, 1),
+            num(c.kernel_cpu_secs, 3),
+            num(c.podmeter_cpu_secs, 3),
+            num(c.error_pct, 3),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nNetwork between two namespaces over a veth pair (TCP {} bytes, UDP {} × 1000 bytes):\n\n\
+         | flow | counter | podmeter bytes | truth bytes | truth | error % |\n|---|---|---:|---:|---|---:|",
+        num(r.plan.tcp_bytes, 0),
+        num(r.plan.udp_count, 0),
+    );
+    for f in a.into_iter().flat_map(|a| &a.network.flows) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            f.flow,
+            f.counter,
+            num(f.podmeter_bytes, 0),
+            num(f.truth_bytes, 0),
+            f.truth,
+            num(f.error_pct, 4),
+        );
+    }
+
+    // 4. Side by side.
+    let sb = r.side_by_side();
+    let _ = writeln!(
+        s,
+        "\n## 4. Side by side on real pods: podmeter, cAdvisor, node-exporter\n"
+    );
+    s += &failed(r.side_by_side.as_ref());
+    let _ = writeln!(
+        s,
+        "{} pods of ours in namespace `bench` ({} on the node in all). Every exposer is scraped \
+         the same way; CPU per scrape = CPU during a burst of back-to-back scrapes minus the \
+         exposer's idle rate. The kubelet's CPU comes from `/proc/<pid>/stat` (10 ms ticks) and \
+         includes everything it does in the burst.\n\n\
+         | exposer | p50 ms | p99 ms | payload KiB (gzip) | series | CPU ms per scrape | idle % core |\n|---|---:|---:|---|---:|---:|---:|",
+        num(sb.map(|x| x.bench_pods), 0),
+        num(sb.map(|x| x.pods_on_node), 0),
+    );
+    for e in sb.into_iter().flat_map(|x| &x.exposers) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} ({}) | {} | {} | {} |",
+            e.exposer,
+            num(e.scrape.p50_ms, 2),
+            num(e.scrape.p99_ms, 2),
+            num(kib(e.payload_bytes), 1),
+            num(kib(e.scrape.wire_bytes), 1),
+            num(e.series, 0),
+            num(e.cpu_ms_per_scrape, 3),
+            num(e.idle_cpu_pct, 3),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nCPU of the same containers against their `cpu.stat` (cAdvisor against the kernel \
+         counter interpolated at cAdvisor's own sample times):\n\n\
+         | pod | CPU % | podmeter error % | cAdvisor error % | cAdvisor sample age (s) |\n|---|---:|---:|---:|---:|"
+    );
+    for c in sb.into_iter().flat_map(|x| &x.cpu) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            c.pod,
+            num(c.kernel_cpu_pct, 2),
+            num(c.podmeter_error_pct, 3),
+            num(c.cadvisor_error_pct, 3),
+            num(c.cadvisor_sample_age_max_secs, 1),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nNetwork of the same pods against their network namespace's IPv4 byte counters \
+         (cAdvisor counts the pod's `eth0`, link-layer headers and non-IP frames included):\n\n\
+         | pod | direction | truth bytes | podmeter error % | cAdvisor error % |\n|---|---|---:|---:|---:|"
+    );
+    for n in sb.into_iter().flat_map(|x| &x.network) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            n.pod,
+            n.direction,
+            num(n.truth_ip_bytes, 0),
+            num(n.podmeter_error_pct, 4),
+            num(n.cadvisor_error_pct, 4),
+        );
+    }
+    s += &notes(r);
+    s
+}
+
+/// What the figures say beyond the tables, derived from them.
+fn notes(r: &BenchResults) -> String {
+    let mut n = Vec::new();
+    if let Some(Exposer {
+        scrape,
+        payload_bytes,
+        ..
+    }) = r.exposer("podmeter")
+        && scrape.wire_bytes as f64 >= *payload_bytes as f64 * 0.9
+    {
+        n.push(
+            "podmeter answered uncompressed although the scraper accepts gzip \
+             (wire bytes = payload); node-exporter and the kubelet compress."
+                .to_owned(),
+        );
+    }
+    let ages = r
+        .side_by_side()
+        .into_iter()
+        .flat_map(|x| &x.cpu)
+        .filter_map(|c| c.cadvisor_sample_age_max_secs);
+    if let Some(max) = ages.reduce(f64::max) {
+        n.push(format!(
+            "cAdvisor serves what its housekeeping last read: samples up to {max:.1} s old \
+             at scrape time; podmeter reads its kernel maps at the scrape."
+        ));
+    }
+    if let Some(k) = r.kernel() {
+        for load in [&k.context_switch_load, &k.packet_flood] {
+            for p in &load.programs {
+                if let Some(m) = p.recursion_misses.filter(|m| *m > 0) {
+                    n.push(format!(
+                        "`{}` was skipped {m} times under {} (already running on that CPU).",
+                        p.program, load.load
+                    ));
+                }
+            }
+        }
+    }
+    n.push(
+        "The light pods' worker wakes every 100 ms, not every 10 ms: at 1000 pods, 10 ms \
+         would be 100,000 wake-ups a second, more than this machine's cores."
+            .to_owned(),
+    );
+    n.push(
+        "Kernel per-event figures are machine-wide (every context switch and packet of the \
+         machine during the window), measured with BPF run-time statistics on."
+            .to_owned(),
+    );
+    let mut s = String::from("\n## Notes\n\n");
+    for x in n {
+        let _ = writeln!(s, "- {x}");
+    }
+    s
+}
+
+/// `md` (a new report) followed by the sections of `existing` (the current
+/// `bench/RESULTS.md`) that the report does not write: the soak's, which
+/// `cargo xtask soak` writes, and any written by hand (the kernel matrix).
+/// A section runs from its `## ` heading to the next one.
+pub fn with_other_sections(md: &str, existing: &str) -> String {
+    let ours: Vec<&str> = md.lines().filter(|l| l.starts_with("## ")).collect();
+    let mut out = md.trim_end().to_owned();
+    out.push('\n');
+    let mut keep = false;
+    let mut kept = String::new();
+    for line in existing.lines() {
+        if line.starts_with("## ") {
+            keep = !ours.contains(&line);
+            if keep && !kept.is_empty() {
+                kept = kept.trim_end().to_owned() + "\n\n";
+            }
+        }
+        if keep {
+            kept += line;
+            kept.push('\n');
+        }
+    }
+    if !kept.is_empty() {
+        out.push('\n');
+        out += kept.trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::results::{Conditions, Machine, PlanRecord, SCHEMA_VERSION};
+
+    /// The latest full run (schema 1: no `schema_version`) and its report
+    /// as the untyped code rendered it.
+    const FULL: &str = include_str!("../../testdata/2026-11-30T184237Z-full.json");
+    const FULL_MD: &str = include_str!("../../testdata/2026-11-30T184237Z-full.md");
+    /// An older run: no load figures per scenario, no recursion misses, no
+    /// CPU limit in the plan.
+    const OLDER: &str = include_str!("../../testdata/2026-11-25T074050Z-full.json");
+
+    fn full() -> BenchResults {
+        serde_json::from_str(FULL).unwrap()
+    }
+
+    fn rendered(mut r: BenchResults) -> String {
+        r.targets = targets(&r);
+        markdown(&r)
+    }
+
+    #[test]
+    fn renders_the_stored_run_as_before() {
+        let r = full();
+        assert_eq!(r.schema_version, 1);
+        let md = rendered(r);
+        for row in [
+            "| sched_switch program ≤ 100 ns per event | 97.600 ns | yes |",
+            "| /metrics p99 ≤ 20 ms at 1000 pods | 35.840 ms | **no** |",
+            "| stress-ng --switch 2 (30 s) | `pm_sched_switch` | 521526 | 97.6 | 5.09 |",
+            "| stress-ng --switch 2 (30 s) | `pm_skb_ingress` | 0 | – | 0.00 |",
+            "| 1000 | 0.256 | 0.427 | 32.5 | 22.88 | 35.84 | 1680.9 (1680.9) | 7040 | 18.832 | 0.290 | -0.020 | 0.879 |",
+            "| duty-50 | `pm-work tick 10000 5000` | 47.9 | 57.438 | 57.355 | -0.144 |",
+            "| kubelet cAdvisor | 166.55 | 212.22 | 1267.8 (62.4) | 4563 | 159.281 | 3.967 |",
+            "| light-6 | 0.07 | 0.061 | – | 17.4 |",
+            "| tcp-send | receive | 147228 | 0.0000 | 33.6077 |",
+        ] {
+            assert!(md.lines().any(|l| l == row), "no row {row:?} in\n{md}");
+        }
+        assert_eq!(md, FULL_MD);
+    }
+
+    #[test]
+    fn reads_an_older_run() {
+        let r: BenchResults = serde_json::from_str(OLDER).unwrap();
+        assert_eq!(r.plan.scale_cpu_limit_millicores, None);
+        assert_eq!(r.kernel.as_ref().unwrap().meta.load_at_start, None);
+        assert!(r.note.is_some());
+        let md = rendered(r);
+        assert!(md.contains(", no CPU limits."), "{md}");
+        assert!(
+            md.contains("| kernel | 120 | – | 16.26 10.05 8.85 | – | – |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn round_trips() {
+        let mut r = full();
+        r.schema_version = SCHEMA_VERSION;
+        r.targets = targets(&r);
+        let text = serde_json::to_string_pretty(&r).unwrap();
+        let back: BenchResults = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        assert!(text.contains(&format!("\"schema_version\": {SCHEMA_VERSION}")));
+        // A figure the run did not produce stays null, not 0.
+        assert!(text.contains("\"ns_per_event\": null"), "{text}");
+    }
+
+    #[test]
+    fn failed_scenarios_and_sizes_are_reported() {
+        let mut r = full();
+        r.side_by_side.as_mut().unwrap().outcome = Outcome::Failed("cluster down".into());
+        let by_pods = &mut r.scale.as_mut().unwrap().outcome;
+        let Outcome::Measured(scale) = by_pods else {
+            panic!()
+        };
+        scale.by_pods[2].outcome = Outcome::Failed("out of memory".into());
+        let text = serde_json::to_string(&r).unwrap();
+        let r: BenchResults = serde_json::from_str(&text).unwrap();
+        let md = rendered(r);
+        assert!(md.contains("**Failed:** `cluster down`"), "{md}");
+        assert!(md.contains("| 1000 | failed: out of memory |"), "{md}");
+        assert!(
+            md.contains("| side_by_side | 244 | 1.43 1.36 3.99 |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn targets_judged() {
+        let mut r = full();
+        let met =
+            |r: &BenchResults| -> Vec<Option<bool>> { targets(r).iter().map(|t| t.met).collect() };
+        assert_eq!(
+            met(&r),
+            [
+                Some(true),
+                Some(true),
+                Some(true),
+                Some(false),
+                Some(true),
+                Some(true),
+                Some(true)
+            ]
+        );
+        // Over the RSS target; a pod's CPU 1.5 % off; no side by side, so no
+        // comparison with cAdvisor (and the CPU target falls back to the
+        // host's cgroups).
+        let Outcome::Measured(scale) = &mut r.scale.as_mut().unwrap().outcome else {
+            panic!()
+        };
+        let Outcome::Measured(p) = &mut scale.by_pods[2].outcome else {
+            panic!()
+        };
+        p.peak_rss_mib = 40.5;
+        p.scrape.p99_ms = Some(19.0);
+        let t = targets(&r);
+        assert_eq!(t[2].met, Some(false));
+        assert_eq!(t[2].measured.as_deref(), Some("40.500 MiB"));
+        assert_eq!(t[3].met, Some(true));
+        let Outcome::Measured(a) = &mut r.accuracy.as_mut().unwrap().outcome else {
+            panic!()
+        };
+        a.cpu.cgroups[1].error_pct = Some(-1.5);
+        let t = targets(&r);
+        assert_eq!(t[4].met, Some(false));
+        assert_eq!(
+            t[4].measured.as_deref(),
+            Some("1.500 % (host cgroup duty-20)")
+        );
+        r.side_by_side = None;
+        let t = targets(&r);
+        assert_eq!(t[6].met, None);
+        assert_eq!(t[6].measured, None);
+    }
+
+    #[test]
+    fn nothing_measured() {
+        let r = BenchResults {
+            schema_version: SCHEMA_VERSION,
+            mode: "quick".into(),
+            started: "2026-01-01T000000Z".into(),
+            note: None,
+            machine: Machine {
+                cpu: "test".into(),
+                cpus: 2,
+                hypervisor: false,
+                memory_gib: 4.0,
+                kernel: "6.1".into(),
+                cgroups: "cgroup2".into(),
+                podmeter: "podmeter".into(),
+                kubelet: "not found".into(),
+                node_exporter: "a | b".into(),
+                stress_ng: String::new(),
+                iperf3: String::new(),
+                bpftool: String::new(),
+                rustc: String::new(),
+            },
+            plan: PlanRecord {
+                kernel_secs: 1,
+                scales: vec![10],
+                idle_secs: 1,
+                window_secs: 1,
+                scrape_every_secs: 15,
+                burst: 1,
+                accuracy_secs: 1,
+                tcp_bytes: 1,
+                udp_count: 1,
+                light_pods: 1,
+                cadvisor_burst: 1,
+                light_worker: "tick 100000 20".into(),
+                scale_cpu_limit_millicores: Some(500),
+            },
+            kernel: Some(Scenario {
+                meta: Conditions::default(),
+                outcome: Outcome::Failed("no bpftool".into()),
+            }),
+            scale: None,
+            accuracy: None,
+            side_by_side: None,
+            total_secs: None,
+            targets: vec![],
+        };
+        assert!(
+            targets(&r)
+                .iter()
+                .all(|t| t.met.is_none() && t.measured.is_none())
+        );
+        let md = rendered(r);
+        assert!(md.contains("`cargo xtask bench --quick` run of 2026-01-01T000000Z (– s in all)"));
+        assert!(md.contains("| node-exporter | a \\| b |"));
+        assert!(md.contains("| memory (GiB) | 4.0 |"));
+        assert!(md.contains("| scale | – | – | – | – | – |"));
+        assert!(md.contains("**Failed:** `no bpftool`"));
+        assert_eq!(md.matches("| not measured |").count(), 7);
+    }
+
+    #[test]
+    fn other_sections_are_kept() {
+        let md = "# podmeter benchmark\n\nnew\n\n## Machine\n\nnew machine\n\n## Notes\n\n- new\n";
+        let existing = "# podmeter benchmark\n\nold\n\n## Machine\n\nold machine\n\n## Notes\n\n- old\n\n\
+                        ## Kernel matrix (vm-test)\n\nby hand\n\n## Reliability (soak)\n\nsoak\n";
+        assert_eq!(
+            with_other_sections(md, existing),
+            format!(
+                "{}\n## Kernel matrix (vm-test)\n\nby hand\n\n## Reliability (soak)\n\nsoak\n",
+                md
+            )
+        );
+        assert_eq!(with_other_sections(md, ""), md);
+    }
+}

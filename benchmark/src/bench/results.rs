@@ -1,0 +1,396 @@
+//! The benchmark's results: what `bench/results/<time>-<mode>.json` holds
+//! (schema [`SCHEMA_VERSION`]; version 1 files, written before the field
+//! existed, read the same) and what the report is rendered from.
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::version_1;
+pub use crate::schema::{Outcome, Ran, SCHEMA_VERSION};
+
+/// One run of `cargo xtask bench`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BenchResults {
+    #[serde(default = "version_1")]
+    pub schema_version: u32,
+    /// `quick` or `full`.
+    pub mode: String,
+    /// UTC, `2026-11-30T184237Z`.
+    pub started: String,
+    /// A remark added by hand after the run, shown above the tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub machine: Machine,
+    pub plan: PlanRecord,
+    /// Each scenario, absent when the run left it out
+    /// (`PODMETER_BENCH_ONLY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<Scenario<Kernel>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Scenario<Scale>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<Scenario<Accuracy>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side_by_side: Option<Scenario<SideBySide>>,
+    pub total_secs: Option<f64>,
+    /// Judged from the figures when written (and again when rendered).
+    #[serde(default)]
+    pub targets: Vec<Target>,
+}
+
+/// A scenario's figures or error, with what the machine did meanwhile.
+pub type Scenario<T> = Ran<Conditions, T>;
+
+/// What the machine did while a scenario ran (this benchmark included).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Conditions {
+    /// `/proc/loadavg`'s first three fields.
+    #[serde(default)]
+    pub load_at_start: Option<String>,
+    #[serde(default)]
+    pub load_at_end: Option<String>,
+    #[serde(default)]
+    pub machine_busy_pct: Option<f64>,
+    #[serde(default)]
+    pub machine_steal_pct: Option<f64>,
+    #[serde(default)]
+    pub secs: Option<f64>,
+}
+
+/// The machine, kernel and versions, for the record.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: u64,
+    pub hypervisor: bool,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub cgroups: String,
+    pub podmeter: String,
+    pub kubelet: String,
+    pub node_exporter: String,
+    pub stress_ng: String,
+    pub iperf3: String,
+    pub bpftool: String,
+    pub rustc: String,
+}
+
+/// How long and how big the scenarios were ([`crate::bench::Plan`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PlanRecord {
+    pub kernel_secs: u64,
+    pub scales: Vec<u64>,
+    pub idle_secs: u64,
+    pub window_secs: u64,
+    pub scrape_every_secs: u64,
+    pub burst: u64,
+    pub accuracy_secs: u64,
+    pub tcp_bytes: u64,
+    pub udp_count: u64,
+    pub light_pods: u64,
+    pub cadvisor_burst: u64,
+    pub light_worker: String,
+    /// Absent in runs before the scale scenario's pods had CPU limits.
+    #[serde(default)]
+    pub scale_cpu_limit_millicores: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------
+// 1. Kernel
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// `pm_*` programs of other podmeter instances loaded at the start.
+    pub other_podmeter_programs_loaded: u64,
+    pub switch_throughput: SwitchThroughput,
+    pub context_switch_load: Load,
+    pub packet_flood: Load,
+}
+
+/// `stress-ng --switch` without the agent, with it (statistics off), and
+/// with it and BPF statistics on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SwitchThroughput {
+    pub without_agent: SwitchRun,
+    pub with_agent_stats_off: SwitchRun,
+    pub with_agent_stats_on: SwitchRun,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SwitchRun {
+    pub instances: u64,
+    pub secs: u64,
+    pub bogo_ops_per_sec: Option<f64>,
+    pub ns_per_switch: Option<f64>,
+    /// Every run's throughput, when this is the best of several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_bogo_ops_per_sec: Option<Vec<Option<f64>>>,
+}
+
+/// One load and what each program cost under it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Load {
+    /// The load, as a command line.
+    pub load: String,
+    /// The packet flood's own figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iperf3_packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iperf3_lost_percent: Option<f64>,
+    pub programs: Vec<ProgramCost>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ProgramCost {
+    pub program: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub events: u64,
+    pub events_per_sec: f64,
+    /// None when the program did not run.
+    pub ns_per_event: Option<f64>,
+    pub cpu_pct_of_one_core: f64,
+    /// Runs skipped because the program was already running on that CPU
+    /// (not recorded before 2026-11-30).
+    #[serde(default)]
+    pub recursion_misses: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------
+// 2. Scale
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Scale {
+    pub by_pods: Vec<ScaleRow>,
+}
+
+/// One pod count: its figures, or why there are none.
+pub type ScaleRow = Ran<Pods, AtPods>;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct Pods {
+    pub pods: u64,
+}
+
+/// The agent with that many pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AtPods {
+    pub all_seen_after_secs: f64,
+    /// Without scrapes.
+    pub background_cpu_pct: f64,
+    pub window_secs: f64,
+    pub window_scrapes: u64,
+    /// Over the window scraped every 15 s: the headline figures.
+    pub cpu_secs_per_min: f64,
+    pub cpu_pct_of_one_core: f64,
+    pub proc_stat_cpu_secs_per_min: f64,
+    pub peak_rss_mib: f64,
+    pub rss_mib: f64,
+    pub window_scrape_ms: Vec<f64>,
+    /// The burst of back-to-back scrapes.
+    pub scrape: BurstSummary,
+    pub cpu_ms_per_scrape: f64,
+    pub payload_bytes: u64,
+    pub series: u64,
+    pub bpf_map_entries_cpu: Option<f64>,
+    pub tracked_live: Option<f64>,
+    pub cpu_accuracy: CpuAccuracy,
+}
+
+/// Latency and size of a burst of scrapes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BurstSummary {
+    pub scrapes: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    /// Of the last scrape (gzip, where the exposer compresses).
+    pub wire_bytes: u64,
+}
+
+/// podmeter's CPU against every container's `cpu.stat` over the window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CpuAccuracy {
+    pub containers: u64,
+    pub missing_in_podmeter: u64,
+    pub kernel_cpu_secs: f64,
+    pub podmeter_cpu_secs: f64,
+    pub total_error_pct: Option<f64>,
+    pub per_container_abs_error_pct: Percentiles,
+    pub max_cpu_stat_read_spread_ms: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Percentiles {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------
+// 3. Accuracy on this host
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Accuracy {
+    pub cpu: HostCpu,
+    pub network: HostNetwork,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HostCpu {
+    pub window_secs: f64,
+    pub cgroups: Vec<HostCgroupCpu>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HostCgroupCpu {
+    pub cgroup: String,
+    /// `pm-work` arguments.
+    pub work: String,
+    pub kernel_cpu_pct: f64,
+    pub kernel_cpu_secs: f64,
+    pub podmeter_cpu_secs: Option<f64>,
+    pub error_pct: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HostNetwork {
+    pub flows: Vec<Flow>,
+    pub tcp_application: TcpApplication,
+    pub udp_datagrams: UdpDatagrams,
+}
+
+/// One direction of one flow: podmeter against a ground truth.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Flow {
+    /// `tcp` or `udp`.
+    pub flow: String,
+    /// Which side and direction.
+    pub counter: String,
+    pub podmeter_bytes: f64,
+    pub truth_bytes: f64,
+    /// What the truth is.
+    pub truth: String,
+    pub error_pct: Option<f64>,
+}
+
+/// What the TCP sender (and receiver) reported.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TcpApplication {
+    pub payload_written: Option<f64>,
+    pub payload_on_wire_incl_retransmits: Option<f64>,
+    /// On this host only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmitted: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_received: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct UdpDatagrams {
+    pub sent: u64,
+    pub received_by_the_application: f64,
+}
+
+// ---------------------------------------------------------------------------
+// 4. Side by side
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SideBySide {
+    pub bench_pods: u64,
+    pub pods_on_node: u64,
+    pub exposers: Vec<Exposer>,
+    pub cpu: Vec<PodCpu>,
+    pub network: Vec<PodNetwork>,
+    pub node_exporter_args: Vec<String>,
+    pub tcp_application: TcpApplication,
+    pub udp_datagrams_sent: u64,
+}
+
+/// One `/metrics` exposer's cost.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Exposer {
+    /// `podmeter`, `node-exporter` or `kubelet cAdvisor`.
+    pub exposer: String,
+    pub scrape: BurstSummary,
+    pub payload_bytes: u64,
+    pub series: u64,
+    pub cpu_ms_per_scrape: f64,
+    pub idle_cpu_pct: f64,
+    pub cpu_source: String,
+}
+
+/// A pod's CPU: podmeter and cAdvisor against `cpu.stat`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PodCpu {
+    pub pod: String,
+    pub kernel_cpu_pct: f64,
+    pub kernel_cpu_secs: f64,
+    pub podmeter_cpu_secs: Option<f64>,
+    pub podmeter_error_pct: Option<f64>,
+    pub cadvisor_cpu_secs: Option<f64>,
+    pub kernel_cpu_secs_at_cadvisor_times: Option<f64>,
+    pub cadvisor_error_pct: Option<f64>,
+    pub cadvisor_sample_age_max_secs: Option<f64>,
+}
+
+/// A pod's bytes one way: podmeter and cAdvisor against the pod's IP
+/// counters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PodNetwork {
+    pub pod: String,
+    /// `transmit` or `receive`.
+    pub direction: String,
+    pub truth_ip_bytes: f64,
+    pub podmeter_bytes: f64,
+    pub podmeter_error_pct: Option<f64>,
+    pub cadvisor_eth0_bytes: Option<f64>,
+    pub cadvisor_error_pct: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------
+// Targets
+
+/// One target of issue 5: what was measured, and whether it is met (None
+/// when the run did not produce the figure).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Target {
+    pub target: String,
+    pub measured: Option<String>,
+    pub met: Option<bool>,
+}
+
+impl BenchResults {
+    pub fn kernel(&self) -> Option<&Kernel> {
+        self.kernel.as_ref()?.outcome.measured()
+    }
+
+    pub fn scale(&self) -> Option<&Scale> {
+        self.scale.as_ref()?.outcome.measured()
+    }
+
+    pub fn accuracy(&self) -> Option<&Accuracy> {
+        self.accuracy.as_ref()?.outcome.measured()
+    }
+
+    pub fn side_by_side(&self) -> Option<&SideBySide> {
+        self.side_by_side.as_ref()?.outcome.measured()
+    }
+
+    /// The scale scenario's figures at `n` pods.
+    pub fn at_pods(&self, n: u64) -> Option<&AtPods> {
+        self.scale()?
+            .by_pods
+            .iter()
+            .find(|r| r.meta.pods == n)?
+            .outcome
+            .measured()
+    }
+
+    /// The side-by-side figures of the exposer called `name`.
+    pub fn exposer(&self, name: &str) -> Option<&Exposer> {
+        self.side_by_side()?
+            .exposers
+            .iter()
+            .find(|e| e.exposer == name)
+    }
+}
