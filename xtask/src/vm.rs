@@ -57,7 +57,7 @@ const PROGRAMS: &[&str] = &[
 /// The test files each VM runs by default: CPU against `cpu.stat`, TCP/UDP
 /// over loopback and veth between namespaces, lifecycle and churn, CPU
 /// limits, throttling and capabilities.
-pub const DEFAULT_TESTS: [&str; 4] = ["cpu", "net", "lifecycle", "limits"];
+pub const DEFAULT_TESTS: [&str; 5] = ["cpu", "net", "lifecycle", "limits", "pins"];
 
 /// `cargo xtask vm-test`'s options.
 #[derive(clap::Args)]
