@@ -706,6 +706,26 @@ fn sample(sh: &Shared, t: &Target) -> AgentSample {
     }
 }
 
+/// Every cgroup with a CPU series: host cgroups by path, pod cgroups as
+/// `pod_uid/container`, sorted.
+fn counted_cgroups(s: &[Sample]) -> Vec<String> {
+    let mut out: Vec<String> = s
+        .iter()
+        .filter_map(|x| match x.name.as_str() {
+            "podmeter_cgroup_cpu_usage_seconds_total" => x.label("cgroup").map(str::to_owned),
+            "podmeter_container_cpu_usage_seconds_total" => Some(format!(
+                "{}/{}",
+                x.label("pod_uid").unwrap_or(""),
+                x.label("container").unwrap_or("")
+            )),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The agent's own gauges and counters the soak follows.
 fn gauges(s: &[Sample]) -> Gauges {
     let get = |name: &str, k: &str, v: &str| {
@@ -724,6 +744,7 @@ fn gauges(s: &[Sample]) -> Gauges {
         scan: get("podmeter_cgroup_tree_updates_total", "source", "scan"),
         dropped_cpu: get("podmeter_bpf_map_dropped_updates_total", "map", "cpu"),
         dropped_net: get("podmeter_bpf_map_dropped_updates_total", "map", "net"),
+        cgroups: Some(counted_cgroups(s)),
     }
 }
 
@@ -1013,6 +1034,21 @@ fn markdown(r: &SoakResults) -> String {
             j(&s.settle.end_at_secs)
         ),
     );
+    if let (Some(before), Some(after)) = (&b.cgroups, &e.cgroups) {
+        let gone: Vec<&String> = before.iter().filter(|c| !after.contains(c)).collect();
+        let new: Vec<&String> = after.iter().filter(|c| !before.contains(c)).collect();
+        row(
+            &mut md,
+            "cgroups with CPU series: before churn → last answer",
+            format!(
+                "{} → {}; new: {}; gone: {}",
+                before.len(),
+                after.len(),
+                list(&new),
+                list(&gone)
+            ),
+        );
+    }
     row(
         &mut md,
         "kernel map entries cpu / net: before churn → last answer",
@@ -1061,6 +1097,18 @@ mod erased {
             super::json_text(self)
         }
     }
+}
+
+/// `a`, `b` in backticks, or `none`.
+fn list(items: &[&String]) -> String {
+    if items.is_empty() {
+        return "none".into();
+    }
+    items
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -100,6 +100,11 @@ pub struct Gauges {
     pub scan: Option<f64>,
     pub dropped_cpu: Option<f64>,
     pub dropped_net: Option<f64>,
+    /// The cgroups with CPU series (host cgroup paths, `pod_uid/container`
+    /// for pod cgroups), so a count that does not settle names the extra
+    /// one. Absent from runs before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroups: Option<Vec<String>>,
 }
 
 /// After the churn: when the agent came back to its baseline, and where it
