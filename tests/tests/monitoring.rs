@@ -422,11 +422,24 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
         assert_eq!(s["metric"]["node"], node_name, "{s}");
     }
 
-    step("helm upgrade to capabilities-only mode");
+    // A pod burns CPU through the roll below: what Prometheus ends with
+    // must be what its cgroup's cpu.stat says, nothing lost to the roll.
+    let roll = Namespace::new(&kube, &format!("e2e-roll-{}", std::process::id()));
+    kube.apply(&shell_pod(
+        &roll.name,
+        "burner",
+        "timeout 75 /pm-work burn; sleep 3600",
+        "",
+    ));
+    let burner = kube.pod_phase(&roll.name, "burner", "Running");
+
+    step("helm upgrade to capabilities-only mode (a DaemonSet roll while a pod burns CPU)");
     helm(&["securityMode=capabilities"], true);
     every_agent_up(&kube, &prom, "serviceMonitor/");
     capabilities_are_dropped(&kube, &prom);
     counters_continued_across_the_roll(&prom);
+    cpu_through_the_roll_matches_cpu_stat(&prom, &roll.name, &burner);
+    drop(roll);
 
     let mut fired = Vec::new();
     alerts_fire_on_real_faults(&kube, &prom, &hook, &node_name, &mut fired);
@@ -478,6 +491,57 @@ fn counters_continued_across_the_roll(prom: &Prom) {
             assert_eq!(s["value"][1], "0", "a counter reset across the roll: {s}");
         }
     }
+}
+
+/// The burner's CPU time, burnt across the agent roll: Prometheus' last
+/// value for it against its cgroup's `cpu.stat` once it stopped burning.
+fn cpu_through_the_roll_matches_cpu_stat(prom: &Prom, ns: &str, pod: &Value) {
+    let id = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|c| c.split_once("://"))
+        .map(|(_, id)| id.to_owned())
+        .expect("the burner's container id");
+    let cgroup = podmeter_test_support::cgroups::container_cgroup(&id)
+        .unwrap_or_else(|| panic!("no cgroup for container {id}"));
+    let usage = || {
+        let stat = fs::read_to_string(cgroup.join("cpu.stat")).unwrap();
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("usage_usec")
+            / 1e6
+    };
+    // Burning stops after 75 s; then the kernel's number stands still.
+    let kernel = until(Duration::from_secs(150), "the burner done burning", || {
+        let a = usage();
+        std::thread::sleep(Duration::from_secs(2));
+        let b = usage();
+        (b > 30.0 && b - a < 0.05).then_some(b)
+    });
+    let q = format!(
+        "podmeter_container_cpu_usage_seconds_total{{namespace=\"{ns}\",pod=\"burner\",container=\"work\"}}"
+    );
+    // A scrape after the burn ended (30 s interval) brings the final value;
+    // a value short of it by more than 2 % (time lost in the roll) times
+    // out here, naming the kernel's figure.
+    let seen = until(
+        Duration::from_secs(90),
+        &format!("Prometheus' value for the burner within 2 % of cpu.stat's {kernel:.2} s"),
+        || {
+            let v: f64 = prom.query(&q).first()?["value"][1].as_str()?.parse().ok()?;
+            ((v - kernel).abs() / kernel < 0.02).then_some(v)
+        },
+    );
+    let resets = prom.query(&format!("resets({q}[10m])"));
+    assert_eq!(resets.len(), 1, "{resets:?}");
+    assert_eq!(
+        resets[0]["value"][1], "0",
+        "the burner's counter reset in the roll"
+    );
+    eprintln!(
+        "monitoring e2e: burner CPU across the roll: Prometheus {seen:.2} s, cpu.stat {kernel:.2} s ({:.2} %)",
+        (seen - kernel).abs() / kernel * 100.0
+    );
 }
 
 /// `helm uninstall` stops every agent with its DaemonSet gone: each removes
