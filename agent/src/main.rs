@@ -154,6 +154,22 @@ struct Cli {
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = flags::namespaced)]
     remove_pins_with: Option<(String, String)>,
 
+    /// Test-only: bill CPU from the raw sched_switch tracepoint (the
+    /// fallback for kernels that refuse tp_btf) where tp_btf works.
+    #[arg(long, hide = true)]
+    force_raw_switch: bool,
+
+    /// Test-only: find new and removed cgroups by walking the tree every
+    /// refresh (the fallback where the kernel has no tree events), not by
+    /// following mkdir/rmdir events.
+    #[arg(long, hide = true)]
+    force_tree_walks: bool,
+
+    /// Test-only: read the counter maps one entry at a time (the fallback
+    /// for kernels without batch reads).
+    #[arg(long, hide = true)]
+    force_entry_reads: bool,
+
     /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
     #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
     btf_path: PathBuf,
@@ -305,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         &cli.btf_path,
         cli.max_cgroups,
         match &mounts.unified_shows {
+            _ if cli.force_tree_walks => Err("forced by --force-tree-walks".to_owned()),
             Some(_) => Ok(()),
             None => Err(format!(
                 "{} is a mount whose root lies outside this process's cgroup namespace, so the \
@@ -314,7 +331,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )),
         },
         pins.as_ref(),
+        bpf::Force {
+            raw_switch: cli.force_raw_switch,
+            entry_reads: cli.force_entry_reads,
+        },
     )?;
+    if cli.force_entry_reads {
+        info!("reading the counter maps entry by entry (--force-entry-reads)");
+    }
     match &origin {
         Origin::Adopted => info!(
             pin_path = %cli.pin_path.display(),

@@ -272,12 +272,23 @@ fn charges_memlock(release: &str) -> bool {
     }
 }
 
+/// Fallbacks forced where the main path works, so tests reach them
+/// (hidden flags of the agent).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Force {
+    /// The raw `sched_switch` tracepoint instead of `tp_btf`.
+    pub raw_switch: bool,
+    /// Map reads one entry at a time instead of in batches.
+    pub entry_reads: bool,
+}
+
 pub fn load(
     cgroup2_root: &Path,
     btf_path: &Path,
     max_cgroups: u32,
     follow_tree: Result<(), String>,
     pins: Option<&pins::Pins>,
+    force: Force,
 ) -> Result<Loaded, BpfError> {
     let offsets = kernel_offsets(btf_path);
     let mut loader = EbpfLoader::new();
@@ -323,7 +334,9 @@ pub fn load(
     // The BTF-enabled tracepoint reads tasks with plain loads: about half
     // the cost of the raw one, which needs helpers for the same reads.
     let btf_ok = known(&SWITCH_OFFSETS);
-    let fast = if btf_ok {
+    let fast = if force.raw_switch {
+        Err("forced by --force-raw-switch".to_owned())
+    } else if btf_ok {
         btf.as_ref()
             .map_err(Clone::clone)
             .and_then(|b| attach_switch_btf(&mut ebpf, b, &mut keep))
@@ -467,7 +480,7 @@ pub fn load(
         net,
         batch_fds: [cpu_fd, net_fd],
         possible_cpus: aya::util::nr_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))?,
-        batch: AtomicBool::new(true),
+        batch: AtomicBool::new(!force.entry_reads),
         oncpu: take(&mut ebpf, "PM_ONCPU")?,
         drops: take(&mut ebpf, "PM_DROPS")?,
         // Adopted maps have it too: pins of another capacity are not adopted.
