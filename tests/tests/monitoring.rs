@@ -433,8 +433,12 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     ));
     let burner = kube.pod_phase(&roll.name, "burner", "Running");
 
-    step("helm upgrade to capabilities-only mode (a DaemonSet roll while a pod burns CPU)");
-    helm(&["securityMode=capabilities"], true);
+    // `next` is the same agent under a new tag (xtask's e2e tags it): the
+    // upgrade rolls the DaemonSet to a new image, as a release does.
+    step(
+        "helm upgrade to a new image tag and capabilities-only mode (a DaemonSet roll while a pod burns CPU)",
+    );
+    helm(&["securityMode=capabilities", "image.tag=next"], true);
     every_agent_up(&kube, &prom, "serviceMonitor/");
     capabilities_are_dropped(&kube, &prom);
     counters_continued_across_the_roll(&prom);

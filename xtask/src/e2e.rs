@@ -28,6 +28,9 @@ pub fn run_in(phases: &mut Phases, filter: Option<&str>, keep: bool) -> Result<(
         phases.run("images", || {
             let sock = cluster::containerd_sock();
             image::import(&image::podmeter()?, &sock)?;
+            // The same agent as a "next release": an upgrade to a new tag
+            // rolls the DaemonSet as a real one does.
+            image::tag(image::PODMETER, image::PODMETER_NEXT, &sock)?;
             image::import(&image::testwork()?, &sock)?;
             tools::import_images(&sock)?;
             tools::operator_crds(&target_dir().join("crds"))

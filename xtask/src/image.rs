@@ -37,6 +37,9 @@ pub fn run(_: &Options) -> Result<()> {
 /// The image reference the manifests use.
 pub const PODMETER: &str = "localhost/podmeter:dev";
 
+/// [`PODMETER`] under the tag the e2e tests upgrade to.
+pub const PODMETER_NEXT: &str = "localhost/podmeter:next";
+
 /// Builds the release agent and its OCI image; returns the tarball.
 pub fn podmeter() -> Result<PathBuf> {
     build::agent(true)?;
@@ -239,6 +242,21 @@ pub fn build(spec: &Spec<'_>, out: &Path) -> Result<()> {
         )?;
     }
     tar.into_inner()?.flush()?;
+    Ok(())
+}
+
+/// Tags image `from` as `to` in containerd's `k8s.io` namespace (replacing
+/// an older `to`).
+pub fn tag(from: &str, to: &str, containerd_sock: &Path) -> Result<()> {
+    let st = Command::new("ctr")
+        .arg("--address")
+        .arg(containerd_sock)
+        .args(["-n", "k8s.io", "images", "tag", "--force", from, to])
+        .status()
+        .context("running ctr")?;
+    if !st.success() {
+        bail!("ctr images tag {from} {to} failed: {st}");
+    }
     Ok(())
 }
 
