@@ -43,15 +43,6 @@ pub fn cargo() -> Command {
     c
 }
 
-/// Whether this process runs as root (effective uid 0).
-pub fn is_root() -> bool {
-    // The effective uid is the 'Uid:' line's second field.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
+/// Whether this process runs as root (effective uid 0): the bench's own
+/// check, so the two never disagree.
+pub use podmeter_bench::is_root;
