@@ -77,13 +77,40 @@ impl Default for Limits {
     }
 }
 
-/// Serves until `shutdown` resolves, with [`Limits::default`].
+/// Serves until `shutdown` resolves, with [`Limits::default`], and TLS
+/// and authentication as `web` says.
 pub async fn serve(
     listener: TcpListener,
     app: App,
+    web: Option<crate::web::Web>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    serve_with(listener, app, Limits::default(), shutdown).await
+    serve_router(
+        listener,
+        router(app),
+        Limits::default(),
+        Guard::from(web),
+        shutdown,
+    )
+    .await
+}
+
+/// What a connection enforces: TLS, and authentication of every request
+/// but the probes'.
+#[derive(Clone, Default)]
+struct Guard {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    auth: Option<Arc<crate::web::BasicAuth>>,
+}
+
+impl From<Option<crate::web::Web>> for Guard {
+    fn from(web: Option<crate::web::Web>) -> Self {
+        web.map(|w| Self {
+            tls: w.tls,
+            auth: w.auth,
+        })
+        .unwrap_or_default()
+    }
 }
 
 /// Serves until `shutdown` resolves, then returns within
@@ -95,7 +122,7 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    serve_router(listener, router(app), limits, shutdown).await
+    serve_router(listener, router(app), limits, Guard::default(), shutdown).await
 }
 
 fn router(app: App) -> Router {
@@ -129,6 +156,7 @@ async fn serve_router(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let max = limits.max_connections.max(1);
@@ -182,6 +210,7 @@ async fn serve_router(
                             builder.clone(),
                             router.clone(),
                             limits,
+                            guard.clone(),
                             evict_rx,
                             stop_rx.clone(),
                         ));
@@ -220,6 +249,12 @@ async fn serve_router(
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 21\r\n\r\ntoo many connections\n";
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The content type of a TLS handshake record: every TLS connection
+/// starts with it.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+const HTTP_TO_HTTPS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 55\r\n\r\nthis port speaks HTTPS only: use https:// for this URL\n";
 
 const H2_REPLY: &[u8] = b"HTTP/1.1 505 HTTP Version Not Supported\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 33\r\n\r\nthis server speaks HTTP/1.1 only\n";
 
@@ -262,6 +297,7 @@ async fn connection(
     builder: http1::Builder,
     router: Router,
     limits: Limits,
+    guard: Guard,
     mut evict: oneshot::Receiver<()>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -270,7 +306,7 @@ async fn connection(
         id,
     };
     // hyper closes a connection that opens with the HTTP/2 preface without a
-    // word; say why instead.
+    // word; say why instead. So too plain HTTP sent to the HTTPS port.
     // Before hyper has it, eviction and shutdown just close it.
     let sniffed = tokio::select! {
         sniffed = timeout(limits.header_timeout, sniff(&stream)) => sniffed,
@@ -278,29 +314,99 @@ async fn connection(
         _ = stop.changed() => return,
     };
     let first = match sniffed {
-        Ok(Ok(Sniffed::H2)) => {
+        Ok(Ok(Sniffed::H2)) if guard.tls.is_none() => {
             let _ = write_all(&stream, H2_REPLY).await;
             return;
         }
-        Ok(Ok(Sniffed::Http1(first))) => first,
-        Ok(Err(_)) | Err(_) => return,
+        Ok(Ok(Sniffed::H2 | Sniffed::Http1(_))) if guard.tls.is_some() => {
+            let _ = write_all(&stream, HTTP_TO_HTTPS).await;
+            return;
+        }
+        Ok(Ok(Sniffed::Http1(first) | Sniffed::Tls(first))) => first,
+        Ok(Ok(Sniffed::H2)) | Ok(Err(_)) | Err(_) => return,
     };
-    let io = TokioIo::new(Prefixed {
+    let stream = Prefixed {
         first,
         at: 0,
         inner: stream,
-    });
+    };
+    let auth = guard.auth.clone();
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let busy = Busy::new(shared.clone(), id);
-        let response = router.clone().call(req);
+        let router = router.clone();
+        let auth = auth.clone();
         async move {
-            let response: Result<_, Infallible> = response.await;
+            let open = matches!(req.uri().path(), "/healthz" | "/readyz");
+            let allowed = match &auth {
+                Some(auth) if !open => {
+                    let header = req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    auth.allows(header).await
+                }
+                _ => true,
+            };
+            let response: Result<_, Infallible> = if allowed {
+                router.clone().call(req).await
+            } else {
+                Ok(unauthorized())
+            };
             drop(busy);
             response
         }
     });
+    match guard.tls {
+        Some(tls) => {
+            let handshake = tokio::select! {
+                h = timeout(limits.header_timeout, tls.accept(stream)) => h,
+                _ = &mut evict => return,
+                _ = stop.changed() => return,
+            };
+            match handshake {
+                Ok(Ok(tls)) => {
+                    drive(TokioIo::new(tls), id, builder, service, limits, evict, stop).await;
+                }
+                Ok(Err(e)) => debug!("connection {id}: TLS handshake: {e}"),
+                Err(_) => debug!("connection {id}: TLS handshake timed out"),
+            }
+        }
+        None => drive(TokioIo::new(stream), id, builder, service, limits, evict, stop).await,
+    }
+}
+
+/// 401 with the challenge a browser or Prometheus answers.
+fn unauthorized() -> axum::response::Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"podmeter\"")],
+        "unauthorized: this endpoint needs the credentials of --web-config-file's basic_auth_users\n",
+    )
+        .into_response()
+}
+
+/// Serves HTTP/1.1 on `io` until the client is done, or eviction or
+/// shutdown close it after their grace period.
+async fn drive<I, S>(
+    io: I,
+    id: u64,
+    builder: http1::Builder,
+    service: S,
+    limits: Limits,
+    mut evict: oneshot::Receiver<()>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send,
+    S::Future: Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut conn = pin!(builder.serve_connection(io, service));
+    // Set when evicted: the connection closes itself after the grace period.
     let mut closing: Option<Instant> = None;
+    let mut stopping = false;
     loop {
         tokio::select! {
             done = conn.as_mut() => {
@@ -313,9 +419,14 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + limits.shutdown_grace);
             }
-            _ = stop.changed(), if closing.is_none() => {
-                conn.as_mut().graceful_shutdown();
-                closing = Some(Instant::now() + limits.shutdown_grace);
+            // At shutdown the accept loop drops what is still open at the end
+            // of the grace period (and says so): a timer here too would race
+            // it to the same instant.
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                if closing.is_none() {
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             () = sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => return,
         }
@@ -325,9 +436,12 @@ async fn connection(
 enum Sniffed {
     H2,
     Http1(Vec<u8>),
+    /// A TLS handshake record's first byte.
+    Tls(Vec<u8>),
 }
 
-/// Reads until the bytes so far cannot be the HTTP/2 preface, or are it.
+/// Reads until the bytes so far cannot be the HTTP/2 preface, or are it,
+/// or begin a TLS handshake.
 async fn sniff(stream: &TcpStream) -> io::Result<Sniffed> {
     let mut first = Vec::new();
     let mut buf = [0u8; 1024];
@@ -339,6 +453,9 @@ async fn sniff(stream: &TcpStream) -> io::Result<Sniffed> {
             Err(e) => return Err(e),
         };
         first.extend_from_slice(&buf[..n]);
+        if first.first() == Some(&TLS_HANDSHAKE) {
+            return Ok(Sniffed::Tls(first));
+        }
         let common = first.len().min(H2_PREFACE.len());
         if n == 0 || first[..common] != H2_PREFACE[..common] {
             return Ok(Sniffed::Http1(first));
@@ -652,7 +769,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(serve_router(listener, test_router(), limits, async {
+        let done = tokio::spawn(serve_router(listener, test_router(), limits, Guard::default(), async {
             let _ = stopped.await;
         }));
         Server {

@@ -20,5 +20,5 @@ macro_rules! agent_modules {
 
 agent_modules!(
     bpf, counters, health, http, index, kube, metrics, namer, node, preflight, privileges,
-    refresher, tracker,
+    refresher, tracker, web,
 );

@@ -32,8 +32,10 @@ use podmeter::{
 };
 
 /// Default port: clear of node-exporter (9100), kube-state-metrics
-/// (8080/8081) and the kubelet (10250/10255).
-const DEFAULT_LISTEN: &str = "0.0.0.0:9740";
+/// (8080/8081) and the kubelet (10250/10255). On loopback: a host's
+/// per-process usage is its own business until someone chooses to publish
+/// it (the chart listens on the pod network, with TLS and authentication).
+const DEFAULT_LISTEN: &str = "127.0.0.1:9740";
 
 /// Descriptors kept for everything but cgroup files: up to 128 HTTP
 /// connections, the BPF maps, programs and links, the API client.
@@ -53,9 +55,17 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Address to serve /metrics, /healthz and /readyz on.
+    /// Address to serve /metrics, /healthz and /readyz on. Loopback by
+    /// default; 0.0.0.0:9740 publishes it (see --web-config-file).
     #[arg(long, env = "PODMETER_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
+
+    /// TLS and basic authentication for the endpoints, in the Prometheus
+    /// exporter-toolkit format (node-exporter's --web.config.file):
+    /// tls_server_config (cert_file, key_file; re-read when they change)
+    /// and basic_auth_users (bcrypt hashes). /healthz and /readyz stay open.
+    #[arg(long, env = "PODMETER_WEB_CONFIG_FILE", value_name = "PATH")]
+    web_config_file: Option<PathBuf>,
 
     /// The cgroup2 mount to read. Default: found in /proc/self/mountinfo
     /// (/sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid
@@ -255,6 +265,13 @@ fn read_trimmed(path: &str) -> String {
 fn run(cli: Cli) -> anyhow::Result<()> {
     preflight::privileges()?;
     preflight::btf(&cli.btf_path)?;
+    // Read before anything is loaded: a bad file fails fast, in one line.
+    let web = cli
+        .web_config_file
+        .as_deref()
+        .map(podmeter::web::Web::load)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--web-config-file {e}"))?;
     let mounts = Mounts::detect(cli.cgroup_root.as_deref())?;
     let listener = preflight::bind(cli.listen)?;
     // Counted cgroups keep their files open (see cgroup::files).
@@ -466,14 +483,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        info!("serving http://{}/metrics", cli.listen);
+        let (scheme, auth) = match &web {
+            Some(w) => (
+                if w.tls.is_some() { "https" } else { "http" },
+                if w.auth.is_some() {
+                    " (basic authentication)"
+                } else {
+                    ""
+                },
+            ),
+            None => ("http", ""),
+        };
+        info!("serving {scheme}://{}/metrics{auth}", cli.listen);
 
         let app = http::App {
             exporter,
             tracker,
             max_scan_age: (cli.refresh_interval * 3).max(Duration::from_secs(30)),
         };
-        http::serve(listener, app, shutdown_signal()).await?;
+        http::serve(listener, app, web, shutdown_signal()).await?;
         // Asked here, while the runtime runs; the pins go after the
         // programs' last reader (this process) is done.
         let remove = match (&pins, &cli.remove_pins_with, owner_client) {

@@ -105,6 +105,8 @@ impl Launch {
         };
         // Agents of parallel tests must not adopt each other's pins: only a
         // test that names a pin path pins.
+        // With a web config the agent may speak HTTPS only.
+        let tls = self.args.iter().any(|a| a.starts_with("--web-config-file"));
         let pin = self
             .args
             .iter()
@@ -139,7 +141,12 @@ impl Launch {
                     agent.log_tail(40)
                 ));
             }
-            if agent.get("/readyz").is_ok_and(|(code, _)| code == 200) {
+            let ready = if tls {
+                curl(&agent.url("https", "/readyz"), &[]).is_ok_and(|(code, _)| code == 200)
+            } else {
+                agent.get("/readyz").is_ok_and(|(code, _)| code == 200)
+            };
+            if ready {
                 return Ok(agent);
             }
             if Instant::now() > deadline {
@@ -178,6 +185,11 @@ impl Agent {
         }
         .start()
         .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `scheme://127.0.0.1:<port><path>`.
+    pub fn url(&self, scheme: &str, path: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
     }
 
     /// Its pid.
@@ -264,6 +276,35 @@ impl Drop for Agent {
             let _ = fs::remove_file(&self.log);
         }
     }
+}
+
+/// GET `url` with curl and `args` (e.g. `--cacert`, `-u`; `-k` unless a
+/// CA is given): status and body, or curl's own error (a refused
+/// handshake, a timeout).
+pub fn curl(url: &str, args: &[&str]) -> Result<(u16, String), String> {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"]);
+    if !args.contains(&"--cacert") {
+        c.arg("-k");
+    }
+    let out = c
+        .args(args)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .map_err(|_| format!("curl {url}: no status in {text:?}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// Program ids of podmeter's BPF programs currently loaded (`bpftool`).

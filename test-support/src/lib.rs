@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use agent::{Agent, free_port, podmeter_bin, podmeter_prog_ids};
+pub use agent::{Agent, curl, free_port, podmeter_bin, podmeter_prog_ids};
 pub use cgroups::{
     CpuController, TestCgroup, TestTree, Throttling, cpu_in_unified, cpu_v1_root, memory_v1_root,
     unified_root,

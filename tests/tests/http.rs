@@ -253,6 +253,16 @@ fn keep_alive_is_reused_within_the_header_timeout_then_closed() {
     );
 }
 
+/// Bytes received on `s` and not read yet (`FIONREAD`).
+fn unread(s: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n
+}
+
 /// The agent's CPU time so far, in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -274,12 +284,15 @@ fn sigterm_ends_the_agent_within_the_grace_period_despite_a_client_that_never_re
     let mut stuck = connect(&agent);
     let _ = stuck.write_all(&request.repeat(n.min(20_000)));
     let idle: Vec<TcpStream> = (0..10).map(|_| connect(&agent)).collect();
-    // Until the agent stops answering them (the buffers are full).
+    // Until the agent stops answering them: the bytes waiting in this
+    // socket stop growing (the buffers are full) and the agent is idle. Idle
+    // alone is not enough: on a loaded machine the agent can go 500 ms
+    // without CPU before its first answer.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let t = cpu_ticks(pid);
+        let (t, q) = (cpu_ticks(pid), unread(&stuck));
         sleep(Duration::from_millis(500));
-        if cpu_ticks(pid) == t {
+        if q > 0 && unread(&stuck) == q && cpu_ticks(pid) == t {
             break;
         }
         assert!(Instant::now() < deadline, "still answering after 60 s");
