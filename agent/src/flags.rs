@@ -43,6 +43,12 @@ pub fn wait(s: &str) -> Result<Duration, String> {
     duration_between(s, Duration::ZERO, DAY)
 }
 
+/// `--auth-cache-ttl`: 1 s to 1 h (a revoked token is refused at most this
+/// long after).
+pub fn auth_ttl(s: &str) -> Result<Duration, String> {
+    duration_between(s, SECOND, 3600 * SECOND)
+}
+
 /// `--watchdog-timeout`: 5 s to 1 day.
 pub fn watchdog(s: &str) -> Result<Duration, String> {
     duration_between(s, 5 * SECOND, DAY)

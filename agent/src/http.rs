@@ -82,35 +82,25 @@ impl Default for Limits {
 pub async fn serve(
     listener: TcpListener,
     app: App,
-    web: Option<crate::web::Web>,
+    guard: Guard,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    serve_router(
-        listener,
-        router(app),
-        Limits::default(),
-        Guard::from(web),
-        shutdown,
-    )
-    .await
+    serve_router(listener, router(app), Limits::default(), guard, shutdown).await
 }
 
 /// What a connection enforces: TLS, and authentication of every request
 /// but the probes'.
 #[derive(Clone, Default)]
-struct Guard {
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    auth: Option<Arc<crate::web::BasicAuth>>,
+pub struct Guard {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub auth: Option<Auth>,
 }
 
-impl From<Option<crate::web::Web>> for Guard {
-    fn from(web: Option<crate::web::Web>) -> Self {
-        web.map(|w| Self {
-            tls: w.tls,
-            auth: w.auth,
-        })
-        .unwrap_or_default()
-    }
+/// Who may read: users of a web config, or whom the Kubernetes API allows.
+#[derive(Clone)]
+pub enum Auth {
+    Basic(Arc<crate::web::BasicAuth>),
+    Kubernetes(Arc<crate::access::KubeAccess>),
 }
 
 /// Serves until `shutdown` resolves, then returns within
@@ -337,20 +327,29 @@ async fn connection(
         let auth = auth.clone();
         async move {
             let open = matches!(req.uri().path(), "/healthz" | "/readyz");
-            let allowed = match &auth {
-                Some(auth) if !open => {
-                    let header = req
-                        .headers()
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok());
-                    auth.allows(header).await
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let refused = match &auth {
+                _ if open => None,
+                None => None,
+                Some(Auth::Basic(basic)) => {
+                    (!basic.allows(header).await).then(|| refusal(Refusal::Basic))
                 }
-                _ => true,
+                Some(Auth::Kubernetes(kube)) => {
+                    use crate::access::{Answer, Verdict};
+                    match kube.check(header).await {
+                        Answer::Verdict(Verdict::Allowed) => None,
+                        Answer::Verdict(Verdict::Unauthenticated) => Some(refusal(Refusal::Bearer)),
+                        Answer::Verdict(Verdict::Forbidden) => Some(refusal(Refusal::Forbidden)),
+                        Answer::Unavailable(why) => Some(refusal(Refusal::Unavailable(why))),
+                    }
+                }
             };
-            let response: Result<_, Infallible> = if allowed {
-                router.clone().call(req).await
-            } else {
-                Ok(unauthorized())
+            let response: Result<_, Infallible> = match refused {
+                None => router.clone().call(req).await,
+                Some(r) => Ok(r),
             };
             drop(busy);
             response
@@ -375,14 +374,39 @@ async fn connection(
     }
 }
 
-/// 401 with the challenge a browser or Prometheus answers.
-fn unauthorized() -> axum::response::Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Basic realm=\"podmeter\"")],
-        "unauthorized: this endpoint needs the credentials of --web-config-file's basic_auth_users\n",
-    )
-        .into_response()
+/// Why a request is refused.
+enum Refusal {
+    Basic,
+    Bearer,
+    Forbidden,
+    Unavailable(String),
+}
+
+/// The refusal's status, with the challenge a client answers and a line
+/// that says what is missing.
+fn refusal(r: Refusal) -> axum::response::Response {
+    match r {
+        Refusal::Basic => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"podmeter\"")],
+            "unauthorized: this endpoint needs the credentials of --web-config-file's basic_auth_users\n".to_owned(),
+        )
+            .into_response(),
+        Refusal::Bearer => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"podmeter\"")],
+            "unauthorized: this endpoint needs a Kubernetes bearer token (a service account's)\n".to_owned(),
+        )
+            .into_response(),
+        Refusal::Forbidden => (
+            StatusCode::FORBIDDEN,
+            "forbidden: the token's user may not get the non-resource URL /metrics\n".to_owned(),
+        )
+            .into_response(),
+        Refusal::Unavailable(why) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+        }
+    }
 }
 
 /// Serves HTTP/1.1 on `io` until the client is done, or eviction or

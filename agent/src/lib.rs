@@ -19,6 +19,6 @@ macro_rules! agent_modules {
 }
 
 agent_modules!(
-    bpf, counters, health, http, index, kube, metrics, namer, node, preflight, privileges,
+    access, bpf, counters, health, http, index, kube, metrics, namer, node, preflight, privileges,
     refresher, tracker, web,
 );

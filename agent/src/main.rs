@@ -67,6 +67,19 @@ struct Cli {
     #[arg(long, env = "PODMETER_WEB_CONFIG_FILE", value_name = "PATH")]
     web_config_file: Option<PathBuf>,
 
+    /// Who may read /metrics. `kubernetes`: a bearer token the Kubernetes
+    /// API authenticates (TokenReview) for a user allowed `get` on the
+    /// non-resource URL /metrics (SubjectAccessReview), over HTTPS (the web
+    /// config's certificate, else a self-signed one made at start). `none`:
+    /// anyone who can connect (or the web config's basic_auth_users).
+    #[arg(long, value_enum, default_value = "none")]
+    auth: AuthMode,
+
+    /// How long a token's decision is remembered (the API is asked again
+    /// after it). 1s to 1h.
+    #[arg(long, default_value = "2m", value_parser = flags::auth_ttl)]
+    auth_cache_ttl: Duration,
+
     /// The cgroup2 mount to read. Default: found in /proc/self/mountinfo
     /// (/sys/fs/cgroup on pure v2 hosts, /sys/fs/cgroup/unified on hybrid
     /// ones). Set it when the host's hierarchy is mounted elsewhere, e.g.
@@ -185,6 +198,12 @@ struct Cli {
     btf_path: PathBuf,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthMode {
+    None,
+    Kubernetes,
+}
+
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Remove every pin under --pin-path, which detaches the programs that
@@ -272,6 +291,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .map(podmeter::web::Web::load)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--web-config-file {e}"))?;
+    if cli.auth == AuthMode::Kubernetes {
+        if web.as_ref().is_some_and(|w| w.auth.is_some()) {
+            anyhow::bail!(
+                "--auth=kubernetes and the web config's basic_auth_users both say who may read: choose one"
+            );
+        }
+        if cli.no_kubernetes {
+            anyhow::bail!(
+                "--auth=kubernetes needs the Kubernetes API, and --no-kubernetes turns it off"
+            );
+        }
+    }
     let mounts = Mounts::detect(cli.cgroup_root.as_deref())?;
     let listener = preflight::bind(cli.listen)?;
     // Counted cgroups keep their files open (see cgroup::files).
@@ -435,6 +466,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map(::kube::Client::try_from)
             .transpose()
             .context("Kubernetes API client")?;
+        let guard = guard(web, cli.auth, client.clone(), cli.auth_cache_ttl, &node)?;
         let owner_client = client.clone();
         let pods = client.map(|c| kube::PodStore::watch(c, &node, label_options));
         let namer = Namer::new(pods, extra_labels.len(), cli.metadata_wait);
@@ -483,16 +515,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let (scheme, auth) = match &web {
-            Some(w) => (
-                if w.tls.is_some() { "https" } else { "http" },
-                if w.auth.is_some() {
-                    " (basic authentication)"
-                } else {
-                    ""
-                },
-            ),
-            None => ("http", ""),
+        let scheme = if guard.tls.is_some() { "https" } else { "http" };
+        let auth = match &guard.auth {
+            Some(http::Auth::Basic(_)) => " (basic authentication)",
+            Some(http::Auth::Kubernetes(_)) => {
+                " (Kubernetes bearer tokens allowed get on /metrics)"
+            }
+            None => "",
         };
         info!("serving {scheme}://{}/metrics{auth}", cli.listen);
 
@@ -501,7 +530,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracker,
             max_scan_age: (cli.refresh_interval * 3).max(Duration::from_secs(30)),
         };
-        http::serve(listener, app, web, shutdown_signal()).await?;
+        http::serve(listener, app, guard, shutdown_signal()).await?;
         // Asked here, while the runtime runs; the pins go after the
         // programs' last reader (this process) is done.
         let remove = match (&pins, &cli.remove_pins_with, owner_client) {
@@ -551,6 +580,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         info!("programs detached; exiting");
     }
     Ok(())
+}
+
+/// TLS and authentication for the endpoints, from the web config and
+/// `--auth`.
+fn guard(
+    web: Option<podmeter::web::Web>,
+    mode: AuthMode,
+    client: Option<::kube::Client>,
+    ttl: Duration,
+    node: &str,
+) -> anyhow::Result<http::Guard> {
+    let (mut tls, basic) = match web {
+        Some(w) => (w.tls, w.auth),
+        None => (None, None),
+    };
+    let auth = match mode {
+        AuthMode::None => basic.map(http::Auth::Basic),
+        AuthMode::Kubernetes => {
+            let client = client.context(
+                "--auth=kubernetes needs the Kubernetes API, and none is configured \
+                 (in-cluster service account, --kubeconfig or $KUBECONFIG)",
+            )?;
+            if tls.is_none() {
+                let (acceptor, fingerprint) =
+                    podmeter::web::self_signed(vec![node.to_owned(), "localhost".into()])
+                        .map_err(anyhow::Error::msg)?;
+                info!(
+                    sha256 = %fingerprint,
+                    "made a self-signed TLS certificate (no tls_server_config in a web config)"
+                );
+                tls = Some(acceptor);
+            }
+            Some(http::Auth::Kubernetes(Arc::new(
+                podmeter::access::KubeAccess::new(client, ttl),
+            )))
+        }
+    };
+    Ok(http::Guard { tls, auth })
 }
 
 /// How long stopping may take after SIGTERM before the process exits

@@ -112,6 +112,32 @@ impl Web {
     }
 }
 
+/// HTTPS with a certificate made at start for `names` (self-signed, as
+/// kube-rbac-proxy does when given none): returns the acceptor and the
+/// certificate's SHA-256 fingerprint, for the log.
+pub fn self_signed(names: Vec<String>) -> Result<(tokio_rustls::TlsAcceptor, String), String> {
+    let made = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| format!("making a self-signed certificate: {e}"))?;
+    let cert = made.cert.der().clone();
+    let fingerprint = ring::digest::digest(&ring::digest::SHA256, &cert)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let key = PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
+    let mut config = ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .map_err(|e| format!("TLS: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), fingerprint))
+}
+
 /// A certificate and key from files, re-read when either changes.
 struct Reloading {
     cert: PathBuf,

@@ -46,6 +46,26 @@ impl Kube {
         }
     }
 
+    /// A bearer token of service account `name` in `podmeter-e2e-auth`
+    /// (made if missing), allowed `get` on the non-resource URL `/metrics`
+    /// when `reader` (what Prometheus' own account has), else allowed
+    /// nothing at all.
+    pub fn token(&self, name: &str, reader: bool) -> String {
+        let ns = "podmeter-e2e-auth";
+        let mut yaml = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {name}\n  namespace: {ns}\n"
+        );
+        if reader {
+            yaml.push_str(&format!(
+                "---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: podmeter-e2e-metrics-reader\nrules:\n- nonResourceURLs: [/metrics]\n  verbs: [get]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: podmeter-e2e-{name}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: podmeter-e2e-metrics-reader\nsubjects:\n- kind: ServiceAccount\n  name: {name}\n  namespace: {ns}\n"
+            ));
+        }
+        self.apply(&yaml);
+        self.run(&["create", "token", name, "-n", ns, "--duration=2h"])
+            .trim()
+            .to_owned()
+    }
+
     /// kubectl with `args`, panicking on failure.
     pub fn run(&self, args: &[&str]) -> String {
         self.try_run(args).unwrap_or_else(|e| panic!("{e}"))

@@ -223,6 +223,52 @@ fn capabilities_mode_has_no_privilege_beyond_the_listed_capabilities() {
 }
 
 #[test]
+fn metrics_auth_kubernetes_serves_https_to_prometheus_token_and_none_plain_http() {
+    // Default: HTTPS, Prometheus' own token, reviews allowed to the agent.
+    let docs = render(&[]);
+    let a = args(&docs);
+    assert!(a.contains(&"--auth=kubernetes".to_owned()), "{a:?}");
+    let ep = &only(&docs, "ServiceMonitor")["spec"]["endpoints"][0];
+    assert_eq!(ep["scheme"], "https");
+    assert_eq!(ep["tlsConfig"]["insecureSkipVerify"], true);
+    assert_eq!(
+        ep["bearerTokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    let c = container(&docs);
+    assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap()
+        .to_owned();
+    let rules = serde_yaml_ng::to_string(&role["rules"]).unwrap();
+    assert!(
+        rules.contains("tokenreviews") && rules.contains("subjectaccessreviews"),
+        "{rules}"
+    );
+    // A PodMonitor cannot name Prometheus' token file: a scraper account's
+    // token Secret instead.
+    let pm = render(&["monitor.kind=PodMonitor"]);
+    let ep = &only(&pm, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(ep["scheme"], "https");
+    assert_eq!(
+        ep["authorization"]["credentials"]["name"],
+        "pm-podmeter-scraper"
+    );
+    let secret = only(&pm, "Secret");
+    assert_eq!(secret["type"], "kubernetes.io/service-account-token");
+    // none: plain HTTP, no reviews.
+    let plain = render(&["metrics.auth=none"]);
+    assert!(args(&plain).contains(&"--auth=none".to_owned()));
+    let ep = &only(&plain, "ServiceMonitor")["spec"]["endpoints"][0];
+    assert!(
+        ep["scheme"].is_null() && ep["bearerTokenFile"].is_null(),
+        "{ep:?}"
+    );
+}
+
+#[test]
 fn pinning_off_pins_nothing_and_mounts_no_bpffs() {
     let docs = render(&["pinning.enabled=false"]);
     let a = args(&docs);
@@ -283,6 +329,7 @@ fn bad_values_are_refused_with_a_clear_message() {
     for (sets, says) in [
         (&["securityMode=root"][..], "securityMode must be"),
         (&["monitor.kind=Probe"][..], "monitor.kind must be"),
+        (&["metrics.auth=basic"][..], "metrics.auth must be"),
         (
             &["agent.maxCgroups=5"][..],
             "agent.maxCgroups must be between",

@@ -53,6 +53,16 @@ fn not_root() {
 }
 
 #[test]
+fn kubernetes_auth_without_the_api_is_refused() {
+    let (_, lines) = fails(Command::new(podmeter_bin()).args([
+        "--auth=kubernetes",
+        "--no-kubernetes",
+        "--no-pin",
+    ]));
+    one_line(&lines, &["--auth=kubernetes", "--no-kubernetes"]);
+}
+
+#[test]
 fn no_btf() {
     let (_, lines) =
         fails(Command::new(podmeter_bin()).args(["--btf-path", "/nonexistent/vmlinux"]));

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_test_support::{Kube, Namespace, Scrape, poll_scrape};
+use std::sync::OnceLock;
+
+use podmeter_test_support::{Kube, Namespace, Scrape, curl, poll_scrape};
 
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
 const STATE: &str = "/var/lib/podmeter-cluster";
@@ -62,16 +64,22 @@ fn podmeter(kube: &Kube) -> String {
                 .flatten()
         })
     });
-    format!("http://{ip}:9740/metrics")
+    READER.get_or_init(|| kube.token("reader", true));
+    format!("https://{ip}:9740/metrics")
+}
+
+/// The token the tests scrape with: a service account allowed `get` on
+/// /metrics, as Prometheus' is (the manifests' default is --auth=kubernetes).
+static READER: OnceLock<String> = OnceLock::new();
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
 }
 
 fn scrape(url: &str) -> Scrape {
-    let body = ureq::get(url)
-        .call()
-        .expect("scrape podmeter")
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let token = READER.get().expect("podmeter() first");
+    let (code, body) = curl(url, &["-H", &bearer(token)]).expect("scrape podmeter");
+    assert_eq!(code, 200, "scrape {url}: {body}");
     Scrape::parse(&body)
 }
 
@@ -482,8 +490,15 @@ fn api_outage_keeps_last_names_and_recovers() {
             .is_some()
     });
 
+    // A token never shown to the agent before the outage.
+    let fresh = kube.token("fresh", true);
     {
         let _outage = ApiserverOutage::start();
+        // The reader's token was checked (and cached) before: it still
+        // works; a new token cannot be checked, and is refused, saying so.
+        let (code, body) = curl(&url, &["-H", &bearer(&fresh)]).unwrap();
+        assert_eq!(code, 503, "a new token during the outage: {body}");
+        assert!(body.contains("Kubernetes API did not answer"), "{body}");
         let until = Instant::now() + Duration::from_secs(15);
         while Instant::now() < until {
             let s = scrape(&url);
@@ -520,4 +535,111 @@ fn api_outage_keeps_last_names_and_recovers() {
         s.value(CPU, &[("pod", "after"), ("container", "work")])
             .is_some()
     });
+}
+
+#[test]
+#[ignore = "needs the local cluster: cargo xtask test runs it"]
+fn metrics_need_a_kubernetes_token_allowed_get_on_metrics() {
+    let kube = Kube::from_env();
+    let url = podmeter(&kube);
+    let get = |headers: &[&str]| {
+        let mut args = Vec::new();
+        for h in headers {
+            args.extend(["-H", *h]);
+        }
+        curl(&url, &args).unwrap()
+    };
+    let (code, body) = get(&[]);
+    assert_eq!(code, 401, "no token: {body}");
+    assert_eq!(get(&[&bearer("garbage")]).0, 401, "a garbage token");
+    let nobody = kube.token("nobody", false);
+    let (code, body) = get(&[&bearer(&nobody)]);
+    assert_eq!(code, 403, "a token without RBAC: {body}");
+    let reader = READER.get().unwrap();
+    assert_eq!(get(&[&bearer(reader)]).0, 200, "a reader's token");
+    // Plain HTTP is refused on the HTTPS port; the probes stay open.
+    let plain = url.replace("https://", "http://");
+    assert_eq!(curl(&plain, &[]).unwrap().0, 400);
+    let healthz = url.replace("/metrics", "/healthz");
+    assert_eq!(curl(&healthz, &[]).unwrap().0, 200);
+
+    // 10,000 distinct bogus tokens: the agent's memory stays put and the
+    // API sees a bounded number of TokenReviews.
+    let pid = agent_pid();
+    let rss = || -> f64 {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap()
+            / 1024.0
+    };
+    let (rss0, reviews0, t0) = (rss(), token_reviews(&kube), Instant::now());
+    let config = std::env::temp_dir().join(format!("podmeter-bogus-{}.curl", std::process::id()));
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "url = \"{url}\"\nheader = \"Authorization: Bearer bogus-{i}-{}\"\noutput = \"/dev/null\"\nnext\n",
+            std::process::id()
+        ));
+    }
+    fs::write(&config, text).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--parallel",
+            "--parallel-max",
+            "32",
+            "-w",
+            "%{http_code}\n",
+            "-K",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(&config);
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let count = |c: &str| codes.lines().filter(|l| *l == c).count();
+    let (unauthenticated, unavailable) = (count("401"), count("503"));
+    let secs = t0.elapsed().as_secs_f64();
+    let reviews = token_reviews(&kube) - reviews0;
+    let grew = rss() - rss0;
+    eprintln!(
+        "10000 bogus tokens in {secs:.1} s: {unauthenticated} × 401, {unavailable} × 503; {reviews} TokenReviews; agent RSS {rss0:.1} → {:.1} MiB",
+        rss0 + grew
+    );
+    assert_eq!(unauthenticated + unavailable, 10_000, "{codes}");
+    // The budget: a burst of 40, then 10 a second (agent/src/access.rs).
+    let bound = 40.0 + 10.0 * (secs + 1.0);
+    assert!(
+        reviews <= bound,
+        "{reviews} TokenReviews in {secs:.1} s (bound {bound})"
+    );
+    assert!(grew < 8.0, "agent RSS grew {grew:.1} MiB");
+}
+
+/// The agent's process on this node (the container's `podmeter`).
+fn agent_pid() -> u32 {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "podmeter")
+                && fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| c.contains("kubepods"))
+        })
+        .expect("the agent's process")
+}
+
+/// TokenReviews the API server has answered so far (its own metric).
+fn token_reviews(kube: &Kube) -> f64 {
+    let text = kube.run(&["get", "--raw", "/metrics"]);
+    text.lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{") && l.contains("resource=\"tokenreviews\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -297,13 +297,15 @@ fn every_agent_up(kube: &Kube, prom: &Prom, pool: &str) {
                 .filter(|t| t["scrapePool"].as_str().unwrap_or("").starts_with(pool))
                 .filter(|t| t["labels"]["job"] == "podmeter")
                 .collect();
+            // HTTPS with Prometheus' token (the chart's metrics.auth
+            // default, kubernetes): up means the agent let it in.
             let all_up = ips.iter().all(|ip| {
                 ours.iter().any(|t| {
                     t["health"] == "up"
                         && t["scrapeUrl"]
                             .as_str()
                             .unwrap_or("")
-                            .contains(&format!("//{ip}:"))
+                            .starts_with(&format!("https://{ip}:"))
                 })
             });
             all_up.then_some(())

@@ -61,7 +61,24 @@ name the alert rules select on, and the node each target runs on (so that
 {{- end }}
 {{- end }}
 
+{{/*
+Scheme, TLS and credentials of a monitor's endpoint under metrics.auth:
+each agent's certificate is self-signed (made at its start, no CA to
+distribute), so Prometheus checks no chain, as kube-prometheus does for
+node-exporter behind kube-rbac-proxy; the bearer token is what is verified.
+*/}}
+{{- define "podmeter.endpointAuth" -}}
+{{- if eq .Values.metrics.auth "kubernetes" }}
+scheme: https
+tlsConfig:
+  insecureSkipVerify: true
+{{- end }}
+{{- end }}
+
 {{- define "podmeter.validate" -}}
+{{- if not (has .Values.metrics.auth (list "kubernetes" "none")) }}
+{{- fail (printf "metrics.auth must be \"kubernetes\" or \"none\", not %q" .Values.metrics.auth) }}
+{{- end }}
 {{- if not (has .Values.securityMode (list "privileged" "capabilities")) }}
 {{- fail (printf "securityMode must be \"privileged\" or \"capabilities\", not %q" .Values.securityMode) }}
 {{- end }}
