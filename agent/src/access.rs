@@ -100,10 +100,8 @@ impl KubeAccess {
         {
             let mut s = self.lock();
             let now = Instant::now();
-            if let Some((v, at)) = s.cache.get(&key)
-                && now.duration_since(*at) < self.ttl
-            {
-                return Answer::Verdict(*v);
+            if let Some(v) = s.cached(&key, now, self.ttl) {
+                return Answer::Verdict(v);
             }
             s.refill(now);
             if s.budget < 1.0 {
@@ -170,6 +168,14 @@ impl KubeAccess {
 }
 
 impl State {
+    /// The decision for `key`, if it was made less than `ttl` before `now`.
+    fn cached(&self, key: &[u8; 32], now: Instant, ttl: Duration) -> Option<Verdict> {
+        self.cache
+            .get(key)
+            .filter(|(_, at)| now.duration_since(*at) < ttl)
+            .map(|(v, _)| *v)
+    }
+
     fn refill(&mut self, now: Instant) {
         let gained = now.duration_since(self.refilled).as_secs_f64() * REVIEWS_PER_SECOND;
         self.budget = (self.budget + gained).min(REVIEW_BURST);
@@ -219,6 +225,22 @@ mod tests {
         // The oldest went first.
         assert!(!s.cache.contains_key(&digest("0")));
         assert!(s.cache.contains_key(&digest(&(CACHE_ENTRIES + 499).to_string())));
+    }
+
+    #[test]
+    fn a_decision_serves_until_its_ttl_then_the_api_is_asked_again() {
+        let mut s = state();
+        let key = digest("token");
+        s.remember(key, Verdict::Allowed);
+        let at = s.cache[&key].1;
+        let ttl = Duration::from_secs(120);
+        assert_eq!(s.cached(&key, at, ttl), Some(Verdict::Allowed));
+        assert_eq!(
+            s.cached(&key, at + Duration::from_secs(119), ttl),
+            Some(Verdict::Allowed)
+        );
+        assert_eq!(s.cached(&key, at + ttl, ttl), None);
+        assert_eq!(s.cached(&digest("other"), at, ttl), None);
     }
 
     #[test]
