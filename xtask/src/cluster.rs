@@ -234,8 +234,9 @@ pub fn up() -> Result<()> {
 
 /// bpffs at /sys/fs/bpf, as systemd mounts it at boot on users' nodes: the
 /// agent pins its programs there through a hostPath (PID 1 here is not
-/// systemd, so nothing else mounts it). Left mounted by `down`: pins in it
-/// are the agent's business, and removing them is what the tests check.
+/// systemd, so nothing else mounts it). Left mounted by `down`, which
+/// removes podmeter's pins in it (the uninstall test checks that the
+/// agents do that themselves).
 fn bpffs() -> Result<()> {
     let mounted = fs::read_to_string("/proc/self/mountinfo")?
         .lines()
@@ -741,6 +742,17 @@ pub fn down() -> Result<()> {
         ])
         .status();
     sleep(Duration::from_millis(500));
+
+    // The pins of an agent killed with its cluster (it never saw its
+    // DaemonSet go): what `podmeter cleanup` removes, the layout
+    // directories of the chart's pin path. Removing them detaches the
+    // programs they hold.
+    if let Ok(layouts) = fs::read_dir("/sys/fs/bpf/podmeter") {
+        for e in layouts.flatten() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+        let _ = fs::remove_dir("/sys/fs/bpf/podmeter");
+    }
 
     // Pod cgroups, in every hierarchy the kubelet and runc wrote to.
     if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
