@@ -575,7 +575,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ),
         }
     } else if pins_for_exit {
-        info!("exiting; the pinned programs keep counting for the next agent (`podmeter cleanup` removes them)");
+        info!(
+            "exiting; the pinned programs keep counting for the next agent (`podmeter cleanup` removes them)"
+        );
     } else {
         info!("programs detached; exiting");
     }
