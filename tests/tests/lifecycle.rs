@@ -16,8 +16,12 @@ fn deleted_cgroup_keeps_final_values_for_the_grace_period_then_goes() {
     let cg = tree.cgroup("short-lived");
     let agent = Agent::start(&["--grace-period", "4s", "--refresh-interval", "250ms"]);
     let mut burner = cg.spawn(None, &["burn"]);
+    // Long enough that the slice in which pm-work joined this cgroup (its
+    // start-up before the join is billed here whole, not to its old
+    // cgroup: tens of ms under emulation, seen at 15 ms on 5.10 in qemu)
+    // stays well inside the 2 % compared below.
     agent.scrape_until(Duration::from_secs(15), "the burner's CPU", |s| {
-        s.cgroup(CPU, &cg.path).is_some_and(|v| v > 0.3)
+        s.cgroup(CPU, &cg.path).is_some_and(|v| v > 1.5)
     });
     burner.kill();
     let final_kernel = cg.cpu_stat_seconds();
