@@ -494,6 +494,13 @@ fn api_outage_keeps_last_names_and_recovers() {
     let fresh = kube.token("fresh", true);
     {
         let _outage = ApiserverOutage::start();
+        // SIGTERM lets kube-apiserver finish what it serves: wait until it
+        // refuses connections.
+        kube.until(Duration::from_secs(30), "kube-apiserver down", || {
+            kube.try_run(&["get", "--raw", "/readyz"])
+                .err()
+                .filter(|e| e.contains("refused"))
+        });
         // The reader's token was checked (and cached) before: it still
         // works; a new token cannot be checked, and is refused, saying so.
         let (code, body) = curl(&url, &["-H", &bearer(&fresh)]).unwrap();
@@ -579,22 +586,19 @@ fn metrics_need_a_kubernetes_token_allowed_get_on_metrics() {
     let config = std::env::temp_dir().join(format!("podmeter-bogus-{}.curl", std::process::id()));
     let mut text = String::new();
     for i in 0..10_000 {
+        // `next` starts a transfer with options of its own: each block
+        // repeats them.
+        if i > 0 {
+            text.push_str("next\n");
+        }
         text.push_str(&format!(
-            "url = \"{url}\"\nheader = \"Authorization: Bearer bogus-{i}-{}\"\noutput = \"/dev/null\"\nnext\n",
+            "url = \"{url}\"\nheader = \"Authorization: Bearer bogus-{i}-{}\"\noutput = \"/dev/null\"\ninsecure\nwrite-out = \"%{{http_code}}\\n\"\n",
             std::process::id()
         ));
     }
     fs::write(&config, text).unwrap();
     let out = Command::new("curl")
-        .args([
-            "-sk",
-            "--parallel",
-            "--parallel-max",
-            "32",
-            "-w",
-            "%{http_code}\n",
-            "-K",
-        ])
+        .args(["-sk", "--parallel", "--parallel-max", "32", "-K"])
         .arg(&config)
         .output()
         .unwrap();
