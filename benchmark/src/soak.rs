@@ -341,6 +341,12 @@ fn soak(b: &Bench, o: &Options) -> Result<Soak> {
     };
     let mut life = start(b, &sh, "soak-a", &args)?;
     let target = life.target(0);
+    // The sink has slept in recv since before the agent came up, so it has
+    // no counters yet; the churn's first datagram would make it a new live
+    // cgroup that never leaves. Wake it now, and let a refresh see it, so
+    // the baseline holds every cgroup the soak keeps.
+    std::net::UdpSocket::bind("127.0.0.1:0")?.send_to(b"baseline", &sink_addr)?;
+    sleep(2 * o.refresh_interval);
     let baseline = sample(&sh, &target);
     sh.samples.lock().unwrap().push(baseline.clone());
     sh.target.lock().unwrap().replace(target);
