@@ -5,6 +5,8 @@
 //!   per-CPU sampling tick.
 //! * [`net`]: bytes and packets per socket cgroup id, from `cgroup_skb`
 //!   ingress and egress attached at the cgroup2 root.
+//! * [`tcp`]: TCP retransmits per socket cgroup id, from the
+//!   `tcp_retransmit_skb` tracepoint.
 //!
 //! Minimum kernel version: 5.8 (BPF_MAP_TYPE_PERCPU_HASH in all the
 //! contexts used, `bpf_skb_cgroup_id`, bpf_link for cgroups).
@@ -21,6 +23,7 @@
 mod maps;
 mod net;
 mod sched;
+mod tcp;
 mod tree;
 
 #[cfg(not(test))]

@@ -28,6 +28,17 @@
 //!
 //! Without the `sum_exec_runtime` offset (0; the agent then loads only the
 //! fallback), wall-clock time between events is billed instead.
+//!
+//! Run-queue waits ride the same path: the kernel already keeps each task's
+//! total wait (`sched_info.run_delay`, the second field of
+//! `/proc/<pid>/schedstat`) and count of waits (`pcount`), and adds a wait
+//! when the task gets the CPU, just after `sched_switch` fires. So the
+//! values a task shows when it leaves the CPU, less those it showed when it
+//! came on, are the wait that ended with this slice: two more loads per
+//! task, no per-task map and no wakeup program. A task's wait is billed to
+//! the cgroup it leaves the CPU in, like its time. A wait the kernel splits
+//! by moving the queued task to another CPU counts from the move: the part
+//! before it was added to `run_delay` while no CPU watched the task.
 
 use aya_ebpf::{
     helpers::{
@@ -62,6 +73,13 @@ pub(crate) static CGROUP_KN_OFFSET: u64 = 0;
 /// `kernfs_node.id`.
 #[unsafe(no_mangle)]
 pub(crate) static KERNFS_NODE_ID_OFFSET: u64 = 0;
+/// `task_struct.sched_info.run_delay` (0 without `CONFIG_SCHED_INFO`: waits
+/// are then not counted).
+#[unsafe(no_mangle)]
+static RUN_DELAY_OFFSET: u64 = 0;
+/// `task_struct.sched_info.pcount`.
+#[unsafe(no_mangle)]
+static PCOUNT_OFFSET: u64 = 0;
 
 /// `sched:sched_switch` with BTF-typed arguments: `preempt`, `prev`, `next`
 /// (task_struct pointers), `prev_state`.
@@ -77,11 +95,12 @@ pub fn pm_sched_switch(ctx: BtfTracePointContext) -> i32 {
     if unsafe { field::<i32>(prev, &TASK_PID_OFFSET) } != 0 {
         let rt = unsafe { field::<u64>(prev, &SUM_EXEC_RUNTIME_OFFSET) };
         let time = cpu.slice(prev as u64, Some(rt), 0);
-        cpu.bill(unsafe { task_cgroup_id(prev) }, time, 1);
+        let wait = cpu.waited(prev as u64, unsafe { delays(prev) });
+        cpu.bill(unsafe { task_cgroup_id(prev) }, time, 1, wait);
     }
     let rt = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
     // Its cgroup is unknown until the next tick.
-    cpu.running(next as u64, rt, 0);
+    cpu.running(next as u64, rt, 0, unsafe { delays(next) });
     cpu.commit();
     0
 }
@@ -106,10 +125,11 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     };
     if bpf_get_current_pid_tgid() as u32 != 0 {
         let time = cpu.slice(prev, runtime(prev), now);
+        let wait = cpu.waited(prev, read_delays(prev));
         // SAFETY: helper without preconditions.
-        cpu.bill(unsafe { bpf_get_current_cgroup_id() }, time, 1);
+        cpu.bill(unsafe { bpf_get_current_cgroup_id() }, time, 1, wait);
     }
-    cpu.running(next, runtime(next).unwrap_or(0), 0);
+    cpu.running(next, runtime(next).unwrap_or(0), 0, read_delays(next));
     if wall_clock {
         cpu.since(now);
     }
@@ -127,16 +147,18 @@ pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
     // SAFETY: helpers without preconditions.
     let (task, now) = unsafe { (bpf_get_current_task(), bpf_ktime_get_ns()) };
     let rt = runtime(task);
+    let delays = read_delays(task);
     let mut cgroup_id = 0;
     if bpf_get_current_pid_tgid() as u32 != 0 {
         // SAFETY: helper without preconditions.
         cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         let time = cpu.slice(task, rt, now);
-        cpu.bill(cgroup_id, time, 0);
+        let wait = cpu.waited(task, delays);
+        cpu.bill(cgroup_id, time, 0, wait);
     }
     cpu.flush();
     cpu.since(now);
-    cpu.running(task, rt.unwrap_or(0), cgroup_id);
+    cpu.running(task, rt.unwrap_or(0), cgroup_id, delays);
     cpu.commit();
     0
 }
@@ -181,6 +203,56 @@ unsafe fn task_cgroup_id(task: *const u8) -> u64 {
         let kn: *const u8 = field(cgroup, &CGROUP_KN_OFFSET);
         field(kn, &KERNFS_NODE_ID_OFFSET)
     }
+}
+
+/// A task's `sched_info` `(run_delay, pcount)`, by direct loads; zeros
+/// without the offsets.
+///
+/// # Safety
+///
+/// `task` must be a BTF-typed `task_struct` pointer.
+#[inline(always)]
+unsafe fn delays(task: *const u8) -> Delays {
+    if offset(&RUN_DELAY_OFFSET) == 0 {
+        return Delays::default();
+    }
+    // SAFETY: see above.
+    unsafe {
+        Delays {
+            run_delay_ns: field(task, &RUN_DELAY_OFFSET),
+            pcount: field(task, &PCOUNT_OFFSET),
+        }
+    }
+}
+
+/// [`delays`] by `bpf_probe_read_kernel`, for a task address.
+#[inline(always)]
+fn read_delays(task: u64) -> Delays {
+    let (d, c) = (offset(&RUN_DELAY_OFFSET), offset(&PCOUNT_OFFSET));
+    if d == 0 || task == 0 {
+        return Delays::default();
+    }
+    // SAFETY: probe_read tolerates any address; a fault returns an error.
+    unsafe {
+        Delays {
+            run_delay_ns: bpf_probe_read_kernel((task + d) as *const u64).unwrap_or(0),
+            pcount: bpf_probe_read_kernel((task + c) as *const u64).unwrap_or(0),
+        }
+    }
+}
+
+/// A task's run-queue wait totals (`sched_info`).
+#[derive(Clone, Copy, Default)]
+struct Delays {
+    run_delay_ns: u64,
+    pcount: u64,
+}
+
+/// Waits to bill: nanoseconds and count.
+#[derive(Clone, Copy, Default)]
+struct Wait {
+    ns: u64,
+    count: u64,
 }
 
 /// A task's `sum_exec_runtime` by `bpf_probe_read_kernel`, if the offset is
@@ -248,10 +320,25 @@ impl Update {
         }
     }
 
+    /// Waits `task` (now showing `now`) ended since its last billing:
+    /// none at first sight of the task on this CPU (no baseline).
+    #[inline(always)]
+    fn waited(&self, task: u64, now: Delays) -> Wait {
+        // SAFETY: see `begin`.
+        let s = unsafe { &*self.cpu };
+        if s.task != task {
+            return Wait::default();
+        }
+        Wait {
+            ns: now.run_delay_ns.saturating_sub(s.run_delay_ns),
+            count: now.pcount.saturating_sub(s.pcount),
+        }
+    }
+
     /// Adds to `cgroup_id`'s pending counters. A cgroup without a slot
     /// takes the next one in turn, whose counters go to the map first.
     #[inline(always)]
-    fn bill(&mut self, cgroup_id: u64, time: u64, switches: u64) {
+    fn bill(&mut self, cgroup_id: u64, time: u64, switches: u64, wait: Wait) {
         let c = self.cpu;
         // SAFETY: see `begin`.
         unsafe {
@@ -260,6 +347,8 @@ impl Update {
                 if (*p).cgroup_id == cgroup_id {
                     put(&raw mut (*p).time_ns, (*p).time_ns + time);
                     put(&raw mut (*p).switches, (*p).switches + switches);
+                    put(&raw mut (*p).wait_ns, (*p).wait_ns + wait.ns);
+                    put(&raw mut (*p).waits, (*p).waits + wait.count);
                     return;
                 }
             }
@@ -270,6 +359,8 @@ impl Update {
             put(&raw mut (*p).cgroup_id, cgroup_id);
             put(&raw mut (*p).time_ns, time);
             put(&raw mut (*p).switches, switches);
+            put(&raw mut (*p).wait_ns, wait.ns);
+            put(&raw mut (*p).waits, wait.count);
         }
     }
 
@@ -282,15 +373,17 @@ impl Update {
         }
     }
 
-    /// Records the task on the CPU, its runtime so far and its cgroup (0:
-    /// unknown).
+    /// Records the task on the CPU, its runtime and wait totals so far and
+    /// its cgroup (0: unknown).
     #[inline(always)]
-    fn running(&mut self, task: u64, runtime_ns: u64, cgroup_id: u64) {
+    fn running(&mut self, task: u64, runtime_ns: u64, cgroup_id: u64, delays: Delays) {
         let c = self.cpu;
         // SAFETY: see `begin`.
         unsafe {
             put(&raw mut (*c).task, task);
             put(&raw mut (*c).runtime_ns, runtime_ns);
+            put(&raw mut (*c).run_delay_ns, delays.run_delay_ns);
+            put(&raw mut (*c).pcount, delays.pcount);
             put(&raw mut (*c).cgroup_id, cgroup_id);
         }
     }
@@ -327,9 +420,13 @@ unsafe fn flush(p: *mut Pending) {
             let c = &mut *c;
             c.time_ns += (*p).time_ns;
             c.switches += (*p).switches;
+            c.wait_ns += (*p).wait_ns;
+            c.waits += (*p).waits;
         }
         put(&raw mut (*p).cgroup_id, 0);
         put(&raw mut (*p).time_ns, 0);
         put(&raw mut (*p).switches, 0);
+        put(&raw mut (*p).wait_ns, 0);
+        put(&raw mut (*p).waits, 0);
     }
 }

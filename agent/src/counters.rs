@@ -16,7 +16,7 @@ use std::{
 
 use podmeter_common::{CpuCounters, NetCounters};
 
-use crate::bpf::Maps;
+use crate::bpf::{Maps, Signals};
 
 /// One read of every counter. Each map is read on its own, so one that
 /// fails leaves the other's numbers usable (and the failure visible).
@@ -55,6 +55,8 @@ pub trait CounterSource: Send + Sync + 'static {
     fn tree_drops(&self) -> Option<u64>;
     /// Capacity of each counter map, in cgroups.
     fn capacity(&self) -> u32;
+    /// What is counted beyond time, switches and traffic.
+    fn signals(&self) -> Signals;
 }
 
 /// Keeps each id's CPU counters from going down between reads.
@@ -70,6 +72,8 @@ impl Floor {
             let last = self.0.entry(*id).or_default();
             last.time_ns = last.time_ns.max(c.time_ns);
             last.switches = last.switches.max(c.switches);
+            last.wait_ns = last.wait_ns.max(c.wait_ns);
+            last.waits = last.waits.max(c.waits);
             *c = *last;
         }
     }
@@ -101,6 +105,7 @@ struct Kernel {
 pub struct KernelCounters {
     inner: Mutex<Kernel>,
     capacity: u32,
+    signals: Signals,
 }
 
 impl KernelCounters {
@@ -108,6 +113,7 @@ impl KernelCounters {
     pub fn new(maps: Maps) -> Self {
         Self {
             capacity: maps.capacity(),
+            signals: maps.signals(),
             inner: Mutex::new(Kernel {
                 maps,
                 floor: Floor::default(),
@@ -152,6 +158,10 @@ impl CounterSource for KernelCounters {
 
     fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    fn signals(&self) -> Signals {
+        self.signals
     }
 }
 
@@ -227,6 +237,13 @@ pub mod fake {
         fn capacity(&self) -> u32 {
             4096
         }
+
+        fn signals(&self) -> Signals {
+            Signals {
+                run_queue: true,
+                retransmits: true,
+            }
+        }
     }
 }
 
@@ -235,7 +252,11 @@ mod tests {
     use super::{fake::FakeCounters, *};
 
     fn cpu(time_ns: u64, switches: u64) -> CpuCounters {
-        CpuCounters { time_ns, switches }
+        CpuCounters {
+            time_ns,
+            switches,
+            ..CpuCounters::default()
+        }
     }
 
     #[test]

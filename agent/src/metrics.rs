@@ -19,6 +19,7 @@ use prometheus::{
 };
 
 use crate::{
+    bpf::Signals,
     cgroup::{Identity, cpu::Throttling},
     kube::Names,
     node,
@@ -32,77 +33,129 @@ struct Spec {
     help: &'static str,
     kind: MetricType,
     value: fn(&Row) -> Option<f64>,
+    /// What the kernel must count for the family to go out at all: a
+    /// family the programs cannot count is left out, not exported as zeros.
+    needs: Need,
+}
+
+#[derive(Clone, Copy)]
+enum Need {
+    Nothing,
+    RunQueue,
+    Retransmits,
+}
+
+impl Need {
+    fn met(self, s: Signals) -> bool {
+        match self {
+            Need::Nothing => true,
+            Need::RunQueue => s.run_queue,
+            Need::Retransmits => s.retransmits,
+        }
+    }
 }
 
 const NS_PER_S: f64 = 1e9;
 
 /// The per-cgroup metrics, in exposition order. Documented in the README.
-const SPECS: [Spec; 11] = [
+const SPECS: [Spec; 14] = [
     Spec {
         suffix: "cpu_usage_seconds_total",
         help: "CPU time consumed by tasks in the cgroup (sched_switch accounting, idle excluded).",
         kind: MetricType::COUNTER,
         value: |r| r.cpu.map(|c| c.time_ns as f64 / NS_PER_S),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "context_switches_total",
         help: "Times a task of the cgroup left the CPU.",
         kind: MetricType::COUNTER,
         value: |r| r.cpu.map(|c| c.switches as f64),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "cpu_wait_seconds_total",
+        help: "Time tasks of the cgroup waited, runnable, in a CPU run queue (the kernel's sched_info run_delay), summed over tasks.",
+        kind: MetricType::COUNTER,
+        value: |r| r.cpu.map(|c| c.wait_ns as f64 / NS_PER_S),
+        needs: Need::RunQueue,
+    },
+    Spec {
+        suffix: "cpu_waits_total",
+        help: "Run-queue waits of the cgroup's tasks that ended on a CPU (sched_info pcount); average delay = rate(cpu_wait_seconds_total) / rate(cpu_waits_total).",
+        kind: MetricType::COUNTER,
+        value: |r| r.cpu.map(|c| c.waits as f64),
+        needs: Need::RunQueue,
     },
     Spec {
         suffix: "network_receive_bytes_total",
         help: "Bytes received by sockets of the cgroup, IP headers included.",
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.rx_bytes as f64),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "network_receive_packets_total",
         help: "Packets received by sockets of the cgroup.",
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.rx_packets as f64),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "network_transmit_bytes_total",
         help: "Bytes sent by sockets of the cgroup, IP headers included.",
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.tx_bytes as f64),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "network_transmit_packets_total",
         help: "Packets sent by sockets of the cgroup.",
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.tx_packets as f64),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "network_tcp_retransmits_total",
+        help: "TCP segments retransmitted by sockets of the cgroup (tcp_retransmit_skb, billed to the socket's cgroup).",
+        kind: MetricType::COUNTER,
+        value: |r| r.net.map(|n| n.retransmits as f64),
+        needs: Need::Retransmits,
     },
     Spec {
         suffix: "memory_working_set_bytes",
         help: "Memory working set of the cgroup: usage minus inactive file cache.",
         kind: MetricType::GAUGE,
         value: |r| r.memory.map(|m| m as f64),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "cpu_limit_cores",
         help: "CPU limit of the cgroup in cores: CFS quota / period (cpu.max, or cpu.cfs_quota_us / cpu.cfs_period_us). Absent without a limit.",
         kind: MetricType::GAUGE,
         value: |r| r.cpu_limit,
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "cpu_periods_total",
         help: "CFS bandwidth enforcement periods in which the cgroup had runnable tasks (cpu.stat nr_periods).",
         kind: MetricType::COUNTER,
         value: |r| throttling(r).map(|t| t.periods as f64),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "cpu_throttled_periods_total",
         help: "CFS periods in which the cgroup used up its quota and was throttled (cpu.stat nr_throttled).",
         kind: MetricType::COUNTER,
         value: |r| throttling(r).map(|t| t.throttled_periods as f64),
+        needs: Need::Nothing,
     },
     Spec {
         suffix: "cpu_throttled_seconds_total",
         help: "Time the cgroup's tasks were throttled by its CPU limit, in seconds (cpu.stat throttled_usec, or throttled_time).",
         kind: MetricType::COUNTER,
         value: |r| throttling(r).map(|t| t.throttled_seconds),
+        needs: Need::Nothing,
     },
 ];
 
@@ -117,7 +170,7 @@ const MAPS: [&str; 2] = ["cpu", "net"];
 /// Renders per-cgroup metrics and podmeter's own map and tracking gauges
 /// from a [`Snapshot`].
 ///
-/// The per-cgroup families are the bulk of a scrape (11 families × every
+/// The per-cgroup families are the bulk of a scrape (14 families × every
 /// counted cgroup), so they are written straight in the text exposition
 /// format: each row's label set is escaped and formatted once per scrape,
 /// not once per family, and no intermediate `MetricFamily` is built. The
@@ -330,7 +383,7 @@ impl Cgroups {
         hosts.sort_by(|a, b| a.values.cmp(&b.values));
 
         let mut out = Vec::with_capacity(2 * SPECS.len());
-        for spec in &SPECS {
+        for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
             for (prefix, group) in [(CONTAINER_PREFIX, &pods), (CGROUP_PREFIX, &hosts)] {
                 let name = format!("{prefix}{}", spec.suffix);
                 let mut text = String::new();
@@ -603,7 +656,7 @@ mod tests {
             let snap = self.1;
             let mut out = Vec::new();
             let labels: Vec<_> = snap.rows.iter().map(|r| self.labels(r)).collect();
-            for spec in &SPECS {
+            for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
                 let (mut pods, mut hosts) = (Vec::new(), Vec::new());
                 for (row, labels) in snap.rows.iter().zip(&labels) {
                     let Some(v) = (spec.value)(row) else { continue };
@@ -679,12 +732,15 @@ mod tests {
             cpu: (k % 5 != 1).then_some(CpuCounters {
                 time_ns: 1_234_567_891 * k,
                 switches: 17 * k,
+                wait_ns: 1_000_003 * k,
+                waits: 5 * k,
             }),
             net: k.is_multiple_of(3).then_some(NetCounters {
                 rx_bytes: 1 << (k % 60),
                 rx_packets: k,
                 tx_bytes: 3 * k,
                 tx_packets: k + 1,
+                retransmits: k / 3,
             }),
             memory: (k % 4 != 2).then_some(4096 * k),
             cpu_limit: k.is_multiple_of(4).then_some(0.25 * k as f64),
@@ -706,7 +762,8 @@ mod tests {
             container: c.into(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let rows = vec![
+        let rows = || {
+            vec![
             row("/system.slice/b.service", Identity::Host, None, 1),
             row("/system.slice/a.service", Identity::Host, None, 2),
             row("/", Identity::Host, None, 3),
@@ -743,15 +800,20 @@ mod tests {
                 Some(Names::default()),
                 15,
             ),
-        ];
+        ]
+        };
         let snap = Snapshot {
-            rows,
+            rows: rows(),
             dropped: [3, 0],
             entries: [11, 4],
             capacity: 4096,
             tracked: [10, 1, 2, 3],
             tree_updates: [5, 4, 2],
             kubernetes: Some((42, 7)),
+            signals: Signals {
+                run_queue: true,
+                retransmits: true,
+            },
             collectors: [
                 Some(Ok(())),
                 Some(Err("map".into())),
@@ -787,12 +849,30 @@ mod tests {
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
         assert!(want.contains("podmeter_cgroup_tree_updates_total{source=\"rmdir\"} 4\n"));
+        assert!(want.contains("podmeter_container_cpu_wait_seconds_total{"));
+        assert!(want.contains("podmeter_cgroup_network_tcp_retransmits_total{"));
         assert_eq!(got, want);
+
+        // What the kernel cannot count is left out, not exported as zeros.
+        let blind = Snapshot {
+            signals: Signals {
+                run_queue: false,
+                retransmits: false,
+            },
+            rows: rows(),
+            collectors: snap.collectors.clone(),
+            ..snap
+        };
+        let got = render(&cgroups, &blind, Some(2), others.gather());
+        assert_eq!(got, reference(&cgroups, &blind, &others));
+        assert!(!got.contains("cpu_wait"), "{got}");
+        assert!(!got.contains("retransmits"), "{got}");
+        assert!(got.contains("podmeter_container_cpu_usage_seconds_total{"));
 
         let no_kube = Snapshot {
             kubernetes: None,
             rows: Vec::new(),
-            ..snap
+            ..blind
         };
         let want = reference(&cgroups, &no_kube, &others);
         let got = render(&cgroups, &no_kube, Some(2), others.gather());

@@ -89,6 +89,8 @@ pub struct Snapshot {
     pub entries: [usize; 2],
     /// Counter map capacity.
     pub capacity: u32,
+    /// What the kernel counts beyond time, switches and traffic.
+    pub signals: crate::bpf::Signals,
     /// Cgroups by state: `[live and counted, departed, unresolved,
     /// awaiting metadata]`.
     pub tracked: [usize; 4],
@@ -303,6 +305,7 @@ impl Tracker {
             rows: joined.rows,
             dropped: reading.dropped,
             capacity: self.counters.capacity(),
+            signals: self.counters.signals(),
             collectors,
         }
     }

@@ -277,8 +277,8 @@ fn sigterm_detaches_every_program() {
         .collect();
     assert_eq!(
         ours.len(),
-        6,
-        "expected sched_switch, tick, ingress, egress, cgroup_mkdir, cgroup_rmdir: {ours:?}"
+        7,
+        "expected sched_switch, tick, ingress, egress, tcp_retransmit_skb, cgroup_mkdir, cgroup_rmdir: {ours:?}"
     );
     let status = agent.stop();
     assert!(status.success(), "exit status {status}");

@@ -203,11 +203,11 @@ fn pins_of_another_layout_are_removed_and_the_reset_announced() {
     let agent = Agent::start(&[&pins.arg()]);
     drop(agent);
     assert!(cleanup(&pins).status.success());
-    for dir in ["v0/maps", "v1/maps"] {
+    for dir in ["v1/maps", "v2/maps"] {
         fs::create_dir_all(pins.0.join(dir)).unwrap();
     }
-    let old = pins.0.join("v0/maps/PM_CPU");
-    let wrong = pins.0.join("v1/maps/PM_CPU");
+    let old = pins.0.join("v1/maps/PM_CPU");
+    let wrong = pins.0.join("v2/maps/PM_CPU");
     for (path, value) in [(&old, "8"), (&wrong, "24")] {
         bpftool(&[
             "map",
@@ -231,17 +231,17 @@ fn pins_of_another_layout_are_removed_and_the_reset_announced() {
     assert_eq!(origin(&s), "reset", "{}", agent.log());
     let log = agent.log();
     assert!(log.contains("COUNTER RESET"), "{log}");
-    assert!(log.contains("v0 (another layout"), "{log}");
+    assert!(log.contains("v1 (another layout"), "{log}");
     assert!(
         log.contains("map PM_CPU is a PerCpuHash of 8-byte keys and 24-byte values"),
         "{log}"
     );
-    assert!(!pins.0.join("v0").exists(), "the old layout's pins stay");
+    assert!(!pins.0.join("v1").exists(), "the old layout's pins stay");
     // This agent's own maps replace the incompatible one.
     let pinned = pins.pins();
     assert!(
-        pinned.contains(&pins.0.join("v1/maps/PM_CPU"))
-            && pinned.contains(&pins.0.join("v1/links/switch")),
+        pinned.contains(&pins.0.join("v2/maps/PM_CPU"))
+            && pinned.contains(&pins.0.join("v2/links/switch")),
         "{pinned:?}"
     );
     drop(agent);
@@ -287,11 +287,11 @@ fn sigterm_keeps_counting_and_cleanup_removes_everything() {
         .collect();
     // Before 5.15 a perf event holds its program by ioctl, not by a link
     // that can be pinned: the tick goes with the process there.
-    let counting = if perf_links() { 4 } else { 3 };
+    let counting = if perf_links() { 5 } else { 4 };
     assert_eq!(
         left.len(),
         counting,
-        "sched_switch, tick (5.15+), ingress, egress should outlive a SIGTERM: {left:?} of {ours:?}"
+        "sched_switch, tick (5.15+), ingress, egress, tcp_retransmit_skb should outlive a SIGTERM: {left:?} of {ours:?}"
     );
     let pinned = pins.pins();
     assert!(

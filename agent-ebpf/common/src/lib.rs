@@ -31,7 +31,8 @@ pub const DROP_SLOTS: u32 = 3;
 /// 0.1 % of a 15 s scrape interval, for 50 cheap events per CPU per second.
 pub const TICK_PERIOD_NS: u64 = 20_000_000;
 
-/// On-CPU time and context switches of one cgroup, per CPU.
+/// On-CPU time, context switches and run-queue waits of one cgroup, per
+/// CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuCounters {
@@ -39,6 +40,12 @@ pub struct CpuCounters {
     pub time_ns: u64,
     /// Times a task of this cgroup left the CPU.
     pub switches: u64,
+    /// Nanoseconds tasks of this cgroup waited, runnable, in a run queue
+    /// (the growth of the kernel's `sched_info.run_delay`).
+    pub wait_ns: u64,
+    /// Waits that ended with the task on a CPU (the growth of
+    /// `sched_info.pcount`).
+    pub waits: u64,
 }
 
 /// Traffic of one cgroup (by socket cgroup), per CPU.
@@ -56,6 +63,9 @@ pub struct NetCounters {
     pub tx_bytes: u64,
     /// Packets transmitted.
     pub tx_packets: u64,
+    /// TCP segments retransmitted (`tcp_retransmit_skb`, the segments of
+    /// each retransmitted skb: what `tcpi_total_retrans` counts).
+    pub retransmits: u64,
 }
 
 /// cgroups whose CPU time each CPU keeps in [`OnCpu::pending`] before it
@@ -74,6 +84,10 @@ pub struct Pending {
     pub time_ns: u64,
     /// Times a task of the cgroup left the CPU.
     pub switches: u64,
+    /// Nanoseconds waited in a run queue.
+    pub wait_ns: u64,
+    /// Waits ended.
+    pub waits: u64,
 }
 
 /// What one CPU is running, and the CPU time not yet added to `PM_CPU`.
@@ -105,6 +119,10 @@ pub struct OnCpu {
     pub task: u64,
     /// That task's `se.sum_exec_runtime` when its time was last billed.
     pub runtime_ns: u64,
+    /// That task's `sched_info.run_delay` when its waits were last billed.
+    pub run_delay_ns: u64,
+    /// That task's `sched_info.pcount` then.
+    pub pcount: u64,
     /// The slot of `pending` that goes to the map when a cgroup without
     /// one needs a slot (they take turns).
     pub victim: u64,
@@ -159,6 +177,8 @@ impl core::ops::AddAssign for CpuCounters {
     fn add_assign(&mut self, o: Self) {
         self.time_ns += o.time_ns;
         self.switches += o.switches;
+        self.wait_ns += o.wait_ns;
+        self.waits += o.waits;
     }
 }
 
@@ -168,12 +188,13 @@ impl core::ops::AddAssign for NetCounters {
         self.rx_packets += o.rx_packets;
         self.tx_bytes += o.tx_bytes;
         self.tx_packets += o.tx_packets;
+        self.retransmits += o.retransmits;
     }
 }
 
-const _: () = assert!(core::mem::size_of::<CpuCounters>() == 16);
-const _: () = assert!(core::mem::size_of::<NetCounters>() == 32);
-const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 24 * PENDING_SLOTS);
+const _: () = assert!(core::mem::size_of::<CpuCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<NetCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 72 + 40 * PENDING_SLOTS);
 const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 
 #[cfg(feature = "user")]

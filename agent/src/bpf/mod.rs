@@ -162,6 +162,18 @@ pub struct Maps {
     oncpu: PerCpuArray<MapData, OnCpu>,
     drops: PerCpuArray<MapData, u64>,
     capacity: u32,
+    signals: Signals,
+}
+
+/// The counts that need more of the kernel than time, switches and
+/// traffic: where one is missing, its families are left out rather than
+/// exported as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signals {
+    /// Run-queue waits (`sched_info` in kernel BTF, `CONFIG_SCHED_INFO`).
+    pub run_queue: bool,
+    /// TCP retransmits (the `tcp_retransmit_skb` tracepoint attached).
+    pub retransmits: bool,
 }
 
 /// The kernel's cgroup2 mkdir/rmdir events (see `agent-ebpf/src/tree.rs`).
@@ -447,6 +459,16 @@ pub fn load(
             keep.pin(pin, link)?;
         }
     }
+    // A missing member was logged with its consequence above.
+    let retransmits = known(&TCP_OFFSETS)
+        && attach_retransmits(&mut ebpf, &mut keep)
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "tcp_retransmit_skb tracepoint unavailable ({e}): TCP retransmits are not counted"
+                )
+            })
+            .is_ok();
+    let run_queue = known(&WAIT_OFFSETS);
     if let Keep::Pinned { pins, names } = &keep {
         pins.remove_links_except(names);
     }
@@ -485,6 +507,10 @@ pub fn load(
         drops: take(&mut ebpf, "PM_DROPS")?,
         // Adopted maps have it too: pins of another capacity are not adopted.
         capacity: max_cgroups,
+        signals: Signals {
+            run_queue,
+            retransmits,
+        },
     };
     Ok(Loaded {
         attached: Attached { _ebpf: ebpf },
@@ -517,6 +543,24 @@ fn attach_tree(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
         let _ = program(ebpf, "pm_cgroup_mkdir")?.unload();
     }
     attached
+}
+
+/// Loads and attaches the TCP retransmit program (pinned, like the other
+/// counting programs, so retransmits are counted while no agent runs).
+fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut("pm_tcp_retransmit")
+        .ok_or("no pm_tcp_retransmit in the object")?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    p.load().map_err(|e| e.to_string())?;
+    let id = p.attach("tcp_retransmit_skb").map_err(|e| e.to_string())?;
+    if keep.pinned().is_some() {
+        let link = p.take_link(id).map_err(|e| e.to_string())?;
+        keep.pin("tcp-retransmit".into(), link.into())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Loads and attaches the `tp_btf` flavour of the switch program.
@@ -553,6 +597,18 @@ const SWITCH_OFFSETS: [&str; 6] = [
     "KERNFS_NODE_ID_OFFSET",
 ];
 
+/// The members the switch and tick programs read for run-queue waits.
+const WAIT_OFFSETS: [&str; 2] = ["RUN_DELAY_OFFSET", "PCOUNT_OFFSET"];
+
+/// The members the TCP retransmit program reads.
+const TCP_OFFSETS: [&str; 5] = [
+    "SOCK_CGRP_DATA_OFFSET",
+    "SKB_CB_OFFSET",
+    "TCP_GSO_SEGS_OFFSET",
+    "CGROUP_KN_OFFSET",
+    "KERNFS_NODE_ID_OFFSET",
+];
+
 /// The members the cgroup mkdir/rmdir programs read.
 const TREE_OFFSETS: [&str; 4] = [
     "CGROUP_ROOT_OFFSET",
@@ -568,8 +624,8 @@ const TREE_OFFSETS: [&str; 4] = [
 /// bill wall-clock time between events, which includes a VM's steal time.
 /// The others let the switch program find the task's cgroup id itself. An
 /// offset BTF cannot tell is 0.
-fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 8] {
-    const MEMBERS: [(&str, &str, &[&str]); 8] = [
+fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 13] {
+    const MEMBERS: [(&str, &str, &[&str]); 13] = [
         (
             "SUM_EXEC_RUNTIME_OFFSET",
             "task_struct",
@@ -582,6 +638,15 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 8] {
         ("KERNFS_NODE_ID_OFFSET", "kernfs_node", &["id"]),
         ("CGROUP_ROOT_OFFSET", "cgroup", &["root"]),
         ("ROOT_HIERARCHY_ID_OFFSET", "cgroup_root", &["hierarchy_id"]),
+        (
+            "RUN_DELAY_OFFSET",
+            "task_struct",
+            &["sched_info", "run_delay"],
+        ),
+        ("PCOUNT_OFFSET", "task_struct", &["sched_info", "pcount"]),
+        ("SOCK_CGRP_DATA_OFFSET", "sock", &["sk_cgrp_data"]),
+        ("SKB_CB_OFFSET", "sk_buff", &["cb"]),
+        ("TCP_GSO_SEGS_OFFSET", "tcp_skb_cb", &["tcp_gso_segs"]),
     ];
     const WALL_CLOCK: &str =
         "billing wall-clock time between switches, which includes steal time on VMs";
@@ -612,6 +677,10 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 8] {
                     "SUM_EXEC_RUNTIME_OFFSET" => WALL_CLOCK,
                     "CGROUP_ROOT_OFFSET" | "ROOT_HIERARCHY_ID_OFFSET" => {
                         "the cgroup tree is walked instead of followed by events"
+                    }
+                    "RUN_DELAY_OFFSET" | "PCOUNT_OFFSET" => "run-queue waits are not counted",
+                    "SOCK_CGRP_DATA_OFFSET" | "SKB_CB_OFFSET" | "TCP_GSO_SEGS_OFFSET" => {
+                        "TCP retransmits are not counted"
                     }
                     _ => "the switch program falls back to helpers",
                 };
@@ -708,6 +777,11 @@ impl Maps {
         self.capacity
     }
 
+    /// What the programs count beyond time, switches and traffic.
+    pub fn signals(&self) -> Signals {
+        self.signals
+    }
+
     /// Reads every counter, summed over CPUs (both maps, or the first
     /// error).
     pub fn read(&self) -> Result<Reading, MapError> {
@@ -739,6 +813,8 @@ impl Maps {
                 if let Some(c) = cpu.get_mut(&p.cgroup_id) {
                     c.time_ns += p.time_ns;
                     c.switches += p.switches;
+                    c.wait_ns += p.wait_ns;
+                    c.waits += p.waits;
                 }
             }
             if x.since_ns != 0

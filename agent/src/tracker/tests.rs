@@ -25,6 +25,7 @@ fn cpu(t: u64) -> CpuCounters {
     CpuCounters {
         time_ns: t,
         switches: 1,
+        ..CpuCounters::default()
     }
 }
 

@@ -1,0 +1,82 @@
+//! TCP retransmits per socket cgroup.
+//!
+//! Retransmits fire from timers and softirqs as often as from the sending
+//! task, so the current task says nothing about whose they are: the socket
+//! does. `sk->sk_cgrp_data` holds the socket's cgroup2 cgroup, the same one
+//! `bpf_skb_cgroup_id` names in [`crate::net`], so retransmits land next to
+//! the socket's traffic.
+//!
+//! A raw tracepoint with `bpf_probe_read_kernel`: retransmits are rare next
+//! to switches and packets, so the helpers' cost does not matter, and a raw
+//! tracepoint reads the same two first arguments (`sk`, `skb`) on every
+//! kernel (6.x added a third, `err`).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext,
+};
+use podmeter_common::{DROP_NET, NetCounters};
+
+use crate::{
+    maps::{PM_NET, slot},
+    sched::{CGROUP_KN_OFFSET, KERNFS_NODE_ID_OFFSET, offset},
+};
+
+/// `sock.sk_cgrp_data`: its first word is the socket's `struct cgroup *`
+/// (5.15 and later), or before 5.15 a union whose low bit is 0 when it
+/// holds that pointer.
+#[unsafe(no_mangle)]
+static SOCK_CGRP_DATA_OFFSET: u64 = 0;
+/// `sk_buff.cb`, which TCP uses as its `tcp_skb_cb`.
+#[unsafe(no_mangle)]
+static SKB_CB_OFFSET: u64 = 0;
+/// `tcp_skb_cb.tcp_gso_segs`: the segments the skb carries.
+#[unsafe(no_mangle)]
+static TCP_GSO_SEGS_OFFSET: u64 = 0;
+
+/// `tcp:tcp_retransmit_skb`: `sk`, `skb` (and, since 6.x, `err`). Counts
+/// the skb's segments, as the kernel adds them to `tcpi_total_retrans`.
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn pm_tcp_retransmit(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let Some(cgroup_id) = socket_cgroup_id(sk) else {
+        return 0;
+    };
+    // SAFETY: probe_read tolerates any address; a fault returns an error.
+    let segs = unsafe {
+        bpf_probe_read_kernel(
+            (skb + offset(&SKB_CB_OFFSET) + offset(&TCP_GSO_SEGS_OFFSET)) as *const u16,
+        )
+    }
+    .map_or(1, |s| u64::from(s.max(1)));
+    let Some(c) = slot(&PM_NET, cgroup_id, DROP_NET) else {
+        return 0;
+    };
+    let c: *mut NetCounters = c;
+    // Atomic, as in `net`: a retransmit from a timer can interrupt the
+    // socket's task updating the same per-CPU value.
+    // SAFETY: the slot is a valid, aligned u64 inside the map value.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*c).retransmits, segs);
+    }
+    0
+}
+
+/// `sk->sk_cgrp_data.cgroup->kn->id`; `None` where the data holds no
+/// cgroup pointer (pre-5.15 sockets tagged by v1 net_prio/net_cls).
+#[inline(always)]
+fn socket_cgroup_id(sk: u64) -> Option<u64> {
+    // SAFETY (each read): probe_read tolerates any address.
+    let cgroup: u64 =
+        unsafe { bpf_probe_read_kernel((sk + offset(&SOCK_CGRP_DATA_OFFSET)) as *const u64) }
+            .ok()?;
+    if cgroup == 0 || cgroup & 1 != 0 {
+        return None;
+    }
+    let kn: u64 =
+        unsafe { bpf_probe_read_kernel((cgroup + offset(&CGROUP_KN_OFFSET)) as *const u64) }
+            .ok()?;
+    unsafe { bpf_probe_read_kernel((kn + offset(&KERNFS_NODE_ID_OFFSET)) as *const u64) }.ok()
+}
