@@ -40,6 +40,8 @@ const TEST_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "util-linux",
+    // Random packet loss for the retransmit test (no netem on the CI host).
+    "nftables",
 ];
 
 /// Cache directory for builds that outlive a clone.

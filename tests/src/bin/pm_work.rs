@@ -26,6 +26,9 @@ struct Cli {
     /// Network namespace (under /var/run/netns) to join.
     #[arg(long)]
     netns: Option<String>,
+    /// Run on this CPU only (after joining the cgroups).
+    #[arg(long)]
+    cpu: Option<usize>,
     /// After the work, stay alive (so the container, and its cgroup, stay
     /// around to be scraped) until killed.
     #[arg(long)]
@@ -38,11 +41,17 @@ struct Cli {
 enum Work {
     /// Spin on the CPU until killed.
     Burn,
+    /// Print `schedstat <run_ns> <wait_ns> <waits>` (this task's
+    /// `/proc/thread-self/schedstat`), spin for `seconds`, print it again,
+    /// and exit.
+    Spin { seconds: f64 },
     /// Allocate and touch this many MiB, say `ready`, then wait to be killed.
     HoldMemory { mib: usize },
     /// Accept one TCP connection, read to EOF, print `received <bytes>`.
     TcpSink { listen: String },
-    /// Send `bytes` over TCP, half-close, wait for the peer to close.
+    /// Send `bytes` over TCP, half-close, wait for the peer to close; print
+    /// `sent <bytes> <tcpi_bytes_sent> <tcpi_bytes_retrans>
+    /// <tcpi_total_retrans>`.
     TcpSend { to: String, bytes: u64 },
     /// Receive UDP datagrams until `count` arrived or 3 s pass quietly.
     UdpSink { listen: String, count: u64 },
@@ -86,9 +95,10 @@ fn die_with_parent() -> Result<()> {
     Ok(())
 }
 
-/// `tcpi_bytes_sent` and `tcpi_bytes_retrans` from `TCP_INFO` (Linux 4.19+),
-/// read at their uapi offsets: the libc crate's `tcp_info` predates them.
-fn tcp_bytes_sent(s: &TcpStream) -> Result<(u64, u64)> {
+/// `tcpi_bytes_sent`, `tcpi_bytes_retrans` (Linux 4.19+) and
+/// `tcpi_total_retrans` from `TCP_INFO`, read at their uapi offsets: the
+/// libc crate's `tcp_info` predates the first two.
+fn tcp_bytes_sent(s: &TcpStream) -> Result<(u64, u64, u32)> {
     use std::os::fd::AsRawFd as _;
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
@@ -112,7 +122,8 @@ fn tcp_bytes_sent(s: &TcpStream) -> Result<(u64, u64)> {
         "kernel's tcp_info too short ({len} bytes) for tcpi_bytes_retrans"
     );
     let at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
-    Ok((at(200), at(208)))
+    let total_retrans = u32::from_le_bytes(buf[100..104].try_into().unwrap());
+    Ok((at(200), at(208), total_retrans))
 }
 
 /// Set once pm-work has joined its cgroups and started again in them.
@@ -141,9 +152,28 @@ fn main() -> Result<()> {
             .exec();
         return Err(err).context("re-executing pm-work in its cgroups");
     }
+    if let Some(cpu) = cli.cpu {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).context("CPU number")?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            .with_context(|| format!("sched_setaffinity to CPU {cpu}"))?;
+    }
     let mut out = std::io::stdout().lock();
     let linger = cli.linger;
     match cli.work {
+        Work::Spin { seconds } => {
+            let schedstat = || fs::read_to_string("/proc/thread-self/schedstat");
+            writeln!(out, "schedstat {}", schedstat()?.trim())?;
+            out.flush()?;
+            let start = std::time::Instant::now();
+            let mut x: u64 = 0;
+            while start.elapsed().as_secs_f64() < seconds {
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+            writeln!(out, "schedstat {}", schedstat()?.trim())?;
+        }
         Work::Burn => {
             let mut x: u64 = 0;
             loop {
@@ -193,8 +223,8 @@ fn main() -> Result<()> {
             s.read_to_end(&mut rest)?;
             // Payload bytes that left, retransmissions included: what the
             // wire (and podmeter) saw, beyond what the application wrote.
-            let (sent, retrans) = tcp_bytes_sent(&s)?;
-            writeln!(out, "sent {bytes} {sent} {retrans}")?;
+            let (sent, retrans, segments) = tcp_bytes_sent(&s)?;
+            writeln!(out, "sent {bytes} {sent} {retrans} {segments}")?;
         }
         Work::UdpSink { listen, count } => {
             let s = UdpSocket::bind(&listen)?;
