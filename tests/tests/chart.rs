@@ -443,11 +443,22 @@ fn alert_thresholds_and_runbook_urls_come_from_values() {
             "alerts.cpuSaturationRatio=0.77",
             "alerts.for=45s",
             "alerts.runbookBaseURL=https://runbooks.example/podmeter/",
+            "alerts.cpuStarvedWaitRatio=0.61",
+            "alerts.cpuStarvedFor=7m",
+            "alerts.memoryNearLimitRatio=0.83",
+            "alerts.tcpRetransmitMinPerSecond=13",
         ],
     );
     let text = fs::read_to_string(&file).unwrap();
     assert!(text.contains("0.77"), "{text}");
     assert!(text.contains("45s"), "{text}");
+    for set in ["> 0.61", "for: 7m", "> 0.83", "> 13"] {
+        assert!(text.contains(set), "{set}: {text}");
+    }
+    assert!(
+        text.contains("https://runbooks.example/podmeter/PodmeterPodTCPRetransmits"),
+        "{text}"
+    );
     assert!(
         text.contains("https://runbooks.example/podmeter/PodmeterContainerCPUSaturated"),
         "{text}"
