@@ -428,8 +428,8 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         }
     }
     assert!(
-        alerts >= 7,
-        "expected the seven documented alerts, found {alerts}"
+        alerts >= 12,
+        "expected the twelve documented alerts, found {alerts}"
     );
     let _ = fs::remove_dir_all(&dir);
 }
@@ -443,11 +443,22 @@ fn alert_thresholds_and_runbook_urls_come_from_values() {
             "alerts.cpuSaturationRatio=0.77",
             "alerts.for=45s",
             "alerts.runbookBaseURL=https://runbooks.example/podmeter/",
+            "alerts.cpuStarvedWaitRatio=0.61",
+            "alerts.cpuStarvedFor=7m",
+            "alerts.memoryNearLimitRatio=0.83",
+            "alerts.tcpRetransmitMinPerSecond=13",
         ],
     );
     let text = fs::read_to_string(&file).unwrap();
     assert!(text.contains("0.77"), "{text}");
     assert!(text.contains("45s"), "{text}");
+    for set in ["> 0.61", "for: 7m", "> 0.83", "> 13"] {
+        assert!(text.contains(set), "{set}: {text}");
+    }
+    assert!(
+        text.contains("https://runbooks.example/podmeter/PodmeterPodTCPRetransmits"),
+        "{text}"
+    );
     assert!(
         text.contains("https://runbooks.example/podmeter/PodmeterContainerCPUSaturated"),
         "{text}"
@@ -487,6 +498,78 @@ fn dashboards_are_grafana_json_with_node_namespace_pod_variables() {
         }
     }
     assert!(count >= 1, "no dashboards in {}", dir.display());
+}
+
+/// The metric names (`podmeter_…`, `podmeter:…`) a PromQL query reads.
+fn metric_names(query: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let b = query.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let mut i = 0;
+    while let Some(at) = query[i..].find("podmeter") {
+        let start = i + at;
+        let mut end = start;
+        while end < b.len() && word(b[end]) {
+            end += 1;
+        }
+        if start == 0 || !word(b[start - 1]) {
+            names.insert(query[start..end].to_owned());
+        }
+        i = end.max(start + 1);
+    }
+    names
+}
+
+/// Every dashboard query, with Grafana's variables set to "All", parses and
+/// returns data in promtool from one synthetic series of each family it
+/// reads. The end-to-end test runs them against a real agent; this catches
+/// a broken query (syntax, a join that matches nothing) without a cluster,
+/// also for families a healthy cluster has no series of.
+#[test]
+fn dashboard_queries_return_data_from_every_family_they_read() {
+    let dir = scratch("dashboards");
+    let mut families = BTreeSet::new();
+    let mut queries = Vec::new();
+    for entry in fs::read_dir(chart().join("files/dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let d: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let vars: Vec<&str> = d["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        for (_, expr) in podmeter_test_support::dashboard::exprs(&d) {
+            let q = podmeter_test_support::dashboard::substitute(&expr, &vars, "1m", "30s");
+            families.extend(metric_names(&q));
+            queries.push(q);
+        }
+    }
+    // Every label a query matches on, non-empty (container_id!="" keeps
+    // it); counters and gauges alike rise by 10 per 30 s scrape.
+    let labels = r#"job="podmeter", node="node-a", namespace="shop", pod="api-0", pod_uid="u-api", container="api", container_id="c-api", cgroup="/system.slice/x.service""#;
+    let mut test = String::from(
+        "rule_files: []\nevaluation_interval: 30s\ntests:\n  - interval: 30s\n    input_series:\n",
+    );
+    for f in &families {
+        test += &format!("      - series: '{f}{{{labels}}}'\n        values: '1+10x40'\n");
+    }
+    test += "    promql_expr_test:\n";
+    for q in &queries {
+        let expr = format!("count({q}) > bool 0").replace('\'', "''");
+        test += &format!(
+            "      - expr: '{expr}'\n        eval_time: 15m\n        exp_samples:\n          - labels: '{{}}'\n            value: 1\n"
+        );
+    }
+    fs::write(dir.join("dashboards-test.yaml"), test).unwrap();
+    assert!(queries.len() >= 50, "{} dashboard queries", queries.len());
+    assert!(
+        families.contains("podmeter_container_cpu_wait_seconds_total"),
+        "{families:?}"
+    );
+    promtool(&["test", "rules", "dashboards-test.yaml"], &dir);
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -861,6 +861,12 @@ fn alerts_fire_on_real_faults(
 fn dashboard_panels_return_data(prom: &Prom) {
     step("dashboards: every panel query returns data");
     let dir = repo().join("deploy/helm/podmeter/files/dashboards");
+    // PSI is absent on kernels without it and on hybrid hosts (README,
+    // Metrics): there the pressure panels have nothing to show. Any other
+    // family missing still fails.
+    let psi = !prom
+        .query(r#"count({__name__=~"podmeter_container_pressure_.+"})"#)
+        .is_empty();
     let mut queries = 0;
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -873,6 +879,10 @@ fn dashboard_panels_return_data(prom: &Prom) {
             .collect();
         let vars: Vec<&str> = vars.iter().map(String::as_str).collect();
         for (panel, expr) in podmeter_test_support::dashboard::exprs(&d) {
+            if !psi && expr.contains("podmeter_container_pressure_") {
+                eprintln!("monitoring e2e: panel {panel:?}: skipped, no agent exports PSI");
+                continue;
+            }
             let q = podmeter_test_support::dashboard::substitute(&expr, &vars, "1m", "30s");
             let result = until(
                 Duration::from_secs(90),
