@@ -42,6 +42,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "util-linux",
+    "nftables",
 ];
 
 /// Host programs copied into the VM (with their libraries): what the tests
@@ -52,12 +53,31 @@ const PROGRAMS: &[&str] = &[
     "/usr/bin/setpriv",
     "/usr/bin/prlimit",
     "/usr/bin/unshare",
+    "/usr/sbin/nft",
+];
+
+/// Kernel modules the tests load (veth pairs, nftables random loss), in
+/// dependency order, under `lib/modules/<release>/kernel/`.
+const MODULES: [&str; 4] = [
+    "drivers/net/veth",
+    "net/netfilter/nfnetlink",
+    "net/netfilter/nf_tables",
+    "net/netfilter/nft_numgen",
 ];
 
 /// The test files each VM runs by default: CPU against `cpu.stat`, TCP/UDP
 /// over loopback and veth between namespaces, lifecycle and churn, CPU
-/// limits, throttling and capabilities.
-pub const DEFAULT_TESTS: [&str; 5] = ["cpu", "net", "lifecycle", "limits", "pins"];
+/// limits, throttling and capabilities, pinning, run-queue waits against
+/// schedstat and TCP retransmits under random loss.
+pub const DEFAULT_TESTS: [&str; 7] = [
+    "cpu",
+    "net",
+    "lifecycle",
+    "limits",
+    "pins",
+    "runqueue",
+    "retransmits",
+];
 
 /// `cargo xtask vm-test`'s options.
 #[derive(clap::Args)]
@@ -616,13 +636,17 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
         fs::create_dir_all(dest.parent().expect("a library has a directory"))?;
         fs::copy(&lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
     }
-    let veth = kernel.modules().join("kernel/drivers/net/veth.ko");
-    let veth_xz = veth.with_extension("ko.xz");
-    if veth.exists() {
-        fs::copy(&veth, stage.join("veth.ko"))?;
-    } else if veth_xz.exists() {
-        let out = Command::new("xz").arg("-dc").arg(&veth_xz).output()?;
-        fs::write(stage.join("veth.ko"), out.stdout)?;
+    // Modules the tests need, in load order (`/init` loads what is there).
+    for (i, rel) in MODULES.iter().enumerate() {
+        let module = kernel.modules().join(format!("kernel/{rel}.ko"));
+        let xz = module.with_extension("ko.xz");
+        let dest = stage.join(format!("m{i}.ko"));
+        if module.exists() {
+            fs::copy(&module, dest)?;
+        } else if xz.exists() {
+            let out = Command::new("xz").arg("-dc").arg(&xz).output()?;
+            fs::write(dest, out.stdout)?;
+        }
     }
     let filter = opts.filter.clone().unwrap_or_default();
     let mut init = String::from(INIT_HEAD);
@@ -664,7 +688,7 @@ echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 # 5.11 charge BPF maps to it (one test lowers it again on purpose).
 ulimit -l unlimited
 ip link set lo up
-[ -f /veth.ko ] && insmod /veth.ko
+for m in /m*.ko; do [ -f "$m" ] && insmod "$m"; done
 echo "PM-KERNEL $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 export PODMETER_BIN=/pm/podmeter RUST_BACKTRACE=1 HOME=/tmp
 run_tests() {
