@@ -10,6 +10,7 @@ fn state() -> IndexState {
         memory_v1: None,
         cpu_v1: None,
         unified_shows: Some("/".into()),
+        psi: false,
     };
     IndexState::new(mounts, GRACE)
 }
@@ -21,12 +22,13 @@ fn created(id: u64, path: &str) -> TreeEvent {
     }
 }
 
-fn memory(m: u64) -> impl Fn(&Cgroup) -> io::Result<Stats> {
-    move |_| {
-        Ok(Stats {
+fn memory(m: u64) -> impl Fn(&Cgroup) -> Read {
+    move |_| Read {
+        stats: Stats {
             memory: Some(m),
-            limit: None,
-        })
+            ..Stats::default()
+        },
+        errors: [None, None],
     }
 }
 
@@ -181,17 +183,32 @@ fn read_errors_count_unless_the_cgroup_is_gone() {
     let mut s = state();
     let t0 = Instant::now();
     s.apply(&[created(1, "/a"), created(2, "/b")], t0);
-    let c = s.refresh(&[1, 2], t0, true, |c: &Cgroup| {
-        if c.path == "/a" {
-            Err(io::Error::from_raw_os_error(libc::ENODEV))
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EACCES))
-        }
+    s.apply(&[created(3, "/c")], t0);
+    let c = s.refresh(&[1, 2, 3], t0, true, |c: &Cgroup| match c.path.as_str() {
+        "/a" => Read {
+            errors: [Some(io::Error::from_raw_os_error(libc::ENODEV)), None],
+            ..Read::default()
+        },
+        // Pressure fails, memory is read: each group of files on its own.
+        "/b" => Read {
+            stats: Stats {
+                memory: Some(9),
+                ..Stats::default()
+            },
+            errors: [None, Some(io::Error::from_raw_os_error(libc::EACCES))],
+        },
+        _ => Read {
+            errors: [Some(io::Error::from_raw_os_error(libc::EIO)), None],
+            ..Read::default()
+        },
     });
-    assert_eq!(c.read, 2);
-    let (failed, last) = &s.index().read_errors;
-    assert_eq!(*failed, 1);
-    assert!(last.as_deref().unwrap().contains("denied"), "{last:?}");
+    assert_eq!(c.read, 3);
+    let [(failed, last), (p_failed, p_last)] = &s.index().read_errors;
+    assert_eq!(*failed, 1, "ENODEV (gone) is no failure");
+    assert!(last.as_deref().unwrap().contains("Input/output"), "{last:?}");
+    assert_eq!(*p_failed, 1);
+    assert!(p_last.as_deref().unwrap().contains("denied"), "{p_last:?}");
+    assert_eq!(s.index().stats(2).unwrap().memory, Some(9));
 }
 
 #[test]
