@@ -60,20 +60,20 @@ pub struct Stats {
 
 /// The groups of files a refresh reads, each with its own collector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Files {
-    /// Memory (working set, limit, OOM kills) and the CPU limit.
+pub enum FileGroup {
+    /// Memory: working set, limit, OOM kills.
     Memory = 0,
     /// Pressure stalls.
     Pressure = 1,
 }
 
 /// What one read of a cgroup's files gave: what could be read, and the
-/// first error of each group of [`Files`] (the others still count).
+/// first error of each [`FileGroup`] (one failing leaves the other).
 #[derive(Debug, Default)]
 pub struct Read {
     /// The numbers.
     pub stats: Stats,
-    /// By [`Files`].
+    /// By [`FileGroup`].
     pub errors: [Option<io::Error>; 2],
 }
 
@@ -113,7 +113,7 @@ pub struct Index {
     /// When the last refresh finished.
     pub refreshed: Option<Instant>,
     /// Reads of the last refresh that failed for a reason other than the
-    /// cgroup being gone, with the last such error, by [`Files`].
+    /// cgroup being gone, with the last such error, by [`FileGroup`].
     pub read_errors: [(usize, Option<String>); 2],
     /// Whether the kernel tracks pressure stalls (pressure is read at all).
     pub pressure: bool,

@@ -32,7 +32,7 @@ use crate::{
     cgroup::{cpu, pressure::Pressure},
     counters::{CounterSource, Reading},
     health::Health,
-    index::{Cgroup, Files, Index},
+    index::{Cgroup, FileGroup, Index},
     kube::Names,
     namer::{Namer, Naming, Session},
 };
@@ -296,10 +296,10 @@ impl Tracker {
             Some(index.rescan_error.clone().map_or(Ok(()), Err)),
             Some(status(&reading.cpu)),
             api.as_ref().map(|a| a.failing.clone().map_or(Ok(()), Err)),
-            Some(read_status(&index.read_errors[Files::Memory as usize], "memory or limit")),
+            Some(read_status(&index.read_errors[FileGroup::Memory as usize], "memory or limit")),
             Some(status(&reading.net)),
             index.pressure.then(|| {
-                read_status(&index.read_errors[Files::Pressure as usize], "pressure")
+                read_status(&index.read_errors[FileGroup::Pressure as usize], "pressure")
             }),
             Some(throttling_ok),
         ];
