@@ -320,10 +320,10 @@ impl IndexState {
     }
 
     /// A refresh, given the ids the kernel counts now: reads memory,
-    /// limits, OOM kills and pressure of the counted live cgroups (all, or only those never
-    /// read yet) with `read`, and retires departed and unresolved cgroups
-    /// past the grace period. The caller deletes the retired ids' counters
-    /// before it publishes the result.
+    /// limits, OOM kills and pressure of the counted live cgroups (all, or
+    /// only those never read yet) with `read`, and retires departed and
+    /// unresolved cgroups past the grace period. The caller deletes the
+    /// retired ids' counters before it publishes the result.
     pub fn refresh(
         &mut self,
         counted: &[u64],

@@ -225,3 +225,84 @@ fn snapshots_are_immutable_and_numbered() {
     assert!(after.get(1).is_some());
     assert!(after.generation > before.generation);
 }
+
+/// A fake cgroup2 tree in a temporary directory: `/a` with the files of a
+/// pure v2 host with PSI.
+fn fake_tree(tag: &str) -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("podmeter-index-{}-{tag}", std::process::id()));
+    let a = root.join("a");
+    std::fs::create_dir_all(&a).unwrap();
+    for (name, text) in [
+        ("memory.current", "1000\n"),
+        ("memory.stat", "inactive_file 100\n"),
+        ("memory.max", "4096\n"),
+        ("memory.events.local", "oom 2\noom_kill 2\n"),
+        ("memory.events", "oom 5\noom_kill 5\n"),
+        (
+            "cpu.pressure",
+            "some avg10=1.00 avg60=0.00 avg300=0.00 total=300\n\
+             full avg10=0.00 avg60=0.00 avg300=0.00 total=20\n",
+        ),
+        ("memory.pressure", "some total=7\nfull total=3\n"),
+        ("io.pressure", "some total=9\nfull total=4\n"),
+    ] {
+        std::fs::write(a.join(name), text).unwrap();
+    }
+    root
+}
+
+fn cgroup_in(root: &std::path::Path) -> Cgroup {
+    let mounts = Mounts {
+        unified: root.to_owned(),
+        memory_v1: None,
+        cpu_v1: None,
+        unified_shows: Some("/".into()),
+        psi: true,
+    };
+    Cgroup {
+        path: "/a".into(),
+        identity: Identity::Host,
+        first_seen: Instant::now(),
+        files: CgroupFiles::new(&mounts, "/a"),
+    }
+}
+
+#[test]
+fn read_stats_reads_every_file_and_each_group_fails_alone() {
+    use crate::cgroup::pressure::Totals;
+    let root = fake_tree("read");
+    let r = read_stats(&cgroup_in(&root));
+    assert!(r.errors.iter().all(Option::is_none), "{:?}", r.errors);
+    let s = r.stats;
+    assert_eq!(
+        (s.memory, s.memory_limit, s.oom_kills),
+        (Some(900), Some(4096), Some(2)),
+        "the local count, not the hierarchical one"
+    );
+    assert_eq!(
+        s.pressure.cpu,
+        Some(Totals {
+            some_us: 300,
+            full_us: Some(20)
+        })
+    );
+    assert_eq!(s.pressure.io.unwrap().full_us, Some(4));
+
+    // Without memory.events.local (before 5.2): memory.events.
+    std::fs::remove_file(root.join("a/memory.events.local")).unwrap();
+    // No io.pressure: the pressure group fails, memory is still read.
+    std::fs::remove_file(root.join("a/io.pressure")).unwrap();
+    let r = read_stats(&cgroup_in(&root));
+    assert_eq!(r.stats.oom_kills, Some(5));
+    assert_eq!(r.stats.memory, Some(900));
+    assert!(r.errors[FileGroup::Memory as usize].is_none());
+    let e = r.errors[FileGroup::Pressure as usize].as_ref().unwrap();
+    assert!(is_gone(e), "{e}");
+    assert_eq!(r.stats.pressure, Pressure::default());
+
+    // No memory controller (v2: no memory.current): nothing of memory.
+    std::fs::remove_file(root.join("a/memory.current")).unwrap();
+    let r = read_stats(&cgroup_in(&root));
+    assert_eq!((r.stats.memory_limit, r.stats.oom_kills), (None, None));
+    std::fs::remove_dir_all(&root).unwrap();
+}
