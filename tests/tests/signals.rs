@@ -123,6 +123,81 @@ fn oom_kills_in_a_surviving_cgroup_match_the_kernel_and_the_victims() {
     assert!(later.cgroup("memory_working_set_bytes", &cg.path).is_some());
 }
 
+/// `key`'s count in a memory file of `cg`, if the file exists.
+fn memory_file_count(cg: &TestCgroup, file: &str, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(memory_dir(cg).join(file)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// A pod-level limit, as the kubelet sets it, hit by a container's
+/// process: the kill is the container's, not the pod's, as podmeter's
+/// other counters are exclusive.
+#[test]
+fn oom_kills_are_billed_to_the_victims_cgroup_not_its_ancestors() {
+    let tree = TestTree::new("signals-oom-pod");
+    let app = tree.cgroup("pod/app");
+    let pod = tree.cgroup("pod");
+    set_memory_limit(&pod, 64 << 20);
+    let agent = agent();
+    // v1 lets the pod-level cgroup hold a task (so podmeter reports it);
+    // cgroup2 does not where it hands memory down to its children.
+    let mut holder = memory_v1_root().map(|_| pod.spawn(None, &["hold-memory", "1"]));
+    if let Some(h) = &mut holder {
+        assert_eq!(h.line(), ["ready"]);
+    }
+    let mut parent = app.spawn_piped(&["--linger", "oom-children", "128", "128"]);
+    assert_eq!(parent.line(), ["ready"]);
+    let metric = |s: &Scrape, cg: &TestCgroup| s.cgroup("oom_kills_total", &cg.path);
+    agent.scrape_until(Duration::from_secs(15), "the cgroups' OOM kills", |s| {
+        metric(s, &app).is_some() && (holder.is_none() || metric(s, &pod).is_some())
+    });
+    parent.say("go");
+    let done = parent.line();
+    let killed: u64 = match done.as_slice() {
+        [k, killed, _, _] if k == "killed" => killed.parse().unwrap(),
+        _ => panic!("pm-work said {done:?}"),
+    };
+    assert!(
+        killed > 0,
+        "no child was OOM-killed: the test measured nothing"
+    );
+    assert_eq!(
+        kernel_oom_kills(&app),
+        killed,
+        "the kernel's count of the victims' cgroup"
+    );
+    let local = ["memory.events.local", "memory.oom_control"]
+        .iter()
+        .find_map(|f| memory_file_count(&pod, f, "oom_kill"));
+    assert_eq!(
+        local,
+        Some(0),
+        "the kernel's own count of the pod-level cgroup"
+    );
+    if let Some(hierarchical) = memory_file_count(&pod, "memory.events", "oom_kill") {
+        // What podmeter does not read: v2's hierarchical count.
+        eprintln!("pod-level memory.events oom_kill {hierarchical} (hierarchical)");
+    }
+    let s = agent.scrape_until(Duration::from_secs(10), "the kills in podmeter", |s| {
+        metric(s, &app) == Some(killed as f64)
+    });
+    eprintln!(
+        "victims' cgroup {:?}, pod-level {:?}, SIGKILLed children {killed}",
+        metric(&s, &app),
+        metric(&s, &pod)
+    );
+    if holder.is_some() {
+        assert_eq!(
+            metric(&s, &pod),
+            Some(0.0),
+            "the pod-level cgroup's OOM kills"
+        );
+    }
+    assert_eq!(parent.exited(), None, "the parent process died");
+}
+
 #[test]
 fn memory_limit_is_what_was_written() {
     let tree = TestTree::new("signals-limit");
