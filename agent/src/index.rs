@@ -27,6 +27,7 @@ use crate::cgroup::{
     cpu::{self, Throttling},
     files::is_gone,
     identity,
+    pressure::Pressure,
 };
 
 /// A cgroup podmeter knows by path.
@@ -38,7 +39,7 @@ pub struct Cgroup {
     pub identity: Identity,
     /// When a scan or event first showed it.
     pub first_seen: Instant,
-    /// Its memory and CPU files, open while it is counted.
+    /// Its memory, CPU and pressure files, open while it is counted.
     pub files: CgroupFiles,
 }
 
@@ -49,6 +50,31 @@ pub struct Stats {
     pub memory: Option<u64>,
     /// CPU limit, if a cpu controller covers the cgroup.
     pub limit: Option<cpu::Limit>,
+    /// Memory limit in bytes, if it has one.
+    pub memory_limit: Option<u64>,
+    /// Processes killed by the OOM killer, where memory is accounted.
+    pub oom_kills: Option<u64>,
+    /// Pressure stall totals, where the kernel tracks them.
+    pub pressure: Pressure,
+}
+
+/// The groups of files a refresh reads, each with its own collector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileGroup {
+    /// Memory: working set, limit, OOM kills.
+    Memory = 0,
+    /// Pressure stalls.
+    Pressure = 1,
+}
+
+/// What one read of a cgroup's files gave: what could be read, and the
+/// first error of each [`FileGroup`] (one failing leaves the other).
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The numbers.
+    pub stats: Stats,
+    /// By [`FileGroup`].
+    pub errors: [Option<io::Error>; 2],
 }
 
 /// A change to the cgroup2 tree, as the kernel reported it.
@@ -86,9 +112,11 @@ pub struct Index {
     pub rescan_error: Option<String>,
     /// When the last refresh finished.
     pub refreshed: Option<Instant>,
-    /// Memory or limit reads of the last refresh that failed for a reason
-    /// other than the cgroup being gone, with the last such error.
-    pub read_errors: (usize, Option<String>),
+    /// Reads of the last refresh that failed for a reason other than the
+    /// cgroup being gone, with the last such error, by [`FileGroup`].
+    pub read_errors: [(usize, Option<String>); 2],
+    /// Whether the kernel tracks pressure stalls (pressure is read at all).
+    pub pressure: bool,
 }
 
 impl Index {
@@ -179,9 +207,12 @@ impl IndexState {
     /// An empty index over the cgroups below `mounts`.
     pub fn new(mounts: Mounts, grace: Duration) -> Self {
         Self {
-            mounts,
             grace,
-            index: Index::default(),
+            index: Index {
+                pressure: mounts.psi,
+                ..Index::default()
+            },
+            mounts,
         }
     }
 
@@ -288,17 +319,17 @@ impl IndexState {
         changes
     }
 
-    /// A refresh, given the ids the kernel counts now: reads memory and
-    /// CPU limits of the counted live cgroups (all, or only those never
-    /// read yet) with `read`, and retires departed and unresolved cgroups
-    /// past the grace period. The caller deletes the retired ids' counters
-    /// before it publishes the result.
+    /// A refresh, given the ids the kernel counts now: reads memory,
+    /// limits, OOM kills and pressure of the counted live cgroups (all, or
+    /// only those never read yet) with `read`, and retires departed and
+    /// unresolved cgroups past the grace period. The caller deletes the
+    /// retired ids' counters before it publishes the result.
     pub fn refresh(
         &mut self,
         counted: &[u64],
         now: Instant,
         all: bool,
-        read: impl Fn(&Cgroup) -> io::Result<Stats>,
+        read: impl Fn(&Cgroup) -> Read,
     ) -> Changes {
         let grace = self.grace;
         let index = &mut self.index;
@@ -329,23 +360,21 @@ impl IndexState {
         let departed_now: std::collections::HashSet<u64> = retired.iter().copied().collect();
         let mut unresolved = HashMap::new();
         let mut stats = HashMap::with_capacity(counted.len());
-        let (mut failed, mut last_error) = (0, None);
+        let mut errors: [(usize, Option<String>); 2] = Default::default();
         for &id in counted {
             if let Some(cgroup) = index.live.get(&id) {
                 let s = match index.stats.get(&id) {
                     Some(s) if !all => *s,
                     _ => {
                         changes.read += 1;
-                        match read(cgroup) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                if !is_gone(&e) {
-                                    failed += 1;
-                                    last_error = Some(e.to_string());
-                                }
-                                Stats::default()
+                        let r = read(cgroup);
+                        for (e, (failed, last)) in r.errors.iter().zip(&mut errors) {
+                            if let Some(e) = e.as_ref().filter(|e| !is_gone(e)) {
+                                *failed += 1;
+                                *last = Some(e.to_string());
                             }
                         }
+                        r.stats
                     }
                 };
                 stats.insert(id, s);
@@ -379,7 +408,7 @@ impl IndexState {
         index.stats = stats;
         index.refreshed = Some(now);
         if all {
-            index.read_errors = (failed, last_error);
+            index.read_errors = errors;
         }
         // Maps shrink with the index: a churn peak must not keep its
         // memory after the cgroups are gone.
@@ -390,14 +419,30 @@ impl IndexState {
     }
 }
 
-/// Reads a cgroup's memory working set and CPU limit.
-pub fn read_stats(cgroup: &Cgroup) -> io::Result<Stats> {
-    let memory = match &cgroup.files.memory {
-        Some(m) => m.working_set()?,
-        None => None,
+/// Reads a cgroup's memory working set, limits, OOM kills and pressure.
+/// A group of files that fails leaves its own numbers out, not the others'.
+pub fn read_stats(cgroup: &Cgroup) -> Read {
+    let files = &cgroup.files;
+    let mut stats = Stats {
+        limit: files.cpu.as_ref().and_then(|c| c.limit()),
+        ..Stats::default()
     };
-    let limit = cgroup.files.cpu.as_ref().and_then(|c| c.limit());
-    Ok(Stats { memory, limit })
+    let memory = files.memory.as_ref().map(|m| -> io::Result<()> {
+        // The working set first: where it fails (no memory controller in
+        // v2, a removed cgroup) the other files would fail the same way.
+        stats.memory = m.working_set()?;
+        stats.memory_limit = m.limit()?;
+        stats.oom_kills = m.oom_kills()?;
+        Ok(())
+    });
+    let pressure = files.pressure.as_ref().map(|p| -> io::Result<()> {
+        stats.pressure = p.read()?;
+        Ok(())
+    });
+    Read {
+        stats,
+        errors: [memory, pressure].map(|r| r.and_then(Result::err)),
+    }
 }
 
 #[cfg(test)]

@@ -335,6 +335,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         "starting podmeter {}",
         env!("CARGO_PKG_VERSION")
     );
+    if !mounts.psi {
+        info!(
+            "no pressure stall information: {} has no cpu.pressure (a kernel without CONFIG_PSI, \
+             or booted with psi=0); the pressure families are absent",
+            mounts.unified.display()
+        );
+    }
 
     // The API configuration is read before the programs are loaded (a bad
     // kubeconfig fails before touching the kernel) and before capabilities

@@ -8,9 +8,9 @@
 //! `podmeter_cgroup_*` for everything else (label `cgroup`, the path). Every
 //! series also carries `node`. Counters are exclusive, not hierarchical: a
 //! cgroup is billed for the tasks and sockets directly in it, so summing
-//! containers gives the pod without double counting. The CPU limit and
-//! throttling families are the exception: they are the kernel's own
-//! per-cgroup bandwidth numbers, which apply to the cgroup's whole subtree.
+//! containers gives the pod without double counting. The limit, throttling
+//! and pressure families are the exception: they are the kernel's own
+//! per-cgroup numbers, which cover the cgroup's whole subtree.
 //! `podmeter_node_cpus` puts usage in proportion to the node.
 
 use prometheus::{
@@ -20,7 +20,7 @@ use prometheus::{
 
 use crate::{
     bpf::Signals,
-    cgroup::{Identity, cpu::Throttling},
+    cgroup::{Identity, cpu::Throttling, pressure::Totals},
     kube::Names,
     node,
     tracker::{COLLECTORS, Row, Snapshot, Tracker},
@@ -56,9 +56,11 @@ impl Need {
 }
 
 const NS_PER_S: f64 = 1e9;
+const US_PER_S: f64 = 1e6;
 
-/// The per-cgroup metrics, in exposition order. Documented in the README.
-const SPECS: [Spec; 14] = [
+/// The per-cgroup metrics (exposed in family name order). Documented in the
+/// README.
+const SPECS: [Spec; 22] = [
     Spec {
         suffix: "cpu_usage_seconds_total",
         help: "CPU time consumed by tasks in the cgroup (sched_switch accounting, idle excluded).",
@@ -130,6 +132,62 @@ const SPECS: [Spec; 14] = [
         needs: Need::Nothing,
     },
     Spec {
+        suffix: "memory_limit_bytes",
+        help: "Memory limit of the cgroup in bytes (memory.max, or memory.limit_in_bytes); it applies to the cgroup's whole subtree. Absent without a limit.",
+        kind: MetricType::GAUGE,
+        value: |r| r.memory_limit.map(|m| m as f64),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "oom_kills_total",
+        help: "Processes of the cgroup killed by the OOM killer (memory.events.local oom_kill on cgroup v2, memory.oom_control oom_kill on v1).",
+        kind: MetricType::COUNTER,
+        value: |r| r.oom_kills.map(|n| n as f64),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "pressure_cpu_waiting_seconds_total",
+        help: "Time some task of the cgroup or its descendants was runnable but waiting for a CPU, in seconds (cpu.pressure some total; pressure stall information covers the whole subtree).",
+        kind: MetricType::COUNTER,
+        value: |r| some(r.pressure.cpu),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "pressure_cpu_stalled_seconds_total",
+        help: "Time all non-idle tasks of the cgroup and its descendants were waiting for a CPU at once, in seconds (cpu.pressure full total; covers the whole subtree). Absent at the root and before Linux 5.13.",
+        kind: MetricType::COUNTER,
+        value: |r| full(r.pressure.cpu),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "pressure_memory_waiting_seconds_total",
+        help: "Time some task of the cgroup or its descendants was stalled on memory (reclaim, refaults, swap-in), in seconds (memory.pressure some total; covers the whole subtree).",
+        kind: MetricType::COUNTER,
+        value: |r| some(r.pressure.memory),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "pressure_memory_stalled_seconds_total",
+        help: "Time all non-idle tasks of the cgroup and its descendants were stalled on memory at once, in seconds (memory.pressure full total; covers the whole subtree).",
+        kind: MetricType::COUNTER,
+        value: |r| full(r.pressure.memory),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "pressure_io_waiting_seconds_total",
+        help: "Time some task of the cgroup or its descendants was waiting for IO, in seconds (io.pressure some total; covers the whole subtree).",
+        kind: MetricType::COUNTER,
+        value: |r| some(r.pressure.io),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "pressure_io_stalled_seconds_total",
+        help: "Time all non-idle tasks of the cgroup and its descendants were waiting for IO at once, in seconds (io.pressure full total; covers the whole subtree).",
+        kind: MetricType::COUNTER,
+        value: |r| full(r.pressure.io),
+        needs: Need::Nothing,
+    },
+    Spec {
         suffix: "cpu_limit_cores",
         help: "CPU limit of the cgroup in cores: CFS quota / period (cpu.max, or cpu.cfs_quota_us / cpu.cfs_period_us). Absent without a limit.",
         kind: MetricType::GAUGE,
@@ -163,6 +221,14 @@ fn throttling(r: &Row) -> Option<Throttling> {
     r.throttling
 }
 
+fn some(t: Option<Totals>) -> Option<f64> {
+    t.map(|t| t.some_us as f64 / US_PER_S)
+}
+
+fn full(t: Option<Totals>) -> Option<f64> {
+    t?.full_us.map(|us| us as f64 / US_PER_S)
+}
+
 const CONTAINER_PREFIX: &str = "podmeter_container_";
 const CGROUP_PREFIX: &str = "podmeter_cgroup_";
 const MAPS: [&str; 2] = ["cpu", "net"];
@@ -170,7 +236,7 @@ const MAPS: [&str; 2] = ["cpu", "net"];
 /// Renders per-cgroup metrics and podmeter's own map and tracking gauges
 /// from a [`Snapshot`].
 ///
-/// The per-cgroup families are the bulk of a scrape (14 families × every
+/// The per-cgroup families are the bulk of a scrape (22 families × every
 /// counted cgroup), so they are written straight in the text exposition
 /// format: each row's label set is escaped and formatted once per scrape,
 /// not once per family, and no intermediate `MetricFamily` is built. The
@@ -224,7 +290,7 @@ const TREE_UPDATES: (&str, &str, &[&str]) = (
 );
 const COLLECTOR_SUCCESS: (&str, &str, &[&str]) = (
     "podmeter_scrape_collector_success",
-    "Whether a collector worked in this scrape (1) or failed (0; its families are missing or partial, and the log says why): cgroup_tree (the last walk of the cgroup tree), cpu and network (the kernel counter maps), kubernetes (the API pod watch), memory (memory and CPU limit reads of the last refresh), throttling (cpu.stat reads).",
+    "Whether a collector worked in this scrape (1) or failed (0; its families are missing or partial, and the log says why): cgroup_tree (the last walk of the cgroup tree), cpu and network (the kernel counter maps), kubernetes (the API pod watch), memory (working set, memory limit, OOM kill and CPU limit reads of the last refresh), pressure (pressure stall reads of the last refresh; absent where the kernel tracks none), throttling (cpu.stat reads).",
     &["collector"],
 );
 const KUBE_PODS: (&str, &str) = (
@@ -611,6 +677,7 @@ mod tests {
         cgroup::{
             CgroupFiles, Mounts,
             identity::{PodIdentity, Qos},
+            pressure::Pressure,
         },
         index::Cgroup,
     };
@@ -725,6 +792,7 @@ mod tests {
                         memory_v1: None,
                         cpu_v1: None,
                         unified_shows: Some("/".into()),
+                        psi: false,
                     },
                     path,
                 ),
@@ -743,6 +811,19 @@ mod tests {
                 retransmits: k / 3,
             }),
             memory: (k % 4 != 2).then_some(4096 * k),
+            memory_limit: (k % 3 == 1).then_some(k << 20),
+            oom_kills: (k % 4 != 2).then_some(k / 3),
+            pressure: Pressure {
+                cpu: k.is_multiple_of(2).then_some(Totals {
+                    some_us: 1_000_001 * k,
+                    full_us: k.is_multiple_of(4).then_some(7 * k),
+                }),
+                memory: (!k.is_multiple_of(5)).then_some(Totals {
+                    some_us: k,
+                    full_us: Some(k / 2),
+                }),
+                io: None,
+            },
             cpu_limit: k.is_multiple_of(4).then_some(0.25 * k as f64),
             // Also where there is no limit: the encoder writes what it gets.
             throttling: k.is_multiple_of(2).then_some(Throttling {
@@ -820,6 +901,7 @@ mod tests {
                 None,
                 Some(Ok(())),
                 Some(Ok(())),
+                None,
                 Some(Ok(())),
             ],
         };
@@ -848,6 +930,9 @@ mod tests {
         let got = render(&cgroups, &snap, Some(2), others.gather());
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
+        assert!(want.contains("podmeter_container_oom_kills_total{"));
+        assert!(want.contains("podmeter_cgroup_pressure_cpu_stalled_seconds_total{"));
+        assert!(!want.contains("pressure_io"), "no io totals: no io families");
         assert!(want.contains("podmeter_cgroup_tree_updates_total{source=\"rmdir\"} 4\n"));
         assert!(want.contains("podmeter_container_cpu_wait_seconds_total{"));
         assert!(want.contains("podmeter_cgroup_network_tcp_retransmits_total{"));
@@ -865,7 +950,9 @@ mod tests {
         };
         let got = render(&cgroups, &blind, Some(2), others.gather());
         assert_eq!(got, reference(&cgroups, &blind, &others));
-        assert!(!got.contains("cpu_wait"), "{got}");
+        assert!(!got.contains("_cpu_wait_seconds_total"), "{got}");
+        assert!(!got.contains("_cpu_waits_total"), "{got}");
+        assert!(got.contains("_pressure_cpu_waiting_seconds_total"), "{got}");
         assert!(!got.contains("retransmits"), "{got}");
         assert!(got.contains("podmeter_container_cpu_usage_seconds_total{"));
 

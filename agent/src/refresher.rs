@@ -2,8 +2,9 @@
 //!
 //! * cgroups made and removed arrive as kernel events (`bpf::TreeEvents`)
 //!   and go into the index as they come;
-//! * every `refresh` interval: memory and CPU limits of the counted cgroups
-//!   are read and departed cgroups retired (their counters deleted);
+//! * every `refresh` interval: memory, limits, OOM kills and pressure of
+//!   the counted cgroups are read and departed cgroups retired (their
+//!   counters deleted);
 //! * the whole tree is walked at start, every `rescan` interval as a safety
 //!   net, after events were lost or could not be used, and when a scrape
 //!   meets an id the index lacks; without events, at every refresh.
@@ -40,7 +41,7 @@ use crate::{
 /// How often the background work runs.
 #[derive(Clone, Copy, Debug)]
 pub struct Intervals {
-    /// Memory and limits, retirement.
+    /// Memory, limits, OOM kills and pressure; retirement.
     pub refresh: Duration,
     /// Walks of the tree while events are followed.
     pub rescan: Duration,
@@ -255,7 +256,7 @@ impl Refresher {
                 cgroups = refreshed.cgroups,
                 read = refreshed.read,
                 dropped = refreshed.dropped,
-                "refreshed memory and CPU limits"
+                "refreshed memory, limits, OOM kills and pressure"
             );
             self.health.refreshed(StdInstant::now());
         }

@@ -29,10 +29,10 @@ use podmeter_common::{CpuCounters, NetCounters};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    cgroup::cpu,
+    cgroup::{cpu, pressure::Pressure},
     counters::{CounterSource, Reading},
     health::Health,
-    index::{Cgroup, Index},
+    index::{Cgroup, FileGroup, Index},
     kube::Names,
     namer::{Namer, Naming, Session},
 };
@@ -59,6 +59,12 @@ pub struct Row {
     pub net: Option<NetCounters>,
     /// Memory working set, if its hierarchy accounts memory.
     pub memory: Option<u64>,
+    /// Memory limit in bytes, for live cgroups with one.
+    pub memory_limit: Option<u64>,
+    /// Processes killed by the OOM killer, where memory is accounted.
+    pub oom_kills: Option<u64>,
+    /// Pressure stall totals, where the kernel tracks them.
+    pub pressure: Pressure,
     /// CPU limit in cores, if the cgroup has one (live cgroups only: a
     /// departed one has no files to read).
     pub cpu_limit: Option<f64>,
@@ -69,14 +75,19 @@ pub struct Row {
 }
 
 /// The collectors whose success each scrape reports, in exposition order.
-pub const COLLECTORS: [&str; 6] = [
+pub const COLLECTORS: [&str; 7] = [
     "cgroup_tree",
     "cpu",
     "kubernetes",
     "memory",
     "network",
+    "pressure",
     "throttling",
 ];
+
+/// Each of [`COLLECTORS`]: `None` where not in use, else whether it worked
+/// and why not.
+pub type CollectorResults = [Option<Result<(), String>>; COLLECTORS.len()];
 
 /// Everything one scrape exposes.
 #[derive(Debug)]
@@ -101,7 +112,7 @@ pub struct Snapshot {
     pub kubernetes: Option<(usize, u64)>,
     /// Whether each of [`COLLECTORS`] worked (`None`: not in use here),
     /// and why not.
-    pub collectors: [Option<Result<(), String>>; 6],
+    pub collectors: CollectorResults,
 }
 
 /// Rows of one scrape, and what the refresher should hear of it.
@@ -155,12 +166,18 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
             Some(cpu::Limit::Cores(c)) if is_live => Some(c),
             _ => None,
         };
+        let stats = stats.unwrap_or_default();
         out.rows.push(Row {
             id,
             cgroup: cgroup.clone(),
             cpu: cpu.get(&id).copied(),
             net: net.get(&id).copied(),
-            memory: stats.and_then(|s| s.memory),
+            memory: stats.memory,
+            // Limits are the live cgroup's; a departed one's counters keep
+            // their last values through the grace period.
+            memory_limit: stats.memory_limit.filter(|_| is_live),
+            oom_kills: stats.oom_kills,
+            pressure: stats.pressure,
             cpu_limit,
             throttling: None,
             names,
@@ -179,10 +196,10 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
 /// Logs each collector's failure once when it starts and once when it
 /// ends, rather than at every scrape.
 #[derive(Debug, Default)]
-struct FailureLog([AtomicBool; 6]);
+struct FailureLog([AtomicBool; COLLECTORS.len()]);
 
 impl FailureLog {
-    fn note(&self, collectors: &[Option<Result<(), String>>; 6]) {
+    fn note(&self, collectors: &CollectorResults) {
         for ((name, result), failing) in COLLECTORS.iter().zip(collectors).zip(&self.0) {
             match result {
                 Some(Err(why)) => {
@@ -281,14 +298,11 @@ impl Tracker {
             Some(index.rescan_error.clone().map_or(Ok(()), Err)),
             Some(status(&reading.cpu)),
             api.as_ref().map(|a| a.failing.clone().map_or(Ok(()), Err)),
-            Some(match &index.read_errors {
-                (0, _) => Ok(()),
-                (n, last) => Err(format!(
-                    "{n} memory or limit reads failed, the last with: {}",
-                    last.as_deref().unwrap_or_default()
-                )),
-            }),
+            Some(read_status(&index.read_errors[FileGroup::Memory as usize], "memory or limit")),
             Some(status(&reading.net)),
+            index.pressure.then(|| {
+                read_status(&index.read_errors[FileGroup::Pressure as usize], "pressure")
+            }),
             Some(throttling_ok),
         ];
         self.failures.note(&collectors);
@@ -334,6 +348,17 @@ impl Tracker {
     /// `Ok` while the scrape path and the refresher make progress.
     pub fn live(&self, now: Instant) -> Result<(), String> {
         self.health.live(now)
+    }
+}
+
+/// A refresh's reads of one group of files: `what` says which.
+fn read_status((failed, last): &(usize, Option<String>), what: &str) -> Result<(), String> {
+    match failed {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} {what} reads failed, the last with: {}",
+            last.as_deref().unwrap_or_default()
+        )),
     }
 }
 

@@ -363,6 +363,16 @@ impl TestCgroup {
 
     /// Starts `pm-work` inside this cgroup (and `netns`, if given).
     pub fn spawn(&self, netns: Option<&str>, args: &[&str]) -> Work {
+        self.spawn_with(netns, args, Stdio::inherit())
+    }
+
+    /// Like [`TestCgroup::spawn`], with a pipe to its stdin
+    /// ([`Work::say`]).
+    pub fn spawn_piped(&self, args: &[&str]) -> Work {
+        self.spawn_with(None, args, Stdio::piped())
+    }
+
+    fn spawn_with(&self, netns: Option<&str>, args: &[&str], stdin: Stdio) -> Work {
         let mut cmd = Command::new(pm_work());
         for d in &self.dirs {
             cmd.arg("--cgroup").arg(d);
@@ -370,7 +380,12 @@ impl TestCgroup {
         if let Some(ns) = netns {
             cmd.args(["--netns", ns]);
         }
-        let mut child = cmd.args(args).stdout(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Work { child, stdout }
     }

@@ -1,9 +1,9 @@
 //! Processes the tests start: the `pm-work` workload helper.
 
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Child, ChildStdout},
+    process::{Child, ChildStdout, ExitStatus},
 };
 
 use nix::{sys::signal::kill, unistd::Pid};
@@ -40,6 +40,18 @@ impl Work {
     pub fn wait(&mut self) {
         let st = self.child.wait().unwrap();
         assert!(st.success(), "pm-work failed: {st}");
+    }
+
+    /// Writes `line` and a newline to its stdin (spawned with a pipe).
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("spawned with stdin piped");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// How it ended, if it has (reaped), or `None` while it runs.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     /// Its pid.

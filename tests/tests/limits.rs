@@ -324,7 +324,8 @@ fn open_fds(pid: i32) -> usize {
 /// agent must never run out of descriptors.
 #[test]
 fn a_low_open_files_limit_still_reads_every_cgroup() {
-    // 5 files each: 300 wanted, more than the whole limit; 44 in the budget.
+    // Up to 10 files each (4 memory, 3 CPU, 3 pressure): 600 wanted, twice
+    // the whole limit; 44 in the budget.
     const CGROUPS: usize = 60;
     const NOFILE: usize = 300;
     let tree = TestTree::with_cpu("nofile");

@@ -1,7 +1,8 @@
 //! A cgroup's interface files, kept open and re-read in place.
 //!
 //! podmeter reads the same few files of every counted cgroup over and over:
-//! memory and the CPU limit at each refresh, `cpu.stat` at each scrape.
+//! memory, limits, OOM kills and pressure at each refresh, `cpu.stat` at
+//! each scrape.
 //! Opening one walks its path through cgroupfs (permission check and
 //! revalidation per component) and then needs a `close`: together several
 //! times the cost of the read itself, and most of a scrape's CPU at a
@@ -37,15 +38,18 @@ use nix::{
 use super::{
     Mounts, cpu,
     memory::{self, read_small, root_fd},
+    pressure,
 };
 
 /// The files podmeter reads of one cgroup, by what they are for.
 #[derive(Debug)]
 pub struct CgroupFiles {
-    /// Memory usage, for the working set.
+    /// Memory usage (for the working set), limit and OOM kills.
     pub memory: Option<memory::Files>,
     /// CPU limit and throttling.
     pub cpu: Option<cpu::Files>,
+    /// Pressure stalls, where the kernel tracks them.
+    pub pressure: Option<pressure::Files>,
 }
 
 impl CgroupFiles {
@@ -55,6 +59,7 @@ impl CgroupFiles {
         Self {
             memory: memory::Files::new(mounts, rel),
             cpu: cpu::Files::new(mounts, rel),
+            pressure: pressure::Files::new(mounts, rel),
         }
     }
 
@@ -65,6 +70,9 @@ impl CgroupFiles {
         }
         if let Some(c) = &self.cpu {
             c.close();
+        }
+        if let Some(p) = &self.pressure {
+            p.close();
         }
     }
 }
@@ -269,8 +277,9 @@ fn read_from_start(file: &File) -> io::Result<String> {
 
 /// Raises this process's soft open-files limit to its hard limit.
 ///
-/// A cgroup keeps up to five files open while it is counted, so a node with
-/// a thousand containers needs several thousand descriptors: more than the
+/// A cgroup keeps up to ten files open while it is counted (four of memory,
+/// three of CPU, three of pressure), so a node with a thousand containers
+/// needs ten thousand descriptors: more than the
 /// customary soft limit of 1024, well within the usual hard limit. Returns
 /// the limit now in force.
 pub fn raise_nofile_limit() -> io::Result<u64> {

@@ -1,9 +1,21 @@
-//! Memory working set per cgroup, read from cgroupfs.
+//! Memory working set, limit and OOM kills per cgroup, read from cgroupfs.
 //!
 //! Working set is what the kubelet and cAdvisor call it: usage minus
 //! inactive file cache, i.e. memory the kernel cannot easily reclaim.
 //! * cgroup v2: `memory.current` − `inactive_file` (memory.stat);
 //! * cgroup v1: `memory.usage_in_bytes` − `total_inactive_file`.
+//!
+//! The limit is v2 `memory.max` (`max`: none) or v1
+//! `memory.limit_in_bytes` (no limit reads as `PAGE_COUNTER_MAX` pages,
+//! about 2^63 bytes); like the CPU limit it bounds the cgroup's subtree.
+//!
+//! OOM kills are the `oom_kill` count of v2 `memory.events.local` or v1
+//! `memory.oom_control`. Both count a kill in the victim's own cgroup only
+//! (v1: checked on 6.18 with the limit on the parent and the victim in a
+//! child: the child counts it, the parent not), so, like podmeter's other
+//! counters, they are exclusive. v2 `memory.events` is hierarchical (every
+//! ancestor counts a kill below it) and is read only where `.local` is
+//! missing, i.e. kernels before 5.2, below podmeter's minimum.
 //!
 //! On hybrid hosts the memory controller lives in v1 at the same relative
 //! path as the cgroup2 directory (the kubelet and runc create both).
@@ -23,13 +35,20 @@ use nix::{
 
 use super::{Mounts, files::StatFile};
 
-/// The files a cgroup's working set is computed from.
+/// The files a cgroup's working set, limit and OOM kills are read from.
 #[derive(Debug)]
 pub struct Files {
     usage: StatFile,
     stat: StatFile,
     /// The key of inactive file cache in `stat`.
     inactive_key: &'static str,
+    /// `memory.max` or `memory.limit_in_bytes`.
+    limit: StatFile,
+    /// `memory.events.local` or `memory.oom_control`.
+    events: StatFile,
+    /// v2 `memory.events`, for a kernel without `memory.events.local`.
+    events_fallback: Option<StatFile>,
+    v1: bool,
 }
 
 impl Files {
@@ -43,14 +62,31 @@ impl Files {
         }
         // A controller is bound to one hierarchy: with a v1 memory hierarchy
         // mounted, the cgroup2 tree has no memory.current to try first.
-        let (root, usage, inactive_key) = match &mounts.memory_v1 {
-            Some(v1) => (v1, "memory.usage_in_bytes", "total_inactive_file"),
-            None => (&mounts.unified, "memory.current", "inactive_file"),
+        let (root, usage, inactive_key, limit, events) = match &mounts.memory_v1 {
+            Some(v1) => (
+                v1,
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+                "memory.limit_in_bytes",
+                "memory.oom_control",
+            ),
+            None => (
+                &mounts.unified,
+                "memory.current",
+                "inactive_file",
+                "memory.max",
+                "memory.events.local",
+            ),
         };
+        let file = |name: &str| StatFile::new(root, format!("{rel}/{name}"));
         Some(Self {
-            usage: StatFile::new(root, format!("{rel}/{usage}")),
-            stat: StatFile::new(root, format!("{rel}/memory.stat")),
+            usage: file(usage),
+            stat: file("memory.stat"),
             inactive_key,
+            limit: file(limit),
+            events: file(events),
+            events_fallback: mounts.memory_v1.is_none().then(|| file("memory.events")),
+            v1: mounts.memory_v1.is_some(),
         })
     }
 
@@ -62,11 +98,53 @@ impl Files {
         Ok(working_set_of(&usage, &stat, self.inactive_key))
     }
 
+    /// The memory limit in bytes now, or `None` without one.
+    pub fn limit(&self) -> io::Result<Option<u64>> {
+        let text = self.limit.read()?;
+        Ok(if self.v1 {
+            parse_limit_in_bytes(&text)
+        } else {
+            parse_memory_max(&text)
+        })
+    }
+
+    /// Processes of the cgroup the OOM killer killed so far.
+    pub fn oom_kills(&self) -> io::Result<Option<u64>> {
+        let text = match (self.events.read(), &self.events_fallback) {
+            (Ok(t), _) => t,
+            // Also ENOENT for a removed cgroup: then the fallback fails too.
+            (Err(e), Some(fallback)) if e.kind() == io::ErrorKind::NotFound => fallback.read()?,
+            (Err(e), _) => return Err(e),
+        };
+        Ok(stat_value(&text, "oom_kill"))
+    }
+
     /// Closes the files (the cgroup is gone).
     pub fn close(&self) {
         self.usage.close();
         self.stat.close();
+        self.limit.close();
+        self.events.close();
+        if let Some(f) = &self.events_fallback {
+            f.close();
+        }
     }
+}
+
+/// v2 `memory.max`: bytes, or `max` for no limit (`None`).
+pub fn parse_memory_max(s: &str) -> Option<u64> {
+    s.trim().parse().ok()
+}
+
+/// v1 limits at or above this are no limit: the kernel shows an unlimited
+/// cgroup's `PAGE_COUNTER_MAX` pages in bytes, 2^63 less a page or so
+/// (rounded down to the page size, which depends on the architecture), and
+/// no machine has 4 EiB of memory.
+const V1_UNLIMITED: u64 = 1 << 62;
+
+/// v1 `memory.limit_in_bytes`: bytes, `None` for the unlimited value.
+pub fn parse_limit_in_bytes(s: &str) -> Option<u64> {
+    s.trim().parse().ok().filter(|&b| b < V1_UNLIMITED)
 }
 
 /// Descriptors of the hierarchies' mount points, opened once: per-cgroup
@@ -159,6 +237,38 @@ mod tests {
         assert_eq!(stat_value(stat, "total_inactive_file"), Some(300));
         assert_eq!(stat_value(stat, "active_file"), None);
         assert_eq!(stat_value("garbage", "inactive_file"), None);
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert_eq!(parse_memory_max("268435456\n"), Some(268_435_456));
+        assert_eq!(parse_memory_max("max\n"), None);
+        assert_eq!(parse_memory_max(""), None);
+        // 6.18 x86_64, a cgroup without a limit (4 KiB pages).
+        assert_eq!(parse_limit_in_bytes("9223372036854771712\n"), None);
+        // arm64 with 64 KiB pages rounds lower, still far above 2^62.
+        assert_eq!(parse_limit_in_bytes("9223372036854710272\n"), None);
+        assert_eq!(parse_limit_in_bytes("67108864\n"), Some(64 << 20));
+        assert_eq!(
+            parse_limit_in_bytes(&format!("{}", (1u64 << 62) - 4096)),
+            Some((1 << 62) - 4096)
+        );
+        assert_eq!(parse_limit_in_bytes("-1"), None);
+    }
+
+    #[test]
+    fn oom_kills_from_both_formats() {
+        // The kernel's formats (values made up).
+        let events = include_str!("testdata/memory.events.local");
+        assert_eq!(stat_value(events, "oom_kill"), Some(3));
+        // `oom_kill_disable` is another key.
+        let control = include_str!("testdata/memory.oom_control");
+        assert_eq!(stat_value(control, "oom_kill"), Some(2));
+        // Before 4.13 v1 had no oom_kill line: no count, not zero.
+        assert_eq!(
+            stat_value("oom_kill_disable 0\nunder_oom 0\n", "oom_kill"),
+            None
+        );
     }
 
     #[test]

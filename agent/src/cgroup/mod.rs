@@ -1,6 +1,7 @@
 //! cgroups: where the hierarchies are mounted, which cgroup an id names, what
 //! a cgroup path says about the pod and container behind it, how much
-//! memory a cgroup uses, and its CPU limit and throttling.
+//! memory a cgroup uses, its limits, OOM kills, CPU throttling and pressure
+//! stalls.
 //!
 //! The kernel programs key everything by cgroup v2 id, which is the inode
 //! number of the cgroup's directory in the cgroup2 filesystem. Hosts come in
@@ -14,6 +15,7 @@ pub mod files;
 pub mod identity;
 pub mod memory;
 pub mod mount;
+pub mod pressure;
 pub mod tree;
 
 pub use files::CgroupFiles;

@@ -29,6 +29,9 @@ pub struct Mounts {
     /// with its own cgroup namespace bind-mounting the host's tree: the
     /// kernel shows the root as `/../..`), so its place is unknown.
     pub unified_shows: Option<String>,
+    /// Whether the kernel tracks pressure stalls (PSI) in the cgroup2 tree:
+    /// `cpu.pressure` at the mount's top (see `cgroup::pressure`).
+    pub psi: bool,
 }
 
 /// Why the cgroup2 hierarchy could not be used.
@@ -72,6 +75,7 @@ impl Mounts {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
         let mut mounts = Self::detect_in(&mountinfo, cgroup_root)?;
         mounts.unified_shows = hierarchy_path(&mountinfo, &mounts.unified);
+        mounts.psi = mounts.unified.join("cpu.pressure").exists();
         Ok(mounts)
     }
 
@@ -82,6 +86,7 @@ impl Mounts {
                 memory_v1: find_v1_controller(mountinfo, "memory"),
                 cpu_v1: find_v1_controller(mountinfo, "cpu"),
                 unified_shows: Some("/".into()),
+                psi: false,
             });
         };
         let inaccessible = |source| MountError::Inaccessible {
@@ -102,6 +107,7 @@ impl Mounts {
                 memory_v1: sibling("memory", is_v1_memory),
                 cpu_v1: sibling("cpu", is_v1_cpu),
                 unified_shows: Some("/".into()),
+                psi: false,
             });
         }
         let unified = path.join("unified");
@@ -112,6 +118,7 @@ impl Mounts {
                 memory_v1: is_v1_memory(&memory).then_some(memory),
                 cpu_v1: is_v1_cpu(&cpu).then_some(cpu),
                 unified_shows: Some("/".into()),
+                psi: false,
             });
         }
         Err(MountError::NotCgroup2 {

@@ -10,6 +10,7 @@ fn state() -> IndexState {
         memory_v1: None,
         cpu_v1: None,
         unified_shows: Some("/".into()),
+        psi: false,
     };
     IndexState::new(mounts, GRACE)
 }
@@ -21,12 +22,13 @@ fn created(id: u64, path: &str) -> TreeEvent {
     }
 }
 
-fn memory(m: u64) -> impl Fn(&Cgroup) -> io::Result<Stats> {
-    move |_| {
-        Ok(Stats {
+fn memory(m: u64) -> impl Fn(&Cgroup) -> Read {
+    move |_| Read {
+        stats: Stats {
             memory: Some(m),
-            limit: None,
-        })
+            ..Stats::default()
+        },
+        errors: [None, None],
     }
 }
 
@@ -181,17 +183,32 @@ fn read_errors_count_unless_the_cgroup_is_gone() {
     let mut s = state();
     let t0 = Instant::now();
     s.apply(&[created(1, "/a"), created(2, "/b")], t0);
-    let c = s.refresh(&[1, 2], t0, true, |c: &Cgroup| {
-        if c.path == "/a" {
-            Err(io::Error::from_raw_os_error(libc::ENODEV))
-        } else {
-            Err(io::Error::from_raw_os_error(libc::EACCES))
-        }
+    s.apply(&[created(3, "/c")], t0);
+    let c = s.refresh(&[1, 2, 3], t0, true, |c: &Cgroup| match c.path.as_str() {
+        "/a" => Read {
+            errors: [Some(io::Error::from_raw_os_error(libc::ENODEV)), None],
+            ..Read::default()
+        },
+        // Pressure fails, memory is read: each group of files on its own.
+        "/b" => Read {
+            stats: Stats {
+                memory: Some(9),
+                ..Stats::default()
+            },
+            errors: [None, Some(io::Error::from_raw_os_error(libc::EACCES))],
+        },
+        _ => Read {
+            errors: [Some(io::Error::from_raw_os_error(libc::EIO)), None],
+            ..Read::default()
+        },
     });
-    assert_eq!(c.read, 2);
-    let (failed, last) = &s.index().read_errors;
-    assert_eq!(*failed, 1);
-    assert!(last.as_deref().unwrap().contains("denied"), "{last:?}");
+    assert_eq!(c.read, 3);
+    let [(failed, last), (p_failed, p_last)] = &s.index().read_errors;
+    assert_eq!(*failed, 1, "ENODEV (gone) is no failure");
+    assert!(last.as_deref().unwrap().contains("Input/output"), "{last:?}");
+    assert_eq!(*p_failed, 1);
+    assert!(p_last.as_deref().unwrap().contains("denied"), "{p_last:?}");
+    assert_eq!(s.index().stats(2).unwrap().memory, Some(9));
 }
 
 #[test]
@@ -207,4 +224,85 @@ fn snapshots_are_immutable_and_numbered() {
     );
     assert!(after.get(1).is_some());
     assert!(after.generation > before.generation);
+}
+
+/// A fake cgroup2 tree in a temporary directory: `/a` with the files of a
+/// pure v2 host with PSI.
+fn fake_tree(tag: &str) -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("podmeter-index-{}-{tag}", std::process::id()));
+    let a = root.join("a");
+    std::fs::create_dir_all(&a).unwrap();
+    for (name, text) in [
+        ("memory.current", "1000\n"),
+        ("memory.stat", "inactive_file 100\n"),
+        ("memory.max", "4096\n"),
+        ("memory.events.local", "oom 2\noom_kill 2\n"),
+        ("memory.events", "oom 5\noom_kill 5\n"),
+        (
+            "cpu.pressure",
+            "some avg10=1.00 avg60=0.00 avg300=0.00 total=300\n\
+             full avg10=0.00 avg60=0.00 avg300=0.00 total=20\n",
+        ),
+        ("memory.pressure", "some total=7\nfull total=3\n"),
+        ("io.pressure", "some total=9\nfull total=4\n"),
+    ] {
+        std::fs::write(a.join(name), text).unwrap();
+    }
+    root
+}
+
+fn cgroup_in(root: &std::path::Path) -> Cgroup {
+    let mounts = Mounts {
+        unified: root.to_owned(),
+        memory_v1: None,
+        cpu_v1: None,
+        unified_shows: Some("/".into()),
+        psi: true,
+    };
+    Cgroup {
+        path: "/a".into(),
+        identity: Identity::Host,
+        first_seen: Instant::now(),
+        files: CgroupFiles::new(&mounts, "/a"),
+    }
+}
+
+#[test]
+fn read_stats_reads_every_file_and_each_group_fails_alone() {
+    use crate::cgroup::pressure::Totals;
+    let root = fake_tree("read");
+    let r = read_stats(&cgroup_in(&root));
+    assert!(r.errors.iter().all(Option::is_none), "{:?}", r.errors);
+    let s = r.stats;
+    assert_eq!(
+        (s.memory, s.memory_limit, s.oom_kills),
+        (Some(900), Some(4096), Some(2)),
+        "the local count, not the hierarchical one"
+    );
+    assert_eq!(
+        s.pressure.cpu,
+        Some(Totals {
+            some_us: 300,
+            full_us: Some(20)
+        })
+    );
+    assert_eq!(s.pressure.io.unwrap().full_us, Some(4));
+
+    // Without memory.events.local (before 5.2): memory.events.
+    std::fs::remove_file(root.join("a/memory.events.local")).unwrap();
+    // No io.pressure: the pressure group fails, memory is still read.
+    std::fs::remove_file(root.join("a/io.pressure")).unwrap();
+    let r = read_stats(&cgroup_in(&root));
+    assert_eq!(r.stats.oom_kills, Some(5));
+    assert_eq!(r.stats.memory, Some(900));
+    assert!(r.errors[FileGroup::Memory as usize].is_none());
+    let e = r.errors[FileGroup::Pressure as usize].as_ref().unwrap();
+    assert!(is_gone(e), "{e}");
+    assert_eq!(r.stats.pressure, Pressure::default());
+
+    // No memory controller (v2: no memory.current): nothing of memory.
+    std::fs::remove_file(root.join("a/memory.current")).unwrap();
+    let r = read_stats(&cgroup_in(&root));
+    assert_eq!((r.stats.memory_limit, r.stats.oom_kills), (None, None));
+    std::fs::remove_dir_all(&root).unwrap();
 }

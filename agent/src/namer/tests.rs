@@ -48,6 +48,7 @@ fn index(t0: Instant) -> (IndexState, Arc<Index>) {
         memory_v1: None,
         cpu_v1: None,
         unified_shows: Some("/".into()),
+        psi: false,
     };
     let mut s = IndexState::new(mounts, Duration::from_secs(90));
     let ev = |id, path: String| TreeEvent::Created { id, path };
@@ -159,7 +160,7 @@ fn sticky_names_follow_the_index_and_an_older_index_prunes_nothing() {
 
     // The container's cgroup departs and retires (no counters).
     state.apply(&[TreeEvent::Removed { id: 2 }], t0);
-    state.refresh(&[1], t0, true, |_| Ok(Default::default()));
+    state.refresh(&[1], t0, true, |_| Default::default());
     let new = state.snapshot();
     assert!(new.get(2).is_none());
     drop(namer.session(&new));

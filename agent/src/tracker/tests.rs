@@ -9,7 +9,8 @@ use super::*;
 use crate::{
     cgroup::Mounts,
     counters::fake::FakeCounters,
-    index::{IndexState, Stats, TreeEvent},
+    cgroup::pressure::Totals,
+    index::{IndexState, Read, Stats, TreeEvent},
 };
 
 fn mounts() -> Mounts {
@@ -18,6 +19,7 @@ fn mounts() -> Mounts {
         memory_v1: None,
         cpu_v1: None,
         unified_shows: Some("/".into()),
+        psi: false,
     }
 }
 
@@ -49,11 +51,15 @@ fn join_makes_rows_for_known_ids_and_asks_for_a_walk_for_unknown_ones() {
     let t0 = Instant::now();
     let mut s = IndexState::new(mounts(), Duration::from_secs(90));
     s.apply(&[created(1, "/a"), created(2, "/b")], t0);
-    s.refresh(&[1, 2], t0, true, |_| {
-        Ok(Stats {
+    s.refresh(&[1, 2], t0, true, |_| Read {
+        stats: Stats {
             memory: Some(7),
             limit: Some(cpu::Limit::Cores(0.5)),
-        })
+            memory_limit: Some(1 << 30),
+            oom_kills: Some(2),
+            ..Stats::default()
+        },
+        errors: [None, None],
     });
     let idx = s.snapshot();
     let namer = Namer::new(None, 0, Duration::ZERO);
@@ -62,6 +68,8 @@ fn join_makes_rows_for_known_ids_and_asks_for_a_walk_for_unknown_ones() {
     assert_eq!(j.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(j.rows[0].memory, Some(7));
     assert_eq!(j.rows[0].cpu_limit, Some(0.5));
+    assert_eq!(j.rows[0].memory_limit, Some(1 << 30));
+    assert_eq!(j.rows[0].oom_kills, Some(2));
     assert_eq!((j.live, j.want), (2, None));
 
     let j = join(&idx, &reading(&[1, 2, 3]), &mut namer.session(&idx), t0);
@@ -74,11 +82,21 @@ fn join_asks_to_read_new_cgroups_and_departed_ones_lose_their_limit() {
     let t0 = Instant::now();
     let mut s = IndexState::new(mounts(), Duration::from_secs(90));
     s.apply(&[created(1, "/a")], t0);
-    s.refresh(&[1], t0, true, |_| {
-        Ok(Stats {
+    s.refresh(&[1], t0, true, |_| Read {
+        stats: Stats {
             memory: Some(1),
             limit: Some(cpu::Limit::Cores(2.0)),
-        })
+            memory_limit: Some(1 << 20),
+            oom_kills: Some(1),
+            pressure: Pressure {
+                cpu: Some(Totals {
+                    some_us: 5,
+                    full_us: None,
+                }),
+                ..Pressure::default()
+            },
+        },
+        errors: [None, None],
     });
     s.apply(&[created(2, "/b"), TreeEvent::Removed { id: 1 }], t0);
     let idx = s.snapshot();
@@ -90,6 +108,13 @@ fn join_asks_to_read_new_cgroups_and_departed_ones_lose_their_limit() {
         (departed.id, departed.memory, departed.cpu_limit),
         (1, Some(1), None)
     );
+    // Counters keep their last values through the grace period; the
+    // memory limit, like the CPU limit, is the live cgroup's.
+    assert_eq!(
+        (departed.oom_kills, departed.pressure.cpu.unwrap().some_us),
+        (Some(1), 5)
+    );
+    assert_eq!(departed.memory_limit, None);
     assert_eq!(j.live, 1);
 }
 
@@ -119,7 +144,7 @@ fn a_failing_map_is_reported_and_the_other_still_exported() {
     let (t, publish, mut wanted) = tracker(counters.clone());
     let mut s = IndexState::new(mounts(), Duration::from_secs(90));
     s.apply(&[created(1, "/a")], Instant::now());
-    s.refresh(&[1], Instant::now(), true, |_| Ok(Stats::default()));
+    s.refresh(&[1], Instant::now(), true, |_| Read::default());
     publish.send_replace(s.snapshot());
     counters.state().net.insert(
         1,
@@ -207,7 +232,7 @@ fn concurrent_scrapes_and_retirements_neither_deadlock_nor_leak() {
             ids.sort_unstable();
             ids
         };
-        let changes = s.refresh(&counted, now, true, |_| Ok(Stats::default()));
+        let changes = s.refresh(&counted, now, true, |_| Read::default());
         counters.forget(&changes.retired);
         publish.send_replace(s.snapshot());
     }

@@ -26,13 +26,14 @@ struct Cli {
     /// Network namespace (under /var/run/netns) to join.
     #[arg(long)]
     netns: Option<String>,
-    /// Run on this CPU only (after joining the cgroups).
-    #[arg(long)]
-    cpu: Option<usize>,
     /// After the work, stay alive (so the container, and its cgroup, stay
     /// around to be scraped) until killed.
     #[arg(long)]
     linger: bool,
+    /// Run on this CPU only (sched_setaffinity), e.g. to make several
+    /// burners contend for one CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
     #[command(subcommand)]
     work: Work,
 }
@@ -47,6 +48,14 @@ enum Work {
     Spin { seconds: f64 },
     /// Allocate and touch this many MiB, say `ready`, then wait to be killed.
     HoldMemory { mib: usize },
+    /// Allocate and touch this many MiB, then exit.
+    Alloc { mib: usize },
+    /// A container's main process whose children get OOM-killed: say
+    /// `ready`, wait for a line on stdin, then run one `alloc` child per
+    /// size in turn (in this cgroup) and print `killed <n> exited <n>`:
+    /// how many died of SIGKILL and how many exited 0, from their wait
+    /// statuses. Any other end is an error.
+    OomChildren { mib: Vec<usize> },
     /// Accept one TCP connection, read to EOF, print `received <bytes>`.
     TcpSink { listen: String },
     /// Send `bytes` over TCP, half-close, wait for the peer to close; print
@@ -154,9 +163,9 @@ fn main() -> Result<()> {
     }
     if let Some(cpu) = cli.cpu {
         let mut set = nix::sched::CpuSet::new();
-        set.set(cpu).context("CPU number")?;
+        set.set(cpu).context("--cpu")?;
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-            .with_context(|| format!("sched_setaffinity to CPU {cpu}"))?;
+            .with_context(|| format!("pinning to CPU {cpu}"))?;
     }
     let mut out = std::io::stdout().lock();
     let linger = cli.linger;
@@ -191,6 +200,33 @@ fn main() -> Result<()> {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
+        }
+        Work::Alloc { mib } => {
+            let mut v = vec![0u8; mib << 20];
+            for i in (0..v.len()).step_by(4096) {
+                v[i] = 1;
+            }
+            std::hint::black_box(&v);
+        }
+        Work::OomChildren { mib } => {
+            use std::os::unix::process::ExitStatusExt as _;
+            writeln!(out, "ready")?;
+            out.flush()?;
+            std::io::stdin().read_line(&mut String::new())?;
+            let exe = std::env::current_exe().context("pm-work's own path")?;
+            let (mut killed, mut exited) = (0, 0);
+            for m in mib {
+                // Inherits this cgroup (and PM_WORK_JOINED: no re-join).
+                let st = std::process::Command::new(&exe)
+                    .args(["alloc", &m.to_string()])
+                    .status()?;
+                match (st.code(), st.signal()) {
+                    (Some(0), _) => exited += 1,
+                    (_, Some(libc::SIGKILL)) => killed += 1,
+                    _ => anyhow::bail!("an alloc child of {m} MiB ended with {st}"),
+                }
+            }
+            writeln!(out, "killed {killed} exited {exited}")?;
         }
         Work::TcpSink { listen } => {
             let l = TcpListener::bind(&listen)?;
