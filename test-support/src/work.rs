@@ -49,6 +49,11 @@ impl Work {
         stdin.flush().unwrap();
     }
 
+    /// Closes its stdin (end of input).
+    pub fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
+    }
+
     /// How it ended, if it has (reaped), or `None` while it runs.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().unwrap()

@@ -1,10 +1,11 @@
 //! TCP retransmits per cgroup against the sockets' own count
 //! (`TCP_INFO` `tcpi_total_retrans`), under random loss.
 //!
-//! The loss is an nftables `numgen random` drop rule on the receiver's side
-//! of a veth pair between two network namespaces (this host's kernel has no
-//! netem). Dropping on arrival, not on departure, keeps the sender's
-//! transmits successful, as on a real lossy path.
+//! The loss is netem's on the sender's end of a veth pair between two
+//! network namespaces where the kernel has netem (the qdisc reports a drop
+//! as sent, as a lossy wire would), else an nftables `numgen random` drop
+//! rule on the receiver's end (this host's kernel has no netem). Not an
+//! nftables rule on the sender's output: that fails the transmit itself.
 
 use std::{process::Command, time::Duration};
 
@@ -13,16 +14,33 @@ use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, veth_pair};
 const PAYLOAD: u64 = 6_000_000;
 const LOSS_PERCENT: u32 = 5;
 
-fn nft(ns: &str, rule: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", rule])
-        .output()
-        .expect("ip netns exec nft (nftables)");
-    assert!(
-        out.status.success(),
-        "nft {rule}: {}",
-        String::from_utf8_lossy(&out.stderr)
+/// Random loss of `LOSS_PERCENT` % of the segments from `sender` (a
+/// namespace holding `pmveth0`) to `receiver`; says how.
+fn lose(sender: &str, receiver: &str) -> &'static str {
+    let run = |args: &[&str]| Command::new(args[0]).args(&args[1..]).output();
+    let loss = format!("{LOSS_PERCENT}%");
+    let netem = run(&[
+        "tc", "-n", sender, "qdisc", "add", "dev", "pmveth0", "root", "netem", "loss", &loss,
+    ]);
+    if netem.as_ref().is_ok_and(|o| o.status.success()) {
+        return "netem";
+    }
+    let rule = format!(
+        "add table inet pmloss; \
+         add chain inet pmloss in {{ type filter hook prerouting priority 0; }}; \
+         add rule inet pmloss in tcp dport 7100 numgen random mod 100 < {LOSS_PERCENT} drop"
     );
+    let nft = run(&["ip", "netns", "exec", receiver, "nft", &rule]).expect("nft (nftables)");
+    assert!(
+        nft.status.success(),
+        "neither netem ({}) nor nftables ({}) can drop packets here",
+        netem.map_or_else(
+            |e| e.to_string(),
+            |o| String::from_utf8_lossy(&o.stderr).trim().to_owned()
+        ),
+        String::from_utf8_lossy(&nft.stderr).trim()
+    );
+    "nftables"
 }
 
 fn retransmits(s: &Scrape, cg: &TestCgroup) -> f64 {
@@ -35,14 +53,7 @@ fn tcp_retransmits_match_tcp_info_under_random_loss() {
     let tree = TestTree::new("retrans");
     let (sender, receiver) = (tree.cgroup("sender"), tree.cgroup("receiver"));
     let (a, b) = veth_pair("rtx");
-    nft(
-        &b.0,
-        &format!(
-            "add table inet pmloss; \
-             add chain inet pmloss in {{ type filter hook prerouting priority 0; }}; \
-             add rule inet pmloss in tcp dport 7100 numgen random mod 100 < {LOSS_PERCENT} drop"
-        ),
-    );
+    let how = lose(&a.0, &b.0);
     let agent = Agent::start(&[]);
 
     let mut sink = receiver.spawn(Some(&b.0), &["tcp-sink", "10.231.0.2:7100"]);
@@ -64,7 +75,7 @@ fn tcp_retransmits_match_tcp_info_under_random_loss() {
     let got = retransmits(&s, &sender);
     let receiver_got = retransmits(&s, &receiver);
     eprintln!(
-        "retransmitted segments under {LOSS_PERCENT} % loss: TCP_INFO {truth}, podmeter {got} ({:+.2} %); the receiver {receiver_got}",
+        "retransmitted segments under {LOSS_PERCENT} % loss ({how}): TCP_INFO {truth}, podmeter {got} ({:+.2} %); the receiver {receiver_got}",
         (got - truth) / truth * 100.0
     );
     assert!(

@@ -54,12 +54,15 @@ const PROGRAMS: &[&str] = &[
     "/usr/bin/prlimit",
     "/usr/bin/unshare",
     "/usr/sbin/nft",
+    "/usr/sbin/tc",
 ];
 
-/// Kernel modules the tests load (veth pairs, nftables random loss), in
+/// Kernel modules the tests load (veth pairs, netem and nftables random
+/// loss), in
 /// dependency order, under `lib/modules/<release>/kernel/`.
-const MODULES: [&str; 4] = [
+const MODULES: [&str; 5] = [
     "drivers/net/veth",
+    "net/sched/sch_netem",
     "net/netfilter/nfnetlink",
     "net/netfilter/nf_tables",
     "net/netfilter/nft_numgen",
