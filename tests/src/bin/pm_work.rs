@@ -43,8 +43,9 @@ enum Work {
     /// Spin on the CPU until killed.
     Burn,
     /// Print `schedstat <run_ns> <wait_ns> <waits>` (this task's
-    /// `/proc/thread-self/schedstat`), spin for `seconds`, print it again,
-    /// and exit.
+    /// `/proc/thread-self/schedstat`) and wait for a line on stdin; spin for
+    /// `seconds`, print it again and wait for stdin to close. Asleep at both
+    /// ends, the task waits for no CPU while the test reads podmeter.
     Spin { seconds: f64 },
     /// Allocate and touch this many MiB, say `ready`, then wait to be killed.
     HoldMemory { mib: usize },
@@ -62,6 +63,9 @@ enum Work {
     /// `sent <bytes> <tcpi_bytes_sent> <tcpi_bytes_retrans>
     /// <tcpi_total_retrans>`.
     TcpSend { to: String, bytes: u64 },
+    /// Send over TCP at a steady `kib_per_s` KiB/s until killed, connecting
+    /// again (every second) while the peer is not there.
+    TcpStream { to: String, kib_per_s: u64 },
     /// Receive UDP datagrams until `count` arrived or 3 s pass quietly.
     UdpSink { listen: String, count: u64 },
     /// Send `count` datagrams of `size` bytes.
@@ -174,6 +178,7 @@ fn main() -> Result<()> {
             let schedstat = || fs::read_to_string("/proc/thread-self/schedstat");
             writeln!(out, "schedstat {}", schedstat()?.trim())?;
             out.flush()?;
+            std::io::stdin().read_line(&mut String::new())?;
             let start = std::time::Instant::now();
             let mut x: u64 = 0;
             while start.elapsed().as_secs_f64() < seconds {
@@ -182,6 +187,8 @@ fn main() -> Result<()> {
                 }
             }
             writeln!(out, "schedstat {}", schedstat()?.trim())?;
+            out.flush()?;
+            std::io::stdin().read_to_end(&mut Vec::new())?;
         }
         Work::Burn => {
             let mut x: u64 = 0;
@@ -261,6 +268,30 @@ fn main() -> Result<()> {
             // wire (and podmeter) saw, beyond what the application wrote.
             let (sent, retrans, segments) = tcp_bytes_sent(&s)?;
             writeln!(out, "sent {bytes} {sent} {retrans} {segments}")?;
+        }
+        Work::TcpStream { to, kib_per_s } => {
+            let chunk = vec![0x5au8; 4096];
+            let per_ms = (kib_per_s << 10) as f64 / 1000.0;
+            loop {
+                let Ok(mut s) = TcpStream::connect(&to) else {
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                };
+                let start = std::time::Instant::now();
+                let mut sent = 0u64;
+                // Paced to the rate: a flood would take a core of a small
+                // node (and the test's other faults with it).
+                'conn: loop {
+                    let due = (start.elapsed().as_secs_f64() * 1000.0 * per_ms) as u64;
+                    while sent < due {
+                        if s.write_all(&chunk).is_err() {
+                            break 'conn;
+                        }
+                        sent += chunk.len() as u64;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
         }
         Work::UdpSink { listen, count } => {
             let s = UdpSocket::bind(&listen)?;
