@@ -71,8 +71,9 @@ const MODULES: [&str; 5] = [
 /// The test files each VM runs by default: CPU against `cpu.stat`, TCP/UDP
 /// over loopback and veth between namespaces, lifecycle and churn, CPU
 /// limits, throttling and capabilities, pinning, run-queue waits against
-/// schedstat and TCP retransmits under random loss.
-pub const DEFAULT_TESTS: [&str; 7] = [
+/// schedstat, TCP retransmits under random loss, and OOM kills, memory
+/// limits and PSI from cgroup v2 files.
+pub const DEFAULT_TESTS: [&str; 8] = [
     "cpu",
     "net",
     "lifecycle",
@@ -80,6 +81,7 @@ pub const DEFAULT_TESTS: [&str; 7] = [
     "pins",
     "runqueue",
     "retransmits",
+    "signals",
 ];
 
 /// `cargo xtask vm-test`'s options.
