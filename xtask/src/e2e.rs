@@ -49,6 +49,9 @@ pub fn run_in(phases: &mut Phases, filter: Option<&str>, keep: bool) -> Result<(
                 "--",
                 "--ignored",
                 "--test-threads=1",
+                // Their step log and the alerts' fault-to-notification
+                // table belong in CI's log also when they pass.
+                "--nocapture",
             ])
             .env("PODMETER_KUBECTL", cluster::kubectl_bin())
             .env("KUBECONFIG", cluster::kubeconfig())
