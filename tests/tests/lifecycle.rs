@@ -169,17 +169,16 @@ fn memory_working_set_matches_the_kernel() {
         usage.trim().parse::<f64>().unwrap() - inactive
     };
     let metric = "memory_working_set_bytes";
-    let s = agent.scrape_until(Duration::from_secs(15), "the holder's memory", |s| {
+    // Until a refresh read the cgroup after the holder touched the last
+    // page: under qemu one can land mid-touch (95.9 MiB was seen on 5.10),
+    // and the next one shows it all. Never reaching the 96 MiB fails here.
+    let s = agent.scrape_until(Duration::from_secs(15), "the 96 MiB touched", |s| {
         s.cgroup(metric, &cg.path)
-            .is_some_and(|v| v > 90.0 * 1048576.0)
+            .is_some_and(|v| v >= 96.0 * 1048576.0)
     });
     let pm = s.cgroup(metric, &cg.path).unwrap();
     let k = kernel();
     eprintln!("working set: podmeter {pm} bytes, kernel {k} bytes");
-    assert!(
-        pm >= 96.0 * 1048576.0,
-        "{pm} bytes is less than the 96 MiB touched"
-    );
     assert!((pm - k).abs() / k < 0.05, "podmeter {pm} vs kernel {k}");
     holder.kill();
 }
