@@ -46,11 +46,15 @@ fn check(tag: &str, args: &[&str]) {
     let idle = tree.cgroup("idle");
     let agent = Agent::start(args);
 
+    // A cgroup that only sleeps, on the other CPU, barely waits. It runs
+    // (and podmeter has seen it wait) before the spinners start.
+    let mut sleeper = idle.spawn(None, &["--cpu", "1", "tick", "100000", "0"]);
+    agent.scrape_until(Duration::from_secs(10), "the sleeper's first waits", |s| {
+        waits(s, &idle).1 > 0.0
+    });
     let mut spinners: Vec<_> = (0..3)
         .map(|_| cg.spawn_piped(&["--cpu", "0", "spin", SECONDS]))
         .collect();
-    // A cgroup that only sleeps, on the other CPU, barely waits.
-    let mut sleeper = idle.spawn(None, &["--cpu", "1", "tick", "100000", "0"]);
     let starts: Vec<(f64, f64)> = spinners.iter_mut().map(|w| schedstat(&w.line())).collect();
     // Every spinner is asleep on stdin now; their waits so far (starting,
     // joining the cgroup) are in both readings.
