@@ -6,10 +6,18 @@
 //! `bpf_skb_cgroup_id` names in [`crate::net`], so retransmits land next to
 //! the socket's traffic.
 //!
-//! A raw tracepoint with `bpf_probe_read_kernel`: retransmits are rare next
-//! to switches and packets, so the helpers' cost does not matter, and a raw
-//! tracepoint reads the same two first arguments (`sk`, `skb`) on every
-//! kernel (6.x added a third, `err`).
+//! Raw tracepoints with `bpf_probe_read_kernel`: retransmits are rare next
+//! to switches and packets, so the helpers' cost does not matter.
+//!
+//! Two flavours, because the tracepoint changed meaning. Before 6.17 it
+//! fires only for a retransmit that went out, with `(sk, skb)`. Since then
+//! it fires for every attempt with `(sk, skb, err)`, also for the ones
+//! given up before any transmit (`-EBUSY` while the original still sits in
+//! a qdisc or the veth, `-EAGAIN`, `-ENOMEM`), which the kernel does not add
+//! to `tcpi_total_retrans`. [`pm_tcp_retransmit_err`] counts only
+//! `err == 0`, so both count the retransmits that went out. The kernel
+//! refuses to attach a program reading a third argument to a tracepoint
+//! that has two, which is how the agent picks.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -35,14 +43,33 @@ static SKB_CB_OFFSET: u64 = 0;
 #[unsafe(no_mangle)]
 static TCP_GSO_SEGS_OFFSET: u64 = 0;
 
-/// `tcp:tcp_retransmit_skb`: `sk`, `skb` (and, since 6.x, `err`). Counts
-/// the skb's segments, as the kernel adds them to `tcpi_total_retrans`.
+/// `tcp:tcp_retransmit_skb(sk, skb)` (before 6.17): fires only for a
+/// retransmit that went out.
 #[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
 pub fn pm_tcp_retransmit(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    let skb: u64 = ctx.arg(1);
+    count(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// `tcp:tcp_retransmit_skb(sk, skb, err)` (6.17 and later, kernel commit
+/// ad892e912b84 "tcp: trace retransmit failures in tcp_retransmit_skb"):
+/// fires for every attempt; only `err == 0` went out.
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn pm_tcp_retransmit_err(ctx: RawTracePointContext) -> i32 {
+    let err: u64 = ctx.arg(2);
+    // An `int`, widened: only its low half counts.
+    if err as u32 == 0 {
+        count(ctx.arg(0), ctx.arg(1));
+    }
+    0
+}
+
+/// Adds the skb's segments to the socket cgroup's retransmits, as the
+/// kernel adds them to `tcpi_total_retrans`.
+#[inline(always)]
+fn count(sk: u64, skb: u64) {
     let Some(cgroup_id) = socket_cgroup_id(sk) else {
-        return 0;
+        return;
     };
     // SAFETY: probe_read tolerates any address; a fault returns an error.
     let segs = unsafe {
@@ -52,7 +79,7 @@ pub fn pm_tcp_retransmit(ctx: RawTracePointContext) -> i32 {
     }
     .map_or(1, |s| u64::from(s.max(1)));
     let Some(c) = slot(&PM_NET, cgroup_id, DROP_NET) else {
-        return 0;
+        return;
     };
     let c: *mut NetCounters = c;
     // Atomic, as in `net`: a retransmit from a timer can interrupt the
@@ -61,7 +88,6 @@ pub fn pm_tcp_retransmit(ctx: RawTracePointContext) -> i32 {
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*c).retransmits, segs);
     }
-    0
 }
 
 /// `sk->sk_cgrp_data.cgroup->kn->id`; `None` where the data holds no

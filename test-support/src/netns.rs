@@ -50,3 +50,44 @@ pub fn veth_pair(tag: &str) -> (NetNs, NetNs) {
     ip(&["-n", &b.0, "link", "set", "pmveth1", "up"]);
     (a, b)
 }
+
+/// Random loss of `percent` % of the TCP segments to port `dport` sent from
+/// `sender` (the [`veth_pair`] namespace holding `pmveth0`) to `receiver`;
+/// says how. netem on the sender's end where the kernel has it (the qdisc
+/// reports a drop as sent, as a lossy wire would), else an nftables
+/// `numgen random` drop rule on the receiver's way in (this host's kernel
+/// has no netem). Not an nftables rule on the sender's output: that fails
+/// the transmit itself. Both go with the namespaces.
+pub fn random_loss(
+    sender: &NetNs,
+    receiver: &NetNs,
+    dport: u16,
+    percent: u32,
+) -> Result<&'static str, String> {
+    let run = |args: &[&str]| Command::new(args[0]).args(&args[1..]).output();
+    let loss = format!("{percent}%");
+    let netem = run(&[
+        "tc", "-n", &sender.0, "qdisc", "add", "dev", "pmveth0", "root", "netem", "loss", &loss,
+    ]);
+    if netem.as_ref().is_ok_and(|o| o.status.success()) {
+        return Ok("netem");
+    }
+    let rule = format!(
+        "add table inet pmloss; \
+         add chain inet pmloss in {{ type filter hook prerouting priority 0; }}; \
+         add rule inet pmloss in tcp dport {dport} numgen random mod 100 < {percent} drop"
+    );
+    let nft = run(&["ip", "netns", "exec", &receiver.0, "nft", &rule])
+        .map_err(|e| format!("nft (nftables): {e}"))?;
+    if !nft.status.success() {
+        return Err(format!(
+            "neither netem ({}) nor nftables ({}) can drop packets here",
+            netem.map_or_else(
+                |e| e.to_string(),
+                |o| String::from_utf8_lossy(&o.stderr).trim().to_owned()
+            ),
+            String::from_utf8_lossy(&nft.stderr).trim()
+        ));
+    }
+    Ok("nftables")
+}

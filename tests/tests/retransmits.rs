@@ -1,47 +1,16 @@
 //! TCP retransmits per cgroup against the sockets' own count
 //! (`TCP_INFO` `tcpi_total_retrans`), under random loss.
 //!
-//! The loss is netem's on the sender's end of a veth pair between two
-//! network namespaces where the kernel has netem (the qdisc reports a drop
-//! as sent, as a lossy wire would), else an nftables `numgen random` drop
-//! rule on the receiver's end (this host's kernel has no netem). Not an
-//! nftables rule on the sender's output: that fails the transmit itself.
+//! The loss is on a veth pair between two network namespaces: netem where
+//! the kernel has it, else an nftables `numgen random` drop rule
+//! ([`podmeter_test_support::random_loss`]).
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, veth_pair};
+use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, random_loss, veth_pair};
 
-const PAYLOAD: u64 = 6_000_000;
+const PAYLOAD: u64 = 24_000_000;
 const LOSS_PERCENT: u32 = 5;
-
-/// Random loss of `LOSS_PERCENT` % of the segments from `sender` (a
-/// namespace holding `pmveth0`) to `receiver`; says how.
-fn lose(sender: &str, receiver: &str) -> &'static str {
-    let run = |args: &[&str]| Command::new(args[0]).args(&args[1..]).output();
-    let loss = format!("{LOSS_PERCENT}%");
-    let netem = run(&[
-        "tc", "-n", sender, "qdisc", "add", "dev", "pmveth0", "root", "netem", "loss", &loss,
-    ]);
-    if netem.as_ref().is_ok_and(|o| o.status.success()) {
-        return "netem";
-    }
-    let rule = format!(
-        "add table inet pmloss; \
-         add chain inet pmloss in {{ type filter hook prerouting priority 0; }}; \
-         add rule inet pmloss in tcp dport 7100 numgen random mod 100 < {LOSS_PERCENT} drop"
-    );
-    let nft = run(&["ip", "netns", "exec", receiver, "nft", &rule]).expect("nft (nftables)");
-    assert!(
-        nft.status.success(),
-        "neither netem ({}) nor nftables ({}) can drop packets here",
-        netem.map_or_else(
-            |e| e.to_string(),
-            |o| String::from_utf8_lossy(&o.stderr).trim().to_owned()
-        ),
-        String::from_utf8_lossy(&nft.stderr).trim()
-    );
-    "nftables"
-}
 
 fn retransmits(s: &Scrape, cg: &TestCgroup) -> f64 {
     s.cgroup("network_tcp_retransmits_total", &cg.path)
@@ -53,7 +22,7 @@ fn tcp_retransmits_match_tcp_info_under_random_loss() {
     let tree = TestTree::new("retrans");
     let (sender, receiver) = (tree.cgroup("sender"), tree.cgroup("receiver"));
     let (a, b) = veth_pair("rtx");
-    let how = lose(&a.0, &b.0);
+    let how = random_loss(&a, &b, 7100, LOSS_PERCENT).unwrap_or_else(|e| panic!("{e}"));
     let agent = Agent::start(&[]);
 
     let mut sink = receiver.spawn(Some(&b.0), &["tcp-sink", "10.231.0.2:7100"]);

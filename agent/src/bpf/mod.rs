@@ -27,6 +27,7 @@ use aya::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, PerfEvent, ProgramError,
         RawTracePoint,
         links::FdLink,
+        raw_trace_point::RawTracePointLinkId,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -546,21 +547,56 @@ fn attach_tree(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
 }
 
 /// Loads and attaches the TCP retransmit program (pinned, like the other
-/// counting programs, so retransmits are counted while no agent runs).
+/// counting programs, so retransmits are counted while no agent runs): the
+/// flavour that reads the tracepoint's `err` (6.17 and later, where it also
+/// fires for retransmits given up before any transmit), else the one for
+/// the older two-argument tracepoint. The kernel refuses (`EINVAL`) to
+/// attach a program reading a third argument where there are two.
 fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut("pm_tcp_retransmit")
-        .ok_or("no pm_tcp_retransmit in the object")?
-        .try_into()
-        .map_err(|e: ProgramError| e.to_string())?;
-    p.load().map_err(|e| e.to_string())?;
-    let id = p.attach("tcp_retransmit_skb").map_err(|e| e.to_string())?;
+    let id = match attach_raw(ebpf, "pm_tcp_retransmit_err", "tcp_retransmit_skb") {
+        Ok(id) => {
+            tracing::debug!("tcp_retransmit_skb has err: counting the retransmits with err 0");
+            id
+        }
+        Err(with_err) => {
+            tracing::debug!(
+                "tcp_retransmit_skb without err ({with_err}): it fires only for retransmits sent"
+            );
+            attach_raw(ebpf, "pm_tcp_retransmit", "tcp_retransmit_skb")?
+        }
+    };
     if keep.pinned().is_some() {
-        let link = p.take_link(id).map_err(|e| e.to_string())?;
+        let p = raw_program(ebpf, id.0)?;
+        let link = p.take_link(id.1).map_err(|e| e.to_string())?;
         keep.pin("tcp-retransmit".into(), link.into())
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+fn raw_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut RawTracePoint, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("no {name} in the object"))?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())
+}
+
+/// Loads `name` and attaches it to raw tracepoint `tracepoint`; unloaded
+/// again when the attach fails, so no refused flavour stays loaded.
+fn attach_raw<'n>(
+    ebpf: &mut Ebpf,
+    name: &'n str,
+    tracepoint: &str,
+) -> Result<(&'n str, RawTracePointLinkId), String> {
+    let p = raw_program(ebpf, name)?;
+    p.load().map_err(|e| e.to_string())?;
+    match p.attach(tracepoint) {
+        Ok(id) => Ok((name, id)),
+        Err(e) => {
+            let _ = p.unload();
+            Err(e.to_string())
+        }
+    }
 }
 
 /// Loads and attaches the `tp_btf` flavour of the switch program.
