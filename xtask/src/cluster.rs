@@ -238,9 +238,9 @@ pub fn up() -> Result<()> {
 /// removes podmeter's pins in it (the uninstall test checks that the
 /// agents do that themselves).
 fn bpffs() -> Result<()> {
-    let mounted = fs::read_to_string("/proc/self/mountinfo")?
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let mounted = podmeter::cgroup::mount::mount_points_of(&mountinfo, "bpf")
+        .any(|p| p == Path::new("/sys/fs/bpf"));
     if !mounted {
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }

@@ -260,6 +260,19 @@ pub fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
     mountinfo.lines().filter_map(parse_line).map(|m| m.point)
 }
 
+/// The mount points of filesystems of type `fstype` (`bpf`, `cgroup2`),
+/// unescaped, in mountinfo's order.
+pub fn mount_points_of<'a>(
+    mountinfo: &'a str,
+    fstype: &'a str,
+) -> impl Iterator<Item = PathBuf> + 'a {
+    mountinfo
+        .lines()
+        .filter_map(parse_line)
+        .filter(move |m| m.fstype == fstype)
+        .map(|m| m.point)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +283,19 @@ mod tests {
         assert_eq!(points.len(), HYBRID.lines().count());
         assert_eq!(points[0], Path::new("/sys"));
         assert_eq!(points.last().unwrap(), Path::new("/sys/fs/cgroup/unified"));
+    }
+
+    #[test]
+    fn mount_points_of_one_type() {
+        let v1: Vec<PathBuf> = mount_points_of(HYBRID, "cgroup").collect();
+        assert_eq!(
+            v1,
+            [
+                Path::new("/sys/fs/cgroup/cpu"),
+                Path::new("/sys/fs/cgroup/memory")
+            ]
+        );
+        assert_eq!(mount_points_of(HYBRID, "bpf").count(), 0);
     }
 
     const HYBRID: &str = "\
