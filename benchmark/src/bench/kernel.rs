@@ -3,7 +3,9 @@
 //! statistics are on (`BPF_ENABLE_STATS`, the switch behind
 //! `kernel.bpf_stats_enabled=1`, held by a `pm-work bpf-stats` child so that
 //! it goes off however the run ends), under a context-switch storm
-//! (`stress-ng --switch`) and a small-packet flood (`iperf3 -u -l 64`).
+//! (`stress-ng --switch`), a small-packet flood (`iperf3 -u -l 64`) and
+//! TCP under 5 % random loss between two network namespaces (`iperf3`, for
+//! the retransmit program).
 //!
 //! The statistics add two clock reads per program run, so these figures
 //! are upper bounds; the context-switch throughput with and without the
@@ -17,6 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use podmeter_test_support::{random_loss, veth_pair};
 use serde_json::Value;
 
 use super::{
@@ -239,6 +242,10 @@ pub fn run(b: &Bench) -> Result<Kernel> {
     let flood_progs = deltas(&f0, &f1);
     let iperf: Value = serde_json::from_str(&client).unwrap_or(Value::Null);
     let sum = &iperf["end"]["sum"];
+    // Its failure (no veth, no way to drop packets) leaves the other loads.
+    let lossy_tcp = lossy_tcp(&ours, secs)
+        .inspect_err(|e| eprintln!("bench: TCP under loss not measured: {e:#}"))
+        .ok();
     drop(stats);
     agent.stop()?;
 
@@ -248,6 +255,7 @@ pub fn run(b: &Bench) -> Result<Kernel> {
             load: format!("stress-ng --switch {} ({secs} s)", measured.instances),
             iperf3_packets: None,
             iperf3_lost_percent: None,
+            iperf3_retransmits: None,
             programs: switch_progs,
         },
         switch_throughput: SwitchThroughput {
@@ -259,7 +267,82 @@ pub fn run(b: &Bench) -> Result<Kernel> {
             load: format!("iperf3 -u -b 0 -l 64 over loopback ({secs} s)"),
             iperf3_packets: sum["packets"].as_u64(),
             iperf3_lost_percent: sum["lost_percent"].as_f64(),
+            iperf3_retransmits: None,
             programs: flood_progs,
         },
+        lossy_tcp,
+    })
+}
+
+/// Loss on the bench's veth pair, in % of the segments to [`LOSSY_PORT`].
+const LOSS_PERCENT: u32 = 5;
+const LOSSY_PORT: u16 = 7200;
+
+/// `iperf3` TCP for `secs` from one network namespace to another, with
+/// [`LOSS_PERCENT`] % of the segments dropped: what each of `ours` cost.
+fn lossy_tcp(ours: &[u64], secs: u64) -> Result<Load> {
+    progress(&format!(
+        "iperf3 TCP between network namespaces, {LOSS_PERCENT} % loss ({secs} s)"
+    ));
+    // test-support's helpers panic, as tests want; here that is an error.
+    let (a, r) = std::panic::catch_unwind(|| veth_pair("bench"))
+        .map_err(|_| anyhow::anyhow!("could not make the veth pair (see the panic above)"))?;
+    let how = random_loss(&a, &r, LOSSY_PORT, LOSS_PERCENT).map_err(anyhow::Error::msg)?;
+    let port = LOSSY_PORT.to_string();
+    let _server = Proc::quiet(
+        "iperf3 -s (receiver's namespace)",
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &r.0,
+                "iperf3",
+                "-s",
+                "-B",
+                "10.231.0.2",
+                "-p",
+            ])
+            .arg(&port)
+            .stderr(Stdio::null()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while output(Command::new("ip").args([
+        "netns",
+        "exec",
+        &r.0,
+        "ss",
+        "-Hltn",
+        &format!("sport = :{port}"),
+    ]))?
+    .trim()
+    .is_empty()
+    {
+        if Instant::now() > deadline {
+            bail!("iperf3 server did not listen on {port} in {}", r.0);
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let t0 = snapshot(ours)?;
+    let client = output(Command::new("ip").args([
+        "netns",
+        "exec",
+        &a.0,
+        "iperf3",
+        "-c",
+        "10.231.0.2",
+        "-p",
+        &port,
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ]))?;
+    let t1 = snapshot(ours)?;
+    let iperf: Value = serde_json::from_str(&client).unwrap_or(Value::Null);
+    Ok(Load {
+        load: format!("iperf3 TCP over a veth pair, {LOSS_PERCENT} % loss ({how}) ({secs} s)"),
+        iperf3_packets: None,
+        iperf3_lost_percent: None,
+        iperf3_retransmits: iperf["end"]["sum_sent"]["retransmits"].as_u64(),
+        programs: deltas(&t0, &t1),
     })
 }

@@ -1,9 +1,9 @@
-//! The targets of issue 5, judged from the results, and the markdown report
+//! The targets of issues 5 and 14, judged from the results, and the markdown report
 //! (`bench/results/<time>-<mode>.md` and the top of `bench/RESULTS.md`).
 
 use std::fmt::Write as _;
 
-use super::results::{BenchResults, Conditions, Exposer, Outcome, Scenario, Target};
+use super::results::{BenchResults, Conditions, Exposer, Kernel, Outcome, Scenario, Target};
 use crate::schema::{json_text, num};
 
 /// The row with the largest absolute figure, as (|value|, name).
@@ -35,6 +35,12 @@ pub fn targets(r: &BenchResults) -> Vec<Target> {
         sched.and_then(|p| p.ns_per_event),
         "ns",
         100.0,
+    );
+    add(
+        "stress-ng --switch throughput lost with the agent ≤ 3 %",
+        r.kernel().and_then(Kernel::switch_slowdown_pct),
+        "%",
+        3.0,
     );
     let k = r.at_pods(1000);
     add(
@@ -210,7 +216,7 @@ pub fn markdown(r: &BenchResults) -> String {
         "| load | program | events/s | ns/event | CPU % of one core |\n|---|---|---:|---:|---:|"
     );
     if let Some(k) = r.kernel() {
-        for load in [&k.context_switch_load, &k.packet_flood] {
+        for load in k.loads() {
             for p in &load.programs {
                 let _ = writeln!(
                     s,
@@ -241,6 +247,18 @@ pub fn markdown(r: &BenchResults) -> String {
             pct(sw.with_agent_stats_on.bogo_ops_per_sec),
             num(k.other_podmeter_programs_loaded, 0),
         );
+        let _ = writeln!(
+            s,
+            "\nRun-queue waits add no program of their own: `pm_sched_switch` reads them from \
+             the kernel's `sched_info` at each switch, so its figure above includes them."
+        );
+        if let Some(n) = k.lossy_tcp.as_ref().and_then(|l| l.iperf3_retransmits) {
+            let _ = writeln!(
+                s,
+                "\nUnder TCP with random loss iperf3's sender retransmitted {n} segments: the \
+                 retransmit program's events above."
+            );
+        }
     }
 
     // 2. Scale.
@@ -437,7 +455,7 @@ fn notes(r: &BenchResults) -> String {
         ));
     }
     if let Some(k) = r.kernel() {
-        for load in [&k.context_switch_load, &k.packet_flood] {
+        for load in k.loads() {
             for p in &load.programs {
                 if let Some(m) = p.recursion_misses.filter(|m| *m > 0) {
                     n.push(format!(

@@ -104,6 +104,28 @@ pub struct Kernel {
     pub switch_throughput: SwitchThroughput,
     pub context_switch_load: Load,
     pub packet_flood: Load,
+    /// TCP under random loss, for the retransmit program (absent from runs
+    /// made before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lossy_tcp: Option<Load>,
+}
+
+impl Kernel {
+    /// Every load measured, in the order run.
+    pub fn loads(&self) -> impl Iterator<Item = &Load> {
+        [&self.context_switch_load, &self.packet_flood]
+            .into_iter()
+            .chain(self.lossy_tcp.as_ref())
+    }
+
+    /// Context-switch throughput lost with the agent attached (statistics
+    /// off), in % of the throughput without it: negative when faster.
+    pub fn switch_slowdown_pct(&self) -> Option<f64> {
+        let sw = &self.switch_throughput;
+        let base = sw.without_agent.bogo_ops_per_sec.filter(|b| *b > 0.0)?;
+        let with = sw.with_agent_stats_off.bogo_ops_per_sec?;
+        Some((base - with) / base * 100.0)
+    }
 }
 
 /// `stress-ng --switch` without the agent, with it (statistics off), and
@@ -136,6 +158,9 @@ pub struct Load {
     pub iperf3_packets: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iperf3_lost_percent: Option<f64>,
+    /// Segments the TCP sender retransmitted, by iperf3's count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iperf3_retransmits: Option<u64>,
     pub programs: Vec<ProgramCost>,
 }
 
