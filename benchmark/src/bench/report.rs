@@ -255,8 +255,9 @@ pub fn markdown(r: &BenchResults) -> String {
         if let Some(n) = k.lossy_tcp.as_ref().and_then(|l| l.iperf3_retransmits) {
             let _ = writeln!(
                 s,
-                "\nUnder TCP with random loss iperf3's sender retransmitted {n} segments: the \
-                 retransmit program's events above."
+                "\nUnder TCP with random loss iperf3's sender retransmitted {n} segments. The \
+                 retransmit program runs once per retransmitted skb, which can carry many \
+                 segments (GSO), so it runs far fewer times than that."
             );
         }
     }
