@@ -286,10 +286,15 @@ fn render(root: &Path, json_path: &Path) -> Result<()> {
     results.targets = report::targets(&results);
     let md = report::markdown(&results);
     fs::write(json_path.with_extension("md"), &md)?;
-    fs::write(root.join("bench/RESULTS.md"), with_others(root, &md))?;
+    // As when it ran: a partial run does not replace the latest full table.
+    let partial = results.is_partial();
+    if !partial {
+        fs::write(root.join("bench/RESULTS.md"), with_others(root, &md))?;
+    }
     eprintln!(
-        "bench: rendered {} and bench/RESULTS.md",
-        json_path.with_extension("md").display()
+        "bench: rendered {}{}",
+        json_path.with_extension("md").display(),
+        if partial { "" } else { " and bench/RESULTS.md" }
     );
     Ok(())
 }

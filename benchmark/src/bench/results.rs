@@ -385,6 +385,14 @@ pub struct Target {
 }
 
 impl BenchResults {
+    /// Whether some scenario was left out (`PODMETER_BENCH_ONLY`).
+    pub fn is_partial(&self) -> bool {
+        self.kernel.is_none()
+            || self.scale.is_none()
+            || self.accuracy.is_none()
+            || self.side_by_side.is_none()
+    }
+
     pub fn kernel(&self) -> Option<&Kernel> {
         self.kernel.as_ref()?.outcome.measured()
     }
