@@ -36,12 +36,6 @@ pub fn targets(r: &BenchResults) -> Vec<Target> {
         "ns",
         100.0,
     );
-    add(
-        "stress-ng --switch throughput lost with the agent ≤ 3 %",
-        r.kernel().and_then(Kernel::switch_slowdown_pct),
-        "%",
-        3.0,
-    );
     let k = r.at_pods(1000);
     add(
         "agent ≤ 0.5 % of one core at 1000 pods, 15 s scrapes",
@@ -108,6 +102,13 @@ pub fn targets(r: &BenchResults) -> Vec<Target> {
             .zip(cad)
             .map(|(p, c)| format!("podmeter {p:.3} ms vs kubelet {c:.3} ms CPU per scrape")),
         met: pm.zip(cad).map(|(p, c)| p < c),
+    });
+    // Issue 14's budget for the switch path, with every program attached.
+    let slowdown = r.kernel().and_then(Kernel::switch_slowdown_pct);
+    out.push(Target {
+        target: "stress-ng --switch throughput lost with the agent ≤ 3 %".into(),
+        measured: slowdown.map(|x| format!("{x:.3} %")),
+        met: slowdown.map(|x| x <= 3.0),
     });
     out
 }
@@ -246,11 +247,6 @@ pub fn markdown(r: &BenchResults) -> String {
             num(sw.with_agent_stats_on.bogo_ops_per_sec, 0),
             pct(sw.with_agent_stats_on.bogo_ops_per_sec),
             num(k.other_podmeter_programs_loaded, 0),
-        );
-        let _ = writeln!(
-            s,
-            "\nRun-queue waits add no program of their own: `pm_sched_switch` reads them from \
-             the kernel's `sched_info` at each switch, so its figure above includes them."
         );
         if let Some(n) = k.lossy_tcp.as_ref().and_then(|l| l.iperf3_retransmits) {
             let _ = writeln!(
@@ -618,7 +614,8 @@ mod tests {
                 Some(false),
                 Some(true),
                 Some(true),
-                Some(true)
+                Some(true),
+                Some(false),
             ]
         );
         // Over the RSS target; a pod's CPU 1.5 % off; no side by side, so no
@@ -710,7 +707,7 @@ mod tests {
         assert!(md.contains("| memory (GiB) | 4.0 |"));
         assert!(md.contains("| scale | – | – | – | – | – |"));
         assert!(md.contains("**Failed:** `no bpftool`"));
-        assert_eq!(md.matches("| not measured |").count(), 7);
+        assert_eq!(md.matches("| not measured |").count(), 8);
     }
 
     #[test]
