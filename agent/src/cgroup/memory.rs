@@ -14,8 +14,7 @@
 //! (v1: checked on 6.18 with the limit on the parent and the victim in a
 //! child: the child counts it, the parent not), so, like podmeter's other
 //! counters, they are exclusive. v2 `memory.events` is hierarchical (every
-//! ancestor counts a kill below it) and is read only where `.local` is
-//! missing, i.e. kernels before 5.2, below podmeter's minimum.
+//! ancestor counts a kill below it), so it is not read.
 //!
 //! On hybrid hosts the memory controller lives in v1 at the same relative
 //! path as the cgroup2 directory (the kubelet and runc create both).
@@ -44,10 +43,9 @@ pub struct Files {
     inactive_key: &'static str,
     /// `memory.max` or `memory.limit_in_bytes`.
     limit: StatFile,
-    /// `memory.events.local` or `memory.oom_control`.
+    /// `memory.events.local` (5.2 and later; podmeter needs 5.8) or
+    /// `memory.oom_control`.
     events: StatFile,
-    /// v2 `memory.events`, for a kernel without `memory.events.local`.
-    events_fallback: Option<StatFile>,
     v1: bool,
 }
 
@@ -85,7 +83,6 @@ impl Files {
             inactive_key,
             limit: file(limit),
             events: file(events),
-            events_fallback: mounts.memory_v1.is_none().then(|| file("memory.events")),
             v1: mounts.memory_v1.is_some(),
         })
     }
@@ -110,13 +107,7 @@ impl Files {
 
     /// Processes of the cgroup the OOM killer killed so far.
     pub fn oom_kills(&self) -> io::Result<Option<u64>> {
-        let text = match (self.events.read(), &self.events_fallback) {
-            (Ok(t), _) => t,
-            // Also ENOENT for a removed cgroup: then the fallback fails too.
-            (Err(e), Some(fallback)) if e.kind() == io::ErrorKind::NotFound => fallback.read()?,
-            (Err(e), _) => return Err(e),
-        };
-        Ok(stat_value(&text, "oom_kill"))
+        Ok(stat_value(&self.events.read()?, "oom_kill"))
     }
 
     /// Closes the files (the cgroup is gone).
@@ -125,9 +116,6 @@ impl Files {
         self.stat.close();
         self.limit.close();
         self.events.close();
-        if let Some(f) = &self.events_fallback {
-            f.close();
-        }
     }
 }
 
