@@ -34,8 +34,9 @@
 //! `/proc/<pid>/schedstat`) and count of waits (`pcount`), and adds a wait
 //! when the task gets the CPU, just after `sched_switch` fires. So the
 //! values a task shows when it leaves the CPU, less those it showed when it
-//! came on, are the wait that ended with this slice: two more loads per
-//! task, no per-task map and no wakeup program. A task's wait is billed to
+//! came on, are the wait that ended with this slice: two more reads per
+//! task (direct loads in the `tp_btf` flavour, probe reads in the raw one),
+//! no per-task map and no wakeup program. A task's wait is billed to
 //! the cgroup it leaves the CPU in, like its time. A wait the kernel splits
 //! by moving the queued task to another CPU counts from the move: the part
 //! before it was added to `run_delay` while no CPU watched the task.
