@@ -27,7 +27,7 @@ pub use cgroups::{
     unified_root,
 };
 pub use kube::{Kube, Namespace};
-pub use netns::{NetNs, ip, random_loss, veth_pair};
+pub use netns::{NetNs, ip, loss_ruleset, random_loss, veth_pair};
 pub use scrape::{Scrape, poll_scrape};
 pub use work::{Work, pm_work};
 

@@ -72,13 +72,15 @@ pub fn random_loss(
     if netem.as_ref().is_ok_and(|o| o.status.success()) {
         return Ok("netem");
     }
-    let rule = format!(
-        "add table inet pmloss; \
-         add chain inet pmloss in {{ type filter hook prerouting priority 0; }}; \
-         add rule inet pmloss in tcp dport {dport} numgen random mod 100 < {percent} drop"
-    );
-    let nft = run(&["ip", "netns", "exec", &receiver.0, "nft", &rule])
-        .map_err(|e| format!("nft (nftables): {e}"))?;
+    let nft = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &receiver.0,
+        "nft",
+        &loss_ruleset(dport, percent),
+    ])
+    .map_err(|e| format!("nft (nftables): {e}"))?;
     if !nft.status.success() {
         return Err(format!(
             "neither netem ({}) nor nftables ({}) can drop packets here",
@@ -90,4 +92,15 @@ pub fn random_loss(
         ));
     }
     Ok("nftables")
+}
+
+/// An nftables ruleset (table `pmloss`) that drops `percent` % of the TCP
+/// segments arriving for port `dport`, at random (`numgen random`): for
+/// `nft` in the receiving network namespace.
+pub fn loss_ruleset(dport: u16, percent: u32) -> String {
+    format!(
+        "add table inet pmloss; \
+         add chain inet pmloss in {{ type filter hook prerouting priority 0; }}; \
+         add rule inet pmloss in tcp dport {dport} numgen random mod 100 < {percent} drop"
+    )
 }

@@ -45,19 +45,10 @@ fn set_memory_limit(cg: &TestCgroup, bytes: u64) {
 /// The kernel's OOM kill count of `cg`: `oom_kill` in v2
 /// `memory.events.local` or v1 `memory.oom_control`.
 fn kernel_oom_kills(cg: &TestCgroup) -> u64 {
-    let dir = memory_dir(cg);
-    let file = ["memory.events.local", "memory.oom_control"]
+    ["memory.events.local", "memory.oom_control"]
         .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.exists())
-        .expect("memory.events.local or memory.oom_control");
-    let text = fs::read_to_string(&file).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .unwrap_or_else(|| panic!("no oom_kill in {}:\n{text}", file.display()))
-        .trim()
-        .parse()
-        .unwrap()
+        .find_map(|f| memory_file_count(cg, f, "oom_kill"))
+        .expect("oom_kill in memory.events.local or memory.oom_control")
 }
 
 #[test]
