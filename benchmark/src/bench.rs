@@ -227,26 +227,33 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
     let json_path = base.with_extension("json");
     results.targets = report::targets(&results);
     fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
-    let md = report::markdown(&results);
-    fs::write(base.with_extension("md"), &md)?;
-    // A partial run does not replace the latest full table.
-    if only.is_empty() {
-        fs::write(root.join("bench/RESULTS.md"), with_others(&root, &md))?;
-    }
+    let md = publish(&root, &results, &json_path)?;
     println!("{md}");
     eprintln!(
-        "bench: {} run took {:.0} s; wrote {} and {}{}",
+        "bench: {} run took {:.0} s; wrote {}",
         plan.mode,
         started.elapsed().as_secs_f64(),
         json_path.display(),
-        base.with_extension("md").display(),
-        if only.is_empty() {
-            " and bench/RESULTS.md"
-        } else {
-            ""
-        }
     );
     Ok(())
+}
+
+/// Renders `results` to markdown next to their JSON and, for a run of every
+/// scenario, to the top of `bench/RESULTS.md` (a partial run does not
+/// replace the latest full table); says where, and returns the markdown.
+fn publish(root: &Path, results: &BenchResults, json_path: &Path) -> Result<String> {
+    let md = report::markdown(results);
+    fs::write(json_path.with_extension("md"), &md)?;
+    let partial = results.is_partial();
+    if !partial {
+        fs::write(root.join("bench/RESULTS.md"), with_others(root, &md))?;
+    }
+    eprintln!(
+        "bench: rendered {}{}",
+        json_path.with_extension("md").display(),
+        if partial { "" } else { " and bench/RESULTS.md" }
+    );
+    Ok(md)
 }
 
 /// Runs one scenario: its figures or error, and what the machine did
@@ -276,27 +283,15 @@ fn scenario<T>(b: &Bench, name: &str, f: fn(&Bench) -> Result<T>) -> Scenario<T>
 }
 
 /// Writes the markdown of an earlier run's JSON again (after a change to
-/// the report, without measuring again): next to it, and as
-/// `bench/RESULTS.md`.
+/// the report, without measuring again): next to it and, for a full run,
+/// as `bench/RESULTS.md`.
 fn render(root: &Path, json_path: &Path) -> Result<()> {
     let text = fs::read_to_string(json_path)
         .with_context(|| format!("reading {}", json_path.display()))?;
     let mut results: BenchResults = serde_json::from_str(&text)
         .with_context(|| format!("reading {} as benchmark results", json_path.display()))?;
     results.targets = report::targets(&results);
-    let md = report::markdown(&results);
-    fs::write(json_path.with_extension("md"), &md)?;
-    // As when it ran: a partial run does not replace the latest full table.
-    let partial = results.is_partial();
-    if !partial {
-        fs::write(root.join("bench/RESULTS.md"), with_others(root, &md))?;
-    }
-    eprintln!(
-        "bench: rendered {}{}",
-        json_path.with_extension("md").display(),
-        if partial { "" } else { " and bench/RESULTS.md" }
-    );
-    Ok(())
+    publish(root, &results, json_path).map(drop)
 }
 
 /// `md` followed by the sections of the current `bench/RESULTS.md` the
