@@ -2,7 +2,9 @@
 //! (podmeter's chart, Prometheus Operator, Prometheus, prometheus-adapter),
 //! which is torn down after them whatever happens.
 
-use anyhow::Result;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, cluster, cmd::target_dir, image, phases::Phases, sh, tools};
 
@@ -17,8 +19,55 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    if let Some(f) = &opts.filter {
+        check_filter(f)?.map_err(anyhow::Error::msg)?;
+    }
     let mut phases = Phases::new("e2e");
     run_in(&mut phases, opts.filter.as_deref(), opts.keep)
+}
+
+/// `cargo test` of the end-to-end test files, with the harness's `args`.
+fn e2e_tests(args: &[&str]) -> Command {
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--release",
+        "--package",
+        "podmeter-tests",
+        "--test",
+        "e2e",
+        "--test",
+        "monitoring",
+        "--",
+        "--ignored",
+    ])
+    .args(args);
+    c
+}
+
+/// `Err` naming the e2e tests when none has `filter` in its name: the
+/// harness would run none and pass, after building a cluster for nothing.
+/// (Listing builds the tests, which the e2e phase then finds built.)
+pub fn check_filter(filter: &str) -> Result<std::result::Result<(), String>> {
+    let out = e2e_tests(&["--list"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("listing the e2e tests")?;
+    if !out.status.success() {
+        bail!("listing the e2e tests failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .collect();
+    if names.iter().any(|n| n.contains(filter)) {
+        return Ok(Ok(()));
+    }
+    Ok(Err(format!(
+        "no e2e test name contains {filter:?}; the tests are: {}",
+        names.join(", ")
+    )))
 }
 
 /// The end-to-end phases, timed with the caller's others.
@@ -36,26 +85,12 @@ pub fn run_in(phases: &mut Phases, filter: Option<&str>, keep: bool) -> Result<(
             tools::operator_crds(&target_dir().join("crds"))
         })?;
         phases.run("e2e tests", || {
-            let mut c = cargo();
-            c.args([
-                "test",
-                "--release",
-                "--package",
-                "podmeter-tests",
-                "--test",
-                "e2e",
-                "--test",
-                "monitoring",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-                // Their step log and the alerts' fault-to-notification
-                // table belong in CI's log also when they pass.
-                "--nocapture",
-            ])
-            .env("PODMETER_KUBECTL", cluster::kubectl_bin())
-            .env("KUBECONFIG", cluster::kubeconfig())
-            .env("PODMETER_CRDS", target_dir().join("crds"));
+            // Their step log and the alerts' fault-to-notification table
+            // belong in CI's log also when they pass.
+            let mut c = e2e_tests(&["--test-threads=1", "--nocapture"]);
+            c.env("PODMETER_KUBECTL", cluster::kubectl_bin())
+                .env("KUBECONFIG", cluster::kubeconfig())
+                .env("PODMETER_CRDS", target_dir().join("crds"));
             tools::test_env(&mut c);
             if let Some(f) = filter {
                 c.arg(f);

@@ -93,5 +93,11 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.no_cluster {
         return Ok(());
     }
+    if let Some(f) = &opts.filter
+        && let Err(none) = e2e::check_filter(f)?
+    {
+        eprintln!("test: {none}: no cluster needed");
+        return Ok(());
+    }
     e2e::run_in(&mut phases, opts.filter.as_deref(), false)
 }
