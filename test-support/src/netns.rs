@@ -51,13 +51,13 @@ pub fn veth_pair(tag: &str) -> (NetNs, NetNs) {
     (a, b)
 }
 
-/// Random loss of `percent` % of the TCP segments to port `dport` sent from
-/// `sender` (the [`veth_pair`] namespace holding `pmveth0`) to `receiver`;
-/// says how. netem on the sender's end where the kernel has it (the qdisc
-/// reports a drop as sent, as a lossy wire would), else an nftables
-/// `numgen random` drop rule on the receiver's way in (this host's kernel
-/// has no netem). Not an nftables rule on the sender's output: that fails
-/// the transmit itself. Both go with the namespaces.
+/// Random loss of `percent` % of what `sender` (the [`veth_pair`] namespace
+/// holding `pmveth0`) sends to `receiver`; says how. netem on the sender's
+/// end where the kernel has it (every packet; the qdisc reports a drop as
+/// sent, as a lossy wire would), else an nftables `numgen random` rule on
+/// the receiver's way in that drops only TCP segments to port `dport`
+/// (this host's kernel has no netem). Not an nftables rule on the sender's
+/// output: that fails the transmit itself. Both go with the namespaces.
 pub fn random_loss(
     sender: &NetNs,
     receiver: &NetNs,
