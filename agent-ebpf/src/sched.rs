@@ -16,15 +16,18 @@
 //!   running kernel's BTF, via the agent (no CO-RE in Rust).
 //! * Time and switches add up in this CPU's [`OnCpu`] slot, which holds
 //!   the counters of the last few cgroups the CPU billed, and go to `PM_CPU`
-//!   when their cgroup's place is needed for another one and at every tick.
+//!   when their cgroup's place is needed for another one, at every tick and
+//!   at every sync.
 //!
 //! [`pm_sched_switch_raw`] is the fallback for kernels that refuse the
 //! `tp_btf` program: a raw tracepoint with `bpf_probe_read_kernel` and
 //! helpers, the same state and the same results, about twice the cost.
 //!
 //! A per-CPU tick (a `cpu-clock` perf event the agent opens on every CPU)
-//! bills long slices as they run and records the running cgroup, which the
-//! agent uses to add the remainder at scrape time.
+//! bills long slices as they run. Before it reads `PM_CPU`, the agent runs
+//! [`pm_cpu_sync`], the tick's work, on every CPU: the read then holds the
+//! time up to that moment, and only programs on a CPU ever touch its
+//! [`OnCpu`] slot (no cross-CPU ordering to get right on arm64).
 //!
 //! Without the `sum_exec_runtime` offset (0; the agent then loads only the
 //! fallback), wall-clock time between events is billed instead.
@@ -100,8 +103,7 @@ pub fn pm_sched_switch(ctx: BtfTracePointContext) -> i32 {
         cpu.bill(unsafe { task_cgroup_id(prev) }, time, 1, wait);
     }
     let rt = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
-    // Its cgroup is unknown until the next tick.
-    cpu.running(next as u64, rt, 0, unsafe { delays(next) });
+    cpu.running(next as u64, rt, unsafe { delays(next) });
     cpu.commit();
     0
 }
@@ -130,7 +132,7 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
         // SAFETY: helper without preconditions.
         cpu.bill(unsafe { bpf_get_current_cgroup_id() }, time, 1, wait);
     }
-    cpu.running(next, runtime(next).unwrap_or(0), 0, read_delays(next));
+    cpu.running(next, runtime(next).unwrap_or(0), read_delays(next));
     if wall_clock {
         cpu.since(now);
     }
@@ -138,30 +140,46 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Periodic sample on each CPU: bill the slice so far, send the pending
-/// time to the map, and say who runs.
+/// Periodic sample on each CPU (a `cpu-clock` perf event every
+/// `TICK_PERIOD_NS`): see [`sample`].
 #[perf_event]
 pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
+    sample();
+    0
+}
+
+/// Never attached: the agent runs it on each CPU before it reads `PM_CPU`
+/// (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`, an IPI), so the read
+/// holds every CPU's time up to that moment, and the agent never reads
+/// another CPU's [`OnCpu`]. See [`sample`].
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn pm_cpu_sync(_ctx: RawTracePointContext) -> i32 {
+    sample();
+    0
+}
+
+/// Bills the slice of the task on this CPU so far, sends the pending
+/// counters to the map and records the task as running from now.
+#[inline(always)]
+fn sample() {
     let Some(mut cpu) = Update::begin() else {
-        return 0;
+        return;
     };
     // SAFETY: helpers without preconditions.
     let (task, now) = unsafe { (bpf_get_current_task(), bpf_ktime_get_ns()) };
     let rt = runtime(task);
     let delays = read_delays(task);
-    let mut cgroup_id = 0;
     if bpf_get_current_pid_tgid() as u32 != 0 {
         // SAFETY: helper without preconditions.
-        cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         let time = cpu.slice(task, rt, now);
         let wait = cpu.waited(task, delays);
         cpu.bill(cgroup_id, time, 0, wait);
     }
     cpu.flush();
     cpu.since(now);
-    cpu.running(task, rt.unwrap_or(0), cgroup_id, delays);
+    cpu.running(task, rt.unwrap_or(0), delays);
     cpu.commit();
-    0
 }
 
 /// The value of an offset global the loader may have rewritten.
@@ -268,18 +286,16 @@ fn runtime(task: u64) -> Option<u64> {
     unsafe { bpf_probe_read_kernel((task + off) as *const u64) }.ok()
 }
 
-/// An update of this CPU's [`OnCpu`] slot, in place, between the two
-/// sequence numbers ([`Update::begin`] writes `seq_end`, [`Update::commit`]
-/// `seq`). Every store is volatile, so they stay in program order, and
-/// x86-64 (podmeter's target) makes stores visible to other CPUs in program
-/// order.
+/// An update of this CPU's [`OnCpu`] slot, in place, between
+/// [`Update::begin`] and [`Update::commit`].
 ///
-/// The switch runs with interrupts off and the tick in hard interrupt
-/// context, so two updates never interleave on a CPU; the sequence numbers
-/// are for the agent, which reads the slot from another CPU.
+/// The switch runs with interrupts off, and the tick and a sync the agent
+/// sends by IPI in hard interrupt context, so none of them interleaves with
+/// another on a CPU. The one exception is a sync the kernel runs in process
+/// context, when the agent asks for the CPU it is on: a tick may interrupt
+/// it, and finds the slot `busy`.
 struct Update {
     cpu: *mut OnCpu,
-    seq: u64,
 }
 
 /// `*dst = v`, as a volatile store.
@@ -294,14 +310,20 @@ unsafe fn put(dst: *mut u64, v: u64) {
 }
 
 impl Update {
+    /// `None` when the slot is missing or another program on this CPU is
+    /// in the middle of an update (see [`Update`]).
     #[inline(always)]
     fn begin() -> Option<Self> {
         let cpu = PM_ONCPU.get_ptr_mut(0)?;
         // SAFETY (here and in every method): this CPU's slot, valid for this
-        // program run, written by no one else meanwhile.
-        let seq = unsafe { (*cpu).seq }.wrapping_add(1);
-        unsafe { put(&raw mut (*cpu).seq_end, seq) };
-        Some(Self { cpu, seq })
+        // program run, and only programs on this CPU touch it.
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*cpu).busy) != 0 {
+                return None;
+            }
+            put(&raw mut (*cpu).busy, 1);
+        }
+        Some(Self { cpu })
     }
 
     /// Time the CPU ran `task` (whose runtime is `rt`, if known) since its
@@ -374,10 +396,9 @@ impl Update {
         }
     }
 
-    /// Records the task on the CPU, its runtime and wait totals so far and
-    /// its cgroup (0: unknown).
+    /// Records the task on the CPU and its runtime and wait totals so far.
     #[inline(always)]
-    fn running(&mut self, task: u64, runtime_ns: u64, cgroup_id: u64, delays: Delays) {
+    fn running(&mut self, task: u64, runtime_ns: u64, delays: Delays) {
         let c = self.cpu;
         // SAFETY: see `begin`.
         unsafe {
@@ -385,7 +406,6 @@ impl Update {
             put(&raw mut (*c).runtime_ns, runtime_ns);
             put(&raw mut (*c).run_delay_ns, delays.run_delay_ns);
             put(&raw mut (*c).pcount, delays.pcount);
-            put(&raw mut (*c).cgroup_id, cgroup_id);
         }
     }
 
@@ -399,7 +419,7 @@ impl Update {
     #[inline(always)]
     fn commit(self) {
         // SAFETY: see `begin`.
-        unsafe { put(&raw mut (*self.cpu).seq, self.seq) };
+        unsafe { put(&raw mut (*self.cpu).busy, 0) };
     }
 }
 

@@ -208,29 +208,35 @@ fn running_slice_is_billed_at_every_scrape() {
         s.cgroup("cpu_usage_seconds_total", &cg.path).is_some()
     });
 
-    // Right after a switch, the running task's cgroup is known from the next
-    // tick on (20 ms): each end of an interval may lag by that much.
-    const TICK: f64 = 0.020;
-    let cgs = [cg];
-    let mut prev = measure(&agent, &cgs);
-    for _ in 0..5 {
-        sleep(Duration::from_secs(1));
-        let next = measure(&agent, &cgs);
-        let pm = next
-            .0
-            .cgroup("cpu_usage_seconds_total", &cgs[0].path)
-            .unwrap()
-            - prev
-                .0
-                .cgroup("cpu_usage_seconds_total", &cgs[0].path)
-                .unwrap();
-        let kernel = next.1[0] - prev.1[0];
-        assert!(kernel > 0.2, "the spinner did not run ({kernel} s)");
+    // Before every read the agent has each CPU bill the slice it is
+    // running (the sync program), so a scrape holds the spinner's time up
+    // to the moment it ran: between the cpu.stat reads just before and just
+    // after it, as both read the totals of the kernel's last `update_curr`.
+    // The slack covers cpu.stat's microseconds. Without the sync, each
+    // reading would lag by up to the agent's own 20 ms tick; the intervals
+    // are 7 ms apart modulo that tick, so the lags could not cancel out.
+    const SLACK: f64 = 0.000_01;
+    let cg = &cg;
+    let read = || {
+        let before = cg.cpu_stat_seconds();
+        let s = agent.scrape();
+        let after = cg.cpu_stat_seconds();
+        let pm = s.cgroup("cpu_usage_seconds_total", &cg.path).unwrap();
+        (pm, before, after)
+    };
+    let mut prev = read();
+    for i in 1..=5 {
+        sleep(Duration::from_millis(1000 + 7 * i));
+        let next = read();
+        let pm = next.0 - prev.0;
+        // The kernel's interval is known to within the scrapes' lengths.
+        let (low, high) = (next.1 - prev.2, next.2 - prev.1);
+        assert!(low > 0.2, "the spinner did not run ({low} s)");
         // Billing only at switch-out would show ~0 for a task that is not
         // preempted; a slice counted twice would show too much.
         assert!(
-            (pm - kernel).abs() < 2.0 * TICK + 0.01 * kernel,
-            "1 s interval: podmeter {pm:.4} s vs cpu.stat {kernel:.4} s"
+            pm > low - 2.0 * SLACK && pm < high + 2.0 * SLACK,
+            "1 s interval: podmeter {pm:.4} s, cpu.stat between {low:.4} and {high:.4} s"
         );
         prev = next;
     }

@@ -58,12 +58,13 @@ fn raw_tracepoint_billing_matches_cpu_stat() {
         "{}",
         agent.log()
     );
-    // The raw program, not the tp_btf one, is what runs: two raw
-    // tracepoints (the switch and, always raw, tcp_retransmit_skb), and
-    // tp_btf ("tracing") only for cgroup mkdir and rmdir.
+    // The raw program, not the tp_btf one, is what runs: three raw
+    // tracepoints (the switch and, always raw, tcp_retransmit_skb and the
+    // unattached CPU sync), and tp_btf ("tracing") only for cgroup mkdir
+    // and rmdir.
     let types = new_program_types(&before);
     let count = |t: &str| types.iter().filter(|x| *x == t).count();
-    assert_eq!(count("raw_tracepoint"), 2, "{types:?}");
+    assert_eq!(count("raw_tracepoint"), 3, "{types:?}");
     assert_eq!(count("tracing"), 2, "{types:?}");
     let (pm, kernel) = burn_5s(&agent, &cg);
     // The same tolerance as the tp_btf path's test (tests/cpu.rs).

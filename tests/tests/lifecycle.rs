@@ -276,8 +276,8 @@ fn sigterm_detaches_every_program() {
         .collect();
     assert_eq!(
         ours.len(),
-        7,
-        "expected sched_switch, tick, ingress, egress, tcp_retransmit_skb, cgroup_mkdir, cgroup_rmdir: {ours:?}"
+        8,
+        "expected sched_switch, tick, CPU sync, ingress, egress, tcp_retransmit_skb, cgroup_mkdir, cgroup_rmdir: {ours:?}"
     );
     let status = agent.stop();
     assert!(status.success(), "exit status {status}");

@@ -188,9 +188,9 @@ fn sigkill_and_restart_lose_nothing_counted_meanwhile() {
 #[test]
 fn pins_of_another_layout_are_removed_and_the_reset_announced() {
     let pins = PinPath::new("layout");
-    // What an agent of an older layout would have left: a v0 directory,
-    // and a v1 PM_CPU map whose values are not this agent's (real kernel
-    // maps, pinned with bpftool).
+    // What an agent of an older layout would have left: a PM_CPU map in
+    // the previous layout's directory, and one in this agent's whose values
+    // are not this agent's (real kernel maps, pinned with bpftool).
     let bpftool = |args: &[&str]| {
         let out = Command::new("bpftool").args(args).output().unwrap();
         assert!(
@@ -200,14 +200,30 @@ fn pins_of_another_layout_are_removed_and_the_reset_announced() {
         );
     };
     // Mounts bpffs if need be (no agent has run yet in this process).
+    // It also tells this agent's layout: the one directory it pinned in.
     let agent = Agent::start(&[&pins.arg()]);
     drop(agent);
+    let layouts: Vec<u32> = fs::read_dir(&pins.0)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .strip_prefix('v')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let [layout] = layouts[..] else {
+        panic!("one layout directory expected: {layouts:?}");
+    };
     assert!(cleanup(&pins).status.success());
-    for dir in ["v1/maps", "v2/maps"] {
-        fs::create_dir_all(pins.0.join(dir)).unwrap();
+    let (prev, this) = (format!("v{}", layout - 1), format!("v{layout}"));
+    for dir in [&prev, &this] {
+        fs::create_dir_all(pins.0.join(dir).join("maps")).unwrap();
     }
-    let old = pins.0.join("v1/maps/PM_CPU");
-    let wrong = pins.0.join("v2/maps/PM_CPU");
+    let old = pins.0.join(&prev).join("maps/PM_CPU");
+    let wrong = pins.0.join(&this).join("maps/PM_CPU");
     for (path, value) in [(&old, "8"), (&wrong, "24")] {
         bpftool(&[
             "map",
@@ -231,17 +247,17 @@ fn pins_of_another_layout_are_removed_and_the_reset_announced() {
     assert_eq!(origin(&s), "reset", "{}", agent.log());
     let log = agent.log();
     assert!(log.contains("COUNTER RESET"), "{log}");
-    assert!(log.contains("v1 (another layout"), "{log}");
+    assert!(log.contains(&format!("{prev} (another layout")), "{log}");
     assert!(
         log.contains("map PM_CPU is a PerCpuHash of 8-byte keys and 24-byte values"),
         "{log}"
     );
-    assert!(!pins.0.join("v1").exists(), "the old layout's pins stay");
+    assert!(!pins.0.join(&prev).exists(), "the old layout's pins stay");
     // This agent's own maps replace the incompatible one.
     let pinned = pins.pins();
     assert!(
-        pinned.contains(&pins.0.join("v2/maps/PM_CPU"))
-            && pinned.contains(&pins.0.join("v2/links/switch")),
+        pinned.contains(&pins.0.join(&this).join("maps/PM_CPU"))
+            && pinned.contains(&pins.0.join(&this).join("links/switch")),
         "{pinned:?}"
     );
     drop(agent);

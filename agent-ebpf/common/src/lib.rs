@@ -95,26 +95,25 @@ pub struct Pending {
 /// Switches add up in `pending` instead of the hash map: a map lookup costs
 /// more than the rest of the `sched_switch` program together. A cgroup's
 /// pending counters go to the map when its slot is needed for another
-/// cgroup and at every tick, so together they never hold more than one tick
-/// period of the CPU's time.
+/// cgroup, at every tick, and when the agent syncs the CPU before a read,
+/// so together they never hold more than one tick period of the CPU's time.
 ///
-/// The programs write `seq_end`, then the other fields, then `seq` (all as
-/// volatile stores, so in that order); the agent reads a CPU's copy from
-/// first to last field, so a copy with `seq == seq_end` was not torn by a
-/// concurrent update. [`OnCpu::consistent`] checks that.
+/// Only programs running on the CPU itself touch its copy: the agent never
+/// reads it, but runs the sync program on each CPU (an IPI) and reads
+/// `PM_CPU`, so no cross-CPU memory ordering is involved, on x86-64 or on
+/// weakly ordered arm64.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OnCpu {
-    /// Update count, written last.
-    pub seq: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last tick, from which
-    /// the running slice of `cgroup_id` is not yet billed; when billing
-    /// wall-clock time (no `sum_exec_runtime` offset), also of every switch.
-    /// 0 until the first event on this CPU.
+    /// Non-zero while a program updates this copy. Only a tick interrupting
+    /// a sync that the agent ran in process context (on the CPU it was
+    /// already on) can see it set: that tick leaves the copy alone, and
+    /// the next one bills its time.
+    pub busy: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last tick or sync;
+    /// when billing wall-clock time (no `sum_exec_runtime` offset), also of
+    /// every switch. 0 until the first event on this CPU.
     pub since_ns: u64,
-    /// cgroup id of the task on the CPU, once a tick has seen it; 0 while
-    /// unknown (right after a switch) or while the CPU is idle.
-    pub cgroup_id: u64,
     /// Kernel address of the task on the CPU (its `task_struct`).
     pub task: u64,
     /// That task's `se.sum_exec_runtime` when its time was last billed.
@@ -128,15 +127,6 @@ pub struct OnCpu {
     pub victim: u64,
     /// Counters not yet in `PM_CPU`.
     pub pending: [Pending; PENDING_SLOTS],
-    /// Update count, written first.
-    pub seq_end: u64,
-}
-
-impl OnCpu {
-    /// Whether this copy was read while no program was updating it.
-    pub fn consistent(&self) -> bool {
-        self.seq == self.seq_end
-    }
 }
 
 /// [`TreeEvent::kind`] of a `cgroup_mkdir`.
@@ -194,7 +184,7 @@ impl core::ops::AddAssign for NetCounters {
 
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 40);
-const _: () = assert!(core::mem::size_of::<OnCpu>() == 72 + 40 * PENDING_SLOTS);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 40 * PENDING_SLOTS);
 const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 
 #[cfg(feature = "user")]
@@ -203,6 +193,4 @@ mod user {
     unsafe impl aya::Pod for super::CpuCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetCounters {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::OnCpu {}
 }

@@ -4,7 +4,7 @@
 //! aya reads a map one key at a time: `get_next_key`, then `lookup`, two
 //! syscalls per entry. At a thousand cgroups that is four thousand syscalls
 //! for the two counter maps at every scrape, a quarter of its CPU. aya has
-//! no batch operations, so this is the one raw `bpf()` call podmeter makes.
+//! no batch operations, so this makes the `bpf()` call itself.
 
 use std::{
     collections::HashMap,

@@ -10,6 +10,7 @@
 
 mod batch;
 pub mod pins;
+mod sync;
 
 use std::{
     collections::HashMap,
@@ -22,7 +23,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
-    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, PerfEvent, ProgramError,
         RawTracePoint,
@@ -32,17 +33,10 @@ use aya::{
     },
     util::online_cpus,
 };
-use nix::time::{ClockId, clock_gettime};
 use podmeter_common::{
-    CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, OnCpu, TICK_PERIOD_NS, TREE_MKDIR,
+    CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, TICK_PERIOD_NS, TREE_MKDIR,
     TREE_RMDIR, TreeEvent,
 };
-
-/// Reads of the per-CPU state before a CPU whose every copy was torn by a
-/// concurrent update is left out of a reading. An update takes well under a
-/// microsecond, a copy of all CPUs about as long: one retry nearly always
-/// does.
-const ONCPU_TRIES: usize = 8;
 
 /// The eBPF object, aligned as aya needs it.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podmeter-ebpf"));
@@ -160,7 +154,9 @@ pub struct Maps {
     possible_cpus: usize,
     /// Cleared when the kernel refuses batch reads.
     batch: AtomicBool,
-    oncpu: PerCpuArray<MapData, OnCpu>,
+    /// Brings each CPU's pending time into `cpu` before a read; `None`
+    /// where the kernel cannot run it (before 5.10).
+    sync: Option<sync::CpuSync>,
     drops: PerCpuArray<MapData, u64>,
     capacity: u32,
     signals: Signals,
@@ -390,7 +386,8 @@ pub fn load(
             "this kernel cannot pin perf event links (before 5.15): the CPU tick stops while no agent runs"
         );
     }
-    for cpu in online_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))? {
+    let cpus = online_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))?;
+    for &cpu in &cpus {
         let id = p
             .attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
@@ -408,6 +405,18 @@ pub fn load(
             keep.pin(format!("tick-{cpu}"), link)?;
         }
     }
+
+    let sync = match load_sync(&mut ebpf, cpus) {
+        Ok(sync) => Some(sync),
+        Err(e) => {
+            tracing::warn!(
+                "cannot run the CPU sync program on each CPU ({e}; it needs Linux 5.10): \
+                 CPU counters lag each CPU by up to {} ms",
+                TICK_PERIOD_NS / 1_000_000
+            );
+            None
+        }
+    };
 
     let root = File::open(cgroup2_root).map_err(|source| BpfError::CgroupRoot {
         path: cgroup2_root.display().to_string(),
@@ -504,7 +513,7 @@ pub fn load(
         batch_fds: [cpu_fd, net_fd],
         possible_cpus: aya::util::nr_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))?,
         batch: AtomicBool::new(!force.entry_reads),
-        oncpu: take(&mut ebpf, "PM_ONCPU")?,
+        sync,
         drops: take(&mut ebpf, "PM_DROPS")?,
         // Adopted maps have it too: pins of another capacity are not adopted.
         capacity: max_cgroups,
@@ -518,6 +527,19 @@ pub fn load(
         maps,
         tree,
     })
+}
+
+/// Loads the CPU sync program (never attached) and runs it once on each
+/// of `cpus`.
+fn load_sync(ebpf: &mut Ebpf, cpus: Vec<u32>) -> Result<sync::CpuSync, String> {
+    let p = raw_program(ebpf, "pm_cpu_sync")?;
+    p.load().map_err(|e| e.to_string())?;
+    let fd = p
+        .fd()
+        .map_err(|e| e.to_string())?
+        .try_clone()
+        .map_err(|e| e.to_string())?;
+    sync::CpuSync::new(fd, cpus).map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))
 }
 
 /// Loads and attaches the cgroup mkdir/rmdir programs (`tp_btf`), both or
@@ -756,12 +778,6 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { name, source })
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
-    let ts = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
-
 /// Every entry of a per-CPU counter map, summed over CPUs.
 ///
 /// aya's iterator already skips a key deleted between get_next_key and
@@ -830,36 +846,16 @@ impl Maps {
 
     /// CPU time and switches by cgroup id, summed over CPUs.
     ///
-    /// CPU time includes what each CPU has not yet added to the map (see
-    /// [`OnCpu`]) and the slice it is running now, when a tick has said
-    /// whose it is: a task that never leaves its CPU still shows up-to-date
-    /// time. Both count only for cgroups the map holds, so a full map drops
-    /// them as it drops the rest.
-    ///
-    /// The map is read before the per-CPU state, so an update racing the
-    /// read can only make this reading low (by what a CPU sent to the map
-    /// while it was read: at most a tick period of its time, plus the time
-    /// the read took), never high; the caller keeps exported values
-    /// monotonic.
+    /// Every CPU first bills the slice it is running and sends its pending
+    /// counters to the map (see `sync.rs`), so a task that never leaves its
+    /// CPU still shows up-to-date time. Without the sync (kernels before
+    /// 5.10) the read lags each CPU by up to a tick period
+    /// (`TICK_PERIOD_NS`).
     pub fn read_cpu(&self) -> Result<HashMap<u64, CpuCounters>, MapError> {
-        let mut cpu = self.totals(&self.cpu, 0)?;
-        let now = monotonic_ns();
-        for x in self.oncpu_consistent()?.into_iter().flatten() {
-            for p in &x.pending {
-                if let Some(c) = cpu.get_mut(&p.cgroup_id) {
-                    c.time_ns += p.time_ns;
-                    c.switches += p.switches;
-                    c.wait_ns += p.wait_ns;
-                    c.waits += p.waits;
-                }
-            }
-            if x.since_ns != 0
-                && let Some(c) = cpu.get_mut(&x.cgroup_id)
-            {
-                c.time_ns += now.saturating_sub(x.since_ns);
-            }
+        if let Some(sync) = &self.sync {
+            sync.run().map_err(MapError::IoError)?;
         }
-        Ok(cpu)
+        self.totals(&self.cpu, 0)
     }
 
     /// Traffic by socket cgroup id, summed over CPUs.
@@ -874,25 +870,6 @@ impl Maps {
             *slot = self.drops.get(&idx, 0)?.iter().sum();
         }
         Ok(dropped)
-    }
-
-    /// Each CPU's [`OnCpu`], from a read that no update tore (`None` if
-    /// every try raced one: that CPU's pending time is left out).
-    fn oncpu_consistent(&self) -> Result<Vec<Option<OnCpu>>, MapError> {
-        let mut good: Vec<Option<OnCpu>> = Vec::new();
-        for _ in 0..ONCPU_TRIES {
-            let read: PerCpuValues<OnCpu> = self.oncpu.get(&0, 0)?;
-            good.resize(read.len(), None);
-            for (g, x) in good.iter_mut().zip(read.iter()) {
-                if g.is_none() && x.consistent() {
-                    *g = Some(*x);
-                }
-            }
-            if good.iter().all(Option::is_some) {
-                break;
-            }
-        }
-        Ok(good)
     }
 
     /// Tree events lost to a full ring buffer since the programs loaded.

@@ -41,7 +41,7 @@ use podmeter_common::{CpuCounters, DROP_SLOTS, NetCounters, OnCpu};
 /// what the programs keep in them (the per-CPU [`OnCpu`] protocol). A new
 /// agent adopts pins of its own layout only. Bump it with any change to
 /// `podmeter-common`'s map values or to how the programs use them.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 /// `statfs` type of a bpffs mount.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -1,0 +1,103 @@
+//! Bringing every CPU's not-yet-flushed CPU time into `PM_CPU` before a
+//! read.
+//!
+//! Each CPU keeps its last few cgroups' time in its own `OnCpu` slot (see
+//! agent-ebpf/src/sched.rs). Reading those slots from another CPU would
+//! need the programs' stores and the agent's loads ordered: x86-64 gives
+//! that for free, arm64 does not, and BPF has no fence instruction on the
+//! kernels podmeter supports. So the agent never reads them. It runs
+//! `pm_cpu_sync`, the tick's work, on each CPU instead: `BPF_PROG_TEST_RUN`
+//! with `BPF_F_TEST_RUN_ON_CPU` (Linux 5.10) sends it there by IPI and
+//! waits for it, and that wait orders the program's stores before the
+//! agent's read of the map, on every architecture.
+//!
+//! Like `batch.rs`, this is a raw `bpf()` call: aya has no test runs.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::programs::ProgramFd;
+
+/// `enum bpf_cmd`: BPF_PROG_TEST_RUN.
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// Run the program on `cpu`, not on the calling one.
+const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
+
+/// `union bpf_attr`'s `test` member, up to `cpu` (what 5.10 knows).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+}
+
+const _: () = assert!(size_of::<TestRunAttr>() == 72);
+
+/// The sync program and the CPUs it runs on: those the tick is attached
+/// to (the CPUs online at start).
+pub struct CpuSync {
+    prog: ProgramFd,
+    cpus: Vec<u32>,
+}
+
+impl CpuSync {
+    /// Runs the program once on every CPU, so that an unusable one (a
+    /// kernel before 5.10 refuses `BPF_F_TEST_RUN_ON_CPU`) is found at
+    /// start.
+    pub fn new(prog: ProgramFd, cpus: Vec<u32>) -> io::Result<Self> {
+        let sync = Self { prog, cpus };
+        sync.run()?;
+        Ok(sync)
+    }
+
+    /// Runs the program on every CPU. A CPU gone offline since start
+    /// (`ENXIO`) is skipped: it runs nothing, and what it had pending waits
+    /// in its slot until it runs again.
+    pub fn run(&self) -> io::Result<()> {
+        for &cpu in &self.cpus {
+            match self.run_on(cpu) {
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    fn run_on(&self, cpu: u32) -> io::Result<()> {
+        let mut attr = TestRunAttr {
+            prog_fd: self.prog.as_fd().as_raw_fd() as u32,
+            flags: BPF_F_TEST_RUN_ON_CPU,
+            cpu,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` prefix with no buffers; the
+        // kernel writes only `retval` and `duration` in it.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &raw mut attr,
+                size_of::<TestRunAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
