@@ -3,6 +3,7 @@
 //! test suite, the benchmarks. Each command is a module owning its clap
 //! `Options`; this file only dispatches.
 
+mod arch;
 mod bench;
 mod build;
 mod cluster;
@@ -81,10 +82,13 @@ enum Task {
     Soak(podmeter_bench::soak::Options),
     /// Boot Debian's 5.10, 6.1 and 6.12 cloud kernels in qemu (pure cgroup
     /// v2) and run the privileged integration tests in each; prints a table
-    /// per kernel.
+    /// per kernel. `--arch arm64`: Debian's arm64 6.1 and 6.12 in
+    /// qemu-system-aarch64, with podmeter and the tests cross-built.
     VmTest(vm::Options),
-    /// Build podmeter's OCI image (target/podmeter.oci.tar) without Docker,
-    /// and import it into the local cluster's containerd if it is up.
+    /// Build podmeter's OCI images without Docker: this host's
+    /// (target/podmeter.oci.tar, imported into the local cluster's
+    /// containerd if it is up) and a multi-architecture index of amd64 and
+    /// a cross-built arm64 (target/podmeter-multiarch.oci.tar).
     Image(image::Options),
 }
 

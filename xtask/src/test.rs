@@ -82,6 +82,7 @@ pub fn run(opts: &Options) -> Result<()> {
         phases.run("vm-test", || {
             vm::run(&vm::Options {
                 kernels: CI_KERNELS.iter().map(|k| (*k).to_owned()).collect(),
+                arch: crate::arch::Arch::HOST,
                 tests: vm::DEFAULT_TESTS.iter().map(|t| (*t).to_owned()).collect(),
                 filter: None,
                 memory_mib: 2048,

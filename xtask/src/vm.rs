@@ -12,6 +12,11 @@
 //! alone), and cached by package name under
 //! `/var/cache/podmeter/kernels/`. A kernel already cached is used without
 //! the network.
+//!
+//! `--arch arm64` boots Debian's arm64 cloud kernels in
+//! `qemu-system-aarch64` (TCG, several times slower than x86 TCG here),
+//! with podmeter and the tests cross-built and a Debian arm64 userland
+//! (see `arch.rs`) in the initramfs.
 
 use std::{
     fmt::Write as _,
@@ -25,7 +30,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, cargo, image, root, setup, sh};
+use crate::{
+    arch::{self, Arch},
+    cargo, image, root, setup, sh,
+};
 
 /// Debian cloud kernels by series: the suite that carries them.
 const KERNELS: [(&str, &str); 3] = [
@@ -34,9 +42,23 @@ const KERNELS: [(&str, &str); 3] = [
     ("6.12", "bookworm-security"),
 ];
 
+/// Debian's arm64 cloud kernels (bullseye has none for arm64).
+const KERNELS_ARM64: [(&str, &str); 2] = [
+    ("6.1", "bookworm and bookworm-security"),
+    ("6.12", "bookworm-security"),
+];
+
+fn kernels(arch: Arch) -> &'static [(&'static str, &'static str)] {
+    match arch {
+        Arch::Amd64 => &KERNELS,
+        Arch::Arm64 => &KERNELS_ARM64,
+    }
+}
+
 /// What the VMs need on the host: qemu, the initramfs's shell and tools.
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    "qemu-system-arm",
     "busybox-static",
     "cpio",
     "iproute2",
@@ -58,11 +80,11 @@ const PROGRAMS: &[&str] = &[
 ];
 
 /// Kernel modules the tests load (veth pairs, netem and nftables random
-/// loss), in
-/// dependency order, under `lib/modules/<release>/kernel/`.
-const MODULES: [&str; 5] = [
+/// loss), in dependency order, under `lib/modules/<release>/kernel/`.
+const MODULES: [&str; 6] = [
     "drivers/net/veth",
     "net/sched/sch_netem",
+    "lib/libcrc32c",
     "net/netfilter/nfnetlink",
     "net/netfilter/nf_tables",
     "net/netfilter/nft_numgen",
@@ -87,8 +109,13 @@ pub const DEFAULT_TESTS: [&str; 8] = [
 /// `cargo xtask vm-test`'s options.
 #[derive(clap::Args)]
 pub struct Options {
-    /// Kernel series to boot (5.10, 6.1, 6.12); all of them by default.
+    /// Kernel series to boot (5.10, 6.1, 6.12; arm64: 6.1, 6.12); all of
+    /// them by default.
     pub kernels: Vec<String>,
+    /// CPU architecture of the VMs: arm64 cross-builds podmeter and the
+    /// tests and runs them in qemu-system-aarch64.
+    #[arg(long, value_enum, default_value = "amd64")]
+    pub arch: Arch,
     /// Test files (tests/tests/<name>.rs) to run in each VM.
     #[arg(
         long,
@@ -111,23 +138,28 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    let known = kernels(opts.arch);
     let series: Vec<&str> = if opts.kernels.is_empty() {
-        KERNELS.iter().map(|(s, _)| *s).collect()
+        known.iter().map(|(s, _)| *s).collect()
     } else {
         opts.kernels.iter().map(String::as_str).collect()
     };
     for s in &series {
-        if !KERNELS.iter().any(|(k, _)| k == s) {
-            let known: Vec<&str> = KERNELS.iter().map(|(k, _)| *k).collect();
-            bail!("no kernel series {s:?}; there are: {}", known.join(", "));
+        if !known.iter().any(|(k, _)| k == s) {
+            let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
+            bail!(
+                "no {} kernel series {s:?}; there are: {}",
+                opts.arch.name(),
+                names.join(", ")
+            );
         }
     }
     setup::apt(PACKAGES)?;
-    let payload = Payload::build(&opts.tests)?;
+    let payload = Payload::build(&opts.tests, opts.arch)?;
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for s in series {
-        let kernel = fetch_kernel(s)?;
+        let kernel = fetch_kernel(s, opts.arch)?;
         let mut outcome =
             boot(&kernel, &payload, opts).with_context(|| format!("kernel {}", kernel.release))?;
         // The guest kernel itself crashing (seen once on 6.12: an int3 trap
@@ -161,6 +193,7 @@ pub struct Kernel {
     pub release: String,
     /// The Debian package version, e.g. `6.1.192-3`.
     pub version: String,
+    pub arch: Arch,
     dir: PathBuf,
 }
 
@@ -174,41 +207,23 @@ impl Kernel {
     }
 }
 
-/// apt with a private sources list and state, under the cache.
-fn apt_private(tool: &str) -> Result<Command> {
-    let dir = setup::cache_dir().join("kernels/apt");
-    for d in ["lists/partial", "cache/archives/partial"] {
-        fs::create_dir_all(dir.join(d))?;
-    }
-    let list = dir.join("sources.list");
-    let mut text = String::new();
-    for suite in ["bullseye", "bookworm"] {
-        let _ = writeln!(
-            text,
-            "deb [trusted=yes] http://deb.debian.org/debian {suite} main\n\
-             deb [trusted=yes] http://deb.debian.org/debian-security {suite}-security main"
-        );
-    }
-    fs::write(&list, text)?;
-    let mut c = Command::new(tool);
-    for (k, v) in [
-        ("Dir::Etc::SourceList", list.clone()),
-        ("Dir::Etc::SourceParts", PathBuf::from("/dev/null")),
-        ("Dir::State::Lists", dir.join("lists")),
-        ("Dir::Cache", dir.join("cache")),
-        // Downloads land in the cache, which the _apt user cannot write.
-        ("APT::Sandbox::User", PathBuf::from("root")),
-    ] {
-        c.arg("-o").arg(format!("{k}={}", v.display()));
-    }
-    Ok(c)
+/// apt with a private sources list, state and architecture, under the
+/// kernel cache.
+fn apt_private(tool: &str, arch: Arch) -> Result<Command> {
+    let dir = setup::cache_dir().join(match arch {
+        // amd64's lists are where they always were.
+        Arch::Amd64 => "kernels/apt".to_owned(),
+        a => format!("kernels/apt-{}", a.name()),
+    });
+    arch::apt_private(tool, &dir, arch)
 }
 
 /// The newest cloud kernel of `series`, from the cache or Debian.
-fn fetch_kernel(series: &str) -> Result<Kernel> {
+fn fetch_kernel(series: &str, arch: Arch) -> Result<Kernel> {
     let cache = setup::cache_dir().join("kernels");
     fs::create_dir_all(&cache)?;
     let prefix = format!("linux-image-{series}");
+    let suffix = format!("-cloud-{}", arch.name());
     let cached = |cache: &Path| -> Option<Kernel> {
         let mut found: Vec<PathBuf> = fs::read_dir(cache)
             .ok()?
@@ -217,7 +232,8 @@ fn fetch_kernel(series: &str) -> Result<Kernel> {
             .filter(|p| p.join("version").exists())
             .filter(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with(&format!("{prefix}.")) || n.starts_with(&format!("{prefix}-"))
+                    (n.starts_with(&format!("{prefix}.")) || n.starts_with(&format!("{prefix}-")))
+                        && n.ends_with(&suffix)
                 })
             })
             .collect();
@@ -235,26 +251,29 @@ fn fetch_kernel(series: &str) -> Result<Kernel> {
         Some(Kernel {
             release,
             version,
+            arch,
             dir,
         })
     };
     if let Some(k) = cached(&cache) {
         return Ok(k);
     }
-    let suite = KERNELS
+    let suite = kernels(arch)
         .iter()
         .find(|(s, _)| *s == series)
         .map_or("?", |(_, suite)| suite);
     eprintln!(
-        "vm: fetching Debian's newest {series} cloud kernel from {suite} (once; cached under {})",
+        "vm: fetching Debian's newest {series} {} cloud kernel from {suite} (once; cached under {})",
+        arch.name(),
         cache.display()
     );
-    sh(apt_private("apt-get")?.args(["update", "-qq"]))?;
-    let out = apt_private("apt-cache")?
+    sh(apt_private("apt-get", arch)?.args(["update", "-qq"]))?;
+    let out = apt_private("apt-cache", arch)?
         .args(["search", "--names-only"])
         .arg(format!(
-            "^linux-image-{}[.-].*cloud-amd64$",
-            regex_escape(series)
+            "^linux-image-{}[.-].*cloud-{}$",
+            regex_escape(series),
+            arch.name()
         ))
         .output()
         .context("apt-cache search")?;
@@ -271,12 +290,15 @@ fn fetch_kernel(series: &str) -> Result<Kernel> {
         .map(str::to_owned)
         .collect();
     packages.sort_by_key(|p| version_key(p));
-    let package = packages
-        .pop()
-        .with_context(|| format!("no cloud kernel of series {series} in Debian's lists"))?;
+    let package = packages.pop().with_context(|| {
+        format!(
+            "no {} cloud kernel of series {series} in Debian's lists",
+            arch.name()
+        )
+    })?;
     let dl = cache.join("downloads");
     fs::create_dir_all(&dl)?;
-    sh(apt_private("apt-get")?
+    sh(apt_private("apt-get", arch)?
         .arg("download")
         .arg(&package)
         .current_dir(&dl))?;
@@ -319,6 +341,7 @@ fn regex_escape(s: &str) -> String {
 
 /// What goes into every VM: the agent, the test binaries, `pm-work`.
 struct Payload {
+    arch: Arch,
     podmeter: PathBuf,
     pm_work: PathBuf,
     /// `(file name, path)` of each test binary, in the order asked.
@@ -326,18 +349,20 @@ struct Payload {
 }
 
 impl Payload {
-    fn build(tests: &[String]) -> Result<Self> {
-        build::agent(true)?;
-        image::build_pm_work()?;
-        let out = cargo()
-            .args([
-                "test",
-                "--release",
-                "--package",
-                "podmeter-tests",
-                "--no-run",
-                "--message-format=json",
-            ])
+    fn build(tests: &[String], arch: Arch) -> Result<Self> {
+        crate::build::agent_for(arch)?;
+        image::build_pm_work_for(arch)?;
+        let mut test = cargo();
+        test.args([
+            "test",
+            "--release",
+            "--package",
+            "podmeter-tests",
+            "--no-run",
+            "--message-format=json",
+        ]);
+        arch.cargo_args(&mut test)?;
+        let out = test
             .args(tests.iter().flat_map(|t| ["--test", t.as_str()]))
             .current_dir(root())
             .stderr(Stdio::inherit())
@@ -368,8 +393,9 @@ impl Payload {
                 .with_context(|| format!("no test file tests/tests/{t}.rs"))?;
             ordered.push(f.clone());
         }
-        let release = crate::cmd::target_dir().join("release");
+        let release = arch.release_dir();
         Ok(Self {
+            arch,
             podmeter: release.join("podmeter"),
             pm_work: release.join("pm-work"),
             tests: ordered,
@@ -434,20 +460,31 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         log_path.display()
     );
     let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-cpu", "max", "-nographic", "-no-reboot"])
+    let (qemu, machine, cpu, console) = match kernel.arch {
+        Arch::Amd64 => ("qemu-system-x86_64", "q35", "max", "ttyS0"),
+        // `max` with the architected pointer authentication is several
+        // times slower under TCG; the implementation-defined one is not.
+        Arch::Arm64 => (
+            "qemu-system-aarch64",
+            "virt",
+            "max,pauth-impdef=on",
+            "ttyAMA0",
+        ),
+    };
+    let mut child = Command::new(qemu)
+        .args(["-machine", machine, "-cpu", cpu, "-nographic", "-no-reboot"])
         .args(["-m", &opts.memory_mib.to_string()])
         .args(["-smp", &opts.cpus.to_string()])
         .arg("-kernel")
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-append", &format!("console={console} panic=-1 quiet")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .with_context(|| format!("starting {qemu}"))?;
     let stdout = child.stdout.take().expect("piped");
     let deadline = Duration::from_secs(opts.timeout_minutes * 60);
     // qemu's own timer: kill it when the deadline passes, whatever it prints.
@@ -475,15 +512,19 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         let line = line.unwrap_or_default();
         writeln!(log, "{line}")?;
         let clean = line.trim();
-        // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`.
+        // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`
+        // (arm64: `Internal error: ...`, then `pc : enqueue_entity+0x...`).
         let kmsg = clean.split_once("] ").map_or(clean, |(_, m)| m);
-        if kmsg.starts_with("Oops:") || kmsg.starts_with("BUG:") {
+        if kmsg.starts_with("Oops:")
+            || kmsg.starts_with("BUG:")
+            || kmsg.starts_with("Internal error:")
+        {
             oops.get_or_insert_with(|| kmsg.to_owned());
-        } else if kmsg.starts_with("RIP: ")
+        } else if let Some(at) = kmsg.strip_prefix("RIP: ").or(kmsg.strip_prefix("pc : "))
             && let Some(o) = oops.as_mut()
             && !o.contains(" at ")
         {
-            o.push_str(&format!(" at {}", kmsg.trim_start_matches("RIP: ")));
+            o.push_str(&format!(" at {at}"));
         } else if kmsg.starts_with("Kernel panic") {
             guest_crash = Some(oops.clone().unwrap_or_else(|| kmsg.to_owned()));
         }
@@ -605,24 +646,57 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
     ] {
         fs::create_dir_all(stage.join(d))?;
     }
-    fs::copy("/bin/busybox", stage.join("bin/busybox")).context("copying busybox")?;
+    // The host's userland, or a Debian userland of the VM's architecture:
+    // where programs come from, and how their libraries are found.
+    let userland = match payload.arch {
+        Arch::HOST => None,
+        a => Some(arch::userland(a)?),
+    };
+    let program = |name: &str, host: &str| -> Result<PathBuf> {
+        match &userland {
+            None => Ok(PathBuf::from(host)),
+            Some(root) => arch::find_program(root, name),
+        }
+    };
+    let mut add_libs = |binary: &Path| -> Result<()> {
+        match &userland {
+            None => libs.extend(image::shared_libs(binary)?),
+            Some(root) => libs.extend(
+                arch::shared_libs(binary, root)?
+                    .into_iter()
+                    .map(|rel| PathBuf::from("/").join(rel)),
+            ),
+        }
+        Ok(())
+    };
+    fs::copy(
+        program("busybox", "/bin/busybox")?,
+        stage.join("bin/busybox"),
+    )
+    .context("copying busybox")?;
     // A real /bin/sh for the tests' `sh -c`: Debian's static busybox runs
     // its own applets first (its `unshare` lacks --cgroup).
-    fs::copy("/bin/dash", stage.join("bin/sh")).context("copying dash")?;
-    libs.extend(image::shared_libs(Path::new("/bin/dash"))?);
+    let dash = program("dash", "/bin/dash")?;
+    fs::copy(&dash, stage.join("bin/sh")).context("copying dash")?;
+    add_libs(&dash)?;
     for applet in [
         "mount", "umount", "mkdir", "cat", "echo", "poweroff", "insmod", "sleep", "kill",
         "taskset", "date", "ls", "uname", "grep", "rm", "ln", "dmesg", "awk",
     ] {
         std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet))?;
     }
-    for program in PROGRAMS {
-        let dest = stage.join(program.trim_start_matches('/'));
-        fs::copy(program, &dest).with_context(|| format!("copying {program}"))?;
-        libs.extend(image::shared_libs(Path::new(program))?);
+    for host in PROGRAMS {
+        let name = Path::new(host)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(host);
+        let from = program(name, host)?;
+        let dest = stage.join(host.trim_start_matches('/'));
+        fs::copy(&from, &dest).with_context(|| format!("copying {}", from.display()))?;
+        add_libs(&from)?;
     }
     let strip = |from: &Path, to: &Path| -> Result<()> {
-        sh(Command::new("strip")
+        sh(Command::new(payload.arch.strip())
             .arg("--strip-debug")
             .arg("-o")
             .arg(to)
@@ -630,16 +704,20 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
     };
     strip(&payload.podmeter, &stage.join("pm/podmeter"))?;
     strip(&payload.pm_work, &stage.join("pm/t/pm-work"))?;
-    libs.extend(image::shared_libs(&payload.podmeter)?);
-    libs.extend(image::shared_libs(&payload.pm_work)?);
+    add_libs(&payload.podmeter)?;
+    add_libs(&payload.pm_work)?;
     for (name, exe) in &payload.tests {
         strip(exe, &stage.join("pm/t/deps").join(name))?;
-        libs.extend(image::shared_libs(exe)?);
+        add_libs(exe)?;
     }
     for lib in libs {
+        let from = match &userland {
+            None => lib.clone(),
+            Some(root) => root.join(lib.strip_prefix("/").unwrap_or(&lib)),
+        };
         let dest = stage.join(lib.to_string_lossy().trim_start_matches('/'));
         fs::create_dir_all(dest.parent().expect("a library has a directory"))?;
-        fs::copy(&lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
+        fs::copy(&from, &dest).with_context(|| format!("copying {}", from.display()))?;
     }
     // Modules the tests need, in load order (`/init` loads what is there).
     for (i, rel) in MODULES.iter().enumerate() {

@@ -1,0 +1,304 @@
+//! The CPU architectures podmeter ships for, and what building for and
+//! running on the one that is not this host's takes: a cross toolchain
+//! (Debian's `gcc-aarch64-linux-gnu`, the rustup target), qemu for it, and
+//! a Debian userland of its own (busybox, dash, iproute2, bpftool,
+//! util-linux, nftables and their libraries) for the VMs and the image.
+//!
+//! Debian packages of another architecture come from the package registry
+//! through apt's ordinary client with a private sources list, state and
+//! architecture (the machine's apt configuration is left alone), and are
+//! unpacked, not installed, under `/var/cache/podmeter/userland-<arch>/`.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{setup, sh};
+
+/// An architecture of Debian's and Kubernetes' naming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// The architecture xtask runs on (x86-64 on podmeter's CI).
+    pub const HOST: Arch = if cfg!(target_arch = "aarch64") {
+        Arch::Arm64
+    } else {
+        Arch::Amd64
+    };
+
+    /// Debian's and the OCI platform's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// The Rust target to build for, `None` for the host's.
+    pub fn rust_target(self) -> Option<&'static str> {
+        (self != Self::HOST).then_some(match self {
+            Arch::Amd64 => "x86_64-unknown-linux-gnu",
+            Arch::Arm64 => "aarch64-unknown-linux-gnu",
+        })
+    }
+
+    /// `binutils` of the architecture (`strip` of the host's cannot read
+    /// another architecture's ELF).
+    pub fn strip(self) -> &'static str {
+        match self {
+            _ if self == Self::HOST => "strip",
+            Arch::Amd64 => "x86_64-linux-gnu-strip",
+            Arch::Arm64 => "aarch64-linux-gnu-strip",
+        }
+    }
+
+    /// Where cargo puts release binaries built for it.
+    pub fn release_dir(self) -> PathBuf {
+        let target = crate::cmd::target_dir();
+        match self.rust_target() {
+            None => target.join("release"),
+            Some(t) => target.join(t).join("release"),
+        }
+    }
+
+    /// Adds `--target` and the cross toolchain's environment to a cargo
+    /// command, installing the toolchain first if it is missing.
+    pub fn cargo_args(self, cargo: &mut Command) -> Result<()> {
+        let Some(target) = self.rust_target() else {
+            return Ok(());
+        };
+        cross_toolchain(self)?;
+        let gcc = format!("{}-linux-gnu-gcc", gnu(self));
+        let env_target = target.replace('-', "_");
+        cargo
+            .args(["--target", target])
+            .env(
+                format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase()),
+                &gcc,
+            )
+            // `ring`'s C and assembly.
+            .env(format!("CC_{env_target}"), &gcc)
+            .env(
+                format!("AR_{env_target}"),
+                format!("{}-linux-gnu-ar", gnu(self)),
+            );
+        Ok(())
+    }
+}
+
+/// The GNU triplet's first part.
+fn gnu(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "x86_64",
+        Arch::Arm64 => "aarch64",
+    }
+}
+
+/// Debian's cross compiler and C library for `arch`, and the rustup target.
+fn cross_toolchain(arch: Arch) -> Result<()> {
+    let (gcc, libc) = match arch {
+        Arch::Amd64 => ("gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"),
+        Arch::Arm64 => ("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"),
+    };
+    setup::apt(&[gcc, libc])?;
+    let target = arch.rust_target().expect("a foreign architecture");
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
+        sh(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    Ok(())
+}
+
+/// apt with a private sources list, state and architecture, under the
+/// cache: `dir` keeps its lists and downloads.
+pub fn apt_private(tool: &str, dir: &Path, arch: Arch) -> Result<Command> {
+    for d in ["lists/partial", "cache/archives/partial"] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    let list = dir.join("sources.list");
+    let mut text = String::new();
+    for suite in ["bullseye", "bookworm"] {
+        let _ = writeln!(
+            text,
+            "deb [trusted=yes] http://deb.debian.org/debian {suite} main\n\
+             deb [trusted=yes] http://deb.debian.org/debian-security {suite}-security main"
+        );
+    }
+    fs::write(&list, text)?;
+    let mut c = Command::new(tool);
+    for (k, v) in [
+        ("Dir::Etc::SourceList", list.display().to_string()),
+        ("Dir::Etc::SourceParts", "/dev/null".into()),
+        ("Dir::State::Lists", dir.join("lists").display().to_string()),
+        ("Dir::Cache", dir.join("cache").display().to_string()),
+        // Downloads land in the cache, which the _apt user cannot write.
+        ("APT::Sandbox::User", "root".into()),
+        ("APT::Architecture", arch.name().into()),
+        ("APT::Architectures", arch.name().into()),
+    ] {
+        c.arg("-o").arg(format!("{k}={v}"));
+    }
+    Ok(c)
+}
+
+/// What a VM's userland needs, by Debian package; their dependencies come
+/// along.
+const USERLAND: &[&str] = &[
+    "busybox-static",
+    "dash",
+    "iproute2",
+    "bpftool",
+    "util-linux",
+    "nftables",
+    "libc6",
+];
+
+/// A Debian userland of `arch` (bookworm's packages, with their
+/// dependencies), unpacked once and cached. Its files are not run here:
+/// they are copied into `arch`'s VMs and image.
+pub fn userland(arch: Arch) -> Result<PathBuf> {
+    let cache = setup::cache_dir();
+    let dir = cache.join(format!("userland-{}", arch.name()));
+    let root = dir.join("root");
+    if root.join("bin/busybox").exists() {
+        return Ok(root);
+    }
+    eprintln!(
+        "arch: fetching a Debian {} userland ({}, with dependencies; once, cached under {})",
+        arch.name(),
+        USERLAND.join(" "),
+        dir.display()
+    );
+    let apt = dir.join("apt");
+    sh(apt_private("apt-get", &apt, arch)?.args(["update", "-qq"]))?;
+    let out = apt_private("apt-cache", &apt, arch)?
+        .args(["depends", "--recurse", "--no-recommends", "--no-suggests"])
+        .args([
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+        ])
+        .args(USERLAND)
+        .output()
+        .context("apt-cache depends")?;
+    if !out.status.success() {
+        bail!(
+            "apt-cache depends failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // Top-level lines are packages; indented ones their dependencies, which
+    // appear again at top level. `<virtual>` packages have no file.
+    let packages: BTreeSet<&str> = std::str::from_utf8(&out.stdout)?
+        .lines()
+        .filter(|l| !l.starts_with([' ', '<']) && !l.is_empty())
+        .collect();
+    let debs = dir.join("debs");
+    let _ = fs::remove_dir_all(&debs);
+    fs::create_dir_all(&debs)?;
+    sh(apt_private("apt-get", &apt, arch)?
+        .arg("download")
+        .args(&packages)
+        .current_dir(&debs))?;
+    let partial = dir.join("root.partial");
+    let _ = fs::remove_dir_all(&partial);
+    for deb in fs::read_dir(&debs)?.flatten() {
+        sh(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb.path())
+            .arg(&partial))?;
+    }
+    fs::rename(&partial, &root)?;
+    fs::remove_dir_all(&debs)?;
+    Ok(root)
+}
+
+/// A program of the userland at `root`, by its name (the directories
+/// differ between Debian releases: bookworm's `ip` is `/bin/ip`).
+pub fn find_program(root: &Path, name: &str) -> Result<PathBuf> {
+    ["bin", "sbin", "usr/bin", "usr/sbin"]
+        .iter()
+        .map(|d| root.join(d).join(name))
+        .find(|p| p.exists() && !p.is_symlink())
+        .with_context(|| format!("no program {name} in {}", root.display()))
+}
+
+/// The libraries `binary` loads, itself and through the ones it loads, and
+/// its loader, as paths from the userland's `root` (where they also go in a
+/// VM or image). The host's `ldd` cannot run another architecture's
+/// binaries, so this follows `DT_NEEDED` with `readelf`.
+pub fn shared_libs(binary: &Path, root: &Path) -> Result<Vec<String>> {
+    let mut found = BTreeSet::new();
+    let mut todo = vec![binary.to_owned()];
+    while let Some(file) = todo.pop() {
+        let out = Command::new("readelf")
+            .args(["--dynamic", "--program-headers", "--wide"])
+            .arg(&file)
+            .output()
+            .context("running readelf")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut wanted = Vec::new();
+        for line in text.lines() {
+            // `[Requesting program interpreter: /lib/ld-linux-aarch64.so.1]`
+            if let Some(rest) = line.split("program interpreter: ").nth(1) {
+                wanted.push(rest.trim_end_matches(']').trim().to_owned());
+            } else if line.contains("(NEEDED)")
+                && let Some(lib) = line.split('[').nth(1)
+            {
+                wanted.push(lib.trim_end_matches(']').to_owned());
+            }
+        }
+        for lib in wanted {
+            let rel = if lib.starts_with('/') {
+                lib.trim_start_matches('/').to_owned()
+            } else {
+                ["lib", "usr/lib"]
+                    .iter()
+                    .flat_map(|d| {
+                        [
+                            format!("{d}/{}-linux-gnu/{lib}", gnu_of(root)),
+                            format!("{d}/{lib}"),
+                        ]
+                    })
+                    .find(|p| root.join(p).exists())
+                    .with_context(|| {
+                        format!(
+                            "{} needs {lib}, which is not in {}",
+                            file.display(),
+                            root.display()
+                        )
+                    })?
+            };
+            if found.insert(rel.clone()) {
+                todo.push(root.join(&rel));
+            }
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// The GNU triplet's first part of the userland at `root`.
+fn gnu_of(root: &Path) -> &'static str {
+    if root.join("lib/aarch64-linux-gnu").exists() {
+        "aarch64"
+    } else {
+        "x86_64"
+    }
+}
