@@ -120,7 +120,9 @@ fn cpu_seconds_per_kubelet_cgroup_match_cpu_stat_within_2_percent() {
     let tree = TestTree::new("cpu");
     let cases = cases();
     let cgroups: Vec<TestCgroup> = cases.iter().map(|c| tree.cgroup(&c.rel)).collect();
-    let host = tree.cgroup("system.slice/burn.service");
+    // A host service as systemd names it, with a '-' escaped as `\x2d`
+    // (a backslash in the directory name, and in the label).
+    let host = tree.cgroup(r"system.slice/system-burn\x2dtest.slice/burn@1.service");
     let agent = Agent::start(&[]);
     let _burners: Vec<_> = cgroups
         .iter()
