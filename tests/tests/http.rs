@@ -318,3 +318,64 @@ fn sigterm_ends_the_agent_within_the_grace_period_despite_a_client_that_never_re
     );
     drop((stuck, idle));
 }
+
+/// Sends `request` and returns the response's head (lowercased) and body
+/// bytes, read until the agent closes.
+fn exchange_bytes(agent: &Agent, request: &str) -> (String, Vec<u8>) {
+    let mut s = connect(agent);
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    (
+        String::from_utf8_lossy(&out[..end]).to_ascii_lowercase(),
+        out[end + 4..].to_vec(),
+    )
+}
+
+/// Metric names of an exposition, each once.
+fn names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn metrics_are_gzipped_when_asked_as_prometheus_asks_and_plain_otherwise() {
+    let agent = Agent::start(&[]);
+    let ask = |encoding: &str| {
+        exchange_bytes(
+            &agent,
+            &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{encoding}Connection: close\r\n\r\n"),
+        )
+    };
+    let (head, plain) = ask("");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert!(head.contains("vary: accept-encoding"), "{head}");
+    let plain = String::from_utf8(plain).expect("a plain exposition is text");
+
+    // What Prometheus sends.
+    let (head, zipped) = ask("Accept-Encoding: gzip\r\n");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&zipped[..])
+        .read_to_string(&mut text)
+        .expect("a gzip stream");
+    // Two scrapes differ in values, not in what they export.
+    assert_eq!(names(&text), names(&plain));
+    assert!(
+        zipped.len() * 2 < plain.len(),
+        "gzip: {} bytes for {} of text",
+        zipped.len(),
+        plain.len()
+    );
+
+    let (head, _) = ask("Accept-Encoding: gzip;q=0, identity\r\n");
+    assert!(!head.contains("content-encoding"), "{head}");
+}

@@ -3,7 +3,9 @@
 
 use std::fmt::Write as _;
 
-use super::results::{BenchResults, Conditions, Exposer, Kernel, Outcome, Scenario, Target};
+use super::results::{
+    AtPods, BenchResults, Conditions, Exposer, Kernel, Outcome, PlainBurst, Scenario, Target,
+};
 use crate::schema::{json_text, num};
 
 /// The row with the largest absolute figure, as (|value|, name).
@@ -311,6 +313,39 @@ pub fn markdown(r: &BenchResults) -> String {
             num(p.cpu_accuracy.total_error_pct, 3),
             num(p.cpu_accuracy.per_container_abs_error_pct.max, 3),
         );
+    }
+    let plain: Vec<(u64, &AtPods, &PlainBurst)> = r
+        .scale()
+        .into_iter()
+        .flat_map(|x| &x.by_pods)
+        .filter_map(|row| match &row.outcome {
+            Outcome::Measured(p) => p.plain.as_ref().map(|q| (row.meta.pods, p, q)),
+            Outcome::Failed(_) => None,
+        })
+        .collect();
+    if !plain.is_empty() {
+        let _ = writeln!(
+            s,
+            "
+gzip, which podmeter uses when a scraper asks (Prometheus always does), against              the same burst without `Accept-Encoding: gzip`:
+
+             | pods | bytes gzip | bytes plain | p50 / p99 ms gzip | p50 / p99 ms plain | CPU ms/scrape gzip | CPU ms/scrape plain |
+             |---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (pods, g, q) in plain {
+            let _ = writeln!(
+                s,
+                "| {pods} | {} | {} | {} / {} | {} / {} | {} | {} |",
+                g.scrape.wire_bytes,
+                q.scrape.wire_bytes,
+                num(g.scrape.p50_ms, 2),
+                num(g.scrape.p99_ms, 2),
+                num(q.scrape.p50_ms, 2),
+                num(q.scrape.p99_ms, 2),
+                num(g.cpu_ms_per_scrape, 3),
+                num(q.cpu_ms_per_scrape, 3),
+            );
+        }
     }
 
     // 3. Accuracy.

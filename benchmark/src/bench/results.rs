@@ -214,11 +214,22 @@ pub struct AtPods {
     /// The burst of back-to-back scrapes.
     pub scrape: BurstSummary,
     pub cpu_ms_per_scrape: f64,
+    /// The same burst without `Accept-Encoding: gzip` (runs before gzip
+    /// have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain: Option<PlainBurst>,
     pub payload_bytes: u64,
     pub series: u64,
     pub bpf_map_entries_cpu: Option<f64>,
     pub tracked_live: Option<f64>,
     pub cpu_accuracy: CpuAccuracy,
+}
+
+/// A burst of scrapes that did not accept gzip, and its CPU per scrape.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PlainBurst {
+    pub scrape: BurstSummary,
+    pub cpu_ms_per_scrape: f64,
 }
 
 /// Latency and size of a burst of scrapes.

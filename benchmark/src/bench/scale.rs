@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 use super::{
     Agent, Bench, Cg, Fetch, LIGHT_TICK, Remove, SCRAPE_EVERY, Sample, Workers, burst_summary,
     parse_exposition, percentile, progress,
-    results::{AtPods, CpuAccuracy, Outcome, Percentiles, Pods, Scale, ScaleRow},
+    results::{AtPods, CpuAccuracy, Outcome, Percentiles, PlainBurst, Pods, Scale, ScaleRow},
     round, scrape_until,
 };
 use crate::schema::{num, rounded};
@@ -233,6 +233,13 @@ fn one(b: &Bench, n: usize) -> Result<AtPods> {
     let dur = t0.elapsed().as_secs_f64();
     let burst_cpu = agent.cpu_secs()? - c0;
     let per_scrape = (burst_cpu - background * dur).max(0.0) / burst.len() as f64;
+    // The same without gzip: what compression costs and saves.
+    let c0 = agent.cpu_secs()?;
+    let t0 = Instant::now();
+    let plain = agent.endpoint.burst_asking(b.plan.burst, false)?;
+    let dur = t0.elapsed().as_secs_f64();
+    let plain_cpu = agent.cpu_secs()? - c0;
+    let plain_per_scrape = (plain_cpu - background * dur).max(0.0) / plain.len() as f64;
     let hwm = agent.hwm_bytes()?;
     let rss = super::proc_status_bytes(agent.pid(), "VmRSS")?;
     let s = &last.samples;
@@ -250,6 +257,10 @@ fn one(b: &Bench, n: usize) -> Result<AtPods> {
         window_scrape_ms: window_ms.iter().map(|x| round(*x, 2)).collect(),
         scrape: burst_summary(&burst),
         cpu_ms_per_scrape: round(per_scrape * 1e3, 3),
+        plain: Some(PlainBurst {
+            scrape: burst_summary(&plain),
+            cpu_ms_per_scrape: round(plain_per_scrape * 1e3, 3),
+        }),
         payload_bytes: last.body_len as u64,
         series: s.len() as u64,
         bpf_map_entries_cpu: gauge(s, "podmeter_bpf_map_entries", ("map", "cpu")),

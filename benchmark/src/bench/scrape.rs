@@ -36,9 +36,19 @@ impl Endpoint {
     }
 
     fn curl(&self) -> Command {
+        self.curl_asking(true)
+    }
+
+    /// curl with Prometheus' headers, without `Accept-Encoding` unless
+    /// `gzip`.
+    fn curl_asking(&self, gzip: bool) -> Command {
         let mut c = Command::new("curl");
         c.args(["-sS", "--fail", "--http1.1", "--max-time", "60"])
-            .args(PROMETHEUS_HEADERS)
+            .args(if gzip {
+                &PROMETHEUS_HEADERS[..]
+            } else {
+                &PROMETHEUS_HEADERS[..2]
+            })
             .args(&self.tls)
             .args(["-w", "%{time_total} %{size_download}\\n"]);
         c
@@ -65,7 +75,12 @@ impl Endpoint {
 
     /// `n` scrapes back to back on one connection; the body is discarded.
     pub fn burst(&self, n: usize) -> Result<Vec<Fetch>> {
-        let mut c = self.curl();
+        self.burst_asking(n, true)
+    }
+
+    /// [`Endpoint::burst`], gzip accepted or not.
+    pub fn burst_asking(&self, n: usize, gzip: bool) -> Result<Vec<Fetch>> {
+        let mut c = self.curl_asking(gzip);
         for _ in 0..n {
             c.arg("-o").arg("/dev/null").arg(&self.url);
         }
