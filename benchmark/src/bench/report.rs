@@ -326,10 +326,10 @@ pub fn markdown(r: &BenchResults) -> String {
     if !plain.is_empty() {
         let _ = writeln!(
             s,
-            "
-gzip, which podmeter uses when a scraper asks (Prometheus always does), against              the same burst without `Accept-Encoding: gzip`:
-
-             | pods | bytes gzip | bytes plain | p50 / p99 ms gzip | p50 / p99 ms plain | CPU ms/scrape gzip | CPU ms/scrape plain |
+            "\ngzip, which podmeter uses when a scraper asks (Prometheus always does), against \
+             the same burst without `Accept-Encoding: gzip`:\n\n\
+             | pods | bytes gzip | bytes plain | p50 / p99 ms gzip | p50 / p99 ms plain \
+             | CPU ms/scrape gzip | CPU ms/scrape plain |\n\
              |---:|---:|---:|---:|---:|---:|---:|"
         );
         for (pods, g, q) in plain {
