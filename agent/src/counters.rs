@@ -2,9 +2,10 @@
 //! fake in unit tests.
 //!
 //! A [`CounterSource`] owns everything about reading counters, including
-//! the monotonic floor: a CPU reading that races a kernel update can come
-//! out low (see `bpf::Maps::read_cpu`), and the floor keeps exported values
-//! from going down. The maps and the floor sit behind one lock, so a
+//! the monotonic floor: a reading may come out below an earlier one (a CPU
+//! whose sync failed, or gone offline, keeps its pending time out of a read
+//! it was in before; see `bpf::Maps::read_cpu`), and the floor keeps
+//! exported values from going down. The maps and the floor sit behind one lock, so a
 //! retirement ([`CounterSource::forget`]) and a read never interleave: a
 //! read cannot put back the floor of an id that was just forgotten, and the
 //! floor holds exactly the ids the map holds.

@@ -16,8 +16,9 @@ const PERIOD_US: u64 = 100_000;
 const QUOTA_US: u64 = 20_000;
 const PERIOD: f64 = PERIOD_US as f64 / 1e6;
 const QUOTA: f64 = QUOTA_US as f64 / 1e6;
-/// podmeter's CPU tick: the running slice at either end of an interval may
-/// be billed up to this late (see cpu.rs).
+/// podmeter's CPU tick: where the kernel cannot run the per-CPU sync
+/// (before 5.10) the running slice at either end of an interval may be
+/// billed up to this late (see cpu.rs); elsewhere this is slack.
 const TICK: f64 = 0.020;
 
 /// What podmeter says about a host cgroup's throttling.

@@ -37,7 +37,7 @@ impl Arch {
     };
 
     /// Debian's and the OCI platform's name.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Arch::Amd64 => "amd64",
             Arch::Arm64 => "arm64",
@@ -176,9 +176,13 @@ pub fn userland(arch: Arch) -> Result<PathBuf> {
     let cache = setup::cache_dir();
     let dir = cache.join(format!("userland-{}", arch.name()));
     let root = dir.join("root");
-    if root.join("bin/busybox").exists() {
+    // The package list it was made from: a changed list makes it again.
+    let marker = dir.join("packages");
+    if fs::read_to_string(&marker).is_ok_and(|m| m == USERLAND.join(" ")) && root.exists() {
         return Ok(root);
     }
+    let _ = fs::remove_dir_all(&root);
+    let _ = fs::remove_file(&marker);
     eprintln!(
         "arch: fetching a Debian {} userland ({}, with dependencies; once, cached under {})",
         arch.name(),
@@ -227,6 +231,7 @@ pub fn userland(arch: Arch) -> Result<PathBuf> {
     }
     fs::rename(&partial, &root)?;
     fs::remove_dir_all(&debs)?;
+    fs::write(&marker, USERLAND.join(" "))?;
     Ok(root)
 }
 
@@ -253,6 +258,13 @@ pub fn shared_libs(binary: &Path, root: &Path) -> Result<Vec<String>> {
             .arg(&file)
             .output()
             .context("running readelf")?;
+        if !out.status.success() {
+            bail!(
+                "readelf {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut wanted = Vec::new();
         for line in text.lines() {

@@ -10,27 +10,34 @@ pub struct Options {
     /// Build with the release profile.
     #[arg(long)]
     pub release: bool,
-    /// CPU architecture to build for: arm64 cross-builds (release only),
-    /// installing Debian's cross compiler and the rustup target if missing.
-    #[arg(long, value_enum, default_value = "amd64")]
+    /// CPU architecture to build for; another than this host's is
+    /// cross-built (release only), installing Debian's cross compiler and
+    /// the rustup target if missing.
+    #[arg(long, value_enum, default_value = Arch::HOST.name())]
     pub arch: Arch,
+    /// Also copy the built agent, stripped, to this path (release only):
+    /// the same place whatever the architecture, for the Containerfile.
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<std::path::PathBuf>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    if opts.arch == Arch::HOST {
+    if opts.arch == Arch::HOST && opts.out.is_none() {
         return agent(opts.release);
     }
     if !opts.release {
-        bail!(
-            "--arch {} builds the release profile only: add --release",
-            opts.arch.name()
-        );
+        bail!("--arch and --out build the release profile only: add --release");
     }
     agent_for(opts.arch)?;
-    eprintln!(
-        "build: {}",
-        opts.arch.release_dir().join("podmeter").display()
-    );
+    let built = opts.arch.release_dir().join("podmeter");
+    eprintln!("build: {}", built.display());
+    if let Some(out) = &opts.out {
+        sh(std::process::Command::new(opts.arch.strip())
+            .arg("-o")
+            .arg(out)
+            .arg(&built))?;
+        eprintln!("build: stripped copy at {}", out.display());
+    }
     Ok(())
 }
 

@@ -24,11 +24,11 @@ pub const DROP_SLOTS: u32 = 3;
 ///
 /// `sched_switch` alone only bills a task when it leaves the CPU; a busy loop
 /// alone on a core may run for seconds without a switch. The tick bills the
-/// slice in progress and records which cgroup is on the CPU, so the agent can
-/// add the not-yet-billed remainder at scrape time. Right after a switch the
-/// new task's cgroup is unknown until the next tick, so a reading can lag
-/// the truth by at most one period (it catches up at the next one): 20 ms is
-/// 0.1 % of a 15 s scrape interval, for 50 cheap events per CPU per second.
+/// slice in progress and sends the pending counters to the map, so the map
+/// never lags a CPU by more than one period, for 50 cheap events per CPU
+/// per second. Before a read the agent also has each CPU do the same (the
+/// sync program), so a reading lags by nothing where the kernel can run it
+/// (5.10 and later) and by at most this period elsewhere.
 pub const TICK_PERIOD_NS: u64 = 20_000_000;
 
 /// On-CPU time, context switches and run-queue waits of one cgroup, per
