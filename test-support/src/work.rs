@@ -21,6 +21,9 @@ pub fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
+/// How long [`Work::line`] waits for a line.
+pub const LINE_WITHIN: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// A running `pm-work`; killed on drop.
 pub struct Work {
     pub(crate) child: Child,
@@ -29,7 +32,26 @@ pub struct Work {
 
 impl Work {
     /// The next `key value...` line it prints, split on whitespace.
+    /// Panics if none comes within [`LINE_WITHIN`]: a test waits on a
+    /// workload that hangs no longer than that.
     pub fn line(&mut self) -> Vec<String> {
+        use std::os::fd::AsRawFd as _;
+        if self.stdout.buffer().is_empty() {
+            let mut fd = libc::pollfd {
+                fd: self.stdout.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(LINE_WITHIN.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&raw mut fd, 1, ms) };
+            assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+            assert!(
+                n > 0,
+                "pm-work (pid {}) printed nothing in {LINE_WITHIN:?}",
+                self.child.id()
+            );
+        }
         let mut s = String::new();
         self.stdout.read_line(&mut s).unwrap();
         assert!(!s.is_empty(), "pm-work exited without reporting");

@@ -88,6 +88,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 memory_mib: 2048,
                 cpus: 2,
                 timeout_minutes: 25,
+                file_timeout_seconds: 300,
             })
         })?;
     }

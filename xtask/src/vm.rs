@@ -137,6 +137,11 @@ pub struct Options {
     /// Give up on a VM after this many minutes.
     #[arg(long, default_value_t = 25)]
     pub timeout_minutes: u64,
+    /// Give up on one test file after this many seconds: the guest prints
+    /// where each of its tasks is blocked, kills them, and goes on with the
+    /// next file.
+    #[arg(long, default_value_t = 300)]
+    pub file_timeout_seconds: u64,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -424,6 +429,8 @@ struct Outcome {
 
 struct FileResult {
     name: String,
+    /// Killed by the guest's per-file timeout.
+    hung: bool,
     code: i32,
     passed: u32,
     failed: u32,
@@ -510,6 +517,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let mut v1_only = None;
     let mut oops: Option<String> = None;
     let mut guest_crash = None;
+    let mut hung = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         writeln!(log, "{line}")?;
@@ -537,6 +545,15 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             let (code, line) = rest.split_once(' ').unwrap_or((rest, ""));
             v1_only = Some((code.parse().unwrap_or(-1), line.to_owned()));
         }
+        if let Some(rest) = clean.strip_prefix("PM-HUNG ") {
+            eprintln!(
+                "vm: {}: {rest} s without finishing: where each task was blocked, then all killed",
+                kernel.release
+            );
+            hung.push(rest.split_whitespace().next().unwrap_or("?").to_owned());
+        } else if clean.starts_with("PM-DIAG ") {
+            eprintln!("vm: {}: {clean}", kernel.release);
+        }
         if let Some(rest) = clean.strip_prefix("PM-START ") {
             eprintln!("vm: {}: {rest} ...", kernel.release);
             current = Some((rest.to_owned(), 0, 0));
@@ -560,6 +577,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                 kernel.release
             );
             files.push(FileResult {
+                hung: hung.contains(&name),
                 name,
                 code,
                 passed,
@@ -735,6 +753,7 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
     }
     let filter = opts.filter.clone().unwrap_or_default();
     let mut init = String::from(INIT_HEAD);
+    let _ = writeln!(init, "PM_FILE_TIMEOUT={}", opts.file_timeout_seconds);
     for (name, _) in &payload.tests {
         let _ = writeln!(
             init,
@@ -776,11 +795,44 @@ ip link set lo up
 for m in /m*.ko; do [ -f "$m" ] && insmod "$m"; done
 echo "PM-KERNEL $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 export PODMETER_BIN=/pm/podmeter RUST_BACKTRACE=1 HOME=/tmp
+# What every task is blocked on, for a file that hangs: the console is all
+# the host sees of the guest.
+diagnose() {
+    echo "PM-DIAG begin"
+    for t in /proc/[0-9]*/task/[0-9]*; do
+        # User-space tasks only: kernel threads have no executable.
+        [ -e "${t%/task/*}/exe" ] || continue
+        stat=$(cat "$t/stat" 2>/dev/null) || continue
+        state=${stat##*) }
+        echo "PM-DIAG task ${t#/proc/} ($(cat "$t/comm" 2>/dev/null)) ${state%% *} wchan=$(cat "$t/wchan" 2>/dev/null)"
+        sed 's/^/PM-DIAG   /' "$t/stack" 2>/dev/null
+    done
+    dmesg | tail -n 20 | sed 's/^/PM-DIAG dmesg /'
+    echo "PM-DIAG end"
+}
+# One file at a time, each given PM_FILE_TIMEOUT seconds: a hang then costs
+# one file, says where every task was blocked, and the rest still run.
 run_tests() {
     echo "PM-START $1"
     start=$(cat /proc/uptime)
-    /pm/t/deps/$1 --test-threads=1 --nocapture $2
+    /pm/t/deps/$1 --test-threads=1 --nocapture $2 &
+    pid=$!
+    (
+        sleep "$PM_FILE_TIMEOUT"
+        if kill -0 "$pid" 2>/dev/null; then
+            # On a line of its own, whatever the test was printing.
+            echo
+            echo "PM-HUNG $1 $PM_FILE_TIMEOUT"
+            diagnose
+            # Everything but init (PID 1) and this shell: the test binary
+            # and whatever agents and workloads it left.
+            kill -9 -1
+        fi
+    ) &
+    watchdog=$!
+    wait "$pid"
     code=$?
+    kill "$watchdog" 2>/dev/null
     end=$(cat /proc/uptime)
     echo "PM-END $1 $code $(echo "${start%% *} ${end%% *}" | awk '{ printf "%.0f", $2 - $1 }')"
 }
@@ -841,7 +893,11 @@ fn table(rows: &[(Kernel, Outcome)]) -> String {
                 f.passed,
                 f.failed,
                 f.secs,
-                if f.code == 0 { "" } else { "  FAILED" }
+                match (f.code, f.hung) {
+                    (_, true) => "  HUNG (killed)",
+                    (0, _) => "",
+                    _ => "  FAILED",
+                }
             );
         }
         if let Some(why) = &o.incomplete {
