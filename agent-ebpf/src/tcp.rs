@@ -10,14 +10,16 @@
 //! to switches and packets, so the helpers' cost does not matter.
 //!
 //! Two flavours, because the tracepoint changed meaning. Before 6.17 it
-//! fires only for a retransmit that went out, with `(sk, skb)`. Since then
-//! it fires for every attempt with `(sk, skb, err)`, also for the ones
-//! given up before any transmit (`-EBUSY` while the original still sits in
-//! a qdisc or the veth, `-EAGAIN`, `-ENOMEM`), which the kernel does not add
-//! to `tcpi_total_retrans`. [`pm_tcp_retransmit_err`] counts only
-//! `err == 0`, so both count the retransmits that went out. The kernel
-//! refuses to attach a program reading a third argument to a tracepoint
-//! that has two, which is how the agent picks.
+//! fires with `(sk, skb)` only for a retransmit whose transmit succeeded.
+//! Since then it fires for every attempt with `(sk, skb, err)`, which lets
+//! podmeter count what the kernel adds to `tcpi_total_retrans` (and to
+//! `TcpRetransSegs`): every attempt that reached the transmit, including the
+//! ones the transmit itself failed (a full veth backlog or qdisc, an
+//! nftables drop on output), but not the ones given up before it
+//! ([`gave_up_before_counting`]). Before 6.17 those local transmit failures
+//! are invisible here; the kernel counts them in `TCPRetransFail`. The
+//! kernel refuses to attach a program reading a third argument to a
+//! tracepoint that has two, which is how the agent picks.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -53,15 +55,36 @@ pub fn pm_tcp_retransmit(ctx: RawTracePointContext) -> i32 {
 
 /// `tcp:tcp_retransmit_skb(sk, skb, err)` (6.17 and later, kernel commit
 /// ad892e912b84 "tcp: trace retransmit failures in tcp_retransmit_skb"):
-/// fires for every attempt; only `err == 0` went out.
+/// fires for every attempt, whether or not the kernel counted it.
 #[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
 pub fn pm_tcp_retransmit_err(ctx: RawTracePointContext) -> i32 {
     let err: u64 = ctx.arg(2);
     // An `int`, widened: only its low half counts.
-    if err as u32 == 0 {
+    if !gave_up_before_counting(err as u32 as i32) {
         count(ctx.arg(0), ctx.arg(1));
     }
     0
+}
+
+/// Whether `__tcp_retransmit_skb` returned `err` before it added the
+/// segments to `tcp_sock.total_retrans`: the original still queued
+/// (`-EBUSY`), a sequence error (`-EINVAL`), no memory to trim, split or
+/// unclone the skb (`-ENOMEM`), no route (`-EHOSTUNREACH`), no receive
+/// window (`-EAGAIN`). Any other error came from the transmit, after the
+/// kernel counted the attempt. (A transmit failing with `-ENOMEM` or
+/// `-EHOSTUNREACH`, which needs an allocation failure or a route lost
+/// between two lookups, is taken for an early one.)
+#[inline(always)]
+pub fn gave_up_before_counting(err: i32) -> bool {
+    const EBUSY: i32 = 16;
+    const EINVAL: i32 = 22;
+    const ENOMEM: i32 = 12;
+    const EHOSTUNREACH: i32 = 113;
+    const EAGAIN: i32 = 11;
+    matches!(
+        err.wrapping_neg(),
+        EBUSY | EINVAL | ENOMEM | EHOSTUNREACH | EAGAIN
+    )
 }
 
 /// Adds the skb's segments to the socket cgroup's retransmits, as the

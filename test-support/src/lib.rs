@@ -27,7 +27,9 @@ pub use cgroups::{
     unified_root,
 };
 pub use kube::{Kube, Namespace};
-pub use netns::{NetNs, ip, loss_ruleset, random_loss, veth_pair};
+pub use netns::{
+    NetNs, failing_output_ruleset, ip, loss_ruleset, nft_in, random_loss, tcp_ext, veth_pair,
+};
 pub use scrape::{Scrape, poll_scrape};
 pub use work::{Work, pm_work};
 

@@ -104,3 +104,59 @@ pub fn loss_ruleset(dport: u16, percent: u32) -> String {
          add rule inet pmloss in tcp dport {dport} numgen random mod 100 < {percent} drop"
     )
 }
+
+/// An nftables ruleset (table `pmfail`) that drops `percent` % of the TCP
+/// segments leaving for port `dport`, at random, on the output hook: for
+/// `nft` in the sending namespace. Unlike a loss on the wire, the transmit
+/// itself fails (`-EPERM`), as it does when a veth backlog or a qdisc is
+/// full; the kernel counts such a failed retransmit in `total_retrans` and
+/// in `TcpExt TCPRetransFail`.
+pub fn failing_output_ruleset(dport: u16, percent: u32) -> String {
+    format!(
+        "add table inet pmfail; \
+         add chain inet pmfail out {{ type filter hook output priority 0; }}; \
+         add rule inet pmfail out tcp dport {dport} numgen random mod 100 < {percent} drop"
+    )
+}
+
+/// Runs `nft` with `ruleset` in `ns`.
+pub fn nft_in(ns: &NetNs, ruleset: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", ruleset])
+        .output()
+        .map_err(|e| format!("nft (nftables): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nft in {}: {}",
+            ns.0,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The `TcpExt` counter `name` of `ns` (`/proc/net/netstat` read there).
+pub fn tcp_ext(ns: &NetNs, name: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "cat", "/proc/net/netstat"])
+        .output()
+        .expect("ip netns exec cat");
+    assert!(
+        out.status.success(),
+        "reading /proc/net/netstat in {}",
+        ns.0
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Pairs of lines: `TcpExt: <names>` then `TcpExt: <values>`.
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next(), tcp_ext.next());
+    let (names, values) = names
+        .zip(values)
+        .expect("TcpExt lines in /proc/net/netstat");
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpExt {name} in /proc/net/netstat"))
+}
