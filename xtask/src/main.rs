@@ -92,7 +92,31 @@ enum Task {
     Image(image::Options),
 }
 
+/// What `cargo run` tells the program it runs about its package. Every
+/// cargo xtask starts must not inherit them: build scripts that track one
+/// (ring's tracks `CARGO_MANIFEST_DIR`) would see a new value in every
+/// fresh clone and rebuild, and everything above them with it (a minute
+/// of each warm CI run).
+fn forget_cargo_run_env() {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if matches!(
+            &*k,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+        ) || k.starts_with("CARGO_PKG_")
+        {
+            // SAFETY: the first thing main does, before any thread starts.
+            unsafe { std::env::remove_var(&key) };
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    forget_cargo_run_env();
     let result = match &Cli::parse().task {
         Task::Setup(o) => setup::run(o),
         Task::Build(o) => build::run(o),
