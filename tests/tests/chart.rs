@@ -5,7 +5,7 @@
 //! in a cluster is `monitoring.rs`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -30,11 +30,28 @@ fn tool(var: &str) -> PathBuf {
     })
 }
 
-/// `helm template` with `--set` pairs; Err(stderr) when helm refuses.
+/// What a cluster with Prometheus Operator serves, as `helm template`'s
+/// `--api-versions` (an install reads them from the API server).
+const OPERATOR: &[&str] = &[
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
+/// `helm template` with `--set` pairs, for a cluster with Prometheus
+/// Operator; Err(stderr) when helm refuses.
 fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
+    template_on(OPERATOR, sets)
+}
+
+/// `helm template` for a cluster serving `apis` (beyond the built-in ones).
+fn template_on(apis: &[&str], sets: &[&str]) -> Result<Vec<Value>, String> {
     let mut c = Command::new(tool("PODMETER_HELM"));
     c.args(["template", "pm", "--namespace", "monitoring"])
         .arg(chart());
+    for a in apis {
+        c.args(["--api-versions", a]);
+    }
     for s in sets {
         c.args(["--set", s]);
     }
@@ -84,6 +101,9 @@ const SWITCHES: &[&[&str]] = &[
     &["securityMode=capabilities"],
     &["monitor.kind=PodMonitor"],
     &["monitor.kind=none"],
+    &["monitor.kind=ServiceMonitor"],
+    &["monitor.scrapeAnnotations=false"],
+    &["prometheusRule.enabled=true"],
     &["networkPolicy.enabled=true"],
     &["priorityClassName=system-node-critical"],
     &["prometheusRule.enabled=false"],
@@ -292,6 +312,87 @@ fn monitor_kind_selects_servicemonitor_podmonitor_or_none() {
     assert!(!kinds(&no_svc).contains("Service"));
 }
 
+fn render_on(apis: &[&str], sets: &[&str]) -> Vec<Value> {
+    template_on(apis, sets).unwrap_or_else(|e| panic!("helm template {sets:?} failed: {e}"))
+}
+
+fn pod_annotations(docs: &[Value]) -> BTreeMap<String, String> {
+    let a = &only(docs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"];
+    a.as_mapping()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The defaults install on any cluster: Prometheus Operator's objects only
+/// where the cluster serves their API, scrape annotations where it does not.
+#[test]
+fn auto_renders_monitors_and_rules_only_where_the_cluster_serves_them() {
+    let operator_kinds = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
+    let bare = render_on(&[], &[]);
+    for k in operator_kinds {
+        assert!(
+            !kinds(&bare).contains(k),
+            "{k} on a cluster without its CRD"
+        );
+    }
+    let want: BTreeMap<String, String> = [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "9740"),
+        ("prometheus.io/path", "/metrics"),
+        ("prometheus.io/scheme", "https"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(pod_annotations(&bare), want);
+    let plain = pod_annotations(&render_on(&[], &["metrics.auth=none"]));
+    assert!(!plain.contains_key("prometheus.io/scheme"), "{plain:?}");
+    let off = render_on(&[], &["monitor.scrapeAnnotations=false"]);
+    assert!(pod_annotations(&off).is_empty());
+
+    let with = render(&[]);
+    assert!(kinds(&with).contains("ServiceMonitor"));
+    assert!(kinds(&with).contains("PrometheusRule"));
+    assert!(!kinds(&with).contains("PodMonitor"));
+    assert!(
+        pod_annotations(&with).is_empty(),
+        "annotations beside a monitor"
+    );
+    // Without the Service, or where only PodMonitor is served: a PodMonitor
+    // (and, under auth, the scraper token it needs).
+    for (apis, sets) in [
+        (OPERATOR, &["service.enabled=false"][..]),
+        (&["monitoring.coreos.com/v1/PodMonitor"][..], &[][..]),
+    ] {
+        let docs = render_on(apis, sets);
+        assert!(kinds(&docs).contains("PodMonitor"), "{apis:?} {sets:?}");
+        assert!(!kinds(&docs).contains("ServiceMonitor"));
+        assert_eq!(
+            only(&docs, "Secret")["metadata"]["name"],
+            "pm-podmeter-scraper"
+        );
+    }
+    // Explicit values are rendered whatever the cluster serves.
+    let forced = render_on(
+        &[],
+        &["monitor.kind=ServiceMonitor", "prometheusRule.enabled=true"],
+    );
+    assert!(kinds(&forced).contains("ServiceMonitor"));
+    assert!(kinds(&forced).contains("PrometheusRule"));
+    let never = render(&["monitor.kind=none", "prometheusRule.enabled=false"]);
+    for k in operator_kinds {
+        assert!(!kinds(&never).contains(k), "{k} though switched off");
+    }
+    assert_eq!(pod_annotations(&never), want);
+}
+
 #[test]
 fn optional_objects_follow_their_switches() {
     let np = render(&["networkPolicy.enabled=true"]);
@@ -335,8 +436,12 @@ fn bad_values_are_refused_with_a_clear_message() {
             "agent.maxCgroups must be between",
         ),
         (
-            &["service.enabled=false"][..],
+            &["service.enabled=false", "monitor.kind=ServiceMonitor"][..],
             "monitor.kind=ServiceMonitor needs service.enabled=true",
+        ),
+        (
+            &["prometheusRule.enabled=yes"][..],
+            "prometheusRule.enabled must be auto, true or false",
         ),
     ] {
         let err = template(sets).expect_err("helm accepted bad values");

@@ -647,3 +647,47 @@ fn token_reviews(kube: &Kube) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The chart with its default values against this cluster's real API
+/// server, which serves no Prometheus Operator API: `helm install
+/// --dry-run=server` renders with the server's discovery and has the server
+/// validate every object, creating nothing (this cluster's agent comes
+/// from the plain manifests).
+#[test]
+#[ignore = "needs the local cluster: cargo xtask test runs it"]
+fn chart_defaults_install_where_prometheus_operator_is_absent() {
+    let kube = Kube::from_env();
+    assert!(
+        kube.try_run(&["get", "crd", "servicemonitors.monitoring.coreos.com"])
+            .is_err(),
+        "this cluster already has Prometheus Operator's CRDs (a kept cluster? `cargo xtask cluster down`)"
+    );
+    let helm = std::env::var_os("PODMETER_HELM").expect("PODMETER_HELM (cargo xtask test sets it)");
+    let out = Command::new(helm)
+        .args(["install", "podmeter-defaults"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/podmeter"))
+        .args(["--namespace", "podmeter-defaults", "--dry-run=server"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helm install with default values: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+        assert!(
+            !text.contains(&format!("kind: {kind}\n")),
+            "{kind} rendered where its API is not served"
+        );
+    }
+    assert!(text.contains("prometheus.io/scrape: \"true\""), "{text}");
+    let notes = text.split("NOTES:").nth(1).expect("helm printed NOTES");
+    eprintln!("NOTES:{notes}");
+    assert!(
+        notes.contains(
+            "does not serve Prometheus Operator's monitoring.coreos.com/v1 (monitor.kind=auto)"
+        ) && notes.contains("does not serve the PrometheusRule API"),
+        "NOTES do not say why there is no monitor: {notes}"
+    );
+}

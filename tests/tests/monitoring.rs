@@ -292,8 +292,9 @@ fn restart_prometheus_with(kube: &Kube, job: &str) -> Prom {
     prometheus_api(kube)
 }
 
-/// `helm upgrade --install` of the chart with test settings plus `sets`.
-fn helm(sets: &[&str], wait: bool) {
+/// `helm upgrade --install` of the chart with test settings plus `sets`;
+/// what helm printed (the release's NOTES).
+fn helm(sets: &[&str], wait: bool) -> String {
     let mut c = Command::new(env_path("PODMETER_HELM"));
     c.args(["upgrade", "--install", "podmeter"])
         .arg(repo().join("deploy/helm/podmeter"))
@@ -320,6 +321,7 @@ fn helm(sets: &[&str], wait: bool) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn agent_pods(kube: &Kube) -> Vec<Value> {
@@ -507,8 +509,15 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     ]);
     let prom = install_stack(&kube, &hook);
 
-    step("helm install (ServiceMonitor)");
-    helm(&[], true);
+    step("helm install with default values (monitor.kind=auto)");
+    let notes = helm(&[], true);
+    // The operator's CRDs are installed: auto picks the ServiceMonitor and
+    // the rules by itself.
+    assert!(
+        notes.contains("discovered through a ServiceMonitor (monitor.kind=auto")
+            && notes.contains("Alerts:     PrometheusRule"),
+        "{notes}"
+    );
     every_agent_up(&kube, &prom, "serviceMonitor/");
     // honorLabels: the measured pod's labels, not the agent's.
     let series = until(

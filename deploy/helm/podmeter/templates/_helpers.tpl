@@ -82,13 +82,49 @@ tlsConfig:
 {{- if not (has .Values.securityMode (list "privileged" "capabilities")) }}
 {{- fail (printf "securityMode must be \"privileged\" or \"capabilities\", not %q" .Values.securityMode) }}
 {{- end }}
-{{- if not (has .Values.monitor.kind (list "ServiceMonitor" "PodMonitor" "none")) }}
-{{- fail (printf "monitor.kind must be ServiceMonitor, PodMonitor or none, not %q" .Values.monitor.kind) }}
+{{- if not (has .Values.monitor.kind (list "auto" "ServiceMonitor" "PodMonitor" "none")) }}
+{{- fail (printf "monitor.kind must be auto, ServiceMonitor, PodMonitor or none, not %q" .Values.monitor.kind) }}
+{{- end }}
+{{- if not (has (toString .Values.prometheusRule.enabled) (list "auto" "true" "false")) }}
+{{- fail (printf "prometheusRule.enabled must be auto, true or false, not %q" (toString .Values.prometheusRule.enabled)) }}
 {{- end }}
 {{- if and (eq .Values.monitor.kind "ServiceMonitor") (not .Values.service.enabled) }}
 {{- fail "monitor.kind=ServiceMonitor needs service.enabled=true (or use monitor.kind=PodMonitor)" }}
 {{- end }}
 {{- if or (lt (int .Values.agent.maxCgroups) 16) (gt (int .Values.agent.maxCgroups) 1048576) }}
 {{- fail "agent.maxCgroups must be between 16 and 1048576 (the agent's --max-cgroups range)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The monitor in effect: monitor.kind, or for "auto" what the cluster serves
+(.Capabilities, from the API server at install; `helm template` needs
+--api-versions): a ServiceMonitor through the Service, else a PodMonitor,
+else none. Explicit kinds are rendered whatever the cluster serves.
+*/}}
+{{- define "podmeter.monitorKind" -}}
+{{- if ne .Values.monitor.kind "auto" }}
+{{- .Values.monitor.kind }}
+{{- else if and .Values.service.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") }}
+{{- "ServiceMonitor" }}
+{{- else if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PodMonitor" }}
+{{- "PodMonitor" }}
+{{- else }}
+{{- "none" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the PrometheusRule is rendered: enabled, or auto and served. */}}
+{{- define "podmeter.prometheusRule" -}}
+{{- $e := toString .Values.prometheusRule.enabled }}
+{{- if or (eq $e "true") (and (eq $e "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule")) }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the pods carry prometheus.io/* scrape annotations. */}}
+{{- define "podmeter.scrapeAnnotations" -}}
+{{- if and .Values.monitor.scrapeAnnotations (eq (include "podmeter.monitorKind" .) "none") }}
+{{- "true" }}
 {{- end }}
 {{- end }}
