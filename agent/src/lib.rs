@@ -20,5 +20,5 @@ macro_rules! agent_modules {
 
 agent_modules!(
     access, bpf, counters, health, http, index, kube, metrics, namer, node, preflight, privileges,
-    refresher, tracker, web,
+    probe, refresher, tracker, web,
 );

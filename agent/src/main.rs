@@ -210,6 +210,36 @@ enum Command {
     /// kept counting after the agent stopped, and exit. Run it on a node
     /// podmeter is removed from (the chart does on uninstall).
     Cleanup,
+    /// Check, from a pod in the cluster, that every agent of a DaemonSet is
+    /// ready and serves /metrics (with podmeter's series) to this pod's
+    /// service account, and with --prometheus that Prometheus has every
+    /// agent up; exit 0 when all holds, 1 with what failed (the pod and
+    /// node) when it still does not after --timeout. The chart's `helm test`
+    /// runs it.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// Namespace of the DaemonSet.
+    #[arg(long)]
+    namespace: String,
+    /// Name of the DaemonSet; its selector finds the agent pods.
+    #[arg(long)]
+    daemonset: String,
+    /// The agents' metrics port.
+    #[arg(long, default_value_t = 9740)]
+    port: u16,
+    /// The agents serve plain HTTP (the chart's metrics.auth=none), not
+    /// HTTPS.
+    #[arg(long)]
+    plain_http: bool,
+    /// A Prometheus to ask for up{job="podmeter"}, as http://host:port.
+    #[arg(long, value_name = "URL")]
+    prometheus: Option<String>,
+    /// Keep trying this long (agents may still be starting).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -250,8 +280,38 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Probe(p)) = &cli.command {
+        return probe(p);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podmeter: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `podmeter probe`: its verdict on stdout, or the error on one line.
+fn probe(p: &ProbeArgs) -> ExitCode {
+    let opts = podmeter::probe::Options {
+        namespace: p.namespace.clone(),
+        daemonset: p.daemonset.clone(),
+        port: p.port,
+        https: !p.plain_http,
+        prometheus: p.prometheus.clone(),
+        timeout: p.timeout,
+    };
+    let verdict = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(podmeter::probe::run(&opts)));
+    match verdict {
+        Ok(seen) => {
+            println!("ok: {seen}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("podmeter: error: {}", one_line(&e));
             ExitCode::FAILURE

@@ -47,8 +47,16 @@ fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
 /// `helm template` for a cluster serving `apis` (beyond the built-in ones).
 fn template_on(apis: &[&str], sets: &[&str]) -> Result<Vec<Value>, String> {
     let mut c = Command::new(tool("PODMETER_HELM"));
-    c.args(["template", "pm", "--namespace", "monitoring"])
-        .arg(chart());
+    // The install's objects; `helm test`'s (its pod, account and roles,
+    // all named pm-podmeter-test) are checked on their own.
+    c.args([
+        "template",
+        "pm",
+        "--namespace",
+        "monitoring",
+        "--skip-tests",
+    ])
+    .arg(chart());
     for a in apis {
         c.args(["--api-versions", a]);
     }
@@ -62,7 +70,7 @@ fn template_on(apis: &[&str], sets: &[&str]) -> Result<Vec<Value>, String> {
     let text = String::from_utf8(out.stdout).unwrap();
     Ok(serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("helm rendered valid YAML"))
-        .filter(|v: &Value| !v.is_null())
+        .filter(|v: &Value| !v.is_null() && v["metadata"]["name"] != "pm-podmeter-test")
         .collect())
 }
 
@@ -702,4 +710,89 @@ fn plain_manifests_are_the_chart_rendered() {
         "deploy/manifests/podmeter.yaml is stale: run `cargo xtask manifests`"
     );
     assert!(!rendered.contains("ServiceMonitor") && !rendered.contains("PrometheusRule"));
+}
+
+/// `helm test`'s objects: its pod (the one hook) and the account and roles
+/// it runs with, all named `pm-podmeter-test`.
+fn test_hooks(sets: &[&str]) -> Vec<Value> {
+    let mut c = Command::new(tool("PODMETER_HELM"));
+    c.args(["template", "pm", "--namespace", "monitoring"])
+        .arg(chart());
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let out = c.output().expect("running helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .filter(|v: &Value| v["metadata"]["name"] == "pm-podmeter-test")
+        .collect()
+}
+
+#[test]
+fn helm_test_probes_every_agent_with_an_account_allowed_to_read_metrics() {
+    let docs = test_hooks(&[]);
+    let probe = only(&docs, "Pod");
+    let c = &probe["spec"]["containers"][0];
+    let a: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        a,
+        [
+            "probe",
+            "--namespace=monitoring",
+            "--daemonset=pm-podmeter",
+            "--port=9740",
+            "--timeout=2m"
+        ]
+    );
+    assert_eq!(c["image"], "localhost/podmeter:dev");
+    assert_eq!(probe["spec"]["serviceAccountName"], "pm-podmeter-test");
+    assert_eq!(probe["spec"]["restartPolicy"], "Never");
+    // The DaemonSet's selector must not match it (it would delete it).
+    let install = render(&[]);
+    let selector = &only(&install, "DaemonSet")["spec"]["selector"]["matchLabels"];
+    let labels = &probe["metadata"]["labels"];
+    assert!(
+        selector
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .any(|(k, v)| &labels[k.as_str().unwrap()] != v),
+        "the agents' selector {selector:?} matches the test pod's labels {labels:?}"
+    );
+    let metrics = only(&docs, "ClusterRole");
+    assert_eq!(metrics["rules"][0]["nonResourceURLs"][0], "/metrics");
+    let role = only(&docs, "Role");
+    assert_eq!(role["rules"][0]["resourceNames"][0], "pm-podmeter");
+    // Plain HTTP and a Prometheus to ask.
+    let plain = test_hooks(&["metrics.auth=none", "test.prometheusURL=http://prom:9090"]);
+    let a =
+        serde_yaml_ng::to_string(&only(&plain, "Pod")["spec"]["containers"][0]["args"]).unwrap();
+    assert!(
+        a.contains("--plain-http") && a.contains("--prometheus=http://prom:9090"),
+        "{a}"
+    );
+    assert!(
+        !kinds(&plain).contains("ClusterRole"),
+        "no /metrics role without auth"
+    );
+    assert!(test_hooks(&["test.enabled=false"]).is_empty());
+    assert!(test_hooks(&["rbac.create=false", "serviceAccount.create=false"]).is_empty());
+    // The pod is the hook: it runs at `helm test`, not at install.
+    assert_eq!(
+        probe["metadata"]["annotations"]["helm.sh/hook"], "test",
+        "{probe:?}"
+    );
+    assert!(!kinds(&render(&[])).contains("Pod"));
 }

@@ -129,3 +129,40 @@ fn help_explains_the_options() {
         "test-only flag shown in --help"
     );
 }
+
+/// `podmeter probe` (what `helm test` runs) explains itself, and away from
+/// any cluster fails in one line (its in-cluster run is in the e2e tests).
+#[test]
+fn probe_explains_itself_and_needs_a_cluster() {
+    let out = Command::new(podmeter_bin())
+        .args(["probe", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "--namespace",
+        "--daemonset",
+        "--prometheus",
+        "--plain-http",
+        "--timeout",
+        "helm test",
+    ] {
+        assert!(
+            help.contains(needle),
+            "probe --help lacks {needle}:\n{help}"
+        );
+    }
+    let home = std::env::temp_dir().join(format!("podmeter-probe-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let (code, lines) = fails(
+        Command::new(podmeter_bin())
+            .args(["probe", "--namespace", "pm", "--daemonset", "pm"])
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("HOME", &home),
+    );
+    let _ = std::fs::remove_dir(&home);
+    assert_eq!(code, 1);
+    one_line(&lines, &["no Kubernetes API"]);
+}

@@ -648,41 +648,58 @@ fn token_reviews(kube: &Kube) -> f64 {
         .sum()
 }
 
-/// The chart with its default values against this cluster's real API
-/// server, which serves no Prometheus Operator API: `helm install
-/// --dry-run=server` renders with the server's discovery and has the server
-/// validate every object, creating nothing (this cluster's agent comes
-/// from the plain manifests).
+/// The chart with its default values on this cluster, which serves no
+/// Prometheus Operator API: `helm install` succeeds with no monitor or
+/// rule objects (the pods carry scrape annotations instead), the agents
+/// become ready, the notes say why, and `helm test` passes. The plain
+/// manifests' agent steps aside meanwhile (the next test deploys it again).
 #[test]
 #[ignore = "needs the local cluster: cargo xtask test runs it"]
-fn chart_defaults_install_where_prometheus_operator_is_absent() {
+fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent() {
+    const NS: &str = "podmeter-chart";
     let kube = Kube::from_env();
     assert!(
         kube.try_run(&["get", "crd", "servicemonitors.monitoring.coreos.com"])
             .is_err(),
         "this cluster already has Prometheus Operator's CRDs (a kept cluster? `cargo xtask cluster down`)"
     );
-    let helm = std::env::var_os("PODMETER_HELM").expect("PODMETER_HELM (cargo xtask test sets it)");
-    let out = Command::new(helm)
-        .args(["install", "podmeter-defaults"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/podmeter"))
-        .args(["--namespace", "podmeter-defaults", "--dry-run=server"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "helm install with default values: {}{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
-        assert!(
-            !text.contains(&format!("kind: {kind}\n")),
-            "{kind} rendered where its API is not served"
-        );
-    }
-    assert!(text.contains("prometheus.io/scrape: \"true\""), "{text}");
-    let notes = text.split("NOTES:").nth(1).expect("helm printed NOTES");
+    kube.run(&[
+        "delete",
+        "daemonset",
+        "-n",
+        "podmeter",
+        "podmeter",
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
+    let try_helm = |args: &[&str]| {
+        let out = Command::new(std::env::var_os("PODMETER_HELM").expect("PODMETER_HELM"))
+            .args(args)
+            .args(["--namespace", NS])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status
+            .success()
+            .then_some(text.clone())
+            .ok_or(err + &text)
+    };
+    let helm = |args: &[&str]| try_helm(args).unwrap_or_else(|e| panic!("helm {args:?}: {e}"));
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/podmeter");
+    let installed = helm(&[
+        "install",
+        "podmeter",
+        chart.to_str().unwrap(),
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    let notes = installed
+        .split("NOTES:")
+        .nth(1)
+        .expect("helm printed NOTES");
     eprintln!("NOTES:{notes}");
     assert!(
         notes.contains(
@@ -690,4 +707,48 @@ fn chart_defaults_install_where_prometheus_operator_is_absent() {
         ) && notes.contains("does not serve the PrometheusRule API"),
         "NOTES do not say why there is no monitor: {notes}"
     );
+    let manifest = helm(&["get", "manifest", "podmeter"]);
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+        assert!(
+            !manifest.contains(&format!("kind: {kind}\n")),
+            "{kind} installed where its API is not served"
+        );
+    }
+    let ds = kube.json(&["daemonset", "-n", NS, "podmeter"]);
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true",
+        "{ds}"
+    );
+    let tested = helm(&["test", "podmeter", "--logs", "--timeout", "180s"]);
+    eprintln!("{tested}");
+    assert!(
+        tested.contains("ok: 1 agents ready and serving /metrics"),
+        "{tested}"
+    );
+    // An account that may not read /metrics: the probe fails within its
+    // timeout and its log says which agent answered what.
+    helm(&[
+        "upgrade",
+        "podmeter",
+        chart.to_str().unwrap(),
+        "--set",
+        "test.timeout=10s",
+        "--wait",
+    ]);
+    kube.run(&["delete", "clusterrolebinding", "podmeter-test"]);
+    let failed =
+        try_helm(&["test", "podmeter", "--timeout", "120s"]).expect_err("helm test passed");
+    assert!(failed.contains("pod podmeter-test failed"), "{failed}");
+    let log = kube.run(&["logs", "-n", NS, "podmeter-test"]);
+    eprintln!("{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("podmeter: error: still failing after 10s: agent podmeter-")
+            && last.ends_with(
+                "on node podmeter-node: GET /metrics answered 403: forbidden: the token's user may not get the non-resource URL /metrics"
+            ),
+        "{last}"
+    );
+    helm(&["uninstall", "podmeter", "--wait"]);
+    kube.run(&["delete", "namespace", NS, "--wait=true"]);
 }

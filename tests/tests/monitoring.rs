@@ -324,6 +324,29 @@ fn helm(sets: &[&str], wait: bool) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `helm test` of the release: what it printed, with the probe's log.
+fn helm_test() -> String {
+    let out = Command::new(env_path("PODMETER_HELM"))
+        .args([
+            "test",
+            "podmeter",
+            "--namespace",
+            NS,
+            "--logs",
+            "--timeout",
+            "180s",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "helm test: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn agent_pods(kube: &Kube) -> Vec<Value> {
     kube.json(&["pods", "-n", NS, "-l", "app.kubernetes.io/name=podmeter"])["items"]
         .as_array()
@@ -510,7 +533,8 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     let prom = install_stack(&kube, &hook);
 
     step("helm install with default values (monitor.kind=auto)");
-    let notes = helm(&[], true);
+    let prom_url = format!("test.prometheusURL={}", prom.base);
+    let notes = helm(&[&prom_url], true);
     // The operator's CRDs are installed: auto picks the ServiceMonitor and
     // the rules by itself.
     assert!(
@@ -519,6 +543,13 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
         "{notes}"
     );
     every_agent_up(&kube, &prom, "serviceMonitor/");
+    step("helm test (the probe pod asks the agents and Prometheus)");
+    let tested = helm_test();
+    assert!(
+        tested.contains("ok: 1 agents ready and serving /metrics")
+            && tested.contains("Prometheus has all 1 up (job=\"podmeter\")"),
+        "{tested}"
+    );
     // honorLabels: the measured pod's labels, not the agent's.
     let series = until(
         Duration::from_secs(90),

@@ -238,10 +238,12 @@ pub fn import_images(sock: &std::path::Path) -> Result<()> {
 
 /// Values the plain manifests are rendered with: no Prometheus Operator
 /// objects (their CRDs may be absent), everything else the chart's default.
-const MANIFEST_VALUES: [&str; 3] = [
+const MANIFEST_VALUES: [&str; 4] = [
     "monitor.kind=none",
     "prometheusRule.enabled=false",
     "dashboards.enabled=false",
+    // `helm test`'s objects are hooks: nothing for kubectl apply.
+    "test.enabled=false",
 ];
 
 /// `deploy/manifests/podmeter.yaml` as rendered from the chart, so the two
