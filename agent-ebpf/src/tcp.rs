@@ -12,8 +12,8 @@
 //! Two flavours, because the tracepoint changed meaning. Before 6.17 it
 //! fires with `(sk, skb)` only for a retransmit whose transmit succeeded.
 //! Since then it fires for every attempt with `(sk, skb, err)`, which lets
-//! podmeter count what the kernel adds to `tcpi_total_retrans` (and to
-//! `TcpRetransSegs`): every attempt that reached the transmit, including the
+//! podmeter count what the kernel adds to `tcpi_total_retrans`: every
+//! attempt that reached the transmit, including the
 //! ones the transmit itself failed (a full veth backlog or qdisc, an
 //! nftables drop on output), but not the ones given up before it
 //! ([`gave_up_before_counting`]). Before 6.17 those local transmit failures
@@ -71,9 +71,10 @@ pub fn pm_tcp_retransmit_err(ctx: RawTracePointContext) -> i32 {
 /// (`-EBUSY`), a sequence error (`-EINVAL`), no memory to trim, split or
 /// unclone the skb (`-ENOMEM`), no route (`-EHOSTUNREACH`), no receive
 /// window (`-EAGAIN`). Any other error came from the transmit, after the
-/// kernel counted the attempt. (A transmit failing with `-ENOMEM` or
-/// `-EHOSTUNREACH`, which needs an allocation failure or a route lost
-/// between two lookups, is taken for an early one.)
+/// kernel counted the attempt. (A transmit failing with one of these
+/// errnos, `-EINVAL` from a missing neighbour entry, `-ENOMEM` or
+/// `-EHOSTUNREACH` from a route lost between two lookups, is taken for an
+/// early one and missed.)
 #[inline(always)]
 pub fn gave_up_before_counting(err: i32) -> bool {
     const EBUSY: i32 = 16;

@@ -35,6 +35,8 @@ use tokio::net::TcpStream;
 const TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// A series every agent exports.
 const BUILD_INFO: &str = "podmeter_build_info";
+/// At most this long for one round (API calls included).
+const ROUND: Duration = Duration::from_secs(30);
 
 /// What to probe.
 #[derive(Debug, Clone)]
@@ -51,12 +53,18 @@ pub struct Options {
 
 /// Probes until everything holds or `timeout` passes; what it saw.
 pub async fn run(o: &Options) -> anyhow::Result<String> {
+    // A bad URL is not worth retrying.
+    let prometheus = o.prometheus.as_deref().map(Prometheus::parse).transpose()?;
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API (probe runs in a pod, or with a kubeconfig)")?;
     let deadline = Instant::now() + o.timeout;
     loop {
-        match round(&client, o).await {
+        let attempt = tokio::time::timeout(ROUND, round(&client, o, prometheus.as_ref()));
+        let result = attempt
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a round of checks took over {ROUND:?}")));
+        match result {
             Ok(seen) => return Ok(seen),
             Err(e) if Instant::now() < deadline => {
                 tracing::info!("not yet: {e:#}");
@@ -67,7 +75,11 @@ pub async fn run(o: &Options) -> anyhow::Result<String> {
     }
 }
 
-async fn round(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
+async fn round(
+    client: &kube::Client,
+    o: &Options,
+    prometheus: Option<&Prometheus>,
+) -> anyhow::Result<String> {
     let ds = Api::<DaemonSet>::namespaced(client.clone(), &o.namespace)
         .get(&o.daemonset)
         .await
@@ -114,10 +126,18 @@ async fn round(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
             agents.len()
         );
     }
-    let token = std::fs::read_to_string(TOKEN)
-        .with_context(|| format!("{TOKEN}: the probe's service account token"))?;
+    // Over HTTPS only: a plain-HTTP agent checks no token, and a token is
+    // not for the wire in the clear.
+    let token = if o.https {
+        Some(
+            std::fs::read_to_string(TOKEN)
+                .with_context(|| format!("{TOKEN}: the probe's service account token"))?,
+        )
+    } else {
+        None
+    };
     for (name, node, ip) in &agents {
-        let (code, body) = get(o.https, ip, o.port, "/metrics", Some(token.trim()))
+        let (code, body) = get(o.https, ip, o.port, "/metrics", token.as_deref().map(str::trim))
             .await
             .with_context(|| format!("agent {name} on node {node} ({ip}:{})", o.port))?;
         if code != 200 || !body.contains(BUILD_INFO) {
@@ -136,13 +156,15 @@ async fn round(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some(url) = &o.prometheus {
-        let up = prometheus_up(url).await?;
+    if let Some(p) = prometheus {
+        let up = p.up(&o.namespace).await?;
         let down: Vec<&String> = up.iter().filter(|(_, v)| !v).map(|(i, _)| i).collect();
         if up.len() < agents.len() || !down.is_empty() {
             bail!(
-                "Prometheus at {url} has {} podmeter targets for {} agents; down: {down:?}",
+                "Prometheus at {} has {} podmeter targets in namespace {} for {} agents; down: {down:?}",
+                p.url,
                 up.len(),
+                o.namespace,
                 agents.len()
             );
         }
@@ -154,44 +176,70 @@ async fn round(client: &kube::Client, o: &Options) -> anyhow::Result<String> {
     Ok(seen)
 }
 
-/// `up{job="podmeter"}` per instance: true when 1.
-async fn prometheus_up(url: &str) -> anyhow::Result<Vec<(String, bool)>> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("--prometheus {url:?}: only http:// URLs"))?;
-    let authority = rest.trim_end_matches('/');
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse()
-                .with_context(|| format!("--prometheus {url:?}: port"))?,
-        ),
-        None => (authority, 80),
-    };
-    let (code, body) = get(
-        false,
-        host,
-        port,
-        "/api/v1/query?query=up%7Bjob%3D%22podmeter%22%7D",
-        None,
-    )
-    .await
-    .with_context(|| format!("querying Prometheus at {url}"))?;
-    if code != 200 {
-        bail!("Prometheus at {url} answered {code}: {body}");
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).context("Prometheus' answer")?;
-    Ok(v["data"]["result"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            (
-                r["metric"]["instance"].as_str().unwrap_or("?").to_owned(),
-                r["value"][1] == "1",
-            )
+/// A Prometheus HTTP API base: `http://host[:port][/path]`.
+#[derive(Debug)]
+struct Prometheus {
+    url: String,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+impl Prometheus {
+    fn parse(url: &str) -> anyhow::Result<Self> {
+        let uri: hyper::Uri = url
+            .parse()
+            .with_context(|| format!("--prometheus {url:?} is not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            bail!("--prometheus {url:?}: only http:// URLs (Prometheus inside the cluster)");
+        }
+        let host = uri
+            .host()
+            .with_context(|| format!("--prometheus {url:?} has no host"))?;
+        Ok(Self {
+            url: url.to_owned(),
+            // `[::1]` as a URI host; a bare address to connect to.
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port: uri.port_u16().unwrap_or(80),
+            path: uri.path().trim_end_matches('/').to_owned(),
         })
-        .collect())
+    }
+
+    /// `up{job="podmeter",namespace=<namespace>}` per instance: true when 1.
+    async fn up(&self, namespace: &str) -> anyhow::Result<Vec<(String, bool)>> {
+        let query = format!("up{{job=\"podmeter\",namespace=\"{namespace}\"}}");
+        let path = format!("{}/api/v1/query?query={}", self.path, percent_encode(&query));
+        let (code, body) = get(false, &self.host, self.port, &path, None)
+            .await
+            .with_context(|| format!("querying Prometheus at {}", self.url))?;
+        if code != 200 {
+            bail!("Prometheus at {} answered {code}: {body}", self.url);
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).context("Prometheus' answer")?;
+        Ok(v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["metric"]["instance"].as_str().unwrap_or("?").to_owned(),
+                    r["value"][1] == "1",
+                )
+            })
+            .collect())
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// One GET over a fresh connection: status and body.
@@ -202,7 +250,12 @@ async fn get(
     path: &str,
     bearer: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let mut req = Request::get(path).header(hyper::header::HOST, format!("{host}:{port}"));
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut req = Request::get(path).header(hyper::header::HOST, authority);
     if let Some(t) = bearer {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }
@@ -294,5 +347,33 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_urls_keep_their_path_and_refuse_what_cannot_work() {
+        let p = Prometheus::parse("http://prometheus-operated.monitoring.svc:9090/prom/").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.path.as_str()),
+            ("prometheus-operated.monitoring.svc", 9090, "/prom")
+        );
+        let p = Prometheus::parse("http://[fd00::1]:9090").unwrap();
+        assert_eq!((p.host.as_str(), p.port, p.path.as_str()), ("fd00::1", 9090, ""));
+        assert_eq!(Prometheus::parse("http://10.0.0.1").unwrap().port, 80);
+        for bad in ["https://p:9090", "p:9090", "http://", ""] {
+            assert!(Prometheus::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn queries_are_percent_encoded() {
+        assert_eq!(
+            percent_encode("up{job=\"podmeter\",namespace=\"a-b\"}"),
+            "up%7Bjob%3D%22podmeter%22%2Cnamespace%3D%22a-b%22%7D"
+        );
     }
 }

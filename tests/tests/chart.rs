@@ -794,5 +794,4 @@ fn helm_test_probes_every_agent_with_an_account_allowed_to_read_metrics() {
         probe["metadata"]["annotations"]["helm.sh/hook"], "test",
         "{probe:?}"
     );
-    assert!(!kinds(&render(&[])).contains("Pod"));
 }

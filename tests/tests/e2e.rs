@@ -657,6 +657,9 @@ fn token_reviews(kube: &Kube) -> f64 {
 #[ignore = "needs the local cluster: cargo xtask test runs it"]
 fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent() {
     const NS: &str = "podmeter-chart";
+    // Not "podmeter": the plain manifests' cluster-scoped objects have that
+    // name, without helm's ownership, and helm refuses to adopt them.
+    const RELEASE: &str = "pm-chart";
     let kube = Kube::from_env();
     assert!(
         kube.try_run(&["get", "crd", "servicemonitors.monitoring.coreos.com"])
@@ -689,7 +692,7 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/podmeter");
     let installed = helm(&[
         "install",
-        "podmeter",
+        RELEASE,
         chart.to_str().unwrap(),
         "--create-namespace",
         "--wait",
@@ -707,19 +710,19 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
         ) && notes.contains("does not serve the PrometheusRule API"),
         "NOTES do not say why there is no monitor: {notes}"
     );
-    let manifest = helm(&["get", "manifest", "podmeter"]);
+    let manifest = helm(&["get", "manifest", RELEASE]);
     for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
         assert!(
             !manifest.contains(&format!("kind: {kind}\n")),
             "{kind} installed where its API is not served"
         );
     }
-    let ds = kube.json(&["daemonset", "-n", NS, "podmeter"]);
+    let ds = kube.json(&["daemonset", "-n", NS, "pm-chart-podmeter"]);
     assert_eq!(
         ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true",
         "{ds}"
     );
-    let tested = helm(&["test", "podmeter", "--logs", "--timeout", "180s"]);
+    let tested = helm(&["test", RELEASE, "--logs", "--timeout", "180s"]);
     eprintln!("{tested}");
     assert!(
         tested.contains("ok: 1 agents ready and serving /metrics"),
@@ -729,26 +732,28 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
     // timeout and its log says which agent answered what.
     helm(&[
         "upgrade",
-        "podmeter",
+        RELEASE,
         chart.to_str().unwrap(),
         "--set",
         "test.timeout=10s",
         "--wait",
     ]);
-    kube.run(&["delete", "clusterrolebinding", "podmeter-test"]);
-    let failed =
-        try_helm(&["test", "podmeter", "--timeout", "120s"]).expect_err("helm test passed");
-    assert!(failed.contains("pod podmeter-test failed"), "{failed}");
-    let log = kube.run(&["logs", "-n", NS, "podmeter-test"]);
+    kube.run(&["delete", "clusterrolebinding", "pm-chart-podmeter-test"]);
+    let failed = try_helm(&["test", RELEASE, "--timeout", "120s"]).expect_err("helm test passed");
+    assert!(
+        failed.contains("pod pm-chart-podmeter-test failed"),
+        "{failed}"
+    );
+    let log = kube.run(&["logs", "-n", NS, "pm-chart-podmeter-test"]);
     eprintln!("{log}");
     let last = log.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("podmeter: error: still failing after 10s: agent podmeter-")
+        last.starts_with("podmeter: error: still failing after 10s: agent pm-chart-podmeter-")
             && last.ends_with(
                 "on node podmeter-node: GET /metrics answered 403: forbidden: the token's user may not get the non-resource URL /metrics"
             ),
         "{last}"
     );
-    helm(&["uninstall", "podmeter", "--wait"]);
+    helm(&["uninstall", RELEASE, "--wait"]);
     kube.run(&["delete", "namespace", NS, "--wait=true"]);
 }
