@@ -77,7 +77,7 @@ pub fn podmeter() -> Result<PathBuf> {
 
 /// The release agent for `arch`, stripped, with its libraries: the host's
 /// (per `ldd`) or those of a Debian userland of `arch` (see `arch.rs`).
-fn podmeter_spec(arch: Arch) -> Result<Spec<'static>> {
+pub fn podmeter_spec(arch: Arch) -> Result<Spec<'static>> {
     let files = if arch == Arch::HOST {
         build::agent(true)?;
         let bin = target_dir().join("podmeter.stripped");
@@ -197,7 +197,7 @@ pub fn with_libs(binary: &Path, dest: &str) -> Result<Vec<(PathBuf, String)>> {
     Ok(files)
 }
 
-fn sha256(data: &[u8]) -> String {
+pub fn sha256(data: &[u8]) -> String {
     let hex: String = Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))

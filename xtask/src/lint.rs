@@ -52,5 +52,17 @@ pub fn run(_: &Options) -> Result<()> {
                 "-D",
                 "warnings",
             ]))
+    })?;
+    // The release workflow cannot run here; actionlint checks its syntax,
+    // expressions and shell.
+    phases.run("actionlint", || {
+        crate::tools::ACTIONLINT.ensure()?;
+        let workflows: Vec<_> = std::fs::read_dir(crate::cmd::root().join(".github/workflows"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
+            .collect();
+        sh(Command::new(crate::tools::ACTIONLINT.bin("actionlint"))
+            .arg("-no-color")
+            .args(&workflows))
     })
 }

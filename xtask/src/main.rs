@@ -13,6 +13,7 @@ mod fuzz;
 mod image;
 mod lint;
 mod phases;
+mod release;
 mod run;
 mod setup;
 mod test;
@@ -90,6 +91,11 @@ enum Task {
     /// containerd if it is up) and a multi-architecture index of amd64 and
     /// a cross-built arm64 (target/podmeter-multiarch.oci.tar).
     Image(image::Options),
+    /// Build what a release publishes into target/dist/<version>/: the
+    /// multi-architecture image (OCI index), the Helm chart package set to
+    /// this version and image, SHA256SUMS; --push publishes them (the
+    /// release workflow runs that).
+    Release(release::Options),
 }
 
 /// What `cargo run` tells the program it runs about its package. Every
@@ -132,6 +138,7 @@ fn main() -> std::process::ExitCode {
         Task::Soak(o) => podmeter_bench::soak::run(o, &bench::Xtask),
         Task::Image(o) => image::run(o),
         Task::VmTest(o) => vm::run(o),
+        Task::Release(o) => release::run(o),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -40,6 +40,15 @@ pub const HELM: GoTool = GoTool {
               -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37",
 };
 
+/// Lints `.github/workflows` (the release workflow, which cannot run
+/// here).
+pub const ACTIONLINT: GoTool = GoTool {
+    name: "actionlint",
+    version: "v1.7.12",
+    packages: &["github.com/rhysd/actionlint/cmd/actionlint"],
+    ldflags: "-X github.com/rhysd/actionlint.version=v1.7.12",
+};
+
 pub const CONTROLLER_GEN: GoTool = GoTool {
     name: "controller-gen",
     version: "v0.19.0",
