@@ -26,7 +26,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 use crate::{
     arch::Arch,
     cmd::{root, target_dir},
-    image, setup, sh, tools,
+    image,
+    phases::Phases,
+    setup, sh, tools,
 };
 
 /// The version everything is released as: the workspace's.
@@ -69,17 +71,20 @@ pub fn run(opts: &Options) -> Result<()> {
     fs::create_dir_all(&out)?;
     let reference = format!("{}/podmeter:{VERSION}", opts.registry);
 
+    let mut phases = Phases::new("release");
     let image = out.join(format!("podmeter-{VERSION}.oci.tar"));
-    let archs = [Arch::Amd64, Arch::Arm64];
-    let specs = archs
-        .iter()
-        .map(|a| image::podmeter_spec(*a))
-        .collect::<Result<Vec<_>>>()?;
-    let images: Vec<(Arch, &image::Spec<'_>)> = archs.into_iter().zip(&specs).collect();
-    image::build_index(&reference, &images, &image)?;
-    eprintln!("release: {reference} (amd64, arm64) in {}", image.display());
-
-    let chart = package_chart(&opts.registry, &out)?;
+    phases.run("image (amd64, arm64)", || {
+        let archs = [Arch::Amd64, Arch::Arm64];
+        let specs = archs
+            .iter()
+            .map(|a| image::podmeter_spec(*a))
+            .collect::<Result<Vec<_>>>()?;
+        let images: Vec<(Arch, &image::Spec<'_>)> = archs.into_iter().zip(&specs).collect();
+        image::build_index(&reference, &images, &image)?;
+        eprintln!("release: {reference} (amd64, arm64) in {}", image.display());
+        Ok(())
+    })?;
+    let chart = phases.run("chart", || package_chart(&opts.registry, &out))?;
     eprintln!("release: chart {}", chart.display());
 
     let sums = sha256sums(&[&image, &chart])?;
@@ -87,7 +92,7 @@ pub fn run(opts: &Options) -> Result<()> {
     eprint!("release: SHA256SUMS\n{sums}");
 
     if opts.push {
-        push(opts, &reference, &image, &chart)?;
+        phases.run("push", || push(opts, &reference, &image, &chart))?;
     } else {
         eprintln!(
             "release: dry run: nothing pushed; `--push` publishes {reference} and oci://{}/charts",

@@ -13,7 +13,7 @@ use crate::{
 /// How long CI fuzzes each target: enough to replay the seeds and explore
 /// around them (hundreds of thousands of runs each); `cargo xtask fuzz`
 /// runs longer.
-const FUZZ_SECONDS: u64 = 8;
+const FUZZ_SECONDS: u64 = 5;
 
 /// The kernels CI boots: the oldest and the newest series of the matrix,
 /// which keeps `.ci/run` within its 30-minute warm budget (all three took
@@ -89,6 +89,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 cpus: 2,
                 timeout_minutes: 25,
                 file_timeout_seconds: 300,
+                crash_after: None,
             })
         })?;
     }
