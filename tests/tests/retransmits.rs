@@ -129,8 +129,10 @@ fn tcp_retransmits_whose_transmit_failed_are_counted_as_the_kernel_counts_them()
         &tree,
         (&a, &b),
         7101,
-        // Failed transmits wait for timers: slow under qemu's TCG.
-        PAYLOAD / 8,
+        // Failed transmits wait for timers: slow under qemu's TCG. Not
+        // less: at 3 MB a VM saw only 13 to 50 retransmits (too few to
+        // judge), at 8 MB about 500.
+        PAYLOAD / 3,
     );
     assert!(
         failed > 0.0,
