@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cgroups;
 pub mod dashboard;
+pub mod helm;
 pub mod kube;
 pub mod netns;
 pub mod scrape;
@@ -26,6 +27,7 @@ pub use cgroups::{
     CpuController, TestCgroup, TestTree, Throttling, cpu_in_unified, cpu_v1_root, memory_v1_root,
     unified_root,
 };
+pub use helm::Helm;
 pub use kube::{Kube, Namespace};
 pub use netns::{
     NetNs, failing_output_ruleset, ip, loss_ruleset, nft_in, random_loss, tcp_ext, veth_pair,

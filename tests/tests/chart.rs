@@ -44,19 +44,21 @@ fn template(sets: &[&str]) -> Result<Vec<Value>, String> {
     template_on(OPERATOR, sets)
 }
 
-/// `helm template` for a cluster serving `apis` (beyond the built-in ones).
+/// `helm template` for a cluster serving `apis` (beyond the built-in ones):
+/// the install's objects. `helm test`'s (its pod, account and roles, all
+/// named pm-podmeter-test) are checked on their own ([`test_hooks`]).
 fn template_on(apis: &[&str], sets: &[&str]) -> Result<Vec<Value>, String> {
+    Ok(helm_template(apis, sets)?
+        .into_iter()
+        .filter(|v| v["metadata"]["name"] != "pm-podmeter-test")
+        .collect())
+}
+
+/// Every object `helm template` renders, `helm test`'s included.
+fn helm_template(apis: &[&str], sets: &[&str]) -> Result<Vec<Value>, String> {
     let mut c = Command::new(tool("PODMETER_HELM"));
-    // The install's objects; `helm test`'s (its pod, account and roles,
-    // all named pm-podmeter-test) are checked on their own.
-    c.args([
-        "template",
-        "pm",
-        "--namespace",
-        "monitoring",
-        "--skip-tests",
-    ])
-    .arg(chart());
+    c.args(["template", "pm", "--namespace", "monitoring"])
+        .arg(chart());
     for a in apis {
         c.args(["--api-versions", a]);
     }
@@ -70,7 +72,7 @@ fn template_on(apis: &[&str], sets: &[&str]) -> Result<Vec<Value>, String> {
     let text = String::from_utf8(out.stdout).unwrap();
     Ok(serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("helm rendered valid YAML"))
-        .filter(|v: &Value| !v.is_null() && v["metadata"]["name"] != "pm-podmeter-test")
+        .filter(|v: &Value| !v.is_null())
         .collect())
 }
 
@@ -715,23 +717,10 @@ fn plain_manifests_are_the_chart_rendered() {
 /// `helm test`'s objects: its pod (the one hook) and the account and roles
 /// it runs with, all named `pm-podmeter-test`.
 fn test_hooks(sets: &[&str]) -> Vec<Value> {
-    let mut c = Command::new(tool("PODMETER_HELM"));
-    c.args(["template", "pm", "--namespace", "monitoring"])
-        .arg(chart());
-    for s in sets {
-        c.args(["--set", s]);
-    }
-    let out = c.output().expect("running helm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .filter(|v: &Value| v["metadata"]["name"] == "pm-podmeter-test")
+    helm_template(OPERATOR, sets)
+        .unwrap_or_else(|e| panic!("helm template {sets:?} failed: {e}"))
+        .into_iter()
+        .filter(|v| v["metadata"]["name"] == "pm-podmeter-test")
         .collect()
 }
 
@@ -788,10 +777,38 @@ fn helm_test_probes_every_agent_with_an_account_allowed_to_read_metrics() {
         "no /metrics role without auth"
     );
     assert!(test_hooks(&["test.enabled=false"]).is_empty());
+    // `helm upgrade --reuse-values` from a chart without `test` values (0.1.0)
+    // renders without them: the upgraded release still tests itself.
+    let reused = test_hooks(&["test=null"]);
+    assert_eq!(
+        only(&reused, "Pod")["spec"]["containers"][0]["args"],
+        probe["spec"]["containers"][0]["args"]
+    );
+    assert_eq!(kinds(&reused), kinds(&docs));
     assert!(test_hooks(&["rbac.create=false", "serviceAccount.create=false"]).is_empty());
     // The pod is the hook: it runs at `helm test`, not at install.
     assert_eq!(
         probe["metadata"]["annotations"]["helm.sh/hook"], "test",
         "{probe:?}"
+    );
+}
+
+/// The chart here is the next release's: its version and appVersion are
+/// the workspace's (which `cargo xtask release` publishes, and which the
+/// upgrade e2e expects on the upgraded DaemonSet), and newer than the
+/// previous release the upgrade e2e starts from.
+#[test]
+fn chart_version_is_the_workspace_version_after_the_previous_release() {
+    let meta: Value =
+        serde_yaml_ng::from_str(&fs::read_to_string(chart().join("Chart.yaml")).unwrap()).unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(meta["version"], version);
+    assert_eq!(meta["appVersion"], version);
+    let previous = repo().join("tests/fixtures/podmeter-0.1.0.tgz");
+    assert!(previous.exists(), "{}", previous.display());
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
+    assert!(
+        parse(version) > parse("0.1.0"),
+        "{version} is not past the previous release, 0.1.0"
     );
 }

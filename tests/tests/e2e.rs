@@ -13,7 +13,7 @@ use std::{
 
 use std::sync::OnceLock;
 
-use podmeter_test_support::{Kube, Namespace, Scrape, curl, poll_scrape};
+use podmeter_test_support::{Helm, Kube, Namespace, Scrape, curl, poll_scrape};
 
 const WORK_IMAGE: &str = "localhost/podmeter-testwork:dev";
 const STATE: &str = "/var/lib/podmeter-cluster";
@@ -675,30 +675,18 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
         "--ignore-not-found",
         "--wait=true",
     ]);
-    let try_helm = |args: &[&str]| {
-        let out = Command::new(std::env::var_os("PODMETER_HELM").expect("PODMETER_HELM"))
-            .args(args)
-            .args(["--namespace", NS])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        out.status
-            .success()
-            .then_some(text.clone())
-            .ok_or(err + &text)
-    };
-    let helm = |args: &[&str]| try_helm(args).unwrap_or_else(|e| panic!("helm {args:?}: {e}"));
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/podmeter");
-    let installed = helm(&[
+    let helm = Helm::new(RELEASE, NS);
+    let chart = Helm::chart();
+    let installed = helm.run(
         "install",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "--create-namespace",
-        "--wait",
-        "--timeout",
-        "180s",
-    ]);
+        &[
+            chart.to_str().unwrap(),
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    );
     let notes = installed
         .split("NOTES:")
         .nth(1)
@@ -710,7 +698,7 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
         ) && notes.contains("does not serve the PrometheusRule API"),
         "NOTES do not say why there is no monitor: {notes}"
     );
-    let manifest = helm(&["get", "manifest", RELEASE]);
+    let manifest = helm.run("get", &["manifest"]);
     for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
         assert!(
             !manifest.contains(&format!("kind: {kind}\n")),
@@ -722,7 +710,9 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
         ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"], "true",
         "{ds}"
     );
-    let tested = helm(&["test", RELEASE, "--logs", "--timeout", "180s"]);
+    let tested = helm
+        .test("180s")
+        .unwrap_or_else(|e| panic!("helm test: {e}"));
     eprintln!("{tested}");
     assert!(
         tested.contains("ok: 1 agents ready and serving /metrics"),
@@ -730,16 +720,9 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
     );
     // An account that may not read /metrics: the probe fails within its
     // timeout and its log says which agent answered what.
-    helm(&[
-        "upgrade",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "--set",
-        "test.timeout=10s",
-        "--wait",
-    ]);
+    helm.upgrade(&Helm::chart(), &["--set", "test.timeout=10s"], true);
     kube.run(&["delete", "clusterrolebinding", "pm-chart-podmeter-test"]);
-    let failed = try_helm(&["test", RELEASE, "--timeout", "120s"]).expect_err("helm test passed");
+    let failed = helm.test("120s").expect_err("helm test passed");
     assert!(
         failed.contains("pod pm-chart-podmeter-test failed"),
         "{failed}"
@@ -754,6 +737,6 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
             ),
         "{last}"
     );
-    helm(&["uninstall", RELEASE, "--wait"]);
+    helm.uninstall();
     kube.run(&["delete", "namespace", NS, "--wait=true"]);
 }

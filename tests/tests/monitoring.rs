@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_test_support::{Kube, Namespace};
+use podmeter_test_support::{Helm, Kube, Namespace};
 use serde_json::Value;
 
 const NS: &str = "podmeter";
@@ -292,59 +292,38 @@ fn restart_prometheus_with(kube: &Kube, job: &str) -> Prom {
     prometheus_api(kube)
 }
 
-/// `helm upgrade --install` of the chart with test settings plus `sets`;
-/// what helm printed (the release's NOTES).
+/// The chart's release.
+fn release() -> Helm {
+    Helm::new("podmeter", NS)
+}
+
+/// The test's settings: the image is imported into containerd, never
+/// pulled; short timings, so the test sees pods and cgroups come and go
+/// quickly.
+const TEST_SETTINGS: [&str; 6] = [
+    "--set",
+    "image.pullPolicy=Never",
+    "--set",
+    "agent.gracePeriod=60s",
+    "--set",
+    "agent.refreshInterval=2s",
+];
+
+/// `helm upgrade --install` of the chart with the test's settings plus
+/// `sets`; what helm printed (the release's NOTES).
 fn helm(sets: &[&str], wait: bool) -> String {
-    let mut c = Command::new(env_path("PODMETER_HELM"));
-    c.args(["upgrade", "--install", "podmeter"])
-        .arg(repo().join("deploy/helm/podmeter"))
-        .args(["--namespace", NS, "--create-namespace"])
-        // The image is imported into containerd, never pulled; short
-        // timings so the test sees pods and cgroups come and go quickly.
-        .args(["--set", "image.pullPolicy=Never"])
-        .args([
-            "--set",
-            "agent.gracePeriod=60s",
-            "--set",
-            "agent.refreshInterval=2s",
-        ]);
+    let mut args = TEST_SETTINGS.to_vec();
     for s in sets {
-        c.args(["--set", s]);
+        args.extend(["--set", s]);
     }
-    if wait {
-        c.args(["--wait", "--timeout", "180s"]);
-    }
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "helm {sets:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    release().upgrade(&Helm::chart(), &args, wait)
 }
 
 /// `helm test` of the release: what it printed, with the probe's log.
 fn helm_test() -> String {
-    let out = Command::new(env_path("PODMETER_HELM"))
-        .args([
-            "test",
-            "podmeter",
-            "--namespace",
-            NS,
-            "--logs",
-            "--timeout",
-            "180s",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "helm test: {}{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    release()
+        .test("180s")
+        .unwrap_or_else(|e| panic!("helm test: {e}"))
 }
 
 fn agent_pods(kube: &Kube) -> Vec<Value> {
@@ -532,7 +511,47 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     ]);
     let prom = install_stack(&kube, &hook);
 
-    step("helm install with default values (monitor.kind=auto)");
+    // The previous release (tests/fixtures/README.md): users upgrade from
+    // it, as its values had it (`--reuse-values`) and with this chart's
+    // defaults, with no manual step.
+    step("helm install of the previous chart, 0.1.0");
+    let previous = repo().join("tests/fixtures/podmeter-0.1.0.tgz");
+    let mut args = TEST_SETTINGS.to_vec();
+    // Where this test's agent image is (a published package names its
+    // registry's).
+    args.extend(["--set", "image.repository=localhost/podmeter"]);
+    args.extend(["--set", "image.tag=dev"]);
+    release().upgrade(&previous, &args, true);
+    // helm's --wait may take a DaemonSet its controller has not seen yet
+    // for ready: the upgrade must start from a running 0.1.0 agent.
+    kube.run(&[
+        "-n",
+        NS,
+        "rollout",
+        "status",
+        "daemonset/podmeter",
+        "--timeout=120s",
+    ]);
+    let chart_label = || {
+        kube.json(&["daemonset", "-n", NS, "podmeter"])["metadata"]["labels"]["helm.sh/chart"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(chart_label(), "podmeter-0.1.0");
+    step("helm upgrade --reuse-values from 0.1.0 to this chart, then helm test");
+    release().upgrade(&Helm::chart(), &["--reuse-values"], true);
+    assert_eq!(
+        chart_label(),
+        format!("podmeter-{}", env!("CARGO_PKG_VERSION"))
+    );
+    let tested = helm_test();
+    assert!(
+        tested.contains("ok: 1 agents ready and serving /metrics"),
+        "{tested}"
+    );
+
+    step("helm upgrade with this chart's default values (monitor.kind=auto)");
     let prom_url = format!("test.prometheusURL={}", prom.base);
     let notes = helm(&[&prom_url], true);
     // The operator's CRDs are installed: auto picks the ServiceMonitor and
@@ -577,6 +596,9 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
         "",
     ));
     let burner = kube.pod_phase(&roll.name, "burner", "Running");
+    // The alerts' workloads idle first (Faults::IDLE); they do it through the roll
+    // and its checks, which take longer, so their faults begin after it.
+    let faults = Faults::start(&kube);
 
     // `next` is the same agent under a new tag (xtask's e2e tags it): the
     // upgrade rolls the DaemonSet to a new image, as a release does.
@@ -591,7 +613,7 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     drop(roll);
 
     let mut fired = Vec::new();
-    alerts_fire_on_real_faults(&kube, &prom, &hook, &node_name, &mut fired);
+    alerts_fire_on_real_faults(&kube, &prom, &hook, &node_name, faults, &mut fired);
 
     eprintln!("\n| alert | fault | fault → webhook notification |\n|---|---|---|");
     for f in &fired {
@@ -623,9 +645,10 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     uninstall_leaves_nothing_in_the_kernel();
 }
 
-/// The upgrade to capabilities mode rolled the DaemonSet: the new agent
+/// The upgrade to capabilities mode rolled the DaemonSet (as did the one
+/// from chart 0.1.0 before it, within the same 10 minutes): the new agent
 /// adopted the old one's pinned counters, so Prometheus saw no counter
-/// reset in any series across the roll.
+/// reset in any series across the rolls.
 fn counters_continued_across_the_roll(prom: &Prom) {
     step("no counter reset across the DaemonSet roll (pinned counters adopted)");
     let origin = prom.query("podmeter_counters_origin_info");
@@ -727,16 +750,7 @@ fn uninstall_leaves_nothing_in_the_kernel() {
         !links.is_empty(),
         "no links of podmeter's programs {progs:?} before the uninstall"
     );
-    let out = Command::new(env_path("PODMETER_HELM"))
-        .args(["uninstall", "podmeter", "--namespace", NS, "--wait"])
-        .args(["--timeout", "120s"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release().run("uninstall", &["--wait", "--timeout", "120s"]);
     let pins = Path::new("/sys/fs/bpf/podmeter");
     until(
         Duration::from_secs(60),
@@ -827,87 +841,111 @@ fn capabilities_are_dropped(kube: &Kube, prom: &Prom) {
     );
 }
 
+/// The alerts' workloads, started: each idles for [`Faults::IDLE`] before
+/// its fault begins, so its series exist (and the traffic baseline is
+/// quiet) first.
+struct Faults<'k> {
+    ns: Namespace<'k>,
+    /// When each workload's fault began (or will).
+    started: BTreeMap<&'static str, Instant>,
+    /// The pod the TCP stream goes to; its loss starts with the wait.
+    sink: Value,
+}
+
+impl<'k> Faults<'k> {
+    const IDLE: u64 = 70;
+
+    fn start(kube: &'k Kube) -> Self {
+        // A fresh name per run: a pod's traffic baseline follows its name, and
+        // Prometheus may remember an earlier run's flood.
+        let ns = Namespace::new(kube, &format!("e2e-alerts-{}", std::process::id()));
+        const IDLE: u64 = Faults::IDLE;
+        step(
+            "fault workloads (idle first): a CPU burner at its limit, node-wide burners (one starving a pod on CPU 0), a traffic flood, an OOM kill in a live container, a container at 92 % of its memory limit, a TCP stream",
+        );
+        let limit = "    resources:\n      requests: {cpu: 200m}\n      limits: {cpu: 200m}\n";
+        kube.apply(&shell_pod(
+            &ns.name,
+            "hog",
+            &format!("sleep {IDLE}; exec /pm-work burn"),
+            limit,
+        ));
+        // The burners saturate both CPUs; burner-1 shares CPU 0 with `starved`,
+        // a noisy neighbour on a shared cpuset: each waits for the CPU about
+        // half the time it could run.
+        for (name, cpu) in [("burner-1", 0), ("burner-2", 1), ("starved", 0)] {
+            kube.apply(&shell_pod(
+                &ns.name,
+                name,
+                &format!("sleep {IDLE}; exec /pm-work --cpu {cpu} burn"),
+                "",
+            ));
+        }
+        // A child of the container's main process killed at the 64 MiB limit;
+        // the shell, and so the container, lives on (no restart for
+        // kube-state-metrics to see).
+        kube.apply(&shell_pod(
+            &ns.name,
+            "oomer",
+            &format!("sleep {IDLE}; /pm-work alloc 128; sleep 3600"),
+            "    resources:\n      limits: {memory: 64Mi}\n",
+        ));
+        kube.apply(&shell_pod(
+            &ns.name,
+            "filler",
+            &format!("sleep {IDLE}; exec /pm-work hold-memory 92"),
+            "    resources:\n      limits: {memory: 100Mi}\n",
+        ));
+        // A steady 2 MiB/s TCP stream; the loss starts later, on the sink's side.
+        kube.apply(&shell_pod(
+            &ns.name,
+            "lossy-sink",
+            "exec /pm-work tcp-sink 0.0.0.0:7100",
+            "",
+        ));
+        let sink = kube.pod_phase(&ns.name, "lossy-sink", "Running");
+        let sink_ip = sink["status"]["podIP"].as_str().unwrap().to_owned();
+        kube.apply(&shell_pod(
+            &ns.name,
+            "lossy-sender",
+            &format!("exec /pm-work tcp-stream {sink_ip}:7100 2048"),
+            "",
+        ));
+        kube.apply(&shell_pod(
+            &ns.name,
+            "flood",
+            // 40 MiB/s to the bridge's discard port, for long enough.
+            &format!("sleep {IDLE}; exec /pm-work udp-flood 10.244.0.1:9 40 400"),
+            "",
+        ));
+        let mut started = BTreeMap::new();
+        for name in [
+            "hog", "burner-1", "burner-2", "starved", "flood", "oomer", "filler",
+        ] {
+            started.insert(
+                name,
+                running(kube, &ns.name, name) + Duration::from_secs(IDLE),
+            );
+        }
+        running(kube, &ns.name, "lossy-sender");
+        Faults { ns, started, sink }
+    }
+}
+
 fn alerts_fire_on_real_faults(
     kube: &Kube,
     prom: &Prom,
     hook: &Webhook,
     node: &str,
+    faults: Faults<'_>,
     fired: &mut Vec<Fired>,
 ) {
-    // A fresh name per run: a pod's traffic baseline follows its name, and
-    // Prometheus may remember an earlier run's flood.
-    let ns = Namespace::new(kube, &format!("e2e-alerts-{}", std::process::id()));
-    // Each workload idles first, so its series exist (and the traffic
-    // baseline is quiet) before the fault starts.
-    const IDLE: u64 = 70;
-    step(
-        "faults: a CPU burner at its limit, node-wide burners (one starving a pod on CPU 0), a traffic flood, an OOM kill in a live container, a container at 92 % of its memory limit, random loss on a pod's interface",
-    );
-    let limit = "    resources:\n      requests: {cpu: 200m}\n      limits: {cpu: 200m}\n";
-    kube.apply(&shell_pod(
-        &ns.name,
-        "hog",
-        &format!("sleep {IDLE}; exec /pm-work burn"),
-        limit,
-    ));
-    // The burners saturate both CPUs; burner-1 shares CPU 0 with `starved`,
-    // a noisy neighbour on a shared cpuset: each waits for the CPU about
-    // half the time it could run.
-    for (name, cpu) in [("burner-1", 0), ("burner-2", 1), ("starved", 0)] {
-        kube.apply(&shell_pod(
-            &ns.name,
-            name,
-            &format!("sleep {IDLE}; exec /pm-work --cpu {cpu} burn"),
-            "",
-        ));
-    }
-    // A child of the container's main process killed at the 64 MiB limit;
-    // the shell, and so the container, lives on (no restart for
-    // kube-state-metrics to see).
-    kube.apply(&shell_pod(
-        &ns.name,
-        "oomer",
-        &format!("sleep {IDLE}; /pm-work alloc 128; sleep 3600"),
-        "    resources:\n      limits: {memory: 64Mi}\n",
-    ));
-    kube.apply(&shell_pod(
-        &ns.name,
-        "filler",
-        &format!("sleep {IDLE}; exec /pm-work hold-memory 92"),
-        "    resources:\n      limits: {memory: 100Mi}\n",
-    ));
-    // A steady 2 MiB/s TCP stream; the loss starts later, on the sink's side.
-    kube.apply(&shell_pod(
-        &ns.name,
-        "lossy-sink",
-        "exec /pm-work tcp-sink 0.0.0.0:7100",
-        "",
-    ));
-    let sink = kube.pod_phase(&ns.name, "lossy-sink", "Running");
-    let sink_ip = sink["status"]["podIP"].as_str().unwrap().to_owned();
-    kube.apply(&shell_pod(
-        &ns.name,
-        "lossy-sender",
-        &format!("exec /pm-work tcp-stream {sink_ip}:7100 2048"),
-        "",
-    ));
-    kube.apply(&shell_pod(
-        &ns.name,
-        "flood",
-        // 40 MiB/s to the bridge's discard port, for long enough.
-        &format!("sleep {IDLE}; exec /pm-work udp-flood 10.244.0.1:9 40 400"),
-        "",
-    ));
-    let mut started = BTreeMap::new();
-    for name in [
-        "hog", "burner-1", "burner-2", "starved", "flood", "oomer", "filler",
-    ] {
-        started.insert(
-            name,
-            running(kube, &ns.name, name) + Duration::from_secs(IDLE),
-        );
-    }
-    running(kube, &ns.name, "lossy-sender");
+    let Faults {
+        ns,
+        mut started,
+        sink,
+    } = faults;
+    step("faults: the workloads' own, and 5 % random loss on the TCP stream's receiving pod");
     started.insert("lossy-sender", lose_packets(&sink, 5));
     let n = ns.name.as_str();
     wait_alert(

@@ -128,3 +128,16 @@ else none. Explicit kinds are rendered whatever the cluster serves.
 {{- "true" }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when `helm test` has its probe (with the chart's RBAC): unless
+test.enabled is false. A missing key counts as on: `helm upgrade
+--reuse-values` from a chart without these values renders with the old
+chart's defaults, and the upgraded release should still test itself.
+*/}}
+{{- define "podmeter.testEnabled" -}}
+{{- $test := .Values.test | default dict }}
+{{- if and (or (not (hasKey $test "enabled")) $test.enabled) .Values.rbac.create }}
+{{- "true" }}
+{{- end }}
+{{- end }}
