@@ -198,18 +198,8 @@ pub fn run(opts: &Options) -> Result<()> {
             }
             // Only the files the crash kept from finishing: the ones done
             // stand (their results are in the table already).
-            let done: Vec<String> = outcome.files.iter().map(|f| f.name.clone()).collect();
-            let rest = Payload {
-                arch: payload.arch,
-                podmeter: payload.podmeter.clone(),
-                pm_work: payload.pm_work.clone(),
-                tests: payload
-                    .tests
-                    .iter()
-                    .filter(|(n, _)| !done.contains(n))
-                    .cloned()
-                    .collect(),
-            };
+            let done: Vec<&str> = outcome.files.iter().map(|f| f.name.as_str()).collect();
+            let rest = payload.without(&done);
             let mut again =
                 boot(&kernel, &rest, opts).with_context(|| format!("kernel {}", kernel.release))?;
             let mut files = std::mem::take(&mut outcome.files);
@@ -397,6 +387,21 @@ struct Payload {
 }
 
 impl Payload {
+    /// The same payload but for the test files named in `done`.
+    fn without(&self, done: &[&str]) -> Self {
+        Payload {
+            arch: self.arch,
+            podmeter: self.podmeter.clone(),
+            pm_work: self.pm_work.clone(),
+            tests: self
+                .tests
+                .iter()
+                .filter(|(n, _)| !done.contains(&n.as_str()))
+                .cloned()
+                .collect(),
+        }
+    }
+
     fn build(tests: &[String], arch: Arch) -> Result<Self> {
         crate::build::agent_for(arch)?;
         image::build_pm_work_for(arch)?;
