@@ -17,7 +17,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{setup, sh};
 
@@ -46,10 +46,15 @@ impl Arch {
 
     /// The Rust target to build for, `None` for the host's.
     pub fn rust_target(self) -> Option<&'static str> {
-        (self != Self::HOST).then_some(match self {
+        (self != Self::HOST).then_some(self.triple())
+    }
+
+    /// Its Rust target triple.
+    pub const fn triple(self) -> &'static str {
+        match self {
             Arch::Amd64 => "x86_64-unknown-linux-gnu",
             Arch::Arm64 => "aarch64-unknown-linux-gnu",
-        })
+        }
     }
 
     /// `binutils` of the architecture (`strip` of the host's cannot read
@@ -178,7 +183,11 @@ pub fn userland(arch: Arch) -> Result<PathBuf> {
     let root = dir.join("root");
     // The package list it was made from: a changed list makes it again.
     let marker = dir.join("packages");
-    if fs::read_to_string(&marker).is_ok_and(|m| m == USERLAND.join(" ")) && root.exists() {
+    let contents = dir.join(CONTENTS);
+    if fs::read_to_string(&marker).is_ok_and(|m| m == USERLAND.join(" "))
+        && root.exists()
+        && contents.exists()
+    {
         return Ok(root);
     }
     let _ = fs::remove_dir_all(&root);
@@ -223,16 +232,131 @@ pub fn userland(arch: Arch) -> Result<PathBuf> {
         .current_dir(&debs))?;
     let partial = dir.join("root.partial");
     let _ = fs::remove_dir_all(&partial);
+    let mut owners = String::new();
     for deb in fs::read_dir(&debs)?.flatten() {
         sh(Command::new("dpkg-deb")
             .arg("-x")
             .arg(deb.path())
             .arg(&partial))?;
+        owners += &deb_contents(&deb.path())?;
     }
+    fs::write(&contents, owners)?;
     fs::rename(&partial, &root)?;
     fs::remove_dir_all(&debs)?;
     fs::write(&marker, USERLAND.join(" "))?;
     Ok(root)
+}
+
+/// Which package of a userland put each of its files there (for the
+/// release's bill of materials): `<path>\t<package>\t<version>` lines.
+const CONTENTS: &str = "contents.tsv";
+
+/// [`CONTENTS`] lines for one `.deb`.
+fn deb_contents(deb: &Path) -> Result<String> {
+    let field = |name: &str| -> Result<String> {
+        let out = Command::new("dpkg-deb")
+            .arg("--field")
+            .arg(deb)
+            .arg(name)
+            .output()
+            .context("running dpkg-deb --field")?;
+        ensure!(
+            out.status.success(),
+            "dpkg-deb --field {}: {}",
+            deb.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let (package, version) = (field("Package")?, field("Version")?);
+    let out = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(deb)
+        .output()
+        .context("running dpkg-deb --contents")?;
+    ensure!(
+        out.status.success(),
+        "dpkg-deb --contents {}: {}",
+        deb.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(listed_files(&String::from_utf8_lossy(&out.stdout))
+        .map(|path| format!("{path}\t{package}\t{version}\n"))
+        .collect())
+}
+
+/// The files and symlinks of a `dpkg-deb --contents` listing, as absolute
+/// paths (`drwxr-xr-x root/root 0 2025-01-01 00:00 ./usr/lib/`,
+/// `lrwxrwxrwx root/root 0 2025-01-01 00:00 ./lib/ld.so.1 -> x/ld.so.1`).
+fn listed_files(listing: &str) -> impl Iterator<Item = String> + '_ {
+    listing.lines().filter_map(|line| {
+        let path = line.split_whitespace().nth(5)?;
+        let path = path.strip_prefix('.')?;
+        (!path.ends_with('/')).then(|| path.to_owned())
+    })
+}
+
+/// The Debian package (name, version) that put `file` (a path in the
+/// image, e.g. `/lib/x86_64-linux-gnu/libc.so.6`) into the image of
+/// `arch`: the host's `dpkg` for the host's architecture, whose image
+/// ships the host's own files; the userland's recorded contents for the
+/// other.
+pub fn package_of(arch: Arch, file: &str) -> Result<(String, String)> {
+    if arch == Arch::HOST {
+        return host_package_of(file);
+    }
+    userland(arch)?;
+    let contents = setup::cache_dir()
+        .join(format!("userland-{}", arch.name()))
+        .join(CONTENTS);
+    let text = fs::read_to_string(&contents)?;
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split('\t');
+            (f.next() == Some(file)).then(|| {
+                let package = f.next().unwrap_or_default().to_owned();
+                (package, f.next().unwrap_or_default().to_owned())
+            })
+        })
+        .with_context(|| format!("no package of the {} userland has {file}", arch.name()))
+}
+
+/// [`package_of`] on this host: `dpkg --search`, trying the path as given
+/// and as resolved (merged /usr: the package may list either).
+fn host_package_of(file: &str) -> Result<(String, String)> {
+    let mut tried = vec![file.to_owned()];
+    if let Ok(real) = fs::canonicalize(file) {
+        tried.push(real.to_string_lossy().into_owned());
+    }
+    for path in &tried {
+        let out = Command::new("dpkg")
+            .args(["--search", path])
+            .output()
+            .context("running dpkg --search")?;
+        // `libc6:amd64: /lib/x86_64-linux-gnu/libc.so.6`
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(package) = text
+            .lines()
+            .find_map(|l| l.split(": ").next().filter(|_| out.status.success()))
+        else {
+            continue;
+        };
+        let version = Command::new("dpkg-query")
+            .args(["--show", "--showformat", "${Version}", package])
+            .output()
+            .context("running dpkg-query")?;
+        ensure!(
+            version.status.success(),
+            "dpkg-query --show {package}: {}",
+            String::from_utf8_lossy(&version.stderr).trim()
+        );
+        let name = package.split(':').next().unwrap_or(package).to_owned();
+        return Ok((
+            name,
+            String::from_utf8_lossy(&version.stdout).trim().to_owned(),
+        ));
+    }
+    bail!("no Debian package of this host has {}", tried.join(" or "))
 }
 
 /// A program of the userland at `root`, by its name (the directories
@@ -312,5 +436,28 @@ fn gnu_of(root: &Path) -> &'static str {
         "aarch64"
     } else {
         "x86_64"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deb_listing_gives_its_files_and_links_not_its_directories() {
+        let listing = "\
+drwxr-xr-x root/root         0 2025-06-01 12:00 ./
+drwxr-xr-x root/root         0 2025-06-01 12:00 ./lib/aarch64-linux-gnu/
+-rwxr-xr-x root/root   1633000 2025-06-01 12:00 ./lib/aarch64-linux-gnu/libc.so.6
+lrwxrwxrwx root/root         0 2025-06-01 12:00 ./lib/ld-linux-aarch64.so.1 -> aarch64-linux-gnu/ld-linux-aarch64.so.1
+";
+        let files: Vec<String> = listed_files(listing).collect();
+        assert_eq!(
+            files,
+            [
+                "/lib/aarch64-linux-gnu/libc.so.6",
+                "/lib/ld-linux-aarch64.so.1"
+            ]
+        );
     }
 }

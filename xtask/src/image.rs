@@ -15,7 +15,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
@@ -195,6 +195,50 @@ pub fn with_libs(binary: &Path, dest: &str) -> Result<Vec<(PathBuf, String)>> {
         files.push((fs::canonicalize(&lib)?, dest));
     }
     Ok(files)
+}
+
+/// The configuration digest of each architecture's image in an OCI layout
+/// tarball written by [`build_index`] with several architectures.
+pub fn platform_configs(archive: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut tar = tar::Archive::new(
+        fs::File::open(archive).with_context(|| format!("opening {}", archive.display()))?,
+    );
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data)?;
+        files.insert(path, data);
+    }
+    let blob = |digest: &str| -> Result<serde_json::Value> {
+        let path = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+        let data = files
+            .get(&path)
+            .with_context(|| format!("{} has no {path}", archive.display()))?;
+        Ok(serde_json::from_slice(data)?)
+    };
+    let index: serde_json::Value = serde_json::from_slice(
+        files
+            .get("index.json")
+            .with_context(|| format!("{} has no index.json", archive.display()))?,
+    )?;
+    let top = index["manifests"][0]["digest"]
+        .as_str()
+        .context("index.json names no manifest")?;
+    let mut configs = std::collections::BTreeMap::new();
+    for m in blob(top)?["manifests"].as_array().into_iter().flatten() {
+        let arch = m["platform"]["architecture"].as_str().unwrap_or("?");
+        let manifest = blob(m["digest"].as_str().unwrap_or_default())?;
+        let config = manifest["config"]["digest"].as_str().unwrap_or_default();
+        configs.insert(arch.to_owned(), config.to_owned());
+    }
+    ensure!(
+        !configs.is_empty(),
+        "{} holds no multi-architecture index",
+        archive.display()
+    );
+    Ok(configs)
 }
 
 pub fn sha256(data: &[u8]) -> String {

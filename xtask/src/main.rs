@@ -13,8 +13,10 @@ mod fuzz;
 mod image;
 mod lint;
 mod phases;
+mod registry;
 mod release;
 mod run;
+mod sbom;
 mod setup;
 mod test;
 mod tools;
@@ -93,8 +95,10 @@ enum Task {
     Image(image::Options),
     /// Build what a release publishes into target/dist/<version>/: the
     /// multi-architecture image (OCI index), the Helm chart package set to
-    /// this version and image, SHA256SUMS; --push publishes them (the
-    /// release workflow runs that).
+    /// this version and image, each image's SBOM (CycloneDX), SHA256SUMS;
+    /// --push publishes the image and chart (the release workflow runs
+    /// that, and attaches the rest to the GitHub release);
+    /// --local-registry pushes to a throwaway registry here instead.
     Release(release::Options),
 }
 

@@ -6,13 +6,16 @@
 //! - `podmeter-<version>.tgz`: the Helm chart, its `version` and
 //!   `appVersion` the workspace's, its image `<registry>/podmeter` at that
 //!   tag by default;
-//! - `SHA256SUMS` of both, in `sha256sum -c` form.
+//! - `podmeter-<version>-<arch>.cdx.json`: each image's software bill of
+//!   materials, CycloneDX (see `sbom.rs`);
+//! - `SHA256SUMS` of all of them, in `sha256sum -c` form.
 //!
 //! With `--push` it then copies the image (every architecture) and pushes
 //! the chart as an OCI artifact to the registry, with skopeo and helm and
 //! the credentials they are logged in with. The release workflow
-//! (`.github/workflows/release.yml`) only runs this command; `.ci/run`
-//! runs it as `--dry-run`, the default, and lints the workflow.
+//! (`.github/workflows/release.yml`) only runs this command. `.ci/run`
+//! runs it as `--dry-run --local-registry`: the same push, to a throwaway
+//! registry on the CI machine (`registry.rs`), read back and compared.
 
 use std::{
     fmt::Write as _,
@@ -28,7 +31,8 @@ use crate::{
     cmd::{root, target_dir},
     image,
     phases::Phases,
-    setup, sh, tools,
+    registry::LocalRegistry,
+    sbom, setup, sh, tools,
 };
 
 /// The version everything is released as: the workspace's.
@@ -44,6 +48,12 @@ pub struct Options {
     /// Also push the image and the chart to --registry.
     #[arg(long)]
     pub push: bool,
+    /// Exercise the push without publishing: release under a throwaway
+    /// registry on this host (built from its Go module, plain HTTP, a
+    /// password made up per run), push there as --push does, pull both
+    /// back and compare with what was built. `.ci/run` runs this.
+    #[arg(long, conflicts_with_all = ["push", "registry"])]
+    pub local_registry: bool,
     /// Registry and path the image and chart are published under: the
     /// image is `<registry>/podmeter:<version>`, the chart
     /// `oci://<registry>/charts/podmeter`.
@@ -69,12 +79,20 @@ pub fn run(opts: &Options) -> Result<()> {
     let out = target_dir().join("dist").join(VERSION);
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
-    let reference = format!("{}/podmeter:{VERSION}", opts.registry);
+    let local = if opts.local_registry {
+        Some(LocalRegistry::start()?)
+    } else {
+        None
+    };
+    let registry = local
+        .as_ref()
+        .map_or(opts.registry.clone(), LocalRegistry::path);
+    let reference = format!("{registry}/podmeter:{VERSION}");
 
     let mut phases = Phases::new("release");
     let image = out.join(format!("podmeter-{VERSION}.oci.tar"));
-    phases.run("image (amd64, arm64)", || {
-        let archs = [Arch::Amd64, Arch::Arm64];
+    let archs = [Arch::Amd64, Arch::Arm64];
+    let specs = phases.run("image (amd64, arm64)", || {
         let specs = archs
             .iter()
             .map(|a| image::podmeter_spec(*a))
@@ -82,17 +100,46 @@ pub fn run(opts: &Options) -> Result<()> {
         let images: Vec<(Arch, &image::Spec<'_>)> = archs.into_iter().zip(&specs).collect();
         image::build_index(&reference, &images, &image)?;
         eprintln!("release: {reference} (amd64, arm64) in {}", image.display());
-        Ok(())
+        Ok(specs)
     })?;
-    let chart = phases.run("chart", || package_chart(&opts.registry, &out))?;
+    let boms = phases.run("sbom", || {
+        let mut boms = Vec::new();
+        for (arch, spec) in archs.into_iter().zip(&specs) {
+            let bom = out.join(format!("podmeter-{VERSION}-{}.cdx.json", arch.name()));
+            sbom::write(arch, &spec.files, &bom)?;
+            // The agent's crates, the eBPF object's, the C library's package.
+            let n = sbom::check(
+                &bom,
+                &["podmeter", "aya", "podmeter-ebpf", "aya-ebpf", "libc6"],
+            )?;
+            eprintln!("release: {} ({n} components)", bom.display());
+            boms.push(bom);
+        }
+        Ok(boms)
+    })?;
+    let chart = phases.run("chart", || package_chart(&registry, &out))?;
     eprintln!("release: chart {}", chart.display());
 
-    let sums = sha256sums(&[&image, &chart])?;
+    let mut published = vec![image.as_path(), chart.as_path()];
+    published.extend(boms.iter().map(PathBuf::as_path));
+    let sums = sha256sums(&published)?;
     fs::write(out.join("SHA256SUMS"), &sums)?;
     eprint!("release: SHA256SUMS\n{sums}");
 
-    if opts.push {
-        phases.run("push", || push(opts, &reference, &image, &chart))?;
+    if let Some(local) = &local {
+        phases.run("push (local registry)", || {
+            push(&local.target(), &reference, &image, &chart)?;
+            local.check(&reference, &image, &chart)
+        })?;
+    } else if opts.push {
+        phases.run("push", || {
+            push(
+                &Target::from_env(&opts.registry),
+                &reference,
+                &image,
+                &chart,
+            )
+        })?;
     } else {
         eprintln!(
             "release: dry run: nothing pushed; `--push` publishes {reference} and oci://{}/charts",
@@ -173,7 +220,7 @@ fn set_line(text: &str, prefix: &str, value: &str) -> Result<String> {
     Ok(out)
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to)?;
     for e in fs::read_dir(from)? {
         let e = e?;
@@ -200,41 +247,103 @@ fn sha256sums(files: &[&Path]) -> Result<String> {
     Ok(out)
 }
 
-/// Publishes: every architecture of the image (skopeo), then the chart
-/// (helm's OCI support). With `PODMETER_REGISTRY_USER` and
-/// `PODMETER_REGISTRY_PASSWORD` set it logs both in first (the password
-/// on stdin); otherwise it uses the logins they already have.
-fn push(opts: &Options, reference: &str, image: &Path, chart: &Path) -> Result<()> {
-    setup::apt(&["skopeo"])?;
-    let host = opts.registry.split('/').next().unwrap_or(&opts.registry);
-    if let (Ok(user), Ok(password)) = (
-        std::env::var("PODMETER_REGISTRY_USER"),
-        std::env::var("PODMETER_REGISTRY_PASSWORD"),
-    ) {
-        for mut login in [
-            Command::new("skopeo"),
-            Command::new(tools::HELM.bin("helm")),
-        ] {
-            if login.get_program() != "skopeo" {
-                login.arg("registry");
-            }
-            login.args(["login", host, "--username", &user, "--password-stdin"]);
-            with_stdin(&mut login, &password).with_context(|| format!("logging in to {host}"))?;
+/// Where and how [`push`] reaches a registry.
+pub struct Target {
+    /// Registry and path (`--registry`).
+    pub registry: String,
+    /// User and password to log skopeo and helm in with first; `None`: the
+    /// logins they already have.
+    pub login: Option<(String, String)>,
+    /// Plain HTTP, no TLS (the local registry of `--local-registry`).
+    pub plain_http: bool,
+    /// A directory for login state of its own, instead of the user's
+    /// skopeo and helm logins.
+    pub auth_dir: Option<PathBuf>,
+}
+
+impl Target {
+    /// `--registry` with the credentials of `PODMETER_REGISTRY_USER` and
+    /// `PODMETER_REGISTRY_PASSWORD` when both are set.
+    fn from_env(registry: &str) -> Self {
+        let login = match (
+            std::env::var("PODMETER_REGISTRY_USER"),
+            std::env::var("PODMETER_REGISTRY_PASSWORD"),
+        ) {
+            (Ok(user), Ok(password)) => Some((user, password)),
+            _ => None,
+        };
+        Target {
+            registry: registry.to_owned(),
+            login,
+            plain_http: false,
+            auth_dir: None,
         }
     }
-    sh(Command::new("skopeo")
-        .args(["copy", "--all"])
+
+    fn host(&self) -> &str {
+        self.registry.split('/').next().unwrap_or(&self.registry)
+    }
+
+    /// `skopeo <command>` with this target's login state and TLS setting
+    /// (`copy` takes the destination's).
+    pub fn skopeo(&self, command: &str) -> Command {
+        let mut c = Command::new("skopeo");
+        c.arg(command);
+        if let Some(d) = &self.auth_dir {
+            c.arg("--authfile").arg(d.join("skopeo-auth.json"));
+        }
+        if self.plain_http {
+            c.arg(if command == "copy" {
+                "--dest-tls-verify=false"
+            } else {
+                "--tls-verify=false"
+            });
+        }
+        c
+    }
+
+    /// helm with `args` and this target's login state and plain-HTTP flag.
+    pub fn helm(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(tools::HELM.bin("helm"));
+        c.args(args);
+        if let Some(d) = &self.auth_dir {
+            c.arg("--registry-config").arg(d.join("helm-registry.json"));
+        }
+        if self.plain_http {
+            c.arg("--plain-http");
+        }
+        c
+    }
+}
+
+/// Publishes: every architecture of the image (skopeo), then the chart
+/// (helm's OCI support). With credentials it logs both in first (the
+/// password on stdin); otherwise it uses the logins they already have.
+fn push(target: &Target, reference: &str, image: &Path, chart: &Path) -> Result<()> {
+    setup::apt(&["skopeo"])?;
+    let host = target.host();
+    if let Some((user, password)) = &target.login {
+        let mut skopeo = target.skopeo("login");
+        let mut helm = target.helm(&["registry", "login"]);
+        for login in [&mut skopeo, &mut helm] {
+            login.args([host, "--username", user, "--password-stdin"]);
+            with_stdin(login, password).with_context(|| format!("logging in to {host}"))?;
+        }
+    }
+    sh(target
+        .skopeo("copy")
+        .arg("--all")
         .arg(format!("oci-archive:{}", image.display()))
         .arg(format!("docker://{reference}")))
     .context("pushing the image (skopeo login to the registry first)")?;
-    sh(Command::new(tools::HELM.bin("helm"))
-        .arg("push")
+    sh(target
+        .helm(&["push"])
         .arg(chart)
-        .arg(format!("oci://{}/charts", opts.registry)))
+        .arg(format!("oci://{}/charts", target.registry)))
     .context("pushing the chart (helm registry login first)")?;
     eprintln!(
         "release: pushed {reference} and oci://{}/charts/podmeter:{VERSION}",
-        opts.registry
+        target.registry
     );
     Ok(())
 }

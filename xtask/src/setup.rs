@@ -151,6 +151,31 @@ pub fn nightly() -> Result<()> {
     ]))
 }
 
+/// The binary of a tool installed from crates.io with `cargo install
+/// --locked <krate>@<version>` into the cache (once, on first use).
+pub fn cargo_tool(krate: &str, version: &str) -> Result<PathBuf> {
+    let dir = cache_dir().join(format!("{krate}-{version}"));
+    let bin = dir.join("bin").join(krate);
+    if !bin.exists() {
+        eprintln!(
+            "setup: building {krate} {version} into {} (once)",
+            dir.display()
+        );
+        sh(
+            Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    "--locked",
+                    "--force",
+                    &format!("{krate}@{version}"),
+                ])
+                .arg("--root")
+                .arg(&dir),
+        )?;
+    }
+    Ok(bin)
+}
+
 fn bpf_linker() -> Result<()> {
     let dir = bpf_linker_dir();
     let bin = dir.join("bin/bpf-linker");

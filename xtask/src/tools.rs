@@ -49,6 +49,15 @@ pub const ACTIONLINT: GoTool = GoTool {
     ldflags: "-X github.com/rhysd/actionlint.version=v1.7.12",
 };
 
+/// The CNCF distribution registry: `cargo xtask release --local-registry`
+/// pushes to one on this host (`registry.rs`).
+pub const REGISTRY: GoTool = GoTool {
+    name: "registry",
+    version: "v3.1.2",
+    packages: &["github.com/distribution/distribution/v3/cmd/registry"],
+    ldflags: "-X github.com/distribution/distribution/v3/version.version=v3.1.2",
+};
+
 pub const CONTROLLER_GEN: GoTool = GoTool {
     name: "controller-gen",
     version: "v0.19.0",
