@@ -31,11 +31,12 @@ impl Helm {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/podmeter")
     }
 
-    /// `helm <command> <release> <args>` in the release's namespace: what
-    /// it printed, or its error output and what it printed.
+    /// `helm <command> <release> <args>` in the release's namespace (a
+    /// command of several words, e.g. `"get manifest"`, is split): what it
+    /// printed, or its error output and what it printed.
     pub fn try_run(&self, command: &str, args: &[&str]) -> Result<String, String> {
         let out = Command::new(&self.helm)
-            .arg(command)
+            .args(command.split_whitespace())
             .arg(&self.release)
             .args(args)
             .args(["--namespace", &self.namespace])

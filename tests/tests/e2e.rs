@@ -698,7 +698,8 @@ fn chart_defaults_install_and_pass_helm_test_where_prometheus_operator_is_absent
         ) && notes.contains("does not serve the PrometheusRule API"),
         "NOTES do not say why there is no monitor: {notes}"
     );
-    let manifest = helm.run("get", &["manifest"]);
+    let manifest = helm.run("get manifest", &[]);
+    assert!(manifest.contains("kind: DaemonSet\n"), "{manifest}");
     for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
         assert!(
             !manifest.contains(&format!("kind: {kind}\n")),

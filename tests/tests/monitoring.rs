@@ -511,9 +511,9 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     ]);
     let prom = install_stack(&kube, &hook);
 
-    // The previous release (tests/fixtures/README.md): users upgrade from
-    // it, as its values had it (`--reuse-values`) and with this chart's
-    // defaults, with no manual step.
+    // The previous chart release (tests/fixtures/README.md), upgraded as
+    // its values had it (`--reuse-values`), then to this chart's defaults.
+    // Both charts run this build's agent image: 0.1.0 published none.
     step("helm install of the previous chart, 0.1.0");
     let previous = repo().join("tests/fixtures/podmeter-0.1.0.tgz");
     let mut args = TEST_SETTINGS.to_vec();
@@ -596,8 +596,10 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
         "",
     ));
     let burner = kube.pod_phase(&roll.name, "burner", "Running");
-    // The alerts' workloads idle first (Faults::IDLE); they do it through the roll
-    // and its checks, which take longer, so their faults begin after it.
+    // The alerts' workloads idle first (Faults::IDLE), through the roll and
+    // most of its checks: their faults begin near the end of the burner's
+    // CPU check, which compares two counts of the same cgroup, so the load
+    // changes no result, and each alert is timed from its own fault.
     let faults = Faults::start(&kube);
 
     // `next` is the same agent under a new tag (xtask's e2e tags it): the
@@ -645,10 +647,9 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     uninstall_leaves_nothing_in_the_kernel();
 }
 
-/// The upgrade to capabilities mode rolled the DaemonSet (as did the one
-/// from chart 0.1.0 before it, within the same 10 minutes): the new agent
+/// The upgrade to capabilities mode rolled the DaemonSet: the new agent
 /// adopted the old one's pinned counters, so Prometheus saw no counter
-/// reset in any series across the rolls.
+/// reset in any series across the roll.
 fn counters_continued_across_the_roll(prom: &Prom) {
     step("no counter reset across the DaemonSet roll (pinned counters adopted)");
     let origin = prom.query("podmeter_counters_origin_info");

@@ -296,12 +296,23 @@ fn listed_files(listing: &str) -> impl Iterator<Item = String> + '_ {
     })
 }
 
-/// The Debian package (name, version) that put `file` (a path in the
-/// image, e.g. `/lib/x86_64-linux-gnu/libc.so.6`) into the image of
-/// `arch`: the host's `dpkg` for the host's architecture, whose image
-/// ships the host's own files; the userland's recorded contents for the
-/// other.
-pub fn package_of(arch: Arch, file: &str) -> Result<(String, String)> {
+/// A Debian-format package, as a package URL names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DebPackage {
+    pub name: String,
+    pub version: String,
+    /// The purl namespace: the distribution's `ID` (`debian`, `ubuntu`).
+    pub vendor: String,
+    /// The purl `distro` qualifier (`debian-12`), where known.
+    pub distro: Option<String>,
+}
+
+/// The package that put `file` (a path in the image, e.g.
+/// `/lib/x86_64-linux-gnu/libc.so.6`) into the image of `arch`: for the
+/// host's architecture the host's own (its `dpkg`, of whatever
+/// distribution the build runs on: the image ships the host's files); for
+/// the other, the Debian userland's recorded contents.
+pub fn package_of(arch: Arch, file: &str) -> Result<DebPackage> {
     if arch == Arch::HOST {
         return host_package_of(file);
     }
@@ -313,9 +324,13 @@ pub fn package_of(arch: Arch, file: &str) -> Result<(String, String)> {
     text.lines()
         .find_map(|l| {
             let mut f = l.split('\t');
-            (f.next() == Some(file)).then(|| {
-                let package = f.next().unwrap_or_default().to_owned();
-                (package, f.next().unwrap_or_default().to_owned())
+            (f.next() == Some(file)).then(|| DebPackage {
+                name: f.next().unwrap_or_default().to_owned(),
+                version: f.next().unwrap_or_default().to_owned(),
+                // From deb.debian.org (bookworm, or bullseye where only it
+                // has a package).
+                vendor: "debian".to_owned(),
+                distro: None,
             })
         })
         .with_context(|| format!("no package of the {} userland has {file}", arch.name()))
@@ -323,7 +338,7 @@ pub fn package_of(arch: Arch, file: &str) -> Result<(String, String)> {
 
 /// [`package_of`] on this host: `dpkg --search`, trying the path as given
 /// and as resolved (merged /usr: the package may list either).
-fn host_package_of(file: &str) -> Result<(String, String)> {
+fn host_package_of(file: &str) -> Result<DebPackage> {
     let mut tried = vec![file.to_owned()];
     if let Ok(real) = fs::canonicalize(file) {
         tried.push(real.to_string_lossy().into_owned());
@@ -333,16 +348,14 @@ fn host_package_of(file: &str) -> Result<(String, String)> {
             .args(["--search", path])
             .output()
             .context("running dpkg --search")?;
-        // `libc6:amd64: /lib/x86_64-linux-gnu/libc.so.6`
-        let text = String::from_utf8_lossy(&out.stdout);
-        let Some(package) = text
-            .lines()
-            .find_map(|l| l.split(": ").next().filter(|_| out.status.success()))
-        else {
+        if !out.status.success() {
+            continue;
+        }
+        let Some(package) = owner(&String::from_utf8_lossy(&out.stdout)) else {
             continue;
         };
         let version = Command::new("dpkg-query")
-            .args(["--show", "--showformat", "${Version}", package])
+            .args(["--show", "--showformat", "${Version}", &package])
             .output()
             .context("running dpkg-query")?;
         ensure!(
@@ -350,13 +363,34 @@ fn host_package_of(file: &str) -> Result<(String, String)> {
             "dpkg-query --show {package}: {}",
             String::from_utf8_lossy(&version.stderr).trim()
         );
-        let name = package.split(':').next().unwrap_or(package).to_owned();
-        return Ok((
-            name,
-            String::from_utf8_lossy(&version.stdout).trim().to_owned(),
-        ));
+        let release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+        let field = |key: &str| {
+            release
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        let vendor = field("ID").unwrap_or_else(|| "debian".to_owned());
+        return Ok(DebPackage {
+            name: package.split(':').next().unwrap_or(&package).to_owned(),
+            version: String::from_utf8_lossy(&version.stdout).trim().to_owned(),
+            distro: field("VERSION_ID").map(|v| format!("{vendor}-{v}")),
+            vendor,
+        });
     }
     bail!("no Debian package of this host has {}", tried.join(" or "))
+}
+
+/// The package `dpkg --search` names for one path
+/// (`libc6:amd64: /lib/x86_64-linux-gnu/libc.so.6`), past any
+/// `diversion by ...` lines; the first of several.
+fn owner(search: &str) -> Option<String> {
+    search
+        .lines()
+        .filter(|l| !l.starts_with("diversion by "))
+        .find_map(|l| l.split(": ").next())
+        .and_then(|p| p.split(", ").next())
+        .map(str::to_owned)
 }
 
 /// A program of the userland at `root`, by its name (the directories
@@ -442,6 +476,21 @@ fn gnu_of(root: &Path) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dpkg_search_names_the_owner_past_diversions() {
+        assert_eq!(
+            owner("libc6:amd64: /lib/x86_64-linux-gnu/libc.so.6\n").as_deref(),
+            Some("libc6:amd64")
+        );
+        assert_eq!(
+            owner("diversion by x from: /bin/sh\ndiversion by x to: /bin/sh.d\ndash: /bin/sh\n")
+                .as_deref(),
+            Some("dash")
+        );
+        assert_eq!(owner("a, b: /usr/share/doc\n").as_deref(), Some("a"));
+        assert_eq!(owner(""), None);
+    }
 
     #[test]
     fn a_deb_listing_gives_its_files_and_links_not_its_directories() {

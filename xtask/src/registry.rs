@@ -134,7 +134,8 @@ impl LocalRegistry {
             .with_context(|| format!("not an HTTP status line: {text:?}"))
     }
 
-    fn log_tail(&self) -> String {
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(5)..].join(" | ")

@@ -76,7 +76,12 @@ fn registry(s: &str) -> Result<String, String> {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    let out = target_dir().join("dist").join(VERSION);
+    // Files made for the local registry name it: never the release's.
+    let out = target_dir().join("dist").join(if opts.local_registry {
+        format!("{VERSION}-local-registry")
+    } else {
+        VERSION.to_owned()
+    });
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
     let local = if opts.local_registry {
@@ -128,8 +133,10 @@ pub fn run(opts: &Options) -> Result<()> {
 
     if let Some(local) = &local {
         phases.run("push (local registry)", || {
-            push(&local.target(), &reference, &image, &chart)?;
-            local.check(&reference, &image, &chart)
+            push(&local.target(), &reference, &image, &chart)
+                .and_then(|()| local.check(&reference, &image, &chart))
+                // Its log goes with it when it is dropped.
+                .with_context(|| format!("the local registry's log ends: {}", local.log_tail()))
         })?;
     } else if opts.push {
         phases.run("push", || {
@@ -385,6 +392,60 @@ mod tests {
         );
         let e = set_line(t, "appVersion: ", "1").unwrap_err();
         assert!(e.to_string().contains("appVersion"), "{e}");
+    }
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_plain_http_target_with_its_own_logins_says_so_to_skopeo_and_helm() {
+        let local = Target {
+            registry: "127.0.0.1:5000/p".into(),
+            login: None,
+            plain_http: true,
+            auth_dir: Some("/tmp/r".into()),
+        };
+        assert_eq!(
+            args(&local.skopeo("copy")),
+            [
+                "copy",
+                "--authfile",
+                "/tmp/r/skopeo-auth.json",
+                "--dest-tls-verify=false"
+            ]
+        );
+        assert_eq!(
+            args(&local.skopeo("login")),
+            [
+                "login",
+                "--authfile",
+                "/tmp/r/skopeo-auth.json",
+                "--tls-verify=false"
+            ]
+        );
+        assert_eq!(
+            args(&local.helm(&["push"])),
+            [
+                "push",
+                "--registry-config",
+                "/tmp/r/helm-registry.json",
+                "--plain-http"
+            ]
+        );
+        assert_eq!(local.host(), "127.0.0.1:5000");
+        // A real registry: TLS and the user's own logins.
+        let real = Target {
+            registry: "ghcr.io/me".into(),
+            login: None,
+            plain_http: false,
+            auth_dir: None,
+        };
+        assert_eq!(args(&real.skopeo("copy")), ["copy"]);
+        assert_eq!(args(&real.helm(&["push"])), ["push"]);
+        assert_eq!(real.host(), "ghcr.io");
     }
 
     #[test]

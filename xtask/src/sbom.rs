@@ -3,13 +3,17 @@
 //! that image holds:
 //!
 //! - the Rust crates compiled into the agent for that target, and into its
-//!   eBPF object (built by the agent's build script, so a graph of its own),
-//!   from `cargo-cyclonedx`, the CycloneDX project's Cargo plugin, which
-//!   reads `cargo metadata` and `Cargo.lock` and needs no network;
-//! - the Debian packages of the shared libraries shipped beside it (the
-//!   image has no base image and no package database to scan): the host's
-//!   `dpkg` for this architecture's, the userland's recorded contents for
-//!   the other's (`arch::package_of`).
+//!   eBPF object for `bpfel-unknown-none` (built by the agent's build
+//!   script, so a graph of its own), from `cargo-cyclonedx`, the CycloneDX
+//!   project's Cargo plugin, which reads `cargo metadata` and `Cargo.lock`
+//!   (the crates are already fetched for the build); it runs on a copy of
+//!   the agent's crates as a workspace of their own, so features that only
+//!   the tests or xtask turn on add nothing;
+//! - the distribution packages of the shared libraries shipped beside it
+//!   (the image has no base image and no package database to scan): the
+//!   build host's `dpkg` for this architecture's (Debian here, Ubuntu on
+//!   the release workflow's runner), the Debian userland's recorded
+//!   contents for the other's (`arch::package_of`).
 
 use std::{
     collections::BTreeSet,
@@ -21,7 +25,10 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::{arch::Arch, root, setup, sh};
+use crate::{
+    arch::{Arch, DebPackage},
+    root, setup, sh,
+};
 
 /// cargo-cyclonedx release, built from crates.io into the cache once.
 const CARGO_CYCLONEDX: &str = "0.5.9";
@@ -32,31 +39,30 @@ const CARGO_CYCLONEDX: &str = "0.5.9";
 pub fn write(arch: Arch, files: &[(PathBuf, String)], out: &Path) -> Result<()> {
     let tool = setup::cargo_tool("cargo-cyclonedx", CARGO_CYCLONEDX)?;
     let copy = workspace_copy()?;
-    sh(Command::new(&tool)
-        .arg("cyclonedx")
-        .arg("--manifest-path")
-        .arg(copy.join("Cargo.toml"))
-        .args(["--format", "json", "--spec-version", "1.5", "--all"])
-        // Build scripts' dependencies are not in the binary.
-        .arg("--no-build-deps")
-        .args(["--target", arch.triple(), "--override-filename", "sbom"])
-        .arg("--quiet")
-        .current_dir(&copy))
-    .context("cargo-cyclonedx")?;
-    let read = |member: &str| -> Result<Value> {
-        let path = copy.join(member).join("sbom.json");
+    // One run per target: it writes `<name>.json` next to every member.
+    let run = |target: &str, name: &str, member: &str| -> Result<Value> {
+        sh(Command::new(&tool)
+            .arg("cyclonedx")
+            .arg("--manifest-path")
+            .arg(copy.join("Cargo.toml"))
+            .args(["--format", "json", "--spec-version", "1.5", "--all"])
+            // Build scripts' dependencies are not in the binary.
+            .arg("--no-build-deps")
+            .args(["--target", target, "--override-filename", name])
+            .arg("--quiet")
+            .current_dir(&copy))
+        .context("cargo-cyclonedx")?;
+        let path = copy.join(member).join(format!("{name}.json"));
         let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     };
-    let agent = read("agent")?;
-    let ebpf = read("agent-ebpf")?;
+    let agent = run(arch.triple(), "sbom-agent", "agent")?;
+    let ebpf = run("bpfel-unknown-none", "sbom-ebpf", "agent-ebpf")?;
     let mut libs = Vec::new();
     for (_, in_image) in files.iter().skip(1) {
-        let (package, version) = crate::arch::package_of(arch, in_image)?;
         libs.push(Library {
             file: in_image.clone(),
-            package,
-            version,
+            package: crate::arch::package_of(arch, in_image)?,
         });
     }
     let bom = merge(agent, ebpf, &libs, arch)?;
@@ -65,46 +71,56 @@ pub fn write(arch: Arch, files: &[(PathBuf, String)], out: &Path) -> Result<()> 
     Ok(())
 }
 
-/// A copy of the workspace's manifests, lock file and member crates under
-/// the target directory, where cargo-cyclonedx may write its one file per
-/// member: in the checkout, a file written and removed in `agent-ebpf/`
-/// changes the directory the agent's build script watches, and the next
-/// build would rebuild the eBPF object and the agent.
+/// The crates the agent is built from, in the workspace's layout, under
+/// the target directory, as a workspace of their own (the same lock
+/// file): cargo-cyclonedx writes a file next to every member, and in the
+/// checkout one written and removed in `agent-ebpf/` changes the directory
+/// the agent's build script watches, which rebuilt the eBPF object and the
+/// agent on the next build.
 fn workspace_copy() -> Result<PathBuf> {
-    let out = crate::cargo()
-        .args(["metadata", "--no-deps", "--format-version", "1"])
-        .current_dir(root())
-        .output()
-        .context("cargo metadata")?;
-    ensure!(
-        out.status.success(),
-        "cargo metadata: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let meta: Value = serde_json::from_slice(&out.stdout)?;
+    const MEMBERS: &[&str] = &["agent", "agent-ebpf", "agent-ebpf/common"];
     let copy = crate::cmd::target_dir().join("sbom-workspace");
     let _ = fs::remove_dir_all(&copy);
     fs::create_dir_all(&copy)?;
-    for file in ["Cargo.toml", "Cargo.lock"] {
-        fs::copy(root().join(file), copy.join(file))?;
-    }
-    for p in meta["packages"].as_array().into_iter().flatten() {
-        let manifest = Path::new(p["manifest_path"].as_str().unwrap_or_default());
-        let dir = manifest.parent().context("a manifest without directory")?;
-        let rel = dir
-            .strip_prefix(root())
-            .with_context(|| format!("member {} outside the workspace", dir.display()))?;
-        crate::release::copy_dir(dir, &copy.join(rel))?;
+    fs::copy(root().join("Cargo.lock"), copy.join("Cargo.lock"))?;
+    let manifest = fs::read_to_string(root().join("Cargo.toml"))?;
+    let members = format!(
+        "[{}]",
+        MEMBERS
+            .iter()
+            .map(|m| format!("{m:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut replaced = 0;
+    let manifest: String = manifest
+        .lines()
+        .map(|l| {
+            if l.starts_with("members = ") || l.starts_with("default-members = ") {
+                replaced += 1;
+                let key = l.split(" = ").next().unwrap_or_default();
+                format!("{key} = {members}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    ensure!(
+        replaced == 2,
+        "the workspace Cargo.toml has no one-line members and default-members to narrow"
+    );
+    fs::write(copy.join("Cargo.toml"), manifest)?;
+    for m in MEMBERS {
+        crate::release::copy_dir(&root().join(m), &copy.join(m))?;
     }
     Ok(copy)
 }
 
-/// A shared library of the image and the Debian package it comes from.
+/// A shared library of the image and the package it comes from.
 #[derive(Debug, PartialEq)]
 struct Library {
     file: String,
-    package: String,
-    version: String,
+    package: DebPackage,
 }
 
 /// The agent's bill of materials with the eBPF object's crates and the
@@ -137,18 +153,23 @@ fn merge(mut bom: Value, ebpf: Value, libs: &[Library], arch: Arch) -> Result<Va
     }
     let mut lib_refs = Vec::new();
     for l in libs {
-        let purl = format!(
-            "pkg:deb/debian/{}@{}?arch={}",
-            l.package,
-            l.version.replace('+', "%2B").replace(':', "%3A"),
+        let p = &l.package;
+        let mut purl = format!(
+            "pkg:deb/{}/{}@{}?arch={}",
+            p.vendor,
+            p.name,
+            p.version.replace('+', "%2B").replace(':', "%3A"),
             arch.name()
         );
+        if let Some(d) = &p.distro {
+            purl += &format!("&distro={d}");
+        }
         if seen.insert(purl.clone()) {
             added.push(json!({
                 "type": "library",
                 "bom-ref": purl,
-                "name": l.package,
-                "version": l.version,
+                "name": p.name,
+                "version": p.version,
                 "purl": purl,
                 "properties": [{ "name": "podmeter:file", "value": l.file }],
             }));
@@ -187,7 +208,11 @@ fn merge(mut bom: Value, ebpf: Value, libs: &[Library], arch: Arch) -> Result<Va
         deps.push(json!({ "ref": r, "dependsOn": [] }));
     }
 
-    bom["metadata"]["properties"] = json!([{ "name": "podmeter:arch", "value": arch.name() }]);
+    let arch_property = json!({ "name": "podmeter:arch", "value": arch.name() });
+    match bom["metadata"]["properties"].as_array_mut() {
+        Some(p) => p.push(arch_property),
+        None => bom["metadata"]["properties"] = json!([arch_property]),
+    }
     Ok(bom)
 }
 
@@ -219,7 +244,10 @@ mod tests {
         json!({
             "bomFormat": "CycloneDX",
             "specVersion": "1.5",
-            "metadata": { "component": { "bom-ref": root, "name": root } },
+            "metadata": {
+                "component": { "bom-ref": root, "name": root },
+                "properties": [{ "name": "cdx:rustc:sbom:target:triple", "value": "t" }],
+            },
             "components": deps.iter().map(|d| json!({ "bom-ref": d, "name": d })).collect::<Vec<_>>(),
             "dependencies": std::iter::once(json!({ "ref": root, "dependsOn": deps }))
                 .chain(deps.iter().map(|d| json!({ "ref": d, "dependsOn": [] })))
@@ -231,16 +259,20 @@ mod tests {
     fn the_ebpf_graph_and_the_libraries_join_the_agents() {
         let agent = bom("podmeter", &["aya", "common"]);
         let ebpf = bom("podmeter-ebpf", &["aya-ebpf", "common"]);
+        let libc = DebPackage {
+            name: "libc6".into(),
+            version: "2.36-9+deb12u10".into(),
+            vendor: "debian".into(),
+            distro: None,
+        };
         let libs = [
             Library {
                 file: "/lib/aarch64-linux-gnu/libc.so.6".into(),
-                package: "libc6".into(),
-                version: "2.36-9+deb12u10".into(),
+                package: libc.clone(),
             },
             Library {
                 file: "/lib/ld-linux-aarch64.so.1".into(),
-                package: "libc6".into(),
-                version: "2.36-9+deb12u10".into(),
+                package: libc,
             },
         ];
         let m = merge(agent, ebpf, &libs, Arch::Arm64).unwrap();
@@ -289,7 +321,33 @@ mod tests {
                 "pkg:deb/debian/libc6@2.36-9%2Bdeb12u10?arch=arm64"
             ]
         );
-        assert_eq!(m["metadata"]["properties"][0]["value"], "arm64");
+        // cargo-cyclonedx's own properties stay.
+        assert_eq!(m["metadata"]["properties"][0]["value"], "t");
+        assert_eq!(m["metadata"]["properties"][1]["value"], "arm64");
+    }
+
+    #[test]
+    fn a_package_of_another_distribution_is_named_so() {
+        let libs = [Library {
+            file: "/lib/x86_64-linux-gnu/libc.so.6".into(),
+            package: DebPackage {
+                name: "libc6".into(),
+                version: "2.39-0ubuntu8.4".into(),
+                vendor: "ubuntu".into(),
+                distro: Some("ubuntu-24.04".into()),
+            },
+        }];
+        let m = merge(
+            bom("podmeter", &[]),
+            bom("podmeter-ebpf", &[]),
+            &libs,
+            Arch::Amd64,
+        )
+        .unwrap();
+        assert_eq!(
+            m["components"][1]["purl"],
+            "pkg:deb/ubuntu/libc6@2.39-0ubuntu8.4?arch=amd64&distro=ubuntu-24.04"
+        );
     }
 
     #[test]

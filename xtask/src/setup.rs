@@ -161,19 +161,23 @@ pub fn cargo_tool(krate: &str, version: &str) -> Result<PathBuf> {
             "setup: building {krate} {version} into {} (once)",
             dir.display()
         );
-        sh(
-            Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "install",
-                    "--locked",
-                    "--force",
-                    &format!("{krate}@{version}"),
-                ])
-                .arg("--root")
-                .arg(&dir),
-        )?;
+        sh(&mut cargo_install(krate, version, &dir))?;
     }
     Ok(bin)
+}
+
+/// `cargo install --locked --force <krate>@<version> --root <dir>`.
+fn cargo_install(krate: &str, version: &str, dir: &Path) -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args([
+        "install",
+        "--locked",
+        "--force",
+        &format!("{krate}@{version}"),
+    ])
+    .arg("--root")
+    .arg(dir);
+    c
 }
 
 fn bpf_linker() -> Result<()> {
@@ -190,23 +194,13 @@ fn bpf_linker() -> Result<()> {
                 "{llvm} is missing; install llvm-{LLVM_MAJOR}-dev (cargo xtask setup does, as root)"
             );
         }
-        sh(
-            Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "install",
-                    "--locked",
-                    "--force",
-                    &format!("bpf-linker@{BPF_LINKER}"),
-                ])
-                .args([
-                    "--no-default-features",
-                    "--features",
-                    &format!("llvm-{LLVM_MAJOR}"),
-                ])
-                .arg("--root")
-                .arg(&dir)
-                .env("LLVM_PREFIX", &llvm),
-        )?;
+        sh(cargo_install("bpf-linker", BPF_LINKER, &dir)
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
+            .env("LLVM_PREFIX", &llvm))?;
     }
     // Make it visible to a plain `cargo build` too (rustc calls `bpf-linker`).
     let cargo_home = env::var_os("CARGO_HOME").map_or_else(
