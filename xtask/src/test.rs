@@ -90,6 +90,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 timeout_minutes: 25,
                 file_timeout_seconds: 300,
                 crash_after: None,
+                freeze_after: None,
             })
         })?;
     }

@@ -25,6 +25,10 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -146,6 +150,12 @@ pub struct Options {
     /// exercise the crash handling: the second boot runs the files after it.
     #[arg(long, hide = true)]
     pub crash_after: Option<String>,
+    /// Silence the guest for good right after this test file (its init
+    /// sleeps, so no watchdog speaks), to exercise the frozen-guest
+    /// handling: qemu is killed after --file-timeout-seconds + 120 s of
+    /// silence and the second boot runs the files after it.
+    #[arg(long, hide = true)]
+    pub freeze_after: Option<String>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -176,15 +186,17 @@ pub fn run(opts: &Options) -> Result<()> {
         // The guest kernel itself crashing (seen on 6.12: int3 traps in
         // enqueue_entity and, twice, __schedule while a static key was being
         // patched, a hazard of qemu's multi-threaded TCG with self-modifying
-        // kernel text) is the emulator's, not a test's: boot again, once,
-        // for the files not finished, and say so.
+        // kernel text) or freezing whole (seen twice on 5.10) is taken for
+        // the emulator's, not a test's: boot again, once, for the files not
+        // finished, and say so. A test or agent that hangs in a live guest
+        // is the in-guest watchdog's HUNG, which fails and is not retried.
         if let Some(oops) = outcome.guest_crash.clone() {
             // The second boot writes the console log again: keep the crash's.
             let dir = crate::cmd::target_dir().join("vm");
             let crash_log = dir.join(format!("{}.crash.log", kernel.release));
             let _ = fs::rename(dir.join(format!("{}.log", kernel.release)), &crash_log);
             eprintln!(
-                "vm: {}: the guest kernel crashed ({oops}; console in {}); booting it again, once",
+                "vm: {}: the guest kernel failed ({oops}; console in {}); booting it again, once",
                 kernel.release,
                 crash_log.display()
             );
@@ -542,20 +554,38 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         .with_context(|| format!("starting {qemu}"))?;
     let stdout = child.stdout.take().expect("piped");
     let deadline = Duration::from_secs(opts.timeout_minutes * 60);
-    // qemu's own timer: kill it when the deadline passes, whatever it prints.
+    // A guest whose own per-file watchdog has not spoken either, this long
+    // after the last console line, is frozen: seen on 5.10, both vCPUs
+    // spinning in the guest kernel with nothing on the console, never
+    // reaching the in-guest watchdog.
+    let silence = Duration::from_secs(opts.file_timeout_seconds + 120);
+    let start = Instant::now();
+    // Milliseconds from `start` to the last console line.
+    let last_line = Arc::new(AtomicU64::new(0));
+    let froze = Arc::new(AtomicBool::new(false));
+    // qemu's own timer: kill it when the deadline passes, whatever it
+    // prints, or when the guest has been silent for `silence`.
     let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        let start = Instant::now();
-        while start.elapsed() < deadline {
-            std::thread::sleep(Duration::from_secs(1));
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                return;
+    let watchdog = {
+        let (last_line, froze) = (last_line.clone(), froze.clone());
+        std::thread::spawn(move || {
+            while start.elapsed() < deadline {
+                std::thread::sleep(Duration::from_secs(1));
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    return;
+                }
+                let quiet =
+                    start.elapsed() - Duration::from_millis(last_line.load(Ordering::Relaxed));
+                if quiet > silence {
+                    froze.store(true, Ordering::Relaxed);
+                    break;
+                }
             }
-        }
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    });
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        })
+    };
     let mut log = fs::File::create(&log_path)?;
     let mut files = Vec::new();
     let mut current: Option<(String, u32, u32)> = None;
@@ -566,6 +596,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let mut hung = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
+        last_line.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         writeln!(log, "{line}")?;
         let clean = line.trim();
         // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`
@@ -634,6 +665,17 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     }
     let status = child.wait()?;
     let _ = watchdog.join();
+    if froze.load(Ordering::Relaxed) && guest_crash.is_none() {
+        let when = match (&current, files.last()) {
+            (Some((name, _, _)), _) => format!("during {name}"),
+            (None, Some(f)) => format!("after {}", f.name),
+            (None, None) => "before the first file".to_owned(),
+        };
+        guest_crash = Some(format!(
+            "the guest froze: no console output for {} s {when}, its own watchdog silent too, qemu killed",
+            silence.as_secs()
+        ));
+    }
     let secs = started.elapsed().as_secs_f64();
     let incomplete = if files.len() < payload.tests.len() {
         Some(if secs >= deadline.as_secs_f64() {
@@ -813,6 +855,9 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
         if opts.crash_after.as_deref() == Some(name) {
             init.push_str("echo c > /proc/sysrq-trigger\n");
         }
+        if opts.freeze_after.as_deref() == Some(name) {
+            init.push_str("exec sleep 100000\n");
+        }
     }
     init.push_str(V1_ONLY);
     init.push_str("echo PM-DONE\npoweroff -f\n");
@@ -973,7 +1018,7 @@ fn table(rows: &[(Kernel, Outcome)]) -> String {
         if let Some(c) = &o.crashed_before {
             let _ = writeln!(
                 out,
-                "  {:<24} booted twice: the first boot's guest kernel crashed ({c}); the files it had not finished ran in the second",
+                "  {:<24} booted twice: the first boot's guest kernel failed ({c}); the files it had not finished ran in the second",
                 k.release
             );
         }
