@@ -122,6 +122,10 @@ pub struct Joined {
     pub rows: Vec<Row>,
     /// Live counted cgroups among the rows.
     pub live: usize,
+    /// Departed cgroups among the rows (in their grace period).
+    pub departed: usize,
+    /// Counted ids the index has never seen in the tree.
+    pub unresolved: usize,
     /// Pod cgroups held back until the API names them.
     pub awaiting: usize,
     /// What to ask of the refresher, if anything.
@@ -143,7 +147,11 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
     let (mut unknown, mut missing_stats) = (false, false);
     for id in ids {
         let Some(cgroup) = index.get(id) else {
-            unknown |= !index.is_unresolved(id);
+            if index.is_unresolved(id) {
+                out.unresolved += 1;
+            } else {
+                unknown = true;
+            }
             continue;
         };
         let names = match names.name(id, cgroup, now) {
@@ -158,6 +166,7 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
         };
         let is_live = index.is_live(id);
         out.live += usize::from(is_live);
+        out.departed += usize::from(!is_live);
         let stats = index.stats(id);
         // Counted but not yet read (new since the last refresh): the
         // refresher reads it at once, so its memory shows next scrape.
@@ -307,9 +316,17 @@ impl Tracker {
         ];
         self.failures.note(&collectors);
 
-        let [_, departed, unresolved] = index.counts();
+        // Counted from the rows' own reading, not the index's lists: the
+        // refresher deletes a retired cgroup's counters before it publishes
+        // the index without it, so a scrape holding the older index would
+        // otherwise report a departed cgroup whose series had already gone.
         Snapshot {
-            tracked: [joined.live, departed, unresolved, joined.awaiting],
+            tracked: [
+                joined.live,
+                joined.departed,
+                joined.unresolved,
+                joined.awaiting,
+            ],
             tree_updates: index.tree_updates,
             kubernetes: api.map(|a| (a.pods, a.errors)),
             entries: [

@@ -118,6 +118,29 @@ fn join_asks_to_read_new_cgroups_and_departed_ones_lose_their_limit() {
     assert_eq!(j.live, 1);
 }
 
+#[test]
+fn state_counts_follow_the_reading_the_rows_come_from() {
+    // The refresher deletes a retired cgroup's counters, then publishes the
+    // index without it: a scrape may hold the older index with the newer
+    // reading. The cgroup then has no row, and is not counted as departed.
+    let t0 = Instant::now();
+    let mut s = IndexState::new(mounts(), Duration::from_secs(90));
+    s.apply(&[created(1, "/a"), created(2, "/b")], t0);
+    s.refresh(&[1, 2, 9], t0, true, |_| Read::default());
+    s.apply(&[TreeEvent::Removed { id: 2 }], t0);
+    let idx = s.snapshot();
+    assert_eq!(idx.counts(), [1, 1, 1]);
+    let namer = Namer::new(None, 0, Duration::ZERO);
+
+    let j = join(&idx, &reading(&[1, 2, 9]), &mut namer.session(&idx), t0);
+    assert_eq!((j.rows.len(), j.live, j.departed, j.unresolved), (2, 1, 1, 1));
+    assert_eq!(j.want, None, "an unresolved id is known, not a reason to walk");
+
+    let j = join(&idx, &reading(&[1]), &mut namer.session(&idx), t0);
+    assert_eq!((j.rows.len(), j.live, j.departed, j.unresolved), (1, 1, 0, 0));
+    assert_eq!(j.want, None);
+}
+
 fn tracker(
     counters: Arc<FakeCounters>,
 ) -> (Tracker, watch::Sender<Arc<Index>>, mpsc::Receiver<Want>) {
