@@ -6,11 +6,20 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
-use podmeter_common::{CpuCounters, DEFAULT_MAX_CGROUPS, DROP_SLOTS, NetCounters, OnCpu};
+use podmeter_common::{
+    CpuCounters, DEFAULT_MAX_CGROUPS, DROP_SLOTS, NetCounters, OnCpu, WaitHistogram,
+};
 
 /// On-CPU time per cgroup id. Capacity is set by the agent at load time.
 #[map]
 pub(crate) static PM_CPU: PerCpuHashMap<u64, CpuCounters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
+
+/// Run-queue waits by duration per cgroup id, with `--wait-histogram`.
+/// The agent sets the capacity at load time: its `--max-cgroups`, or 1
+/// (no memory to speak of) with the histogram off.
+#[map]
+pub(crate) static PM_WAIT_HIST: PerCpuHashMap<u64, WaitHistogram> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_CGROUPS, 0);
 
 /// Traffic per socket cgroup id. Capacity is set by the agent at load time.

@@ -43,6 +43,14 @@
 //! the cgroup it leaves the CPU in, like its time. A wait the kernel splits
 //! by moving the queued task to another CPU counts from the move: the part
 //! before it was added to `run_delay` while no CPU watched the task.
+//!
+//! With the wait histogram on (`WAIT_HISTOGRAM`, `--wait-histogram`), the
+//! wait billed at a switch also lands in its duration's bucket, in the same
+//! pending slot, and goes to `PM_WAIT_HIST` when the slot is flushed: one
+//! more map update per flush, none per switch. A slice ends at most one
+//! wait (its own start), so each wait is bucketed by its own length; the
+//! rare billing that ends several (counted across a move between CPUs) is
+//! bucketed by their average.
 
 use aya_ebpf::{
     helpers::{
@@ -52,9 +60,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, perf_event, raw_tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, Pending};
+use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, Pending, WAIT_BUCKETS, wait_bucket};
 
-use crate::maps::{PM_CPU, PM_ONCPU, slot};
+use crate::maps::{PM_CPU, PM_ONCPU, PM_WAIT_HIST, slot};
 
 // Byte offsets of kernel struct members, set by the agent at load time from
 // kernel BTF (0 if not found).
@@ -84,6 +92,12 @@ static RUN_DELAY_OFFSET: u64 = 0;
 /// `task_struct.sched_info.pcount`.
 #[unsafe(no_mangle)]
 static PCOUNT_OFFSET: u64 = 0;
+
+/// Non-zero: waits are also counted by duration (`--wait-histogram`). Set
+/// by the agent at load time; read-only, so the verifier drops the
+/// histogram's code when it is 0.
+#[unsafe(no_mangle)]
+static WAIT_HISTOGRAM: u64 = 0;
 
 /// `sched:sched_switch` with BTF-typed arguments: `preempt`, `prev`, `next`
 /// (task_struct pointers), `prev_state`.
@@ -372,6 +386,7 @@ impl Update {
                     put(&raw mut (*p).switches, (*p).switches + switches);
                     put(&raw mut (*p).wait_ns, (*p).wait_ns + wait.ns);
                     put(&raw mut (*p).waits, (*p).waits + wait.count);
+                    bucket(p, wait);
                     return;
                 }
             }
@@ -384,6 +399,7 @@ impl Update {
             put(&raw mut (*p).switches, switches);
             put(&raw mut (*p).wait_ns, wait.ns);
             put(&raw mut (*p).waits, wait.count);
+            bucket(p, wait);
         }
     }
 
@@ -423,6 +439,25 @@ impl Update {
     }
 }
 
+/// Adds `wait` to its bucket in `p`, with the histogram on.
+///
+/// # Safety
+///
+/// `p` must point into this CPU's [`OnCpu`] slot.
+#[inline(always)]
+unsafe fn bucket(p: *mut Pending, wait: Wait) {
+    if offset(&WAIT_HISTOGRAM) == 0 || wait.count == 0 {
+        return;
+    }
+    // The mask bounds the index for the verifier (and is a no-op).
+    let i = wait_bucket(wait.ns / wait.count) & (WAIT_BUCKETS - 1);
+    // SAFETY: see above.
+    unsafe {
+        let b = &raw mut (*p).buckets.counts[i];
+        put(b, *b + wait.count);
+    }
+}
+
 /// Sends `p` to `PM_CPU` (a full map counts a drop) and frees it.
 ///
 /// # Safety
@@ -443,6 +478,18 @@ unsafe fn flush(p: *mut Pending) {
             c.switches += (*p).switches;
             c.wait_ns += (*p).wait_ns;
             c.waits += (*p).waits;
+        }
+        // Buckets hold waits only where `waits` does.
+        if offset(&WAIT_HISTOGRAM) != 0 && (*p).waits != 0 {
+            if let Some(h) = slot(&PM_WAIT_HIST, id, DROP_CPU) {
+                let h = &mut *h;
+                for i in 0..WAIT_BUCKETS {
+                    h.counts[i] += (*p).buckets.counts[i];
+                }
+            }
+            for i in 0..WAIT_BUCKETS {
+                put(&raw mut (*p).buckets.counts[i], 0);
+            }
         }
         put(&raw mut (*p).cgroup_id, 0);
         put(&raw mut (*p).time_ns, 0);

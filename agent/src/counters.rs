@@ -15,7 +15,7 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use podmeter_common::{CpuCounters, NetCounters};
+use podmeter_common::{CpuCounters, NetCounters, WaitHistogram};
 
 use crate::bpf::{Maps, Signals};
 
@@ -25,6 +25,9 @@ use crate::bpf::{Maps, Signals};
 pub struct Reading {
     /// CPU time and switches by cgroup id, monotonic per id.
     pub cpu: Result<HashMap<u64, CpuCounters>, String>,
+    /// Run-queue waits by duration and cgroup id, monotonic per id and
+    /// bucket (empty with the histogram off).
+    pub wait_hist: Result<HashMap<u64, WaitHistogram>, String>,
     /// Traffic by socket cgroup id.
     pub net: Result<HashMap<u64, NetCounters>, String>,
     /// Updates lost to full maps, `[cpu, net]` (zeros if unreadable).
@@ -60,21 +63,47 @@ pub trait CounterSource: Send + Sync + 'static {
     fn signals(&self) -> Signals;
 }
 
-/// Keeps each id's CPU counters from going down between reads.
-#[derive(Debug, Default)]
-pub struct Floor(HashMap<u64, CpuCounters>);
+/// Counters whose every field only goes up.
+pub trait Monotonic: Copy + Default {
+    /// Raises each field to at least `other`'s.
+    fn raise(&mut self, other: &Self);
+}
 
-impl Floor {
-    /// Raises `cpu` to the floor and the floor to `cpu`; ids not in `cpu`
-    /// leave the floor (the map no longer holds them).
-    pub fn apply(&mut self, cpu: &mut HashMap<u64, CpuCounters>) {
-        self.0.retain(|id, _| cpu.contains_key(id));
-        for (id, c) in cpu.iter_mut() {
+impl Monotonic for CpuCounters {
+    fn raise(&mut self, o: &Self) {
+        self.time_ns = self.time_ns.max(o.time_ns);
+        self.switches = self.switches.max(o.switches);
+        self.wait_ns = self.wait_ns.max(o.wait_ns);
+        self.waits = self.waits.max(o.waits);
+    }
+}
+
+impl Monotonic for WaitHistogram {
+    fn raise(&mut self, o: &Self) {
+        for (a, b) in self.counts.iter_mut().zip(o.counts) {
+            *a = (*a).max(b);
+        }
+    }
+}
+
+/// Keeps each id's counters from going down between reads.
+#[derive(Debug)]
+pub struct Floor<V>(HashMap<u64, V>);
+
+impl<V> Default for Floor<V> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<V: Monotonic> Floor<V> {
+    /// Raises `read` to the floor and the floor to `read`; ids not in
+    /// `read` leave the floor (the map no longer holds them).
+    pub fn apply(&mut self, read: &mut HashMap<u64, V>) {
+        self.0.retain(|id, _| read.contains_key(id));
+        for (id, c) in read.iter_mut() {
             let last = self.0.entry(*id).or_default();
-            last.time_ns = last.time_ns.max(c.time_ns);
-            last.switches = last.switches.max(c.switches);
-            last.wait_ns = last.wait_ns.max(c.wait_ns);
-            last.waits = last.waits.max(c.waits);
+            last.raise(c);
             *c = *last;
         }
     }
@@ -99,7 +128,8 @@ impl Floor {
 
 struct Kernel {
     maps: Maps,
-    floor: Floor,
+    floor: Floor<CpuCounters>,
+    hist_floor: Floor<WaitHistogram>,
 }
 
 /// The kernel maps of the loaded programs.
@@ -118,6 +148,7 @@ impl KernelCounters {
             inner: Mutex::new(Kernel {
                 maps,
                 floor: Floor::default(),
+                hist_floor: Floor::default(),
             }),
         }
     }
@@ -131,13 +162,24 @@ impl KernelCounters {
 impl CounterSource for KernelCounters {
     fn read(&self) -> Reading {
         let mut k = self.lock();
-        let Kernel { maps, floor } = &mut *k;
+        let Kernel {
+            maps,
+            floor,
+            hist_floor,
+        } = &mut *k;
         let cpu = maps.read_cpu().map(|mut cpu| {
             floor.apply(&mut cpu);
             cpu
         });
+        // Right after the CPU map, whose read first synced every CPU's
+        // pending buckets too.
+        let wait_hist = maps.read_wait_hist().map(|mut h| {
+            hist_floor.apply(&mut h);
+            h
+        });
         Reading {
             cpu: cpu.map_err(|e| e.to_string()),
+            wait_hist: wait_hist.map_err(|e| e.to_string()),
             net: maps.read_net().map_err(|e| e.to_string()),
             dropped: maps.dropped().unwrap_or_default(),
         }
@@ -151,6 +193,7 @@ impl CounterSource for KernelCounters {
         let mut k = self.lock();
         k.maps.forget(ids);
         k.floor.forget(ids);
+        k.hist_floor.forget(ids);
     }
 
     fn tree_drops(&self) -> Option<u64> {
@@ -176,13 +219,15 @@ pub mod fake {
     pub struct State {
         /// CPU counters by id (before the floor).
         pub cpu: HashMap<u64, CpuCounters>,
+        /// Wait histograms by id.
+        pub wait_hist: HashMap<u64, WaitHistogram>,
         /// Traffic by id.
         pub net: HashMap<u64, NetCounters>,
         /// Makes the next reads of the CPU map fail.
         pub cpu_fails: bool,
         /// Ids forgotten so far.
         pub forgotten: Vec<u64>,
-        floor: Floor,
+        floor: Floor<CpuCounters>,
     }
 
     /// See [`State`].
@@ -208,6 +253,7 @@ pub mod fake {
             };
             Reading {
                 cpu,
+                wait_hist: Ok(s.wait_hist.clone()),
                 net: Ok(s.net.clone()),
                 dropped: [0, 0],
             }
@@ -226,6 +272,7 @@ pub mod fake {
             for id in ids {
                 s.cpu.remove(id);
                 s.net.remove(id);
+                s.wait_hist.remove(id);
                 s.forgotten.push(*id);
             }
             s.floor.forget(ids);
@@ -243,6 +290,7 @@ pub mod fake {
             Signals {
                 run_queue: true,
                 retransmits: true,
+                wait_histogram: true,
             }
         }
     }
@@ -273,8 +321,20 @@ mod tests {
     }
 
     #[test]
-    fn the_floor_holds_only_what_the_map_holds() {
+    fn a_low_histogram_reading_keeps_each_bucket_at_its_last() {
         let mut floor = Floor::default();
+        let h = |c: [u64; 8]| HashMap::from([(1, WaitHistogram { counts: c })]);
+        let mut m = h([1, 5, 0, 0, 0, 0, 0, 2]);
+        floor.apply(&mut m);
+        // A CPU's pending waits missed this read: one bucket came out low.
+        let mut m = h([2, 4, 0, 0, 0, 0, 0, 2]);
+        floor.apply(&mut m);
+        assert_eq!(m[&1].counts, [2, 5, 0, 0, 0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn the_floor_holds_only_what_the_map_holds() {
+        let mut floor = Floor::<CpuCounters>::default();
         let mut m = HashMap::from([(1, cpu(1, 1)), (2, cpu(2, 2))]);
         floor.apply(&mut m);
         assert_eq!(floor.len(), 2);

@@ -115,8 +115,8 @@ struct Cli {
     rescan_interval: Duration,
 
     /// Capacity of the per-cgroup kernel maps. Kernel memory is about
-    /// 48 bytes × CPUs per entry; updates beyond it are counted in
-    /// podmeter_bpf_map_dropped_updates_total.
+    /// 48 bytes × CPUs per entry (112 with --wait-histogram); updates beyond
+    /// it are counted in podmeter_bpf_map_dropped_updates_total.
     #[arg(long, default_value_t = podmeter_common::DEFAULT_MAX_CGROUPS, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     max_cgroups: u32,
 
@@ -141,6 +141,14 @@ struct Cli {
     /// the kernel keeps counting meanwhile, so nothing is lost). 0 to 24h.
     #[arg(long, default_value = "30s", value_parser = flags::wait)]
     metadata_wait: Duration,
+
+    /// Also export run-queue waits by duration, as the histogram
+    /// *_cpu_wait_duration_seconds (8 buckets, 8.2 µs to 33.6 ms, every
+    /// other power of two ns): 10 more series per cgroup, and 64 bytes ×
+    /// CPUs of kernel memory per --max-cgroups entry. Turning it on or off
+    /// restarts the pinned counters from zero (the maps change shape).
+    #[arg(long)]
+    wait_histogram: bool,
 
     /// Add owner_kind and owner_name labels (the pod's controller) to pod
     /// series. Off by default to keep cardinality low.
@@ -422,7 +430,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let (pins, origin) = if cli.no_pin {
         (None, Origin::Unpinned("--no-pin".into()))
     } else {
-        match Pins::prepare(&cli.pin_path, cli.max_cgroups) {
+        let wait_hist = bpf::wait_hist_capacity(cli.max_cgroups, cli.wait_histogram);
+        match Pins::prepare(&cli.pin_path, cli.max_cgroups, wait_hist) {
             Ok((p, origin)) => (Some(p), origin),
             Err(why) => (None, Origin::Unpinned(why)),
         }
@@ -435,6 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         &mounts.unified,
         &cli.btf_path,
         cli.max_cgroups,
+        cli.wait_histogram,
         match &mounts.unified_shows {
             _ if cli.force_tree_walks => Err("forced by --force-tree-walks".to_owned()),
             Some(_) => Ok(()),

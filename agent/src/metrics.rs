@@ -13,6 +13,7 @@
 //! per-cgroup numbers, which cover the cgroup's whole subtree.
 //! `podmeter_node_cpus` puts usage in proportion to the node.
 
+use podmeter_common::{WAIT_BUCKETS, wait_bucket_bound_ns};
 use prometheus::{
     Histogram, HistogramOpts, IntGauge, Opts, Registry,
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
@@ -229,6 +230,30 @@ fn full(t: Option<Totals>) -> Option<f64> {
     t?.full_us.map(|us| us as f64 / US_PER_S)
 }
 
+/// The run-queue wait histogram (`--wait-histogram`), by prefix.
+const WAIT_HIST: (&str, &str) = (
+    "cpu_wait_duration_seconds",
+    "Run-queue waits of the cgroup's tasks by duration (--wait-histogram): each wait that ended on a CPU, in buckets of every other power of two nanoseconds; _sum is cpu_wait_seconds_total.",
+);
+
+/// A row's wait histogram as `(upper bound in seconds, cumulative count)`
+/// per bucket (the last `+Inf`), and the sum in seconds: rows with CPU
+/// counters, those with no wait bucketed yet at zero.
+fn wait_buckets(r: &Row) -> Option<([(f64, u64); WAIT_BUCKETS], f64)> {
+    let cpu = r.cpu?;
+    let counts = r.wait_hist.unwrap_or_default().counts;
+    let mut out = [(f64::INFINITY, 0); WAIT_BUCKETS];
+    let mut total = 0;
+    for (i, (o, n)) in out.iter_mut().zip(counts).enumerate() {
+        total += n;
+        if i < WAIT_BUCKETS - 1 {
+            o.0 = wait_bucket_bound_ns(i) as f64 / NS_PER_S;
+        }
+        o.1 = total;
+    }
+    Some((out, cpu.wait_ns as f64 / NS_PER_S))
+}
+
 const CONTAINER_PREFIX: &str = "podmeter_container_";
 const CGROUP_PREFIX: &str = "podmeter_cgroup_";
 const MAPS: [&str; 2] = ["cpu", "net"];
@@ -350,6 +375,46 @@ fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> M
     f.set_field_type(kind);
     f.set_metric(metrics);
     f
+}
+
+/// A histogram family of [`wait_buckets`] as exposition text, empty
+/// without samples.
+fn histogram_text(name: &str, help: &str, group: &[Labelled<'_>]) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    for l in group {
+        let Some((buckets, sum)) = wait_buckets(l.row) else {
+            continue;
+        };
+        if text.is_empty() {
+            let _ = write!(text, "# HELP {name} ");
+            push_escaped(&mut text, help, false);
+            let _ = writeln!(text, "\n# TYPE {name} histogram");
+        }
+        // `{a="b"}` less its closing brace, for the `le` label.
+        let open = &l.text[..l.text.len() - 1];
+        for (bound, count) in buckets {
+            text.push_str(name);
+            text.push_str("_bucket");
+            text.push_str(open);
+            if bound.is_infinite() {
+                text.push_str(",le=\"+Inf\"} ");
+            } else {
+                let _ = write!(text, ",le=\"{bound}\"}} ");
+            }
+            push_value(&mut text, count as f64);
+            text.push('\n');
+        }
+        for (suffix, v) in [("_sum", sum), ("_count", buckets[WAIT_BUCKETS - 1].1 as f64)] {
+            text.push_str(name);
+            text.push_str(suffix);
+            text.push_str(&l.text);
+            text.push(' ');
+            push_value(&mut text, v);
+            text.push('\n');
+        }
+    }
+    text
 }
 
 /// Appends `v` escaped as the text format wants: `\` and newline always,
@@ -477,6 +542,15 @@ impl Cgroups {
                     push_value(&mut text, v);
                     text.push('\n');
                 }
+                if !text.is_empty() {
+                    out.push((name, text));
+                }
+            }
+        }
+        if snap.signals.wait_histogram {
+            for (prefix, group) in [(CONTAINER_PREFIX, &pods), (CGROUP_PREFIX, &hosts)] {
+                let name = format!("{prefix}{}", WAIT_HIST.0);
+                let text = histogram_text(&name, WAIT_HIST.1, group);
                 if !text.is_empty() {
                     out.push((name, text));
                 }
@@ -670,7 +744,7 @@ fn render(
 mod tests {
     use std::time::Instant;
 
-    use podmeter_common::{CpuCounters, NetCounters};
+    use podmeter_common::{CpuCounters, NetCounters, WaitHistogram};
 
     use super::*;
     use crate::{
@@ -744,6 +818,46 @@ mod tests {
                     }
                 }
             }
+            if snap.signals.wait_histogram {
+                let (mut pods, mut hosts) = (Vec::new(), Vec::new());
+                for (row, labels) in snap.rows.iter().zip(&labels) {
+                    let Some((buckets, sum)) = wait_buckets(row) else {
+                        continue;
+                    };
+                    let mut h = prometheus::proto::Histogram::default();
+                    h.set_sample_count(buckets[WAIT_BUCKETS - 1].1);
+                    h.set_sample_sum(sum);
+                    // The encoder writes `+Inf` from the count (an
+                    // explicit infinite bound would come out as `inf`).
+                    h.set_bucket(
+                        buckets[..WAIT_BUCKETS - 1]
+                            .iter()
+                            .map(|&(bound, count)| {
+                                let mut b = prometheus::proto::Bucket::default();
+                                b.set_upper_bound(bound);
+                                b.set_cumulative_count(count);
+                                b
+                            })
+                            .collect(),
+                    );
+                    let mut m = Metric::from_label(labels.clone());
+                    m.set_histogram(h);
+                    match row.cgroup.identity {
+                        Identity::Pod(_) => pods.push(m),
+                        Identity::Host => hosts.push(m),
+                    }
+                }
+                for (prefix, metrics) in [(CONTAINER_PREFIX, pods), (CGROUP_PREFIX, hosts)] {
+                    if !metrics.is_empty() {
+                        out.push(family(
+                            format!("{prefix}{}", WAIT_HIST.0),
+                            WAIT_HIST.1,
+                            MetricType::HISTOGRAM,
+                            metrics,
+                        ));
+                    }
+                }
+            }
             out.extend(self.0.self_families(snap));
             out.push(self.0.node_cpus(2));
             out
@@ -802,6 +916,11 @@ mod tests {
                 switches: 17 * k,
                 wait_ns: 1_000_003 * k,
                 waits: 5 * k,
+            }),
+            // Also without CPU counters (left out) and without a histogram
+            // entry (zeros).
+            wait_hist: (k % 7 != 2).then_some(WaitHistogram {
+                counts: std::array::from_fn(|i| (k + i as u64) % 4 * k),
             }),
             net: k.is_multiple_of(3).then_some(NetCounters {
                 rx_bytes: 1 << (k % 60),
@@ -894,6 +1013,7 @@ mod tests {
             signals: Signals {
                 run_queue: true,
                 retransmits: true,
+                wait_histogram: true,
             },
             collectors: [
                 Some(Ok(())),
@@ -936,6 +1056,10 @@ mod tests {
         assert!(want.contains("podmeter_cgroup_tree_updates_total{source=\"rmdir\"} 4\n"));
         assert!(want.contains("podmeter_container_cpu_wait_seconds_total{"));
         assert!(want.contains("podmeter_cgroup_network_tcp_retransmits_total{"));
+        assert!(want.contains(
+            "podmeter_cgroup_cpu_wait_duration_seconds_bucket{node=\"node-1\",cgroup=\"/a\",le=\"0.000008192\"} 0\n"
+        ));
+        assert!(want.contains("podmeter_container_cpu_wait_duration_seconds_count{"));
         assert_eq!(got, want);
 
         // What the kernel cannot count is left out, not exported as zeros.
@@ -943,6 +1067,7 @@ mod tests {
             signals: Signals {
                 run_queue: false,
                 retransmits: false,
+                wait_histogram: false,
             },
             rows: rows(),
             collectors: snap.collectors.clone(),
@@ -952,6 +1077,7 @@ mod tests {
         assert_eq!(got, reference(&cgroups, &blind, &others));
         assert!(!got.contains("_cpu_wait_seconds_total"), "{got}");
         assert!(!got.contains("_cpu_waits_total"), "{got}");
+        assert!(!got.contains("_cpu_wait_duration_seconds"), "{got}");
         assert!(got.contains("_pressure_cpu_waiting_seconds_total"), "{got}");
         assert!(!got.contains("retransmits"), "{got}");
         assert!(got.contains("podmeter_container_cpu_usage_seconds_total{"));

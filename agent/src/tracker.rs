@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_common::{CpuCounters, NetCounters};
+use podmeter_common::{CpuCounters, NetCounters, WaitHistogram};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -55,6 +55,8 @@ pub struct Row {
     pub cgroup: Arc<Cgroup>,
     /// CPU counters, if the cgroup ran.
     pub cpu: Option<CpuCounters>,
+    /// Its run-queue waits by duration, with the histogram on.
+    pub wait_hist: Option<WaitHistogram>,
     /// Traffic counters, if it had sockets with traffic.
     pub net: Option<NetCounters>,
     /// Memory working set, if its hierarchy accounts memory.
@@ -137,6 +139,8 @@ pub struct Joined {
 pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Instant) -> Joined {
     let no_cpu = HashMap::new();
     let no_net = HashMap::new();
+    let no_hist = HashMap::new();
+    let wait_hist = reading.wait_hist.as_ref().unwrap_or(&no_hist);
     let cpu = reading.cpu.as_ref().unwrap_or(&no_cpu);
     let net = reading.net.as_ref().unwrap_or(&no_net);
     let ids = reading.ids();
@@ -180,6 +184,7 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
             id,
             cgroup: cgroup.clone(),
             cpu: cpu.get(&id).copied(),
+            wait_hist: wait_hist.get(&id).copied(),
             net: net.get(&id).copied(),
             memory: stats.memory,
             // Limits are the live cgroup's; a departed one's counters keep
@@ -305,7 +310,8 @@ impl Tracker {
         let api = self.namer.api();
         let collectors = [
             Some(index.rescan_error.clone().map_or(Ok(()), Err)),
-            Some(status(&reading.cpu)),
+            // The histogram is read with the CPU map, and is its detail.
+            Some(status(&reading.cpu).and(status(&reading.wait_hist))),
             api.as_ref().map(|a| a.failing.clone().map_or(Ok(()), Err)),
             Some(read_status(&index.read_errors[FileGroup::Memory as usize], "memory or limit")),
             Some(status(&reading.net)),

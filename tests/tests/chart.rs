@@ -124,6 +124,7 @@ const SWITCHES: &[&[&str]] = &[
     &["rbac.create=false", "serviceAccount.create=false"],
     &["service.enabled=false", "monitor.kind=PodMonitor"],
     &["agent.ownerLabels=true", "agent.podLabels={app,team}"],
+    &["agent.waitHistogram=true"],
     &["alerts.runbookBaseURL=https://runbooks.example/podmeter/"],
 ];
 
@@ -433,6 +434,9 @@ fn optional_objects_follow_their_switches() {
     let a = args(&labels);
     assert!(a.contains(&"--owner-labels".to_owned()), "{a:?}");
     assert!(a.contains(&"--pod-labels=app,team".to_owned()), "{a:?}");
+    assert!(!a.contains(&"--wait-histogram".to_owned()), "{a:?}");
+    let hist = args(&render(&["agent.waitHistogram=true"]));
+    assert!(hist.contains(&"--wait-histogram".to_owned()), "{hist:?}");
 }
 
 #[test]

@@ -120,6 +120,7 @@ fn help_explains_the_options() {
         "--grace-period",
         "--log-level",
         "--max-cgroups",
+        "--wait-histogram",
         "CAP_BPF",
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");

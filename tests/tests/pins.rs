@@ -279,6 +279,22 @@ fn pins_of_another_layout_are_removed_and_the_reset_announced() {
     // And the same settings again: adopted.
     let agent = Agent::start(&[&pins.arg(), "--max-cgroups=64"]);
     assert_eq!(origin(&agent.scrape()), "adopted", "{}", agent.log());
+    drop(agent);
+
+    // The wait histogram turned on: its map grows to a slot per cgroup,
+    // announced; then kept while it stays on.
+    let agent = Agent::start(&[&pins.arg(), "--max-cgroups=64", "--wait-histogram"]);
+    assert_eq!(origin(&agent.scrape()), "reset", "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains(
+            "map PM_WAIT_HIST holds 1 cgroups; this agent needs 64 (--wait-histogram was turned on)"
+        ),
+        "{log}"
+    );
+    drop(agent);
+    let agent = Agent::start(&[&pins.arg(), "--max-cgroups=64", "--wait-histogram"]);
+    assert_eq!(origin(&agent.scrape()), "adopted", "{}", agent.log());
 }
 
 #[test]

@@ -67,8 +67,13 @@ fn check(tag: &str, args: &[&str]) {
     // Asleep again: each one's last slice was billed when it left the CPU,
     // to the map or the CPU's pending slot, both read at a scrape.
     std::thread::sleep(Duration::from_millis(200));
-    let after = waits(&agent.scrape(), &cg);
+    let last = agent.scrape();
+    let after = waits(&last, &cg);
     let idle_after = waits(&agent.scrape(), &idle);
+    assert!(
+        histogram(&last, &cg).is_empty(),
+        "a wait histogram without --wait-histogram"
+    );
     for w in &mut spinners {
         w.close_stdin();
         w.wait();
@@ -99,5 +104,111 @@ fn check(tag: &str, args: &[&str]) {
     assert!(
         idle_waits >= 10.0 && idle_wait < 0.1 * truth,
         "a sleeping cgroup waited {idle_wait} s in {idle_waits} waits"
+    );
+}
+
+/// Cumulative `(le, count)` of a cgroup's wait histogram, by bound.
+fn histogram(s: &Scrape, cg: &TestCgroup) -> Vec<(f64, f64)> {
+    let mut b: Vec<(f64, f64)> = s
+        .find(
+            "podmeter_cgroup_cpu_wait_duration_seconds_bucket",
+            &[("cgroup", &cg.path)],
+        )
+        .into_iter()
+        .map(|(labels, v)| (labels["le"].parse::<f64>().unwrap(), v))
+        .collect();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    b
+}
+
+/// With `--wait-histogram`, each wait lands once, in the bucket of its
+/// length. A real-time hog pinned beside one ordinary spinner runs 20 ms
+/// every 40 ms; it preempts the spinner at once and is never preempted
+/// back, so each of its bursts makes the spinner wait 20 ms: the
+/// (8.4 ms, 33.6 ms] bucket. The kernel's per-task accounting counts the
+/// waits and their total.
+#[test]
+fn wait_histogram_puts_each_wait_in_the_bucket_of_its_length() {
+    check_histogram("runqueue-hist", &[]);
+}
+
+#[test]
+fn wait_histogram_puts_each_wait_in_the_bucket_of_its_length_with_the_raw_switch_program() {
+    check_histogram("runqueue-hist-raw", &["--force-raw-switch"]);
+}
+
+fn check_histogram(tag: &str, args: &[&str]) {
+    let tree = TestTree::new(tag);
+    let cg = tree.cgroup("victim");
+    let hog_cg = tree.cgroup("hog");
+    let agent = Agent::start(&[args, &["--wait-histogram"]].concat());
+    let mut hog = hog_cg.spawn(None, &["--cpu", "0", "--fifo", "tick", "40000", "20000"]);
+    let mut victim = cg.spawn_piped(&["--cpu", "0", "spin", SECONDS]);
+    let start = schedstat(&victim.line());
+    let before = agent.scrape();
+    let (h0, w0) = (histogram(&before, &cg), waits(&before, &cg));
+    victim.say("go");
+    let end = schedstat(&victim.line());
+    std::thread::sleep(Duration::from_millis(200));
+    let after = agent.scrape();
+    let (h1, w1) = (histogram(&after, &cg), waits(&after, &cg));
+    victim.close_stdin();
+    victim.wait();
+    hog.kill();
+
+    assert_eq!(h1.len(), 8, "8 buckets, +Inf last: {h1:?}");
+    assert_eq!(h1[7].0, f64::INFINITY);
+    // Per bucket, over the spin (the victim asleep on stdin at both ends).
+    let count = |i: usize| {
+        let c = |h: &[(f64, f64)], i: usize| {
+            let at = |i: usize| h.get(i).map_or(0.0, |b| b.1);
+            at(i) - if i == 0 { 0.0 } else { at(i - 1) }
+        };
+        c(&h1, i) - c(&h0, i)
+    };
+    let counts: Vec<f64> = (0..8).map(count).collect();
+    let total: f64 = counts.iter().sum();
+    let (wait_s, waits_n) = (w1.0 - w0.0, w1.1 - w0.1);
+    let truth_s = (end.0 - start.0) / 1e9;
+    let truth_n = end.1 - start.1;
+    eprintln!(
+        "victim: buckets {counts:?} ({total} waits, {wait_s:.4} s); cpu_waits_total +{waits_n}; \
+         schedstat {truth_n} waits, {truth_s:.4} s"
+    );
+
+    // Every wait counted is bucketed, once.
+    assert_eq!(total, waits_n, "histogram count vs cpu_waits_total");
+    assert!(
+        (total - truth_n).abs() <= 0.03 * truth_n + 3.0,
+        "{total} waits bucketed, schedstat {truth_n}"
+    );
+    // Each bucket's waits are within its bounds, so the waited time lies
+    // between the sum of the lower and of the upper bounds.
+    let bound = |i: usize| if i < 7 { h1[i].0 } else { f64::INFINITY };
+    let low: f64 = (1..8).map(|i| counts[i] * bound(i - 1)).sum();
+    let high: f64 = (0..8)
+        .filter(|&i| counts[i] > 0.0)
+        .map(|i| counts[i] * bound(i))
+        .sum();
+    assert!(
+        low <= wait_s && wait_s <= high,
+        "{wait_s} s waited, outside the buckets' [{low}, {high}] s"
+    );
+    // The hog's bursts: 3 s / 40 ms, 75 of them, each a 20 ms wait.
+    let bursts = SECONDS.parse::<f64>().unwrap() / 0.040;
+    assert!(
+        (bound(5)..=bound(6)).contains(&0.020),
+        "20 ms belongs in bucket 6"
+    );
+    assert!(
+        counts[6] >= 0.8 * bursts && counts[6] <= 1.2 * bursts,
+        "{} waits in (8.4, 33.6] ms for {bursts} bursts of 20 ms: {counts:?}",
+        counts[6]
+    );
+    // Nothing else on that CPU holds the victim that long.
+    let long: f64 = counts[5..].iter().sum();
+    assert!(
+        counts[6] >= 0.9 * long,
+        "waits longer than 2.1 ms outside the hog's bucket: {counts:?}"
     );
 }

@@ -3,7 +3,7 @@
 //! Everything here is `#[repr(C)]` plain data: the kernel writes these
 //! structures into BPF maps and the agent reads the same bytes back. Change a
 //! layout on both sides at once; the size assertions below catch drift.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Capacity, in cgroups, of the per-cgroup counter maps unless the agent
 /// overrides it at load time (`--max-cgroups`). Per-CPU hash maps are
@@ -48,6 +48,44 @@ pub struct CpuCounters {
     pub waits: u64,
 }
 
+/// Buckets of the run-queue wait histogram (`--wait-histogram`), the last
+/// one open-ended.
+pub const WAIT_BUCKETS: usize = 8;
+
+/// Upper bound, in nanoseconds, of wait bucket `i` below the last: every
+/// other power of two from 2^13 ns (8.2 µs) to 2^25 ns (33.6 ms). Seven
+/// bounds cover what a wait on a healthy node takes (microseconds) up to
+/// several scheduler periods of starvation, in the eight buckets the issue
+/// allows; powers of two keep the bucketing a few compares in the kernel.
+pub const fn wait_bucket_bound_ns(i: usize) -> u64 {
+    1 << (13 + 2 * i)
+}
+
+/// The bucket of a wait of `ns` nanoseconds: the first whose bound is at
+/// least `ns` (Prometheus' `le`), else the last.
+#[inline(always)]
+pub fn wait_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    // Unrolled by the compiler: seven compares, a bounded index for the
+    // verifier.
+    while i < WAIT_BUCKETS - 1 {
+        if ns <= wait_bucket_bound_ns(i) {
+            return i;
+        }
+        i += 1;
+    }
+    WAIT_BUCKETS - 1
+}
+
+/// Run-queue waits of one cgroup by duration (see [`wait_bucket`]), per
+/// CPU: each bucket counts waits, not cumulative.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaitHistogram {
+    /// Waits per bucket.
+    pub counts: [u64; WAIT_BUCKETS],
+}
+
 /// Traffic of one cgroup (by socket cgroup), per CPU.
 ///
 /// Ingress and egress write disjoint fields, so an egress program interrupted
@@ -88,6 +126,8 @@ pub struct Pending {
     pub wait_ns: u64,
     /// Waits ended.
     pub waits: u64,
+    /// Those waits by duration, when the histogram is on.
+    pub buckets: WaitHistogram,
 }
 
 /// What one CPU is running, and the CPU time not yet added to `PM_CPU`.
@@ -172,6 +212,14 @@ impl core::ops::AddAssign for CpuCounters {
     }
 }
 
+impl core::ops::AddAssign for WaitHistogram {
+    fn add_assign(&mut self, o: Self) {
+        for (a, b) in self.counts.iter_mut().zip(o.counts) {
+            *a += b;
+        }
+    }
+}
+
 impl core::ops::AddAssign for NetCounters {
     fn add_assign(&mut self, o: Self) {
         self.rx_bytes += o.rx_bytes;
@@ -184,7 +232,8 @@ impl core::ops::AddAssign for NetCounters {
 
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 40);
-const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 40 * PENDING_SLOTS);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 104 * PENDING_SLOTS);
+const _: () = assert!(core::mem::size_of::<WaitHistogram>() == 8 * WAIT_BUCKETS);
 const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 
 #[cfg(feature = "user")]
@@ -193,4 +242,25 @@ mod user {
     unsafe impl aya::Pod for super::CpuCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WaitHistogram {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_fall_in_the_first_bucket_whose_bound_holds_them() {
+        let bounds: Vec<u64> = (0..WAIT_BUCKETS - 1).map(wait_bucket_bound_ns).collect();
+        assert_eq!(bounds.first(), Some(&8_192));
+        assert_eq!(bounds.last(), Some(&33_554_432));
+        assert!(bounds.windows(2).all(|w| w[1] == 4 * w[0]));
+        assert_eq!(wait_bucket(0), 0);
+        for (i, &b) in bounds.iter().enumerate() {
+            assert_eq!(wait_bucket(b), i, "a wait of exactly the bound is `le` it");
+            assert_eq!(wait_bucket(b + 1), i + 1);
+        }
+        assert_eq!(wait_bucket(u64::MAX), WAIT_BUCKETS - 1);
+    }
 }

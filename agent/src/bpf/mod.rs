@@ -35,7 +35,7 @@ use aya::{
 };
 use podmeter_common::{
     CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, TICK_PERIOD_NS, TREE_MKDIR,
-    TREE_RMDIR, TreeEvent,
+    TREE_RMDIR, TreeEvent, WaitHistogram,
 };
 
 /// The eBPF object, aligned as aya needs it.
@@ -147,9 +147,12 @@ impl Keep<'_> {
 pub struct Maps {
     cpu: PerCpuHashMap<MapData, u64, CpuCounters>,
     net: PerCpuHashMap<MapData, u64, NetCounters>,
-    /// Second descriptors of `cpu` and `net`, for batch reads (aya's maps
-    /// do not lend theirs).
-    batch_fds: [OwnedFd; 2],
+    /// Run-queue waits by duration (capacity 1, never written, with the
+    /// histogram off).
+    wait_hist: PerCpuHashMap<MapData, u64, WaitHistogram>,
+    /// Second descriptors of `cpu`, `net` and `wait_hist`, for batch reads
+    /// (aya's maps do not lend theirs).
+    batch_fds: [OwnedFd; 3],
     /// Possible CPUs: per-CPU values come in that many copies.
     possible_cpus: usize,
     /// Cleared when the kernel refuses batch reads.
@@ -171,6 +174,9 @@ pub struct Signals {
     pub run_queue: bool,
     /// TCP retransmits (the `tcp_retransmit_skb` tracepoint attached).
     pub retransmits: bool,
+    /// Run-queue waits by duration (`--wait-histogram`, where run-queue
+    /// waits are counted at all).
+    pub wait_histogram: bool,
 }
 
 /// The kernel's cgroup2 mkdir/rmdir events (see `agent-ebpf/src/tree.rs`).
@@ -223,6 +229,8 @@ impl AsRawFd for TreeEvents {
 pub struct Reading {
     /// CPU time (including slices still running) and switches by cgroup id.
     pub cpu: HashMap<u64, CpuCounters>,
+    /// Run-queue waits by duration (empty with the histogram off).
+    pub wait_hist: HashMap<u64, WaitHistogram>,
     /// Traffic by socket cgroup id.
     pub net: HashMap<u64, NetCounters>,
     /// Updates lost to full maps, `[cpu, net]`.
@@ -291,15 +299,36 @@ pub struct Force {
     pub entry_reads: bool,
 }
 
+/// The capacity of `PM_WAIT_HIST`: a slot per cgroup with the histogram on,
+/// one (a few bytes per CPU) with it off. Pins of another capacity are not
+/// adopted, like those of another `--max-cgroups`.
+pub fn wait_hist_capacity(max_cgroups: u32, wait_histogram: bool) -> u32 {
+    if wait_histogram { max_cgroups } else { 1 }
+}
+
 pub fn load(
     cgroup2_root: &Path,
     btf_path: &Path,
     max_cgroups: u32,
+    wait_histogram: bool,
     follow_tree: Result<(), String>,
     pins: Option<&pins::Pins>,
     force: Force,
 ) -> Result<Loaded, BpfError> {
     let offsets = kernel_offsets(btf_path);
+    // The map's capacity follows the flag alone, as the pins expect it;
+    // without run-queue waits there is just nothing to put in it.
+    let hist_capacity = wait_hist_capacity(max_cgroups, wait_histogram);
+    let wait_histogram = if wait_histogram && !offsets_known(&offsets, &WAIT_OFFSETS) {
+        tracing::warn!(
+            "--wait-histogram: kernel BTF has no sched_info run_delay/pcount \
+             (CONFIG_SCHED_INFO), so there are no run-queue waits to count by duration"
+        );
+        false
+    } else {
+        wait_histogram
+    };
+    let histogram_flag = u64::from(wait_histogram);
     let mut loader = EbpfLoader::new();
     // The programs use no CO-RE relocations (the offsets come in as globals,
     // above), so the loader needs no kernel BTF; parsing it for the loader
@@ -307,10 +336,12 @@ pub fn load(
     loader
         .btf(None)
         .map_max_entries("PM_CPU", max_cgroups)
-        .map_max_entries("PM_NET", max_cgroups);
+        .map_max_entries("PM_NET", max_cgroups)
+        .map_max_entries("PM_WAIT_HIST", hist_capacity);
     for (global, value) in &offsets {
         loader.override_global(global, value, true);
     }
+    loader.override_global("WAIT_HISTOGRAM", &histogram_flag, true);
     if let Some(p) = pins {
         // An existing pin is opened as it is; a missing one is made and
         // pinned.
@@ -334,12 +365,7 @@ pub fn load(
     let prog = |name| BpfError::Missing(name);
     let err = |name| move |source| BpfError::Program { name, source };
 
-    let known = |names: &[&str]| {
-        offsets
-            .iter()
-            .filter(|(g, _)| names.contains(g))
-            .all(|(_, off)| *off != 0)
-    };
+    let known = |names: &[&str]| offsets_known(&offsets, names);
     // The BTF-enabled tracepoint reads tasks with plain loads: about half
     // the cost of the raw one, which needs helpers for the same reads.
     let btf_ok = known(&SWITCH_OFFSETS);
@@ -507,10 +533,12 @@ pub fn load(
 
     let (cpu, cpu_fd) = take_with_fd(&mut ebpf, "PM_CPU")?;
     let (net, net_fd) = take_with_fd(&mut ebpf, "PM_NET")?;
+    let (wait_hist, hist_fd) = take_with_fd(&mut ebpf, "PM_WAIT_HIST")?;
     let maps = Maps {
         cpu,
         net,
-        batch_fds: [cpu_fd, net_fd],
+        wait_hist,
+        batch_fds: [cpu_fd, net_fd, hist_fd],
         possible_cpus: aya::util::nr_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))?,
         batch: AtomicBool::new(!force.entry_reads),
         sync,
@@ -520,6 +548,7 @@ pub fn load(
         signals: Signals {
             run_queue,
             retransmits,
+            wait_histogram,
         },
     };
     Ok(Loaded {
@@ -656,6 +685,14 @@ const SWITCH_OFFSETS: [&str; 6] = [
 ];
 
 /// The members the switch and tick programs read for run-queue waits.
+/// Whether every one of `names` has a non-zero offset.
+fn offsets_known(offsets: &[(&'static str, u64)], names: &[&str]) -> bool {
+    offsets
+        .iter()
+        .filter(|(g, _)| names.contains(g))
+        .all(|(_, off)| *off != 0)
+}
+
 const WAIT_OFFSETS: [&str; 2] = ["RUN_DELAY_OFFSET", "PCOUNT_OFFSET"];
 
 /// The members the TCP retransmit program reads.
@@ -801,7 +838,7 @@ where
 }
 
 impl Maps {
-    /// Every entry of counter map `which` (0 cpu, 1 net), summed over CPUs:
+    /// Every entry of counter map `which` (0 cpu, 1 net, 2 wait histogram), summed over CPUs:
     /// in batches where the kernel can, else one entry at a time.
     fn totals<V>(
         &self,
@@ -839,6 +876,7 @@ impl Maps {
     pub fn read(&self) -> Result<Reading, MapError> {
         Ok(Reading {
             cpu: self.read_cpu()?,
+            wait_hist: self.read_wait_hist()?,
             net: self.read_net()?,
             dropped: self.dropped()?,
         })
@@ -856,6 +894,16 @@ impl Maps {
             sync.run().map_err(MapError::IoError)?;
         }
         self.totals(&self.cpu, 0)
+    }
+
+    /// Run-queue waits by duration and cgroup id, summed over CPUs (empty
+    /// with the histogram off). Read right after [`Maps::read_cpu`], whose
+    /// sync also brought each CPU's pending buckets into the map.
+    pub fn read_wait_hist(&self) -> Result<HashMap<u64, WaitHistogram>, MapError> {
+        if !self.signals.wait_histogram {
+            return Ok(HashMap::new());
+        }
+        self.totals(&self.wait_hist, 2)
     }
 
     /// Traffic by socket cgroup id, summed over CPUs.
@@ -884,6 +932,13 @@ impl Maps {
             .keys()
             .flatten()
             .chain(self.net.keys().flatten())
+            .chain(
+                self.signals
+                    .wait_histogram
+                    .then(|| self.wait_hist.keys().flatten())
+                    .into_iter()
+                    .flatten(),
+            )
             .collect();
         ids.sort_unstable();
         ids.dedup();
@@ -896,6 +951,9 @@ impl Maps {
             // NotFound is fine: a cgroup may have had only CPU or only traffic.
             let _ = self.cpu.remove(id);
             let _ = self.net.remove(id);
+            if self.signals.wait_histogram {
+                let _ = self.wait_hist.remove(id);
+            }
         }
     }
 }

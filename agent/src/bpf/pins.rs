@@ -35,13 +35,13 @@ use std::{
 };
 
 use aya::maps::{MapInfo, MapType};
-use podmeter_common::{CpuCounters, DROP_SLOTS, NetCounters, OnCpu};
+use podmeter_common::{CpuCounters, DROP_SLOTS, NetCounters, OnCpu, WaitHistogram};
 
 /// The version of everything pinned: the maps' types, keys and values, and
 /// what the programs keep in them (the per-CPU [`OnCpu`] protocol). A new
 /// agent adopts pins of its own layout only. Bump it with any change to
 /// `podmeter-common`'s map values or to how the programs use them.
-pub const LAYOUT: u32 = 3;
+pub const LAYOUT: u32 = 4;
 
 /// `statfs` type of a bpffs mount.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -52,7 +52,7 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// The maps that are pinned, with the layout this agent expects of each:
 /// (name, type, key size, value size).
-fn expected() -> [(&'static str, MapType, u32, u32); 4] {
+fn expected() -> [(&'static str, MapType, u32, u32); 5] {
     let size = |n: usize| n as u32;
     [
         (
@@ -74,11 +74,17 @@ fn expected() -> [(&'static str, MapType, u32, u32); 4] {
             size(size_of::<OnCpu>()),
         ),
         ("PM_DROPS", MapType::PerCpuArray, 4, 8),
+        (
+            "PM_WAIT_HIST",
+            MapType::PerCpuHash,
+            8,
+            size(size_of::<WaitHistogram>()),
+        ),
     ]
 }
 
 /// The names of the pinned maps.
-pub fn map_names() -> [&'static str; 4] {
+pub fn map_names() -> [&'static str; 5] {
     expected().map(|(n, ..)| n)
 }
 
@@ -122,8 +128,14 @@ impl Pins {
     /// nothing can be pinned.
     ///
     /// Maps of another capacity than `max_cgroups` count as incompatible:
-    /// a changed `--max-cgroups` takes effect, with the reset announced.
-    pub fn prepare(root: &Path, max_cgroups: u32) -> Result<(Self, Origin), String> {
+    /// a changed `--max-cgroups` takes effect, with the reset announced. So
+    /// does a wait histogram of another capacity than `wait_hist` (a
+    /// `--wait-histogram` turned on or off).
+    pub fn prepare(
+        root: &Path,
+        max_cgroups: u32,
+        wait_hist: u32,
+    ) -> Result<(Self, Origin), String> {
         ensure_bpffs(root)?;
         let dir = root.join(format!("v{LAYOUT}"));
         let mut removed = Vec::new();
@@ -138,7 +150,7 @@ impl Pins {
         }
         let mut origin = Origin::Created;
         if dir.join("maps").exists() {
-            match check_maps(&dir.join("maps"), max_cgroups) {
+            match check_maps(&dir.join("maps"), max_cgroups, wait_hist) {
                 Ok(()) => origin = Origin::Adopted,
                 Err(why) => {
                     remove_tree(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
@@ -203,7 +215,7 @@ impl Pins {
 }
 
 /// Checks every pinned map against what this agent expects.
-fn check_maps(maps: &Path, max_cgroups: u32) -> Result<(), String> {
+fn check_maps(maps: &Path, max_cgroups: u32, wait_hist: u32) -> Result<(), String> {
     for (name, ty, key, value) in expected() {
         let path = maps.join(name);
         let info =
@@ -223,6 +235,14 @@ fn check_maps(maps: &Path, max_cgroups: u32) -> Result<(), String> {
             return Err(format!(
                 "map {name} holds {} cgroups; --max-cgroups asks for {max_cgroups}",
                 info.max_entries()
+            ));
+        }
+        if name == "PM_WAIT_HIST" && info.max_entries() != wait_hist {
+            return Err(format!(
+                "map PM_WAIT_HIST holds {} cgroups; this agent needs {wait_hist} (--wait-histogram \
+                 was turned {})",
+                info.max_entries(),
+                if wait_hist > 1 { "on" } else { "off" }
             ));
         }
         if name == "PM_DROPS" && info.max_entries() < DROP_SLOTS {

@@ -41,6 +41,7 @@ fn created(id: u64, path: &str) -> TreeEvent {
 fn reading(cpu_ids: &[u64]) -> Reading {
     Reading {
         cpu: Ok(cpu_ids.iter().map(|&id| (id, cpu(id))).collect()),
+        wait_hist: Ok(HashMap::new()),
         net: Ok(HashMap::new()),
         dropped: [0, 0],
     }

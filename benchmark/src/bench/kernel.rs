@@ -246,8 +246,13 @@ pub fn run(b: &Bench) -> Result<Kernel> {
     let lossy_tcp = lossy_tcp(&ours, secs)
         .inspect_err(|e| eprintln!("bench: TCP under loss not measured: {e:#}"))
         .ok();
-    drop(stats);
     agent.stop()?;
+    let histogram = switch_with_histogram(b, secs)
+        .inspect_err(|e| {
+            eprintln!("bench: the switch path with --wait-histogram not measured: {e:#}")
+        })
+        .ok();
+    drop(stats);
 
     Ok(Kernel {
         other_podmeter_programs_loaded: others as u64,
@@ -271,6 +276,36 @@ pub fn run(b: &Bench) -> Result<Kernel> {
             programs: flood_progs,
         },
         lossy_tcp,
+        context_switch_load_wait_histogram: histogram,
+    })
+}
+
+/// The context-switch storm with BPF statistics on, under an agent run
+/// with `--wait-histogram`: what bucketing each wait adds to the switch.
+fn switch_with_histogram(b: &Bench, secs: u64) -> Result<Load> {
+    let before: HashSet<u64> = programs()?.into_keys().collect();
+    let agent = Agent::start_with(b, "kernel-hist", &["--wait-histogram"])?;
+    let ours: Vec<u64> = programs()?
+        .into_iter()
+        .filter(|(id, p)| !before.contains(id) && p.name.starts_with("pm_"))
+        .map(|(id, _)| id)
+        .collect();
+    progress(&format!(
+        "stress-ng --switch with --wait-histogram, BPF statistics on ({secs} s)"
+    ));
+    let s0 = snapshot(&ours)?;
+    let run = stress_switch(b, secs)?;
+    let s1 = snapshot(&ours)?;
+    agent.stop()?;
+    Ok(Load {
+        load: format!(
+            "stress-ng --switch {} ({secs} s), agent with --wait-histogram",
+            run.instances
+        ),
+        iperf3_packets: None,
+        iperf3_lost_percent: None,
+        iperf3_retransmits: None,
+        programs: deltas(&s0, &s1),
     })
 }
 

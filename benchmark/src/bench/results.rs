@@ -108,6 +108,10 @@ pub struct Kernel {
     /// made before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lossy_tcp: Option<Load>,
+    /// The context-switch storm again, with an agent run with
+    /// `--wait-histogram` (absent from runs made before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_switch_load_wait_histogram: Option<Load>,
 }
 
 impl Kernel {
@@ -116,6 +120,7 @@ impl Kernel {
         [&self.context_switch_load, &self.packet_flood]
             .into_iter()
             .chain(self.lossy_tcp.as_ref())
+            .chain(self.context_switch_load_wait_histogram.as_ref())
     }
 
     /// Context-switch throughput lost with the agent attached (statistics

@@ -34,6 +34,11 @@ struct Cli {
     /// burners contend for one CPU.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Run as a real-time task (SCHED_FIFO, priority 1): it preempts every
+    /// ordinary task on its CPU at once and is never preempted by one, so
+    /// a task it displaces waits exactly as long as it runs.
+    #[arg(long)]
+    fifo: bool,
     #[command(subcommand)]
     work: Work,
 }
@@ -170,6 +175,15 @@ fn main() -> Result<()> {
         set.set(cpu).context("--cpu")?;
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
             .with_context(|| format!("pinning to CPU {cpu}"))?;
+    }
+    if cli.fifo {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: a plain syscall on this process with a valid parameter.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+            return Err(std::io::Error::last_os_error()).context(
+                "--fifo: SCHED_FIFO (with RT group scheduling, a cgroup needs a real-time budget)",
+            );
+        }
     }
     let mut out = std::io::stdout().lock();
     let linger = cli.linger;
