@@ -17,9 +17,9 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, bail};
 
-use crate::{setup, sh};
+use crate::{cmd::output, setup, sh};
 
 /// An architecture of Debian's and Kubernetes' naming.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -200,26 +200,20 @@ pub fn userland(arch: Arch) -> Result<PathBuf> {
     );
     let apt = dir.join("apt");
     sh(apt_private("apt-get", &apt, arch)?.args(["update", "-qq"]))?;
-    let out = apt_private("apt-cache", &apt, arch)?
-        .args(["depends", "--recurse", "--no-recommends", "--no-suggests"])
-        .args([
-            "--no-conflicts",
-            "--no-breaks",
-            "--no-replaces",
-            "--no-enhances",
-        ])
-        .args(USERLAND)
-        .output()
-        .context("apt-cache depends")?;
-    if !out.status.success() {
-        bail!(
-            "apt-cache depends failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let out = output(
+        apt_private("apt-cache", &apt, arch)?
+            .args(["depends", "--recurse", "--no-recommends", "--no-suggests"])
+            .args([
+                "--no-conflicts",
+                "--no-breaks",
+                "--no-replaces",
+                "--no-enhances",
+            ])
+            .args(USERLAND),
+    )?;
     // Top-level lines are packages; indented ones their dependencies, which
     // appear again at top level. `<virtual>` packages have no file.
-    let packages: BTreeSet<&str> = std::str::from_utf8(&out.stdout)?
+    let packages: BTreeSet<&str> = out
         .lines()
         .filter(|l| !l.starts_with([' ', '<']) && !l.is_empty())
         .collect();
@@ -254,33 +248,15 @@ const CONTENTS: &str = "contents.tsv";
 /// [`CONTENTS`] lines for one `.deb`.
 fn deb_contents(deb: &Path) -> Result<String> {
     let field = |name: &str| -> Result<String> {
-        let out = Command::new("dpkg-deb")
-            .arg("--field")
-            .arg(deb)
-            .arg(name)
-            .output()
-            .context("running dpkg-deb --field")?;
-        ensure!(
-            out.status.success(),
-            "dpkg-deb --field {}: {}",
-            deb.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        Ok(
+            output(Command::new("dpkg-deb").arg("--field").arg(deb).arg(name))?
+                .trim()
+                .to_owned(),
+        )
     };
     let (package, version) = (field("Package")?, field("Version")?);
-    let out = Command::new("dpkg-deb")
-        .arg("--contents")
-        .arg(deb)
-        .output()
-        .context("running dpkg-deb --contents")?;
-    ensure!(
-        out.status.success(),
-        "dpkg-deb --contents {}: {}",
-        deb.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(listed_files(&String::from_utf8_lossy(&out.stdout))
+    let out = output(Command::new("dpkg-deb").arg("--contents").arg(deb))?;
+    Ok(listed_files(&out)
         .map(|path| format!("{path}\t{package}\t{version}\n"))
         .collect())
 }
@@ -354,15 +330,12 @@ fn host_package_of(file: &str) -> Result<DebPackage> {
         let Some(package) = owner(&String::from_utf8_lossy(&out.stdout)) else {
             continue;
         };
-        let version = Command::new("dpkg-query")
-            .args(["--show", "--showformat", "${Version}", &package])
-            .output()
-            .context("running dpkg-query")?;
-        ensure!(
-            version.status.success(),
-            "dpkg-query --show {package}: {}",
-            String::from_utf8_lossy(&version.stderr).trim()
-        );
+        let version = output(Command::new("dpkg-query").args([
+            "--show",
+            "--showformat",
+            "${Version}",
+            &package,
+        ]))?;
         let release = fs::read_to_string("/etc/os-release").unwrap_or_default();
         let field = |key: &str| {
             release
@@ -373,7 +346,7 @@ fn host_package_of(file: &str) -> Result<DebPackage> {
         let vendor = field("ID").unwrap_or_else(|| "debian".to_owned());
         return Ok(DebPackage {
             name: package.split(':').next().unwrap_or(&package).to_owned(),
-            version: String::from_utf8_lossy(&version.stdout).trim().to_owned(),
+            version: version.trim().to_owned(),
             distro: field("VERSION_ID").map(|v| format!("{vendor}-{v}")),
             vendor,
         });
@@ -411,19 +384,11 @@ pub fn shared_libs(binary: &Path, root: &Path) -> Result<Vec<String>> {
     let mut found = BTreeSet::new();
     let mut todo = vec![binary.to_owned()];
     while let Some(file) = todo.pop() {
-        let out = Command::new("readelf")
-            .args(["--dynamic", "--program-headers", "--wide"])
-            .arg(&file)
-            .output()
-            .context("running readelf")?;
-        if !out.status.success() {
-            bail!(
-                "readelf {}: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = output(
+            Command::new("readelf")
+                .args(["--dynamic", "--program-headers", "--wide"])
+                .arg(&file),
+        )?;
         let mut wanted = Vec::new();
         for line in text.lines() {
             // `[Requesting program interpreter: /lib/ld-linux-aarch64.so.1]`

@@ -20,7 +20,12 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::{cmd::target_dir, image, release::Target, tools};
+use crate::{
+    cmd::{output, target_dir},
+    image,
+    release::Target,
+    tools,
+};
 
 /// The registry's user; its password is random per run.
 const USER: &str = "podmeter";
@@ -216,19 +221,4 @@ impl Drop for LocalRegistry {
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `cmd`'s stdout; an error with its stderr if it fails.
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    ensure!(
-        out.status.success(),
-        "{:?} {:?}: {}",
-        cmd.get_program(),
-        cmd.get_args().collect::<Vec<_>>(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
