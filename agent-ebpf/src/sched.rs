@@ -45,9 +45,9 @@
 //! before it was added to `run_delay` while no CPU watched the task.
 //!
 //! With the wait histogram on (`WAIT_HISTOGRAM`, `--wait-histogram`), the
-//! wait billed at a switch also lands in its duration's bucket, in the same
-//! pending slot, and goes to `PM_WAIT_HIST` when the slot is flushed: one
-//! more map update per flush, none per switch. A slice ends at most one
+//! wait billed at a switch also lands in its duration's bucket, beside the
+//! pending slot (`OnCpu::buckets`), and goes to `PM_WAIT_HIST` when the slot
+//! is flushed: one more map update per flush, none per switch. A slice ends at most one
 //! wait (its own start), so each wait is bucketed by its own length; the
 //! rare billing that ends several (counted across a move between CPUs) is
 //! bucketed by their average.
@@ -60,7 +60,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, perf_event, raw_tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, Pending, WAIT_BUCKETS, wait_bucket};
+use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, WAIT_BUCKETS, wait_bucket};
 
 use crate::maps::{PM_CPU, PM_ONCPU, PM_WAIT_HIST, slot};
 
@@ -386,20 +386,20 @@ impl Update {
                     put(&raw mut (*p).switches, (*p).switches + switches);
                     put(&raw mut (*p).wait_ns, (*p).wait_ns + wait.ns);
                     put(&raw mut (*p).waits, (*p).waits + wait.count);
-                    bucket(p, wait);
+                    bucket(c, i, wait, false);
                     return;
                 }
             }
             let v = (*c).victim as usize % PENDING_SLOTS;
             put(&raw mut (*c).victim, ((v + 1) % PENDING_SLOTS) as u64);
+            flush(c, v);
             let p = &raw mut (*c).pending[v];
-            flush(p);
             put(&raw mut (*p).cgroup_id, cgroup_id);
             put(&raw mut (*p).time_ns, time);
             put(&raw mut (*p).switches, switches);
             put(&raw mut (*p).wait_ns, wait.ns);
             put(&raw mut (*p).waits, wait.count);
-            bucket(p, wait);
+            bucket(c, v, wait, true);
         }
     }
 
@@ -408,7 +408,7 @@ impl Update {
     fn flush(&mut self) {
         for i in 0..PENDING_SLOTS {
             // SAFETY: see `begin`.
-            unsafe { flush(&raw mut (*self.cpu).pending[i]) };
+            unsafe { flush(self.cpu, i) };
         }
     }
 
@@ -439,56 +439,70 @@ impl Update {
     }
 }
 
-/// Adds `wait` to its bucket in `p`, with the histogram on.
+/// Adds `wait` to its bucket in slot `i`'s histogram, with the histogram
+/// on; `fresh` (a slot just taken for another cgroup) starts it from zero,
+/// whatever a flush may have left there.
 ///
 /// # Safety
 ///
-/// `p` must point into this CPU's [`OnCpu`] slot.
+/// `c` must be this CPU's [`OnCpu`] slot, `i` below [`PENDING_SLOTS`].
 #[inline(always)]
-unsafe fn bucket(p: *mut Pending, wait: Wait) {
-    if offset(&WAIT_HISTOGRAM) == 0 || wait.count == 0 {
+unsafe fn bucket(c: *mut OnCpu, i: usize, wait: Wait, fresh: bool) {
+    if offset(&WAIT_HISTOGRAM) == 0 {
         return;
     }
-    // The mask bounds the index for the verifier (and is a no-op).
-    let i = wait_bucket(wait.ns / wait.count) & (WAIT_BUCKETS - 1);
-    // SAFETY: see above.
+    // SAFETY: see above; the masks bound the indices for the verifier (and
+    // are no-ops).
     unsafe {
-        let b = &raw mut (*p).buckets.counts[i];
+        let h = &raw mut (*c).buckets[i & (PENDING_SLOTS - 1)];
+        if fresh {
+            for b in 0..WAIT_BUCKETS {
+                put(&raw mut (*h).counts[b], 0);
+            }
+        }
+        if wait.count == 0 {
+            return;
+        }
+        let b = &raw mut (*h).counts[wait_bucket(wait.ns / wait.count) & (WAIT_BUCKETS - 1)];
         put(b, *b + wait.count);
     }
 }
 
-/// Sends `p` to `PM_CPU` (a full map counts a drop) and frees it.
+/// Sends pending slot `i` to `PM_CPU`, and its buckets to `PM_WAIT_HIST`
+/// (a full map counts a drop), and frees it.
 ///
 /// # Safety
 ///
-/// `p` must point into this CPU's [`OnCpu`] slot.
+/// `c` must be this CPU's [`OnCpu`] slot, `i` below [`PENDING_SLOTS`].
 #[inline(always)]
-unsafe fn flush(p: *mut Pending) {
+unsafe fn flush(c: *mut OnCpu, i: usize) {
     // SAFETY: see above.
     unsafe {
+        let i = i & (PENDING_SLOTS - 1);
+        let p = &raw mut (*c).pending[i];
         let id = (*p).cgroup_id;
         if id == 0 {
             return;
         }
-        if let Some(c) = slot(&PM_CPU, id, DROP_CPU) {
+        if let Some(m) = slot(&PM_CPU, id, DROP_CPU) {
             // Per-CPU slot, not shared with another context.
-            let c = &mut *c;
-            c.time_ns += (*p).time_ns;
-            c.switches += (*p).switches;
-            c.wait_ns += (*p).wait_ns;
-            c.waits += (*p).waits;
+            let m = &mut *m;
+            m.time_ns += (*p).time_ns;
+            m.switches += (*p).switches;
+            m.wait_ns += (*p).wait_ns;
+            m.waits += (*p).waits;
         }
         // Buckets hold waits only where `waits` does.
         if offset(&WAIT_HISTOGRAM) != 0 && (*p).waits != 0 {
-            if let Some(h) = slot(&PM_WAIT_HIST, id, DROP_CPU) {
-                let h = &mut *h;
-                for i in 0..WAIT_BUCKETS {
-                    h.counts[i] += (*p).buckets.counts[i];
+            let h = &raw mut (*c).buckets[i];
+            if let Some(m) = slot(&PM_WAIT_HIST, id, DROP_CPU) {
+                let m = &mut *m;
+                for b in 0..WAIT_BUCKETS {
+                    m.counts[b] += (*h).counts[b];
                 }
             }
-            for i in 0..WAIT_BUCKETS {
-                put(&raw mut (*p).buckets.counts[i], 0);
+            for b in 0..WAIT_BUCKETS {
+                put(&raw mut (*h).counts[b], 0);
             }
         }
         put(&raw mut (*p).cgroup_id, 0);

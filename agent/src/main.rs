@@ -143,8 +143,8 @@ struct Cli {
     metadata_wait: Duration,
 
     /// Also export run-queue waits by duration, as the histogram
-    /// *_cpu_wait_duration_seconds (8 buckets, 8.2 µs to 33.6 ms, every
-    /// other power of two ns): 10 more series per cgroup, and 64 bytes ×
+    /// *_cpu_wait_duration_seconds (8 log2 buckets, 262 µs to 16.8 ms and
+    /// +Inf): 10 more series per cgroup, and 64 bytes ×
     /// CPUs of kernel memory per --max-cgroups entry. Turning it on or off
     /// restarts the pinned counters from zero (the maps change shape).
     #[arg(long)]

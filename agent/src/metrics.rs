@@ -233,15 +233,15 @@ fn full(t: Option<Totals>) -> Option<f64> {
 /// The run-queue wait histogram (`--wait-histogram`), by prefix.
 const WAIT_HIST: (&str, &str) = (
     "cpu_wait_duration_seconds",
-    "Run-queue waits of the cgroup's tasks by duration (--wait-histogram): each wait that ended on a CPU, in buckets of every other power of two nanoseconds; _sum is cpu_wait_seconds_total.",
+    "Run-queue waits of the cgroup's tasks by duration (--wait-histogram): each wait that ended on a CPU, in log2 buckets from 2^18 ns (262 us) to 2^24 ns (16.8 ms); _sum is cpu_wait_seconds_total.",
 );
 
 /// A row's wait histogram as `(upper bound in seconds, cumulative count)`
-/// per bucket (the last `+Inf`), and the sum in seconds: rows with CPU
-/// counters, those with no wait bucketed yet at zero.
+/// per bucket (the last `+Inf`), and the sum in seconds: for rows with CPU
+/// counters and a histogram read.
 fn wait_buckets(r: &Row) -> Option<([(f64, u64); WAIT_BUCKETS], f64)> {
     let cpu = r.cpu?;
-    let counts = r.wait_hist.unwrap_or_default().counts;
+    let counts = r.wait_hist?.counts;
     let mut out = [(f64::INFINITY, 0); WAIT_BUCKETS];
     let mut total = 0;
     for (i, (o, n)) in out.iter_mut().zip(counts).enumerate() {
@@ -917,8 +917,7 @@ mod tests {
                 wait_ns: 1_000_003 * k,
                 waits: 5 * k,
             }),
-            // Also without CPU counters (left out) and without a histogram
-            // entry (zeros).
+            // Also without CPU counters, and unread (both left out).
             wait_hist: (k % 7 != 2).then_some(WaitHistogram {
                 counts: std::array::from_fn(|i| (k + i as u64) % 4 * k),
             }),
@@ -1057,9 +1056,34 @@ mod tests {
         assert!(want.contains("podmeter_container_cpu_wait_seconds_total{"));
         assert!(want.contains("podmeter_cgroup_network_tcp_retransmits_total{"));
         assert!(want.contains(
-            "podmeter_cgroup_cpu_wait_duration_seconds_bucket{node=\"node-1\",cgroup=\"/a\",le=\"0.000008192\"} 0\n"
+            "podmeter_cgroup_cpu_wait_duration_seconds_bucket{node=\"node-1\",cgroup=\"/a\",le=\"0.000262144\"} 0\n"
         ));
         assert!(want.contains("podmeter_container_cpu_wait_duration_seconds_count{"));
+        // Written out by hand for one row: waits per bucket 0, 8, 16, 24, 0,
+        // 8, 16, 24 (k = 8), cumulative; the sum is its wait seconds.
+        let b = |le: &str, n: u32| {
+            format!(
+                "podmeter_cgroup_cpu_wait_duration_seconds_bucket{{node=\"node-1\",cgroup=\"/a\",le=\"{le}\"}} {n}\n"
+            )
+        };
+        let by_hand = [
+            b("0.000262144", 0),
+            b("0.000524288", 8),
+            b("0.001048576", 24),
+            b("0.002097152", 48),
+            b("0.004194304", 48),
+            b("0.008388608", 56),
+            b("0.016777216", 72),
+            b("+Inf", 96),
+            "podmeter_cgroup_cpu_wait_duration_seconds_sum{node=\"node-1\",cgroup=\"/a\"} 0.008000024\n"
+                .into(),
+            "podmeter_cgroup_cpu_wait_duration_seconds_count{node=\"node-1\",cgroup=\"/a\"} 96\n"
+                .into(),
+        ]
+        .concat();
+        assert!(got.contains(&by_hand), "{got}");
+        // An unread histogram (k = 9) leaves the row out, never zeros.
+        assert!(!got.contains("cpu_wait_duration_seconds_count{node=\"node-1\",namespace=\"ns\",pod=\"web\",container=\"app\""), "{got}");
         assert_eq!(got, want);
 
         // What the kernel cannot count is left out, not exported as zeros.

@@ -55,7 +55,9 @@ pub struct Row {
     pub cgroup: Arc<Cgroup>,
     /// CPU counters, if the cgroup ran.
     pub cpu: Option<CpuCounters>,
-    /// Its run-queue waits by duration, with the histogram on.
+    /// Its run-queue waits by duration (zeros where it has none yet);
+    /// `None` when the histogram map could not be read, so that its
+    /// series go rather than fall to zero.
     pub wait_hist: Option<WaitHistogram>,
     /// Traffic counters, if it had sockets with traffic.
     pub net: Option<NetCounters>,
@@ -139,8 +141,7 @@ pub struct Joined {
 pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Instant) -> Joined {
     let no_cpu = HashMap::new();
     let no_net = HashMap::new();
-    let no_hist = HashMap::new();
-    let wait_hist = reading.wait_hist.as_ref().unwrap_or(&no_hist);
+    let wait_hist = reading.wait_hist.as_ref().ok();
     let cpu = reading.cpu.as_ref().unwrap_or(&no_cpu);
     let net = reading.net.as_ref().unwrap_or(&no_net);
     let ids = reading.ids();
@@ -184,7 +185,7 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
             id,
             cgroup: cgroup.clone(),
             cpu: cpu.get(&id).copied(),
-            wait_hist: wait_hist.get(&id).copied(),
+            wait_hist: wait_hist.map(|h| h.get(&id).copied().unwrap_or_default()),
             net: net.get(&id).copied(),
             memory: stats.memory,
             // Limits are the live cgroup's; a departed one's counters keep

@@ -86,14 +86,15 @@ fn origin(s: &Scrape) -> String {
         .unwrap_or_default()
 }
 
-/// Every per-cgroup counter (`*_total`) of `before` that `after` also
-/// has: none may be lower. Returns how many were compared.
+/// Every per-cgroup counter (`*_total`, and histogram buckets) of `before`
+/// that `after` also has: none may be lower. Returns how many were
+/// compared.
 fn assert_no_counter_went_down(before: &Scrape, after: &Scrape) -> usize {
     let mut compared = 0;
     for s in &before.samples {
         let per_cgroup =
             s.name.starts_with("podmeter_container_") || s.name.starts_with("podmeter_cgroup_");
-        if !per_cgroup || !s.name.ends_with("_total") {
+        if !per_cgroup || !(s.name.ends_with("_total") || s.name.ends_with("_bucket")) {
             continue;
         }
         let pairs: Vec<(&str, &str)> = s
@@ -123,7 +124,8 @@ fn sigkill_and_restart_lose_nothing_counted_meanwhile() {
     let cg = tree.cgroup(&format!("kubepods/burstable/pod{uid}/{}", "0b".repeat(32)));
     let id = [("pod_uid", uid)];
 
-    let mut first = Agent::start(&[&pins.arg()]);
+    // With the wait histogram, whose buckets must carry over too.
+    let mut first = Agent::start(&[&pins.arg(), "--wait-histogram"]);
     let s = first.scrape();
     assert_eq!(origin(&s), "created", "a fresh pin path");
     // Both start after the programs are attached, so the kernel's own
@@ -140,11 +142,14 @@ fn sigkill_and_restart_lose_nothing_counted_meanwhile() {
     first.kill();
     // Nothing of podmeter runs now but the pinned programs.
     sleep(Duration::from_secs(10));
-    let second = Agent::start(&[&pins.arg()]);
+    let second = Agent::start(&[&pins.arg(), "--wait-histogram"]);
     let after = second.scrape();
     assert_eq!(origin(&after), "adopted", "{}", second.log());
     let compared = assert_no_counter_went_down(&before, &after);
-    assert!(compared >= 4, "only {compared} counters to compare");
+    assert!(
+        compared >= 4 + 8,
+        "only {compared} counters and buckets to compare"
+    );
 
     // The flood ends by itself; the burner is stopped, so both the kernel's
     // numbers and podmeter's stand still for the comparison.
@@ -154,6 +159,19 @@ fn sigkill_and_restart_lose_nothing_counted_meanwhile() {
     sleep(Duration::from_millis(200));
     let kernel_cpu = cg.cpu_stat_seconds() - start_cpu;
     let end = second.scrape();
+
+    // The waits of the gap were bucketed by the pinned programs: every
+    // wait counted is in the histogram.
+    let waits = end.find("podmeter_container_cpu_waits_total", &id)[0].1;
+    let bucketed = end.find(
+        "podmeter_container_cpu_wait_duration_seconds_bucket",
+        &[id[0], ("le", "+Inf")],
+    )[0]
+    .1;
+    assert!(
+        waits > 0.0 && bucketed == waits,
+        "{bucketed} waits bucketed of {waits}"
+    );
 
     let cpu = end.find(CPU, &id)[0].1;
     let err = (cpu - kernel_cpu).abs() / kernel_cpu;
@@ -295,6 +313,15 @@ fn pins_of_another_layout_are_removed_and_the_reset_announced() {
     drop(agent);
     let agent = Agent::start(&[&pins.arg(), "--max-cgroups=64", "--wait-histogram"]);
     assert_eq!(origin(&agent.scrape()), "adopted", "{}", agent.log());
+    drop(agent);
+    // And off again.
+    let agent = Agent::start(&[&pins.arg(), "--max-cgroups=64"]);
+    assert_eq!(origin(&agent.scrape()), "reset", "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains("map PM_WAIT_HIST holds 64 cgroups; this agent needs 1 (--wait-histogram was turned off)"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -122,10 +122,10 @@ fn histogram(s: &Scrape, cg: &TestCgroup) -> Vec<(f64, f64)> {
 }
 
 /// With `--wait-histogram`, each wait lands once, in the bucket of its
-/// length. A real-time hog pinned beside one ordinary spinner runs 20 ms
-/// every 40 ms; it preempts the spinner at once and is never preempted
-/// back, so each of its bursts makes the spinner wait 20 ms: the
-/// (8.4 ms, 33.6 ms] bucket. The kernel's per-task accounting counts the
+/// length. A real-time hog pinned beside one ordinary spinner runs 12 ms
+/// every 30 ms; it preempts the spinner at once and is never preempted
+/// back, so each of its bursts makes the spinner wait 12 ms: the
+/// (8.4 ms, 16.8 ms] bucket. The kernel's per-task accounting counts the
 /// waits and their total.
 #[test]
 fn wait_histogram_puts_each_wait_in_the_bucket_of_its_length() {
@@ -142,7 +142,7 @@ fn check_histogram(tag: &str, args: &[&str]) {
     let cg = tree.cgroup("victim");
     let hog_cg = tree.cgroup("hog");
     let agent = Agent::start(&[args, &["--wait-histogram"]].concat());
-    let mut hog = hog_cg.spawn(None, &["--cpu", "0", "--fifo", "tick", "40000", "20000"]);
+    let mut hog = hog_cg.spawn(None, &["--cpu", "0", "--fifo", "tick", "30000", "12000"]);
     let mut victim = cg.spawn_piped(&["--cpu", "0", "spin", SECONDS]);
     let start = schedstat(&victim.line());
     let before = agent.scrape();
@@ -194,21 +194,21 @@ fn check_histogram(tag: &str, args: &[&str]) {
         low <= wait_s && wait_s <= high,
         "{wait_s} s waited, outside the buckets' [{low}, {high}] s"
     );
-    // The hog's bursts: 3 s / 40 ms, 75 of them, each a 20 ms wait.
-    let bursts = SECONDS.parse::<f64>().unwrap() / 0.040;
+    // The hog's bursts: 3 s / 30 ms, 100 of them, each a 12 ms wait.
+    let bursts = SECONDS.parse::<f64>().unwrap() / 0.030;
     assert!(
-        (bound(5)..=bound(6)).contains(&0.020),
-        "20 ms belongs in bucket 6"
+        (bound(5)..=bound(6)).contains(&0.012),
+        "12 ms belongs in bucket 6: {h1:?}"
     );
     assert!(
         counts[6] >= 0.8 * bursts && counts[6] <= 1.2 * bursts,
-        "{} waits in (8.4, 33.6] ms for {bursts} bursts of 20 ms: {counts:?}",
+        "{} waits in (8.4, 16.8] ms for {bursts} bursts of 12 ms: {counts:?}",
         counts[6]
     );
     // Nothing else on that CPU holds the victim that long.
     let long: f64 = counts[5..].iter().sum();
     assert!(
         counts[6] >= 0.9 * long,
-        "waits longer than 2.1 ms outside the hog's bucket: {counts:?}"
+        "waits longer than 4.2 ms outside the hog's bucket: {counts:?}"
     );
 }

@@ -52,13 +52,14 @@ pub struct CpuCounters {
 /// one open-ended.
 pub const WAIT_BUCKETS: usize = 8;
 
-/// Upper bound, in nanoseconds, of wait bucket `i` below the last: every
-/// other power of two from 2^13 ns (8.2 µs) to 2^25 ns (33.6 ms). Seven
-/// bounds cover what a wait on a healthy node takes (microseconds) up to
-/// several scheduler periods of starvation, in the eight buckets the issue
-/// allows; powers of two keep the bucketing a few compares in the kernel.
+/// Upper bound, in nanoseconds, of wait bucket `i` below the last: the
+/// powers of two from 2^18 ns (262 µs) to 2^24 ns (16.8 ms), a log2
+/// histogram. Eight buckets span only 2^7, so they sit where starvation
+/// shows: below a quarter millisecond a task barely waited (one bucket),
+/// a scheduler slice is a few ms, and beyond 16.8 ms (`+Inf`) it waited
+/// several slices of others.
 pub const fn wait_bucket_bound_ns(i: usize) -> u64 {
-    1 << (13 + 2 * i)
+    1 << (18 + i)
 }
 
 /// The bucket of a wait of `ns` nanoseconds: the first whose bound is at
@@ -126,8 +127,6 @@ pub struct Pending {
     pub wait_ns: u64,
     /// Waits ended.
     pub waits: u64,
-    /// Those waits by duration, when the histogram is on.
-    pub buckets: WaitHistogram,
 }
 
 /// What one CPU is running, and the CPU time not yet added to `PM_CPU`.
@@ -167,6 +166,11 @@ pub struct OnCpu {
     pub victim: u64,
     /// Counters not yet in `PM_CPU`.
     pub pending: [Pending; PENDING_SLOTS],
+    /// The waits of each `pending` slot by duration, not yet in
+    /// `PM_WAIT_HIST`, when the histogram is on. Apart from `pending`, so
+    /// that the slot search of every switch reads no more memory than
+    /// without the histogram.
+    pub buckets: [WaitHistogram; PENDING_SLOTS],
 }
 
 /// [`TreeEvent::kind`] of a `cgroup_mkdir`.
@@ -232,8 +236,10 @@ impl core::ops::AddAssign for NetCounters {
 
 const _: () = assert!(core::mem::size_of::<CpuCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 40);
-const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + 104 * PENDING_SLOTS);
+const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + (40 + 64) * PENDING_SLOTS);
 const _: () = assert!(core::mem::size_of::<WaitHistogram>() == 8 * WAIT_BUCKETS);
+// The programs bound indices by masking.
+const _: () = assert!(PENDING_SLOTS.is_power_of_two() && WAIT_BUCKETS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 
 #[cfg(feature = "user")]
@@ -253,9 +259,9 @@ mod tests {
     #[test]
     fn waits_fall_in_the_first_bucket_whose_bound_holds_them() {
         let bounds: Vec<u64> = (0..WAIT_BUCKETS - 1).map(wait_bucket_bound_ns).collect();
-        assert_eq!(bounds.first(), Some(&8_192));
-        assert_eq!(bounds.last(), Some(&33_554_432));
-        assert!(bounds.windows(2).all(|w| w[1] == 4 * w[0]));
+        assert_eq!(bounds.first(), Some(&262_144));
+        assert_eq!(bounds.last(), Some(&16_777_216));
+        assert!(bounds.windows(2).all(|w| w[1] == 2 * w[0]), "log2");
         assert_eq!(wait_bucket(0), 0);
         for (i, &b) in bounds.iter().enumerate() {
             assert_eq!(wait_bucket(b), i, "a wait of exactly the bound is `le` it");

@@ -684,7 +684,6 @@ const SWITCH_OFFSETS: [&str; 6] = [
     "KERNFS_NODE_ID_OFFSET",
 ];
 
-/// The members the switch and tick programs read for run-queue waits.
 /// Whether every one of `names` has a non-zero offset.
 fn offsets_known(offsets: &[(&'static str, u64)], names: &[&str]) -> bool {
     offsets
@@ -693,6 +692,7 @@ fn offsets_known(offsets: &[(&'static str, u64)], names: &[&str]) -> bool {
         .all(|(_, off)| *off != 0)
 }
 
+/// The members the switch and tick programs read for run-queue waits.
 const WAIT_OFFSETS: [&str; 2] = ["RUN_DELAY_OFFSET", "PCOUNT_OFFSET"];
 
 /// The members the TCP retransmit program reads.

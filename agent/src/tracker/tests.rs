@@ -120,6 +120,28 @@ fn join_asks_to_read_new_cgroups_and_departed_ones_lose_their_limit() {
 }
 
 #[test]
+fn an_unread_wait_histogram_is_none_and_a_missing_entry_zeros() {
+    let t0 = Instant::now();
+    let mut s = IndexState::new(mounts(), Duration::from_secs(90));
+    s.apply(&[created(1, "/a"), created(2, "/b")], t0);
+    s.refresh(&[1, 2], t0, true, |_| Read::default());
+    let idx = s.snapshot();
+    let namer = Namer::new(None, 0, Duration::ZERO);
+    let h = WaitHistogram {
+        counts: [1, 2, 3, 4, 5, 6, 7, 8],
+    };
+    let mut r = reading(&[1, 2]);
+    r.wait_hist = Ok(HashMap::from([(1, h)]));
+    let j = join(&idx, &r, &mut namer.session(&idx), t0);
+    assert_eq!(j.rows[0].wait_hist, Some(h));
+    assert_eq!(j.rows[1].wait_hist, Some(WaitHistogram::default()));
+    // A failed read: no histogram, rather than one fallen to zero.
+    r.wait_hist = Err("fake".into());
+    let j = join(&idx, &r, &mut namer.session(&idx), t0);
+    assert!(j.rows.iter().all(|row| row.wait_hist.is_none()));
+}
+
+#[test]
 fn state_counts_follow_the_reading_the_rows_come_from() {
     // The refresher deletes a retired cgroup's counters, then publishes the
     // index without it: a scrape may hold the older index with the newer

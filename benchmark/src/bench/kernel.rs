@@ -290,6 +290,15 @@ fn switch_with_histogram(b: &Bench, secs: u64) -> Result<Load> {
         .filter(|(id, p)| !before.contains(id) && p.name.starts_with("pm_"))
         .map(|(id, _)| id)
         .collect();
+    if ours.is_empty() {
+        bail!("no pm_* programs appeared when podmeter --wait-histogram started");
+    }
+    // Where the kernel counts no waits the flag is ignored (and logged):
+    // this would measure the switch without it.
+    let log = std::fs::read_to_string(b.scratch.join("podmeter-kernel-hist.log"))?;
+    if log.contains("--wait-histogram: kernel BTF has no sched_info") {
+        bail!("this kernel counts no run-queue waits: --wait-histogram is off");
+    }
     progress(&format!(
         "stress-ng --switch with --wait-histogram, BPF statistics on ({secs} s)"
     ));
