@@ -46,11 +46,11 @@
 //!
 //! With the wait histogram on (`WAIT_HISTOGRAM`, `--wait-histogram`), the
 //! wait billed at a switch also lands in its duration's bucket, beside the
-//! pending slot (`OnCpu::buckets`), and goes to `PM_WAIT_HIST` when the slot
-//! is flushed: one more map update per flush, none per switch. A slice ends at most one
-//! wait (its own start), so each wait is bucketed by its own length; the
-//! rare billing that ends several (counted across a move between CPUs) is
-//! bucketed by their average.
+//! pending slot (`OnCpu::buckets`), and goes to `PM_WAIT_HIST` when the
+//! slot is flushed: one more map update per flush, none per switch. A slice
+//! ends at most one wait (its own start), so each wait is bucketed by its
+//! own length; the rare billing that ends several (counted across a move
+//! between CPUs) is bucketed by their average.
 
 use aya_ebpf::{
     helpers::{

@@ -39,6 +39,8 @@ use crate::{
     cargo, image, root, setup, sh,
 };
 
+mod monitor;
+
 /// Debian cloud kernels by series: the suite that carries them.
 const KERNELS: [(&str, &str); 3] = [
     ("5.10", "bullseye-security"),
@@ -181,6 +183,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut failed = Vec::new();
     for s in series {
         let kernel = fetch_kernel(s, opts.arch)?;
+        let vm_dir = crate::cmd::target_dir().join("vm");
+        let freeze_log = vm_dir.join(format!("{}.freeze.log", kernel.release));
+        let _ = fs::remove_file(&freeze_log);
         let mut outcome =
             boot(&kernel, &payload, opts).with_context(|| format!("kernel {}", kernel.release))?;
         // The guest kernel itself crashing (seen on 6.12: int3 traps in
@@ -222,6 +227,18 @@ pub fn run(opts: &Options) -> Result<()> {
                 (a, b) => a.or(b),
             };
             again.secs += outcome.secs;
+            // A freeze's instruction pointers, named from the second boot's
+            // symbols (the same addresses: nokaslr).
+            if let (Ok(diagnosis), Ok(kallsyms)) = (
+                fs::read_to_string(&freeze_log),
+                fs::read_to_string(vm_dir.join(format!("{}.kallsyms", kernel.release))),
+            ) {
+                let named = monitor::named(&diagnosis, &kallsyms);
+                for l in &named {
+                    eprintln!("vm: {}: frozen: {l}", kernel.release);
+                }
+                fs::write(&freeze_log, format!("{}\n{diagnosis}", named.join("\n")))?;
+            }
             again.crashed_before = Some(oops);
             outcome = again;
         }
@@ -396,6 +413,9 @@ struct Payload {
     pm_work: PathBuf,
     /// `(file name, path)` of each test binary, in the order asked.
     tests: Vec<(String, PathBuf)>,
+    /// Print the kernel's text symbols first (`PM-SYM` lines): the boot
+    /// after a freeze, whose addresses are the frozen one's.
+    symbols: bool,
 }
 
 impl Payload {
@@ -411,6 +431,7 @@ impl Payload {
                 .filter(|(n, _)| !done.contains(&n.as_str()))
                 .cloned()
                 .collect(),
+            symbols: true,
         }
     }
 
@@ -464,6 +485,7 @@ impl Payload {
             podmeter: release.join("podmeter"),
             pm_work: release.join("pm-work"),
             tests: ordered,
+            symbols: false,
         })
     }
 }
@@ -526,6 +548,15 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             .join(", "),
         log_path.display()
     );
+    // qemu's monitor, for the registers of a guest that freezes; in the
+    // temporary directory, as a socket path must be short.
+    let monitor = std::env::temp_dir().join(format!(
+        "podmeter-vm-{}-{}.monitor",
+        std::process::id(),
+        kernel.release
+    ));
+    let _ = fs::remove_file(&monitor);
+    let freeze_log = work.join(format!("{}.freeze.log", kernel.release));
     let started = Instant::now();
     let (qemu, machine, cpu, console) = match kernel.arch {
         Arch::Amd64 => ("qemu-system-x86_64", "q35", "max", "ttyS0"),
@@ -546,7 +577,14 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", &format!("console={console} panic=-1 quiet")])
+        // nokaslr: a later boot's /proc/kallsyms names a frozen guest's
+        // instruction pointers.
+        .args([
+            "-append",
+            &format!("console={console} panic=-1 quiet nokaslr"),
+        ])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -568,6 +606,8 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let pid = child.id();
     let watchdog = {
         let (last_line, froze) = (last_line.clone(), froze.clone());
+        let (monitor, freeze_log) = (monitor.clone(), freeze_log.clone());
+        let release = kernel.release.clone();
         std::thread::spawn(move || {
             while start.elapsed() < deadline {
                 std::thread::sleep(Duration::from_secs(1));
@@ -578,6 +618,13 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                     start.elapsed() - Duration::from_millis(last_line.load(Ordering::Relaxed));
                 if quiet > silence {
                     froze.store(true, Ordering::Relaxed);
+                    let diagnosis = monitor::diagnose(&monitor);
+                    for line in diagnosis.lines().take_while(|l| !l.is_empty()) {
+                        eprintln!("vm: {release}: frozen: {line}");
+                    }
+                    if let Err(e) = fs::write(&freeze_log, diagnosis) {
+                        eprintln!("vm: {release}: writing {}: {e}", freeze_log.display());
+                    }
                     break;
                 }
             }
@@ -594,9 +641,15 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let mut oops: Option<String> = None;
     let mut guest_crash = None;
     let mut hung = Vec::new();
+    let mut kallsyms = String::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         last_line.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if let Some(sym) = line.trim().strip_prefix("PM-SYM ") {
+            kallsyms.push_str(sym);
+            kallsyms.push('\n');
+            continue;
+        }
         writeln!(log, "{line}")?;
         let clean = line.trim();
         // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`
@@ -665,6 +718,10 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     }
     let status = child.wait()?;
     let _ = watchdog.join();
+    let _ = fs::remove_file(&monitor);
+    if !kallsyms.is_empty() {
+        fs::write(work.join(format!("{}.kallsyms", kernel.release)), &kallsyms)?;
+    }
     if froze.load(Ordering::Relaxed) && guest_crash.is_none() {
         let when = match (&current, files.last()) {
             (Some((name, _, _)), _) => format!("during {name}"),
@@ -672,8 +729,10 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             (None, None) => "before the first file".to_owned(),
         };
         guest_crash = Some(format!(
-            "the guest froze: no console output for {} s {when}, its own watchdog silent too, qemu killed",
-            silence.as_secs()
+            "the guest froze: no console output for {} s {when}, its own watchdog silent too, qemu \
+             killed (its vCPUs' registers: {})",
+            silence.as_secs(),
+            freeze_log.display()
         ));
     }
     let secs = started.elapsed().as_secs_f64();
@@ -842,6 +901,11 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
     let filter = opts.filter.clone().unwrap_or_default();
     let mut init = String::from(INIT_HEAD);
     let _ = writeln!(init, "PM_FILE_TIMEOUT={}", opts.file_timeout_seconds);
+    if payload.symbols {
+        init.push_str(
+            "awk '$2 ~ /^[tT]$/ { print \"PM-SYM \" $1 \" \" $2 \" \" $3 }' /proc/kallsyms\n",
+        );
+    }
     for (name, _) in &payload.tests {
         let _ = writeln!(
             init,

@@ -838,8 +838,9 @@ where
 }
 
 impl Maps {
-    /// Every entry of counter map `which` (0 cpu, 1 net, 2 wait histogram), summed over CPUs:
-    /// in batches where the kernel can, else one entry at a time.
+    /// Every entry of counter map `which` (0 cpu, 1 net, 2 wait
+    /// histogram), summed over CPUs: in batches where the kernel can, else
+    /// one entry at a time.
     fn totals<V>(
         &self,
         map: &PerCpuHashMap<MapData, u64, V>,
