@@ -797,11 +797,15 @@ mod tests {
             let snap = self.1;
             let mut out = Vec::new();
             let labels: Vec<_> = snap.rows.iter().map(|r| self.labels(r)).collect();
-            for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
+            // Samples of `metric` for every row that has one, in a pod and
+            // a host family.
+            let mut push = |suffix: &str,
+                            help: &str,
+                            kind: MetricType,
+                            metric: &dyn Fn(&Row, &Vec<LabelPair>) -> Option<Metric>| {
                 let (mut pods, mut hosts) = (Vec::new(), Vec::new());
                 for (row, labels) in snap.rows.iter().zip(&labels) {
-                    let Some(v) = (spec.value)(row) else { continue };
-                    let m = sample(labels.clone(), spec.kind, v);
+                    let Some(m) = metric(row, labels) else { continue };
                     match row.cgroup.identity {
                         Identity::Pod(_) => pods.push(m),
                         Identity::Host => hosts.push(m),
@@ -809,21 +813,18 @@ mod tests {
                 }
                 for (prefix, metrics) in [(CONTAINER_PREFIX, pods), (CGROUP_PREFIX, hosts)] {
                     if !metrics.is_empty() {
-                        out.push(family(
-                            format!("{prefix}{}", spec.suffix),
-                            spec.help,
-                            spec.kind,
-                            metrics,
-                        ));
+                        out.push(family(format!("{prefix}{suffix}"), help, kind, metrics));
                     }
                 }
+            };
+            for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
+                push(spec.suffix, spec.help, spec.kind, &|row, labels| {
+                    Some(sample(labels.clone(), spec.kind, (spec.value)(row)?))
+                });
             }
             if snap.signals.wait_histogram {
-                let (mut pods, mut hosts) = (Vec::new(), Vec::new());
-                for (row, labels) in snap.rows.iter().zip(&labels) {
-                    let Some((buckets, sum)) = wait_buckets(row) else {
-                        continue;
-                    };
+                push(WAIT_HIST.0, WAIT_HIST.1, MetricType::HISTOGRAM, &|row, labels| {
+                    let (buckets, sum) = wait_buckets(row)?;
                     let mut h = prometheus::proto::Histogram::default();
                     h.set_sample_count(buckets[WAIT_BUCKETS - 1].1);
                     h.set_sample_sum(sum);
@@ -842,21 +843,8 @@ mod tests {
                     );
                     let mut m = Metric::from_label(labels.clone());
                     m.set_histogram(h);
-                    match row.cgroup.identity {
-                        Identity::Pod(_) => pods.push(m),
-                        Identity::Host => hosts.push(m),
-                    }
-                }
-                for (prefix, metrics) in [(CONTAINER_PREFIX, pods), (CGROUP_PREFIX, hosts)] {
-                    if !metrics.is_empty() {
-                        out.push(family(
-                            format!("{prefix}{}", WAIT_HIST.0),
-                            WAIT_HIST.1,
-                            MetricType::HISTOGRAM,
-                            metrics,
-                        ));
-                    }
-                }
+                    Some(m)
+                });
             }
             out.extend(self.0.self_families(snap));
             out.push(self.0.node_cpus(2));
