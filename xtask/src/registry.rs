@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::{
-    cmd::{output, target_dir},
+    cmd::{dies_with_xtask, output, target_dir},
     image,
     release::Target,
     tools,
@@ -65,7 +65,7 @@ impl LocalRegistry {
             ),
         )?;
         let log = fs::File::create(dir.join("registry.log"))?;
-        let child = Command::new(tools::REGISTRY.bin("registry"))
+        let child = dies_with_xtask(&mut Command::new(tools::REGISTRY.bin("registry")))
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())

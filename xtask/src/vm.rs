@@ -569,7 +569,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             "ttyAMA0",
         ),
     };
-    let mut child = Command::new(qemu)
+    let mut child = crate::cmd::dies_with_xtask(&mut Command::new(qemu))
         .args(["-machine", machine, "-cpu", cpu, "-nographic", "-no-reboot"])
         .args(["-m", &opts.memory_mib.to_string()])
         .args(["-smp", &opts.cpus.to_string()])
