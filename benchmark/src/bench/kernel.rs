@@ -177,16 +177,8 @@ pub fn run(b: &Bench) -> Result<Kernel> {
             b.plan.switch_compare_secs
         ));
         without.push(stress_switch(b, b.plan.switch_compare_secs)?);
-        let before: HashSet<u64> = programs()?.into_keys().collect();
-        let a = Agent::start(b, "kernel")?;
-        ours = programs()?
-            .into_iter()
-            .filter(|(id, p)| !before.contains(id) && p.name.starts_with("pm_"))
-            .map(|(id, _)| id)
-            .collect();
-        if ours.is_empty() {
-            bail!("no pm_* programs appeared when podmeter started");
-        }
+        let a;
+        (a, ours) = started(|| Agent::start(b, "kernel"))?;
         progress(&format!(
             "context-switch throughput with the agent, statistics off ({} s, round {round} of 2)",
             b.plan.switch_compare_secs
@@ -280,19 +272,25 @@ pub fn run(b: &Bench) -> Result<Kernel> {
     })
 }
 
-/// The context-switch storm with BPF statistics on, under an agent run
-/// with `--wait-histogram`: what bucketing each wait adds to the switch.
-fn switch_with_histogram(b: &Bench, secs: u64) -> Result<Load> {
+/// An agent from `start`, and the `pm_*` programs that appeared with it.
+fn started(start: impl FnOnce() -> Result<Agent>) -> Result<(Agent, Vec<u64>)> {
     let before: HashSet<u64> = programs()?.into_keys().collect();
-    let agent = Agent::start_with(b, "kernel-hist", &["--wait-histogram"])?;
+    let agent = start()?;
     let ours: Vec<u64> = programs()?
         .into_iter()
         .filter(|(id, p)| !before.contains(id) && p.name.starts_with("pm_"))
         .map(|(id, _)| id)
         .collect();
     if ours.is_empty() {
-        bail!("no pm_* programs appeared when podmeter --wait-histogram started");
+        bail!("no pm_* programs appeared when podmeter started");
     }
+    Ok((agent, ours))
+}
+
+/// The context-switch storm with BPF statistics on, under an agent run
+/// with `--wait-histogram`: what bucketing each wait adds to the switch.
+fn switch_with_histogram(b: &Bench, secs: u64) -> Result<Load> {
+    let (agent, ours) = started(|| Agent::start_with(b, "kernel-hist", &["--wait-histogram"]))?;
     // Where the kernel counts no waits the flag is ignored (and logged):
     // this would measure the switch without it.
     let log = std::fs::read_to_string(b.scratch.join("podmeter-kernel-hist.log"))?;
