@@ -148,32 +148,61 @@ impl Index {
     }
 
     /// Reads the throttling counters of every live counted cgroup with a
-    /// CPU limit; also how many reads failed (not for being gone) and the
-    /// last such error.
-    pub fn throttling(&self) -> (HashMap<u64, Throttling>, usize, Option<String>) {
-        let mut out = HashMap::new();
-        let (mut failed, mut last) = (0, None);
-        for (id, s) in &self.stats {
-            if !matches!(s.limit, Some(cpu::Limit::Cores(_))) {
-                continue;
+    /// CPU limit, shared among up to `threads` threads: a thousand limited
+    /// containers are a thousand cgroupfs reads, the longest part of a
+    /// scrape. Also how many reads failed (not for being gone) and the last
+    /// such error.
+    pub fn throttling(&self, threads: usize) -> (HashMap<u64, Throttling>, usize, Option<String>) {
+        let limited: Vec<(u64, &cpu::Files)> = self
+            .stats
+            .iter()
+            .filter(|(_, s)| matches!(s.limit, Some(cpu::Limit::Cores(_))))
+            .filter_map(|(id, _)| Some((*id, self.live.get(id)?.files.cpu.as_ref()?)))
+            .collect();
+        // A thread for fewer reads than this costs more than it saves.
+        const PER_THREAD: usize = 128;
+        let per = limited.len().div_ceil(threads.max(1)).max(PER_THREAD);
+        let mut chunks = limited.chunks(per);
+        let first = chunks.next().unwrap_or_default();
+        std::thread::scope(|s| {
+            let others: Vec<_> = chunks
+                .map(|c| (c, std::thread::Builder::new().spawn_scoped(s, move || read_throttling(c))))
+                .collect();
+            let mut all = read_throttling(first);
+            for (chunk, handle) in others {
+                let (t, failed, last) = match handle {
+                    // A panic goes on to the scrape, which reports it.
+                    Ok(h) => h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                    // Where no thread can be made (a pids limit), read here.
+                    Err(_) => read_throttling(chunk),
+                };
+                all.0.extend(t);
+                all.1 += failed;
+                all.2 = last.or(all.2);
             }
-            let Some(files) = self.live.get(id).and_then(|c| c.files.cpu.as_ref()) else {
-                continue;
-            };
-            match files.throttling() {
-                Ok(Some(t)) => {
-                    out.insert(*id, t);
-                }
-                Ok(None) => {}
-                Err(e) if is_gone(&e) => {}
-                Err(e) => {
-                    failed += 1;
-                    last = Some(e.to_string());
-                }
+            all
+        })
+    }
+}
+
+/// [`Index::throttling`] of some cgroups, on this thread.
+fn read_throttling(cgroups: &[(u64, &cpu::Files)]) -> (HashMap<u64, Throttling>, usize, Option<String>) {
+    let mut out = HashMap::with_capacity(cgroups.len());
+    let (mut failed, mut last) = (0, None);
+    for (id, files) in cgroups {
+        match files.throttling() {
+            Ok(Some(t)) => {
+                out.insert(*id, t);
+            }
+            Ok(None) => {}
+            Err(e) if is_gone(&e) => {}
+            Err(e) => {
+                failed += 1;
+                last = Some(e.to_string());
             }
         }
-        (out, failed, last)
     }
+    (out, failed, last)
 }
 
 /// What one change to the index did, for logs.

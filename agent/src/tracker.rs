@@ -270,14 +270,15 @@ impl Tracker {
         // a third of a scrape at a thousand limited containers: they are
         // read beside the maps, so a scrape takes the longer of the two
         // rather than both.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (throttling, reading) = std::thread::scope(|s| {
             // Where no thread can be made (a pids limit), read in turn.
-            match std::thread::Builder::new().spawn_scoped(s, || index.throttling()) {
+            match std::thread::Builder::new().spawn_scoped(s, || index.throttling(cores)) {
                 Ok(reader) => {
                     let reading = self.counters.read();
                     (reader.join(), reading)
                 }
-                Err(_) => (Ok(index.throttling()), self.counters.read()),
+                Err(_) => (Ok(index.throttling(1)), self.counters.read()),
             }
         });
         let now = Instant::now();

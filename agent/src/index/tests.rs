@@ -304,3 +304,58 @@ fn read_stats_reads_every_file_and_each_group_fails_alone() {
     assert_eq!((r.stats.memory_limit, r.stats.oom_kills), (None, None));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
+    let root = std::env::temp_dir().join(format!("podmeter-index-{}-thr", std::process::id()));
+    let mounts = Mounts {
+        unified: root.clone(),
+        memory_v1: None,
+        cpu_v1: None,
+        unified_shows: Some("/".into()),
+        psi: false,
+    };
+    let mut index = Index::default();
+    // 600 limited cgroups (more than one thread's share); every 100th has
+    // a cpu.stat that cannot be read (a directory: a failure), every 50th
+    // none (gone: not a failure); one more is not limited.
+    for i in 0..601u64 {
+        let dir = root.join(format!("c{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if i % 100 == 7 {
+            std::fs::create_dir(dir.join("cpu.stat")).unwrap();
+        } else if i % 50 != 3 {
+            let stat = format!(
+                "usage_usec 9\nnr_periods {i}\nnr_throttled {}\nthrottled_usec {}\n",
+                i / 2,
+                i * 10
+            );
+            std::fs::write(dir.join("cpu.stat"), stat).unwrap();
+        }
+        let path = format!("/c{i}");
+        let cgroup = Cgroup {
+            files: CgroupFiles::new(&mounts, &path),
+            path,
+            identity: Identity::Host,
+            first_seen: Instant::now(),
+        };
+        index.live.insert(i, Arc::new(cgroup));
+        let limit = (i != 600).then_some(cpu::Limit::Cores(0.5));
+        index.stats.insert(i, Stats { limit, ..Stats::default() });
+    }
+
+    let (one, failed, last) = index.throttling(1);
+    assert_eq!(failed, 6, "{last:?}");
+    assert_eq!(one.len(), 600 - 6 - 12);
+    assert_eq!(one[&42].periods, 42);
+    assert_eq!(one[&42].throttled_periods, 21);
+    assert!((one[&42].throttled_seconds - 0.00042).abs() < 1e-12);
+    assert!(!one.contains_key(&600), "not limited, not read");
+    for threads in [2, 3, 16] {
+        let (many, failed, last) = index.throttling(threads);
+        assert_eq!(many, one, "on {threads} threads");
+        assert_eq!(failed, 6);
+        assert!(last.is_some());
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
