@@ -45,6 +45,8 @@ pub struct App {
     pub tracker: Arc<Tracker>,
     /// A cgroup scan older than this makes `/readyz` fail.
     pub max_scan_age: Duration,
+    /// gzip for `/metrics`, with the last scrape's compressed families.
+    pub gzip: Arc<crate::gzip::Gzip>,
 }
 
 /// Bounds on what clients can make the server hold.
@@ -666,14 +668,18 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
         .any(accepts_gzip);
     // Map reads are syscalls, and compression is CPU work: keep both off
     // the async workers.
-    let exporter = app.exporter.clone();
+    let (exporter, compressor) = (app.exporter.clone(), app.gzip.clone());
     let body = tokio::task::spawn_blocking(move || {
-        let text = exporter.render();
-        if gzip { compress(&text).map(Some) } else { Ok(None) }.map(|z| (text, z))
+        let families = exporter.render();
+        if gzip {
+            compressor.compress(&families).map(Body::Gzip)
+        } else {
+            Ok(Body::Text(families.concat()))
+        }
     })
     .await;
     match body {
-        Ok(Ok((_, Some(zipped)))) => (
+        Ok(Ok(Body::Gzip(zipped))) => (
             StatusCode::OK,
             [
                 (header::CONTENT_TYPE, prometheus::TEXT_FORMAT),
@@ -683,7 +689,7 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
             zipped,
         )
             .into_response(),
-        Ok(Ok((text, None))) => (
+        Ok(Ok(Body::Text(text))) => (
             StatusCode::OK,
             [
                 (header::CONTENT_TYPE, prometheus::TEXT_FORMAT),
@@ -707,6 +713,12 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
     }
 }
 
+/// A `/metrics` body, as the scraper asked for it.
+enum Body {
+    Gzip(Vec<u8>),
+    Text(String),
+}
+
 /// Whether an `Accept-Encoding` value accepts gzip (RFC 9110 12.5.3):
 /// `gzip` or `x-gzip`, or else `*`, with a non-zero quality. Prometheus
 /// sends `gzip`.
@@ -726,19 +738,6 @@ fn accepts_gzip(value: &str) -> bool {
         }
     }
     star
-}
-
-/// The exposition, gzipped at level 1: the text's label blocks repeat, so
-/// the fastest level already takes most of the size off (see the bench's
-/// gzip figures), at a fraction of the default level's CPU.
-fn compress(text: &str) -> io::Result<Vec<u8>> {
-    use std::io::Write as _;
-    let mut z = flate2::write::GzEncoder::new(
-        Vec::with_capacity(text.len() / 8),
-        flate2::Compression::fast(),
-    );
-    z.write_all(text.as_bytes())?;
-    z.finish()
 }
 
 async fn healthz(State(app): State<App>) -> impl IntoResponse {
@@ -786,18 +785,6 @@ mod tests {
         assert!(!accepts_gzip("gzip; q=0.0, *"));
         assert!(!accepts_gzip("*;q=0"));
         assert!(!accepts_gzip("gzipx"));
-    }
-
-    #[test]
-    fn compressed_exposition_inflates_to_the_text() {
-        let text = "podmeter_container_cpu_usage_seconds_total{pod=\"a\"} 1\n".repeat(1000);
-        let z = compress(&text).unwrap();
-        assert!(z.len() * 20 < text.len(), "{} of {} bytes", z.len(), text.len());
-        let mut back = String::new();
-        flate2::read::GzDecoder::new(&z[..])
-            .read_to_string(&mut back)
-            .unwrap();
-        assert_eq!(back, text);
     }
 
     #[test]

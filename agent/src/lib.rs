@@ -19,6 +19,6 @@ macro_rules! agent_modules {
 }
 
 agent_modules!(
-    access, bpf, counters, health, http, index, kube, metrics, namer, node, preflight, privileges,
-    probe, refresher, tracker, web,
+    access, bpf, counters, gzip, health, http, index, kube, metrics, namer, node, preflight,
+    privileges, probe, refresher, tracker, web,
 );

@@ -606,6 +606,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             exporter,
             tracker,
             max_scan_age: (cli.refresh_interval * 3).max(Duration::from_secs(30)),
+            gzip: Default::default(),
         };
         http::serve(listener, app, guard, shutdown_signal()).await?;
         // Asked here, while the runtime runs; the pins go after the

@@ -435,16 +435,48 @@ fn push_escaped(out: &mut String, v: &str, quote: bool) {
     }
 }
 
-/// A sample value as `TextEncoder` writes it (`f64`'s `Display`).
+/// A sample value in the text format, faster than `f64`'s `Display`
+/// (which `TextEncoder` uses): formatting took a third of the text's
+/// rendering at a thousand pods. Whole numbers below 2^53 (counts, bytes)
+/// are their integer digits, as `Display` writes them. Other values take
+/// `ryu`'s digits, the shortest that read back, as `Display`'s are; where
+/// two such strings are equally near (an exact tie, rare: `…641.3125` as
+/// `.312` or `.313`) the two may pick differently, but either reads back
+/// as the same `f64`.
 fn push_value(out: &mut String, v: f64) {
+    const EXACT_INTEGERS: f64 = 9_007_199_254_740_992.0; // 2^53
+    if v.fract() == 0.0 && v.abs() < EXACT_INTEGERS {
+        if v == 0.0 && v.is_sign_negative() {
+            out.push_str("-0");
+        } else {
+            out.push_str(itoa::Buffer::new().format(v as i64));
+        }
+        return;
+    }
+    // Whole numbers above 2^53: ryu would add `.0`.
+    if v.is_finite() && v.fract() != 0.0 {
+        let mut b = ryu::Buffer::new();
+        let s = b.format_finite(v);
+        // ryu writes very small and very large values with an exponent;
+        // Display never does.
+        if !s.contains('e') {
+            out.push_str(s);
+            return;
+        }
+    }
     use std::fmt::Write as _;
     let _ = write!(out, "{v}");
 }
 
-/// One cgroup's labels, ready to write: the values (the sort key) and the
-/// rendered `{k="v",...}`.
+/// One cgroup's labels, ready to write: the sort key and the rendered
+/// `{k="v",...}`.
 struct Labelled<'a> {
-    values: Vec<&'a str>,
+    /// The values in label order, each ended by a NUL: byte order on it is
+    /// the order of the values themselves (NUL sorts before any byte a
+    /// value holds: names, uids and paths have none), at one `memcmp` per
+    /// comparison instead of one per label. Sorting 1000 pods by their
+    /// values took a quarter of a plain scrape's CPU.
+    key: String,
     text: String,
     row: &'a Row,
 }
@@ -483,7 +515,10 @@ impl Cgroups {
     fn labelled<'a>(&'a self, row: &'a Row, names: &[&str]) -> Labelled<'a> {
         let values = self.label_values(row);
         let mut text = String::with_capacity(256);
+        let mut key = String::with_capacity(160);
         for (i, (name, value)) in names.iter().zip(&values).enumerate() {
+            key.push_str(value);
+            key.push('\0');
             text.push_str(if i == 0 { "{" } else { "," });
             text.push_str(name);
             text.push_str("=\"");
@@ -491,7 +526,7 @@ impl Cgroups {
             text.push('"');
         }
         text.push('}');
-        Labelled { values, text, row }
+        Labelled { key, text, row }
     }
 
     /// The per-cgroup families as exposition text, `(name, text)` each,
@@ -510,8 +545,8 @@ impl Cgroups {
             }
         }
         // Registry::gather's order: by label values, in label order.
-        pods.sort_by(|a, b| a.values.cmp(&b.values));
-        hosts.sort_by(|a, b| a.values.cmp(&b.values));
+        pods.sort_by(|a, b| a.key.cmp(&b.key));
+        hosts.sort_by(|a, b| a.key.cmp(&b.key));
 
         let mut out = Vec::with_capacity(2 * SPECS.len());
         for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
@@ -696,10 +731,14 @@ impl Exporter {
     /// fails leaves its families out and says so in
     /// `podmeter_scrape_collector_success` (and the log), as node-exporter
     /// does: the rest still goes out.
-    pub fn render(&self) -> String {
+    ///
+    /// The families' texts come apart, in name order (their concatenation
+    /// is the body), so that gzip can reuse what it compressed for a family
+    /// that has not changed since the last scrape ([`crate::gzip`]).
+    pub fn render(&self) -> Vec<String> {
         let timer = self.scrape_duration.start_timer();
         let snap = self.tracker.snapshot();
-        let out = render(
+        let out = families(
             &self.cgroups,
             &snap,
             node::online_cpus(),
@@ -711,13 +750,13 @@ impl Exporter {
 }
 
 /// The whole exposition: per-cgroup text and the small families (encoded
-/// by `prometheus`), merged in family name order.
-fn render(
+/// by `prometheus`), each family's text apart, in family name order.
+fn families(
     cgroups: &Cgroups,
     snap: &Snapshot,
     cpus: Option<usize>,
     mut small: Vec<MetricFamily>,
-) -> String {
+) -> Vec<String> {
     let mut parts = cgroups.cgroup_text(snap);
     small.extend(cgroups.self_families(snap));
     if let Some(cpus) = cpus {
@@ -733,11 +772,7 @@ fn render(
         parts.push((mf.name().to_owned(), text));
     }
     parts.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out = String::with_capacity(parts.iter().map(|p| p.1.len()).sum());
-    for (_, text) in &parts {
-        out.push_str(text);
-    }
-    out
+    parts.into_iter().map(|(_, text)| text).collect()
 }
 
 #[cfg(test)]
@@ -755,6 +790,66 @@ mod tests {
         },
         index::Cgroup,
     };
+
+    #[test]
+    fn values_are_written_as_display_writes_them_but_for_ties() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut values = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.1,
+            0.005029595,
+            1e15,
+            1e15 - 1.0,
+            1e16,
+            123456789012345678.0,
+            1e-7,
+            1.5e-300,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        for _ in 0..200_000 {
+            let r = next();
+            // Seconds from nanoseconds and microseconds (most samples),
+            // counts, and any finite bit pattern.
+            values.push((r % 10u64.pow(15)) as f64 / 1e9);
+            values.push((r % 10u64.pow(12)) as f64 / 1e6);
+            values.push((r >> 20) as f64);
+            let any = f64::from_bits(r);
+            if any.is_finite() {
+                values.push(any);
+            }
+        }
+        let mut ties = 0;
+        for v in &values {
+            let mut got = String::new();
+            push_value(&mut got, *v);
+            let display = format!("{v}");
+            if got == display {
+                continue;
+            }
+            // Only a tie may differ: as short, and the same value read back.
+            let back: f64 = got.parse().unwrap();
+            assert_eq!(back.to_bits(), v.to_bits(), "{got} for {v:e}");
+            assert_eq!(got.len(), display.len(), "{got} vs {display}");
+            assert_eq!(got[..got.len() - 1], display[..display.len() - 1]);
+            ties += 1;
+        }
+        // A tie needs a value whose exact binary expansion is one digit
+        // longer than its shortest form: rare among the random values.
+        assert!(ties * 10_000 < values.len(), "{ties} ties in {}", values.len());
+    }
 
     /// The encoding podmeter used before writing text directly: a
     /// `MetricFamily` per family, gathered and encoded by `prometheus`.
@@ -1034,7 +1129,7 @@ mod tests {
         others.register(Box::new(h)).unwrap();
 
         let want = reference(&cgroups, &snap, &others);
-        let got = render(&cgroups, &snap, Some(2), others.gather());
+        let got = families(&cgroups, &snap, Some(2), others.gather()).concat();
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
         assert!(want.contains("podmeter_container_oom_kills_total{"));
@@ -1085,7 +1180,7 @@ mod tests {
             collectors: snap.collectors.clone(),
             ..snap
         };
-        let got = render(&cgroups, &blind, Some(2), others.gather());
+        let got = families(&cgroups, &blind, Some(2), others.gather()).concat();
         assert_eq!(got, reference(&cgroups, &blind, &others));
         assert!(!got.contains("_cpu_wait_seconds_total"), "{got}");
         assert!(!got.contains("_cpu_waits_total"), "{got}");
@@ -1100,7 +1195,7 @@ mod tests {
             ..blind
         };
         let want = reference(&cgroups, &no_kube, &others);
-        let got = render(&cgroups, &no_kube, Some(2), others.gather());
+        let got = families(&cgroups, &no_kube, Some(2), others.gather()).concat();
         assert_eq!(got, want);
     }
 }

@@ -180,3 +180,88 @@ fn prometheus_rate_of_cpu_matches_the_kernel() {
     // The target is up and scraped through the real scrape loop.
     assert_eq!(prom.query("up{job=\"podmeter\"}", unix_now()), Some(1.0));
 }
+
+/// Pods in [`prometheus_reads_a_large_gzipped_exposition`]: enough for
+/// an exposition (over 512 KiB) that podmeter compresses in pieces, on
+/// several threads.
+const MANY: usize = 600;
+
+/// The uid of that test's pod `i`.
+fn uid(i: usize) -> String {
+    format!("0b000000-0000-4000-8000-{i:012x}")
+}
+
+#[test]
+fn prometheus_reads_a_large_gzipped_exposition() {
+    let tree = TestTree::new("gzip");
+    let cgs: Vec<_> = (0..MANY)
+        .map(|i| tree.cgroup(&format!("kubepods/burstable/pod{}/{:064x}", uid(i), i + 1)))
+        .collect();
+    let agent = Agent::start(&[]);
+    // A short task in each, so that each has counters and series.
+    for cg in &cgs {
+        cg.spawn(None, &["alloc", "1"]).wait();
+    }
+    let _burner = cgs[0].spawn(None, &["burn"]);
+    let ours = |s: &podmeter_test_support::Scrape| {
+        s.find("podmeter_container_cpu_usage_seconds_total", &[])
+            .iter()
+            .filter(|(l, _)| l["pod_uid"].starts_with("0b000000-"))
+            .count()
+    };
+    let plain = agent.scrape_until(Duration::from_secs(30), "every test pod", |s| {
+        ours(s) == MANY
+    });
+    assert!(
+        plain.text.len() > 512 * 1024,
+        "{} bytes: too small to be compressed in pieces",
+        plain.text.len()
+    );
+
+    // Twice with gzip, decoded by curl (zlib): the second scrape reuses the
+    // pieces of families that did not change.
+    for _ in 0..2 {
+        let (code, body) =
+            podmeter_test_support::curl(&agent.url("http", "/metrics"), &["--compressed"])
+                .expect("a gzipped scrape curl can read");
+        assert_eq!(code, 200);
+        let s = podmeter_test_support::Scrape::parse(&body);
+        assert_eq!(ours(&s), MANY);
+        assert_eq!(s.samples.len(), plain.samples.len());
+    }
+
+    // Prometheus (Go's gzip reader) scrapes every second.
+    let prom = Prometheus::start(agent.port);
+    let count = "count(podmeter_container_cpu_usage_seconds_total{pod_uid=~\"0b000000-.*\"})";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prom.query(count, unix_now()) != Some(MANY as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw {MANY} pods"
+        );
+        sleep(Duration::from_millis(500));
+    }
+    // The burner's families change at every scrape, and its value with them.
+    sleep(Duration::from_secs(5));
+    let rate = format!(
+        "rate(podmeter_container_cpu_usage_seconds_total{{pod_uid=\"{}\"}}[4s])",
+        uid(0)
+    );
+    let burning = prom
+        .query(&rate, unix_now())
+        .expect("a rate for the burner");
+    assert!(burning > 0.3, "the burner's rate: {burning} CPU/s");
+    // Every scrape was read: none failed, none short.
+    assert_eq!(
+        prom.query("min_over_time(up{job=\"podmeter\"}[10s])", unix_now()),
+        Some(1.0)
+    );
+    let samples = prom
+        .query("scrape_samples_scraped{job=\"podmeter\"}", unix_now())
+        .expect("scrape_samples_scraped");
+    assert!(
+        samples >= plain.samples.len() as f64,
+        "{samples} samples in a scrape, {} in the plain one",
+        plain.samples.len()
+    );
+}

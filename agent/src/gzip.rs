@@ -1,0 +1,417 @@
+//! gzip for `/metrics`: the families that did not change since the last
+//! scrape are not compressed again, and the rest are compressed on several
+//! cores at once.
+//!
+//! At a thousand pods the exposition is about 4 MB, and gzip at its fastest
+//! level takes ~15 ms of one core for it: more than the scrape's reading
+//! and rendering together. But many families repeat themselves from one
+//! scrape to the next (limits, OOM kills, throttling of containers that
+//! are never throttled, the pressure of idle ones), and the rest split
+//! into independent pieces.
+//!
+//! So the body is made of pieces, each a family (or a run of small ones)
+//! deflated on its own, joined into one gzip member (RFC 1952) as pigz
+//! does: every piece ends with a sync flush (an empty stored block, which
+//! leaves the stream byte-aligned and not final), so the raw deflate
+//! streams follow one another, and no piece refers back into another. An
+//! empty final block ends the stream. A piece whose text hashes (128-bit
+//! xxh3) as one of the last scrape's pieces is that piece's bytes again.
+//!
+//! The framing is written by hand, so it is fenced off here, and checked by
+//! decoding with two independent inflaters (flate2's `GzDecoder`, which
+//! checks the CRC and the length, and gzip(1)).
+
+use std::{collections::HashMap, io, sync::Mutex};
+
+use flate2::{Compress, Compression, FlushCompress};
+use xxhash_rust::xxh3::Xxh3;
+
+/// A family smaller than this shares its piece with its neighbours: every
+/// piece costs a compressor reset and a few bytes of flush.
+const MIN_PIECE: usize = 16 * 1024;
+
+/// Below this many bytes to deflate, one thread does it all: a thread's
+/// start costs more than it would save.
+const SPLIT_FROM: usize = 256 * 1024;
+
+/// At most this many threads, however many cores: the scrape is not the
+/// node's main work.
+const MAX_THREADS: usize = 4;
+
+/// A final, empty block with fixed codes: BFINAL 1, BTYPE 01, then the
+/// end-of-block code (seven zero bits), padded to the byte.
+const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
+
+/// The gzip header: ID1 ID2, CM = deflate, no flags, no mtime, XFL 0, OS
+/// unknown (255), as flate2's GzBuilder writes it.
+const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+
+/// One piece, deflated and sync-flushed, with the CRC of its text.
+struct Piece {
+    deflated: Vec<u8>,
+    crc: crc32fast::Hasher,
+}
+
+/// What one [`Gzip::compress`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Made {
+    /// Pieces in the body.
+    pub pieces: usize,
+    /// Of them, taken from the last scrape.
+    pub reused: usize,
+    /// Threads that deflated, the caller's included.
+    pub threads: usize,
+}
+
+/// The compressor, with the pieces of the last scrape.
+pub struct Gzip {
+    /// Taken out by a scrape and put back with that scrape's pieces: a
+    /// scrape that finds it taken (another one at the same moment)
+    /// deflates everything, and its pieces are not kept.
+    last: Mutex<Option<HashMap<u128, Piece>>>,
+    threads: usize,
+}
+
+impl Default for Gzip {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_threads(cores)
+    }
+}
+
+impl Gzip {
+    /// A compressor that uses up to `threads` threads (capped at
+    /// [`MAX_THREADS`]).
+    pub fn with_threads(threads: usize) -> Self {
+        Self {
+            last: Mutex::new(Some(HashMap::new())),
+            threads: threads.clamp(1, MAX_THREADS),
+        }
+    }
+
+    /// The gzip member of the concatenation of `families`.
+    pub fn compress(&self, families: &[String]) -> io::Result<Vec<u8>> {
+        self.compress_made(families).map(|(z, _)| z)
+    }
+
+    /// [`Gzip::compress`], and what it did.
+    pub fn compress_made(&self, families: &[String]) -> io::Result<(Vec<u8>, Made)> {
+        let groups = group(families);
+        let hashes: Vec<u128> = groups
+            .iter()
+            .map(|g| {
+                let mut h = Xxh3::new();
+                g.iter().for_each(|t| h.update(t.as_bytes()));
+                h.digest128()
+            })
+            .collect();
+
+        let mut last = take(&self.last);
+        let keep = last.is_some();
+        let mut pieces: Vec<Option<Piece>> = hashes
+            .iter()
+            .map(|h| last.as_mut().and_then(|l| l.remove(h)))
+            .collect();
+        drop(last);
+        let reused = pieces.iter().filter(|p| p.is_some()).count();
+
+        let todo: Vec<usize> = (0..groups.len()).filter(|&i| pieces[i].is_none()).collect();
+        let (made, threads) = self.deflate_all(&groups, &todo)?;
+        for (i, p) in todo.into_iter().zip(made) {
+            pieces[i] = Some(p);
+        }
+        let pieces: Vec<Piece> = pieces.into_iter().flatten().collect();
+
+        let body: usize = pieces.iter().map(|p| p.deflated.len()).sum();
+        let mut out = Vec::with_capacity(HEADER.len() + body + FINAL_BLOCK.len() + 8);
+        out.extend_from_slice(&HEADER);
+        let mut crc = crc32fast::Hasher::new();
+        for p in &pieces {
+            out.extend_from_slice(&p.deflated);
+            crc.combine(&p.crc);
+        }
+        out.extend_from_slice(&FINAL_BLOCK);
+        out.extend_from_slice(&crc.finalize().to_le_bytes());
+        // ISIZE is the length modulo 2^32.
+        let len: usize = families.iter().map(String::len).sum();
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+
+        let made = Made {
+            pieces: pieces.len(),
+            reused,
+            threads,
+        };
+        if keep {
+            let next = hashes.into_iter().zip(pieces).collect();
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
+        }
+        Ok((out, made))
+    }
+
+    /// Deflates the groups `todo` names, on up to `self.threads` threads,
+    /// the biggest first, each to the least loaded thread. Returns the
+    /// pieces in `todo`'s order and the threads used.
+    fn deflate_all(&self, groups: &[&[String]], todo: &[usize]) -> io::Result<(Vec<Piece>, usize)> {
+        let size = |i: usize| groups[i].iter().map(String::len).sum::<usize>();
+        let total: usize = todo.iter().map(|&i| size(i)).sum();
+        let n = if total < SPLIT_FROM {
+            1
+        } else {
+            self.threads.min(todo.len()).max(1)
+        };
+        // Which thread deflates which group (positions in `todo`).
+        let mut lanes: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); n];
+        let mut order: Vec<usize> = (0..todo.len()).collect();
+        order.sort_by_key(|&k| std::cmp::Reverse(size(todo[k])));
+        for k in order {
+            let lane = lanes.iter_mut().min_by_key(|l| l.0).expect("n >= 1");
+            lane.0 += size(todo[k]);
+            lane.1.push(k);
+        }
+        let run = |lane: &[usize]| -> io::Result<Vec<(usize, Piece)>> {
+            let mut z = Compress::new(Compression::fast(), false);
+            lane.iter()
+                .map(|&k| deflate(&mut z, groups[todo[k]]).map(|p| (k, p)))
+                .collect()
+        };
+        let done: Vec<io::Result<Vec<(usize, Piece)>>> = std::thread::scope(|s| {
+            let (mine, others) = lanes.split_first().expect("n >= 1");
+            let handles: Vec<_> = others
+                .iter()
+                .map(|(_, lane)| {
+                    // Where no thread can be made (a pids limit), deflate here.
+                    std::thread::Builder::new()
+                        .name("gzip".into())
+                        .spawn_scoped(s, || run(lane))
+                        .map_err(|_| lane)
+                })
+                .collect();
+            let mut done = vec![run(&mine.1)];
+            done.extend(handles.into_iter().map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a gzip thread panicked"))),
+                Err(lane) => run(lane),
+            }));
+            done
+        });
+        let mut pieces: Vec<Option<Piece>> = (0..todo.len()).map(|_| None).collect();
+        for lane in done {
+            for (k, p) in lane? {
+                pieces[k] = Some(p);
+            }
+        }
+        Ok((pieces.into_iter().flatten().collect(), n))
+    }
+}
+
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// The families cut into runs: a family of [`MIN_PIECE`] or more alone,
+/// smaller neighbours together until they reach it.
+fn group(families: &[String]) -> Vec<&[String]> {
+    let mut groups = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, f) in families.iter().enumerate() {
+        if f.len() >= MIN_PIECE && size > 0 {
+            groups.push(&families[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += f.len();
+        if size >= MIN_PIECE {
+            groups.push(&families[start..=i]);
+            (start, size) = (i + 1, 0);
+        }
+    }
+    if start < families.len() {
+        groups.push(&families[start..]);
+    }
+    groups
+}
+
+/// One piece: the texts as a raw deflate stream, sync-flushed so that the
+/// next piece's stream can follow it. `z` starts afresh: no piece refers
+/// to another.
+fn deflate(z: &mut Compress, texts: &[String]) -> io::Result<Piece> {
+    z.reset();
+    let mut crc = crc32fast::Hasher::new();
+    let len: usize = texts.iter().map(String::len).sum();
+    let mut out = Vec::with_capacity(len / 3 + 64);
+    for (i, t) in texts.iter().enumerate() {
+        crc.update(t.as_bytes());
+        let flush = if i + 1 == texts.len() {
+            FlushCompress::Sync
+        } else {
+            FlushCompress::None
+        };
+        let start = z.total_in();
+        loop {
+            let read = (z.total_in() - start) as usize;
+            z.compress_vec(&t.as_bytes()[read..], &mut out, flush)
+                .map_err(io::Error::other)?;
+            let consumed = (z.total_in() - start) as usize == t.len();
+            // A flush is done once the input is in and the output was not
+            // filled (a full buffer may hold back more of it); without a
+            // flush, once the input is in.
+            if consumed && (flush == FlushCompress::None || out.len() < out.capacity()) {
+                break;
+            }
+            out.reserve(out.capacity().max(1024));
+        }
+    }
+    Ok(Piece {
+        deflated: out,
+        crc,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    fn gunzip(z: &[u8]) -> Vec<u8> {
+        let mut d = flate2::read::GzDecoder::new(z);
+        let mut out = Vec::new();
+        d.read_to_end(&mut out).expect("a valid gzip member");
+        // One member: nothing may follow it.
+        assert_eq!(d.into_inner(), &[] as &[u8], "bytes after the gzip member");
+        out
+    }
+
+    /// Exposition-like families: repeated label blocks, values that vary
+    /// with `seed`.
+    fn families(sizes: &[usize], seed: usize) -> Vec<String> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(f, &rows)| {
+                let mut t = format!("# TYPE podmeter_f{f} counter\n");
+                for r in 0..rows {
+                    t.push_str(&format!(
+                        "podmeter_f{f}{{pod_uid=\"{:016x}\",qos=\"Burstable\"}} {}.{}\n",
+                        r.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        r * 7 + f + seed,
+                        r % 997
+                    ));
+                }
+                t
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_layout_decodes_to_the_text() {
+        let layouts: [&[usize]; 6] = [
+            &[],
+            &[0],
+            &[1, 2, 3],
+            &[5000],
+            &[3000, 1, 1, 4000, 2, 3000, 1],
+            &[6000; 9],
+        ];
+        for sizes in layouts {
+            let fams = families(sizes, 0);
+            for threads in [1, 2, 3, 8] {
+                let z = Gzip::with_threads(threads).compress(&fams).unwrap();
+                assert_eq!(gunzip(&z), fams.concat().into_bytes(), "{sizes:?} on {threads}");
+            }
+        }
+    }
+
+    #[test]
+    fn unchanged_families_are_not_compressed_again() {
+        let gz = Gzip::with_threads(2);
+        let sizes = [4000, 4000, 1, 2, 4000, 4000];
+        let first = families(&sizes, 0);
+        let (z1, m1) = gz.compress_made(&first).unwrap();
+        assert_eq!((m1.pieces, m1.reused, m1.threads), (5, 0, 2));
+        // The same text again: the same bytes, none compressed.
+        let (z2, m2) = gz.compress_made(&first).unwrap();
+        assert_eq!((m2.pieces, m2.reused), (5, 5));
+        assert_eq!(z1, z2);
+        // Two families change: two pieces are new, and the body is right.
+        let mut next = first.clone();
+        let changed = families(&sizes, 1);
+        next[1] = changed[1].clone();
+        next[4] = changed[4].clone();
+        let (z3, m3) = gz.compress_made(&next).unwrap();
+        assert_eq!((m3.pieces, m3.reused), (5, 3));
+        assert_eq!(gunzip(&z3), next.concat().into_bytes());
+        // Only the last scrape's pieces are kept: the first's family 1
+        // must be compressed again.
+        let (z4, m4) = gz.compress_made(&first).unwrap();
+        assert_eq!(m4.reused, 3);
+        assert_eq!(gunzip(&z4), first.concat().into_bytes());
+    }
+
+    #[test]
+    fn a_scrape_beside_another_compresses_everything_and_keeps_nothing() {
+        let gz = Gzip::with_threads(2);
+        let fams = families(&[4000, 4000], 0);
+        gz.compress(&fams).unwrap();
+        // Another scrape holds the pieces.
+        let held = take(&gz.last);
+        let (z, m) = gz.compress_made(&fams).unwrap();
+        assert_eq!(m.reused, 0);
+        assert_eq!(gunzip(&z), fams.concat().into_bytes());
+        assert!(take(&gz.last).is_none(), "a scrape without the pieces put some back");
+        *gz.last.lock().unwrap() = held;
+        assert_eq!(gz.compress_made(&fams).unwrap().1.reused, 2);
+    }
+
+    #[test]
+    fn pieces_cost_little_size() {
+        let fams = families(&[20_000; 4], 0);
+        let data = fams.concat();
+        let one = Gzip::with_threads(1).compress(std::slice::from_ref(&data)).unwrap().len();
+        let four = Gzip::with_threads(4).compress(&fams).unwrap().len();
+        assert!(one * 4 < data.len(), "{one} of {}: the text barely compressed", data.len());
+        assert!(four * 100 <= one * 101, "4 pieces {four} vs 1 piece {one} bytes");
+    }
+
+    #[test]
+    fn small_families_share_pieces_and_big_ones_stand_alone() {
+        let fam = |n: usize| "x".repeat(n);
+        let lens = |fams: &[String]| -> Vec<usize> { group(fams).iter().map(|g| g.len()).collect() };
+        assert_eq!(lens(&[]), Vec::<usize>::new());
+        assert_eq!(lens(&[fam(1), fam(2)]), [2]);
+        assert_eq!(lens(&[fam(1), fam(MIN_PIECE), fam(3)]), [1, 1, 1]);
+        assert_eq!(lens(&vec![fam(MIN_PIECE / 2); 5]), [2, 2, 1]);
+    }
+
+    #[test]
+    fn little_work_stays_on_the_calling_thread() {
+        let gz = Gzip::with_threads(4);
+        assert_eq!(gz.compress_made(&families(&[100, 100], 0)).unwrap().1.threads, 1);
+        let big = families(&[6000; 6], 0);
+        assert!(big.iter().map(String::len).sum::<usize>() >= SPLIT_FROM);
+        assert_eq!(gz.compress_made(&big).unwrap().1.threads, 4);
+        assert_eq!(Gzip::with_threads(64).threads, MAX_THREADS);
+    }
+
+    #[test]
+    fn the_system_gzip_reads_it_too() {
+        // A second, independent inflater: gzip(1), essential on Debian.
+        let mut child = std::process::Command::new("gzip")
+            .args(["-dc"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("gzip(1)");
+        let fams = families(&[6000, 1, 6000, 6000], 0);
+        let z = Gzip::with_threads(3).compress(&fams).unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            stdin.write_all(&z).unwrap();
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        assert!(out.status.success(), "gzip -dc failed: {}", out.status);
+        assert_eq!(out.stdout, fams.concat().into_bytes());
+    }
+}
