@@ -42,8 +42,8 @@ const MAX_THREADS: usize = 4;
 /// end-of-block code (seven zero bits), padded to the byte.
 const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 
-/// The gzip header: ID1 ID2, CM = deflate, no flags, no mtime, XFL 0, OS
-/// unknown (255), as flate2's GzBuilder writes it.
+/// The gzip header: ID1 ID2, CM = deflate, no flags, no mtime, XFL 0 (no
+/// claim about the level), OS unknown (255).
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
 /// One piece, deflated and sync-flushed, with the CRC of its text.
@@ -107,7 +107,10 @@ impl Gzip {
             .collect();
 
         let mut last = take(&self.last);
-        let keep = last.is_some();
+        // Until this scrape's pieces replace them, an empty cache goes
+        // back if it fails (an error or a panic): otherwise the slot would
+        // stay taken, and no later scrape would reuse anything.
+        let mut refill = last.is_some().then(|| Refill(&self.last));
         let mut pieces: Vec<Option<Piece>> = hashes
             .iter()
             .map(|h| last.as_mut().and_then(|l| l.remove(h)))
@@ -141,7 +144,8 @@ impl Gzip {
             reused,
             threads,
         };
-        if keep {
+        if let Some(r) = refill.take() {
+            std::mem::forget(r);
             let next = hashes.into_iter().zip(pieces).collect();
             *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
         }
@@ -202,6 +206,15 @@ impl Gzip {
             }
         }
         Ok((pieces.into_iter().flatten().collect(), n))
+    }
+}
+
+/// Puts an empty cache back into the slot when dropped.
+struct Refill<'a>(&'a Mutex<Option<HashMap<u128, Piece>>>);
+
+impl Drop for Refill<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
     }
 }
 

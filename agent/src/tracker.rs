@@ -270,7 +270,8 @@ impl Tracker {
         // a third of a scrape at a thousand limited containers: they are
         // read beside the maps, so a scrape takes the longer of the two
         // rather than both.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Up to four threads: the scrape is not the node's main work.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let (throttling, reading) = std::thread::scope(|s| {
             // Where no thread can be made (a pids limit), read in turn.
             match std::thread::Builder::new().spawn_scoped(s, || index.throttling(cores)) {

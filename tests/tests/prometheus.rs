@@ -182,8 +182,8 @@ fn prometheus_rate_of_cpu_matches_the_kernel() {
 }
 
 /// Pods in [`prometheus_reads_a_large_gzipped_exposition`]: enough for
-/// an exposition (over 512 KiB) that podmeter compresses in pieces, on
-/// several threads.
+/// an exposition (over 512 KiB, twice what podmeter compresses on several
+/// threads) in pieces.
 const MANY: usize = 600;
 
 /// The uid of that test's pod `i`.
@@ -227,7 +227,9 @@ fn prometheus_reads_a_large_gzipped_exposition() {
         assert_eq!(code, 200);
         let s = podmeter_test_support::Scrape::parse(&body);
         assert_eq!(ours(&s), MANY);
-        assert_eq!(s.samples.len(), plain.samples.len());
+        // Series only come (a new cgroup's memory, read at the next
+        // refresh): nothing here goes.
+        assert!(s.samples.len() >= plain.samples.len());
     }
 
     // Prometheus (Go's gzip reader) scrapes every second.
