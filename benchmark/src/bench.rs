@@ -3,6 +3,9 @@
 //! cAdvisor and node-exporter). It prints figures; it asserts nothing.
 //!
 //! Scenarios, in order (each one's failure is recorded and the rest go on):
+//! 0. [`overhead`]: what workloads pay, from interleaved A/B runs of a
+//!    switch-heavy, a small-packet UDP and a bulk TCP workload without and
+//!    with the agent (and with BPF statistics on, for the cost per event);
 //! 1. [`kernel`]: per-event cost of each eBPF program (`bpf_stats`) under a
 //!    context-switch storm and a small-packet flood;
 //! 2. [`scale`]: the agent's CPU and peak RSS with 10, 100 and 1000
@@ -28,6 +31,8 @@
 mod accuracy;
 mod cgroups;
 mod kernel;
+mod overhead;
+mod plot;
 mod process;
 pub mod report;
 pub mod results;
@@ -63,6 +68,11 @@ pub struct Plan {
     pub kernel_secs: u64,
     /// Context-switch throughput runs with and without the agent.
     pub switch_compare_secs: u64,
+    /// Rounds of the A/B scenario (even, so that each arm order runs as
+    /// often as the other).
+    pub ab_rounds: u64,
+    /// Each workload run's length in the A/B scenario.
+    pub ab_secs: u64,
     /// Pod counts for the scale scenario.
     pub scales: &'static [usize],
     /// Window without scrapes, for the agent's background cost.
@@ -86,6 +96,8 @@ pub const QUICK: Plan = Plan {
     mode: "quick",
     kernel_secs: 10,
     switch_compare_secs: 5,
+    ab_rounds: 2,
+    ab_secs: 3,
     scales: &[10, 100, 1000],
     idle_secs: 10,
     window_secs: 45,
@@ -101,6 +113,8 @@ const FULL: Plan = Plan {
     mode: "full",
     kernel_secs: 30,
     switch_compare_secs: 15,
+    ab_rounds: 4,
+    ab_secs: 10,
     scales: &[10, 100, 1000],
     idle_secs: 30,
     window_secs: 300,
@@ -198,6 +212,8 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         cadvisor_burst: plan.cadvisor_burst as u64,
         light_worker: LIGHT_TICK.join(" "),
         scale_cpu_limit_millicores: Some(scale::CPU_LIMIT_MILLICORES),
+        ab_rounds: Some(plan.ab_rounds),
+        ab_secs: Some(plan.ab_secs),
     };
     // PODMETER_BENCH_ONLY=kernel,side runs only those (for trying changes).
     let only = std::env::var("PODMETER_BENCH_ONLY").unwrap_or_default();
@@ -209,6 +225,7 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
         note: None,
         machine,
         plan: plan_record,
+        overhead: run("overhead").then(|| scenario(&b, "overhead", overhead::run)),
         kernel: run("kernel").then(|| scenario(&b, "kernel", kernel::run)),
         scale: run("scale").then(|| scenario(&b, "scale", scale::run)),
         accuracy: run("accuracy").then(|| scenario(&b, "accuracy", accuracy::run)),
@@ -242,10 +259,24 @@ pub fn run(opts: &Options, host: &dyn Host) -> Result<()> {
 /// scenario, to the top of `bench/RESULTS.md` (a partial run does not
 /// replace the latest full table); says where, and returns the markdown.
 fn publish(root: &Path, results: &BenchResults, json_path: &Path) -> Result<String> {
-    let md = report::markdown(results);
+    // The plots go next to the JSON; each markdown links them from where
+    // it lies.
+    let stem = json_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("a results file name")?;
+    let (mut here, mut top) = (Vec::new(), Vec::new());
+    for (name, title, svg) in plot::plots(results) {
+        let file = format!("{stem}-{name}.svg");
+        fs::write(json_path.with_file_name(&file), svg)?;
+        top.push((title.clone(), format!("results/{file}")));
+        here.push((title, file));
+    }
+    let md = report::markdown_with(results, &here);
     fs::write(json_path.with_extension("md"), &md)?;
     let partial = results.is_partial();
     if !partial {
+        let md = report::markdown_with(results, &top);
         fs::write(root.join("bench/RESULTS.md"), with_others(root, &md))?;
     }
     eprintln!(

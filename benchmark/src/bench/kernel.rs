@@ -33,13 +33,16 @@ use crate::schema::rounded;
 #[derive(Clone, Debug)]
 pub struct Prog {
     pub name: String,
-    kind: String,
-    run_time_ns: u64,
-    run_cnt: u64,
+    pub kind: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
     /// Runs the kernel skipped because the program was already running on
     /// that CPU.
-    recursion_misses: u64,
+    pub recursion_misses: u64,
 }
+
+/// Some programs' counters, and when they were read.
+pub type Snapshot = (Instant, BTreeMap<u64, Prog>);
 
 /// Every loaded BPF program, by id.
 pub fn programs() -> Result<BTreeMap<u64, Prog>> {
@@ -64,7 +67,7 @@ pub fn programs() -> Result<BTreeMap<u64, Prog>> {
 }
 
 /// Counters of `ids` now.
-fn snapshot(ids: &[u64]) -> Result<(Instant, BTreeMap<u64, Prog>)> {
+pub(super) fn snapshot(ids: &[u64]) -> Result<Snapshot> {
     let t = Instant::now();
     let all = programs()?;
     let mine = ids
@@ -75,10 +78,7 @@ fn snapshot(ids: &[u64]) -> Result<(Instant, BTreeMap<u64, Prog>)> {
 }
 
 /// Per-program deltas between two snapshots.
-fn deltas(
-    a: &(Instant, BTreeMap<u64, Prog>),
-    b: &(Instant, BTreeMap<u64, Prog>),
-) -> Vec<ProgramCost> {
+fn deltas(a: &Snapshot, b: &Snapshot) -> Vec<ProgramCost> {
     let secs = b.0.duration_since(a.0).as_secs_f64();
     b.1.iter()
         .filter_map(|(id, p1)| {
@@ -99,7 +99,7 @@ fn deltas(
 }
 
 /// `stress-ng --switch <cpus>` for `secs`: bogo ops/s and ns per switch.
-fn stress_switch(b: &Bench, secs: u64) -> Result<SwitchRun> {
+pub(super) fn stress_switch(b: &Bench, secs: u64) -> Result<SwitchRun> {
     let yaml = b.scratch.join("stress-switch.yaml");
     let _ = std::fs::remove_file(&yaml);
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -127,12 +127,12 @@ fn stress_switch(b: &Bench, secs: u64) -> Result<SwitchRun> {
 }
 
 /// BPF run-time statistics on while this lives.
-struct Stats {
+pub(super) struct Stats {
     _held: Proc,
 }
 
 impl Stats {
-    fn on(b: &Bench) -> Result<Self> {
+    pub(super) fn on(b: &Bench) -> Result<Self> {
         let mut p = Proc::spawn(
             "pm-work bpf-stats",
             Command::new(&b.pm_work).arg("bpf-stats"),
@@ -198,23 +198,9 @@ pub fn run(b: &Bench) -> Result<Kernel> {
     let switch_progs = deltas(&s0, &s1);
 
     progress(&format!("iperf3 -u -l 64 -b 0 over loopback ({secs} s)"));
-    let port = free_port()?.to_string();
-    let _server = Proc::quiet(
-        "iperf3 -s",
-        Command::new("iperf3")
-            .args(["-s", "-B", "127.0.0.1", "-p", &port])
-            .stderr(Stdio::null()),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while output(Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]))?
-        .trim()
-        .is_empty()
-    {
-        if Instant::now() > deadline {
-            bail!("iperf3 server did not listen on {port}");
-        }
-        sleep(Duration::from_millis(50));
-    }
+    let port = free_port()?;
+    let _server = iperf3_server(port)?;
+    let port = port.to_string();
     let f0 = snapshot(&ours)?;
     let client = output(Command::new("iperf3").args([
         "-c",
@@ -272,8 +258,29 @@ pub fn run(b: &Bench) -> Result<Kernel> {
     })
 }
 
+/// An `iperf3` server on loopback `port`, once it listens.
+pub(super) fn iperf3_server(port: u16) -> Result<Proc> {
+    let server = Proc::quiet(
+        "iperf3 -s",
+        Command::new("iperf3")
+            .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .stderr(Stdio::null()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while output(Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]))?
+        .trim()
+        .is_empty()
+    {
+        if Instant::now() > deadline {
+            bail!("iperf3 server did not listen on {port}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
 /// An agent from `start`, and the `pm_*` programs that appeared with it.
-fn started(start: impl FnOnce() -> Result<Agent>) -> Result<(Agent, Vec<u64>)> {
+pub(super) fn started(start: impl FnOnce() -> Result<Agent>) -> Result<(Agent, Vec<u64>)> {
     let before: HashSet<u64> = programs()?.into_keys().collect();
     let agent = start()?;
     let ours: Vec<u64> = programs()?

@@ -22,7 +22,9 @@ pub struct BenchResults {
     pub machine: Machine,
     pub plan: PlanRecord,
     /// Each scenario, absent when the run left it out
-    /// (`PODMETER_BENCH_ONLY`).
+    /// (`PODMETER_BENCH_ONLY`) or was made before it existed (`overhead`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overhead: Option<Scenario<Overhead>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<Scenario<Kernel>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +94,93 @@ pub struct PlanRecord {
     /// Absent in runs before the scale scenario's pods had CPU limits.
     #[serde(default)]
     pub scale_cpu_limit_millicores: Option<u64>,
+    /// Rounds and seconds per workload run of the A/B scenario (absent in
+    /// runs before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ab_rounds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ab_secs: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------
+// 0. What workloads pay (A/B)
+
+/// Interleaved runs of workloads without the agent, with it, and with it
+/// and BPF statistics on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Overhead {
+    pub rounds: u64,
+    /// Each workload run's length.
+    pub secs: u64,
+    pub workloads: Vec<AbWorkload>,
+}
+
+/// One workload's throughput in each arm, a figure per round.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AbWorkload {
+    /// `switch`, `udp` or `tcp`.
+    pub name: String,
+    /// The command line.
+    pub load: String,
+    /// What the figures count (`bogo ops/s`, `packets/s`, `Gbit/s`).
+    pub unit: String,
+    pub detached: Vec<Option<f64>>,
+    /// Attached, BPF statistics off.
+    pub attached: Vec<Option<f64>>,
+    pub attached_stats: Vec<Option<f64>>,
+    /// The programs' cost during the statistics-on runs, every round's
+    /// together.
+    pub programs: Vec<ProgramCost>,
+}
+
+/// The median of the figures there are (the mean of the middle two for an
+/// even count).
+pub fn median(v: &[Option<f64>]) -> Option<f64> {
+    let mut x: Vec<f64> = v.iter().flatten().copied().collect();
+    if x.is_empty() {
+        return None;
+    }
+    x.sort_by(f64::total_cmp);
+    let n = x.len();
+    Some(if n % 2 == 1 {
+        x[n / 2]
+    } else {
+        (x[n / 2 - 1] + x[n / 2]) / 2.0
+    })
+}
+
+impl AbWorkload {
+    /// Throughput lost with the agent, in % of the median without it, from
+    /// the medians (statistics on with `stats`): negative when faster.
+    pub fn loss_pct(&self, stats: bool) -> Option<f64> {
+        let base = median(&self.detached).filter(|b| *b > 0.0)?;
+        let with = median(if stats {
+            &self.attached_stats
+        } else {
+            &self.attached
+        })?;
+        Some((base - with) / base * 100.0)
+    }
+
+    /// Each round's own loss (statistics off), in %: the spread.
+    pub fn round_losses(&self) -> Vec<f64> {
+        self.detached
+            .iter()
+            .zip(&self.attached)
+            .filter_map(|(d, a)| {
+                let d = d.filter(|d| *d > 0.0)?;
+                Some((d - (*a)?) / d * 100.0)
+            })
+            .collect()
+    }
+
+    /// The per-event cost of `program` during the statistics-on runs.
+    pub fn ns_per_event(&self, program: &str) -> Option<f64> {
+        self.programs
+            .iter()
+            .find(|p| p.program == program)?
+            .ns_per_event
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -403,7 +492,8 @@ pub struct Target {
 impl BenchResults {
     /// Whether some scenario was left out (`PODMETER_BENCH_ONLY`).
     pub fn is_partial(&self) -> bool {
-        self.kernel.is_none()
+        self.overhead.is_none()
+            || self.kernel.is_none()
             || self.scale.is_none()
             || self.accuracy.is_none()
             || self.side_by_side.is_none()
@@ -411,6 +501,15 @@ impl BenchResults {
 
     pub fn kernel(&self) -> Option<&Kernel> {
         self.kernel.as_ref()?.outcome.measured()
+    }
+
+    pub fn overhead(&self) -> Option<&Overhead> {
+        self.overhead.as_ref()?.outcome.measured()
+    }
+
+    /// The A/B figures of workload `name`.
+    pub fn workload(&self, name: &str) -> Option<&AbWorkload> {
+        self.overhead()?.workloads.iter().find(|w| w.name == name)
     }
 
     pub fn scale(&self) -> Option<&Scale> {
