@@ -250,7 +250,22 @@ struct ProbeArgs {
     timeout: Duration,
 }
 
+/// At most two glibc malloc arenas. glibc gives threads arenas of their
+/// own (up to eight per core), and each keeps what its threads freed: with
+/// the scrape's short-lived helper threads (throttling reads, gzip) peak
+/// RSS at a thousand pods was 40.3 MiB instead of 32.8 with two arenas, at
+/// the same scrape latency (measured here, 200 gzip and 200 plain scrapes).
+/// Set before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
         Ok(f) => f,
