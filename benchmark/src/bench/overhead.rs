@@ -197,7 +197,7 @@ pub fn run(b: &Bench) -> Result<Overhead> {
     }
     Ok(Overhead {
         rounds,
-        secs,
+        run_secs: secs,
         workloads: rows,
     })
 }

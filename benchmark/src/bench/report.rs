@@ -189,7 +189,7 @@ fn overhead(r: &BenchResults) -> String {
          statistics off) and with it and BPF statistics on, the arms' order reversed every \
          other round. Medians, with the range over the rounds; \"lost\" compares the medians, \
          \"each round\" gives the range of each round's own with-vs-without loss.\n",
-        o.rounds, o.secs
+        o.rounds, o.run_secs
     );
     let _ = writeln!(
         s,
@@ -937,7 +937,7 @@ mod tests {
             meta: Conditions::default(),
             outcome: Outcome::Measured(Overhead {
                 rounds: 3,
-                secs: 10,
+                run_secs: 10,
                 workloads: vec![
                     // Medians 1000 and 980: 2 % lost; rounds lost 1 to 3 %.
                     w(
@@ -971,6 +971,10 @@ mod tests {
     #[test]
     fn the_ab_scenario_is_judged_and_rendered_first() {
         let r = with_overhead();
+        // Its JSON reads back as written (its fields share one object with
+        // the scenario's conditions).
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<BenchResults>(&text).unwrap(), r);
         let t = targets(&r);
         let find = |prefix: &str| t.iter().find(|t| t.target.starts_with(prefix)).unwrap();
         let sw = find("stress-ng --switch throughput lost");

@@ -110,8 +110,9 @@ pub struct PlanRecord {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Overhead {
     pub rounds: u64,
-    /// Each workload run's length.
-    pub secs: u64,
+    /// Each workload run's length. (Not `secs`: the scenario's JSON object
+    /// also holds its [`Conditions`], whose `secs` is the whole scenario's.)
+    pub run_secs: u64,
     pub workloads: Vec<AbWorkload>,
 }
 
