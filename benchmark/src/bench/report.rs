@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use super::results::{
-    AtPods, BenchResults, Conditions, Exposer, Kernel, Load, Outcome, PlainBurst, Scenario, Target,
-    median,
+    AtPods, BenchResults, Conditions, Exposer, Kernel, Load, Outcome, PlainBurst, ProgramCost,
+    Scenario, Target, median,
 };
 use crate::schema::{json_text, num};
 
@@ -244,19 +244,23 @@ fn overhead(r: &BenchResults) -> String {
     );
     for w in &o.workloads {
         for p in w.programs.iter().filter(|p| p.events > 0) {
-            let _ = writeln!(
-                s,
-                "| {} | `{}` | {} | {} | {} |",
-                w.name,
-                p.program,
-                num(p.events_per_sec, 0),
-                num(p.ns_per_event, 1),
-                num(p.cpu_pct_of_one_core, 2),
-            );
+            program_row(&mut s, &w.name, p);
         }
     }
     s.push('\n');
     s
+}
+
+/// One program's cost under a load, as a row of the per-event tables.
+fn program_row(s: &mut String, load: &str, p: &ProgramCost) {
+    let _ = writeln!(
+        s,
+        "| {load} | `{}` | {} | {} | {} |",
+        p.program,
+        num(p.events_per_sec, 0),
+        num(p.ns_per_event, 1),
+        num(p.cpu_pct_of_one_core, 2),
+    );
 }
 
 fn failed<T>(v: Option<&Scenario<T>>) -> String {
@@ -382,15 +386,7 @@ pub fn markdown_with(r: &BenchResults, plots: &[(String, String)]) -> String {
     if let Some(k) = r.kernel() {
         for load in k.loads() {
             for p in &load.programs {
-                let _ = writeln!(
-                    s,
-                    "| {} | `{}` | {} | {} | {} |",
-                    load.load,
-                    p.program,
-                    num(p.events_per_sec, 0),
-                    num(p.ns_per_event, 1),
-                    num(p.cpu_pct_of_one_core, 2),
-                );
+                program_row(&mut s, &load.load, p);
             }
         }
         let sw = &k.switch_throughput;
