@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerCpuHashMap},
 };
 use podmeter_common::{
-    CpuCounters, DEFAULT_MAX_CGROUPS, DROP_SLOTS, NetCounters, OnCpu, WaitHistogram,
+    CpuCounters, DEFAULT_MAX_CGROUPS, DROP_SLOTS, NetCounters, NetOnCpu, OnCpu, WaitHistogram,
 };
 
 /// On-CPU time per cgroup id. Capacity is set by the agent at load time.
@@ -31,6 +31,11 @@ pub(crate) static PM_NET: PerCpuHashMap<u64, NetCounters> =
 /// CPU).
 #[map]
 pub(crate) static PM_ONCPU: PerCpuArray<OnCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// Traffic each CPU counted and has not yet added to `PM_NET` (one slot,
+/// per CPU).
+#[map]
+pub(crate) static PM_NET_ONCPU: PerCpuArray<NetOnCpu> = PerCpuArray::with_max_entries(1, 0);
 
 /// Updates lost because a counter map was full, by `DROP_*` index.
 #[map]

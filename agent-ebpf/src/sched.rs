@@ -60,7 +60,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, perf_event, raw_tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, WAIT_BUCKETS, wait_bucket};
+use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, SYNC_NET_BUSY, WAIT_BUCKETS, wait_bucket};
 
 use crate::maps::{PM_CPU, PM_ONCPU, PM_WAIT_HIST, slot};
 
@@ -156,20 +156,31 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
 
 /// Periodic sample on each CPU (a `cpu-clock` perf event every
 /// `TICK_PERIOD_NS`): see [`sample`].
+/// The tick also sends the CPU's pending traffic to `PM_NET`
+/// ([`crate::net`]).
 #[perf_event]
 pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
     sample();
+    // Busy: a packet program it interrupted; the next tick sends it.
+    let _ = crate::net::flush_pending();
     0
 }
 
 /// Never attached: the agent runs it on each CPU before it reads `PM_CPU`
 /// (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`, an IPI), so the read
 /// holds every CPU's time up to that moment, and the agent never reads
-/// another CPU's [`OnCpu`]. See [`sample`].
+/// another CPU's [`OnCpu`]. See [`sample`]. It sends the CPU's pending
+/// traffic to `PM_NET` too, and returns [`SYNC_NET_BUSY`] when it could
+/// not (a packet program it interrupted was updating it), for the agent to
+/// ask again.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn pm_cpu_sync(_ctx: RawTracePointContext) -> i32 {
     sample();
-    0
+    if crate::net::flush_pending() {
+        0
+    } else {
+        SYNC_NET_BUSY
+    }
 }
 
 /// Bills the slice of the task on this CPU so far, sends the pending

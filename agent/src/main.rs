@@ -201,6 +201,12 @@ struct Cli {
     #[arg(long, hide = true)]
     force_entry_reads: bool,
 
+    /// Test-only: attach no per-CPU tick, so that counters reach the maps
+    /// only at context switches, slot changes and the sync before each
+    /// read (what makes a read exact is then the sync alone).
+    #[arg(long, hide = true)]
+    force_no_tick: bool,
+
     /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
     #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
     btf_path: PathBuf,
@@ -474,10 +480,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         bpf::Force {
             raw_switch: cli.force_raw_switch,
             entry_reads: cli.force_entry_reads,
+            no_tick: cli.force_no_tick,
         },
     )?;
     if cli.force_entry_reads {
         info!("reading the counter maps entry by entry (--force-entry-reads)");
+    }
+    if cli.force_no_tick {
+        warn!(
+            "no per-CPU tick (--force-no-tick): counters reach the maps at switches and reads only"
+        );
     }
     match &origin {
         Origin::Adopted => info!(

@@ -109,13 +109,29 @@ fn tcp(netns: Option<(&str, &str)>, sink_addr: &str, connect_host: &str, tag: &s
     assert_tcp("sender rx (ACKs)", a.rx_bytes, a.rx_packets, (0.0, 0.0));
 }
 
-fn udp(netns: Option<(&str, &str)>, sink_addr: &str, connect_host: &str, tag: &str) {
+/// How the test reads the agent once the datagrams are in.
+#[derive(Clone, Copy, PartialEq)]
+enum Read {
+    /// Until two scrapes agree.
+    Settled,
+    /// One scrape, at once: the traffic must be in the maps by then.
+    First,
+}
+
+fn udp(
+    netns: Option<(&str, &str)>,
+    sink_addr: &str,
+    connect_host: &str,
+    tag: &str,
+    agent_args: &[&str],
+    read: Read,
+) {
     const COUNT: u64 = 2000;
     const SIZE: u64 = 1200;
     const HEADERS: u64 = 20 + 8; // IPv4 + UDP
     let tree = TestTree::new(tag);
     let (sender, receiver) = (tree.cgroup("sender"), tree.cgroup("receiver"));
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(agent_args);
     let (ns_send, ns_recv) = netns.unzip();
 
     let mut sink = receiver.spawn(ns_recv, &["udp-sink", sink_addr, &COUNT.to_string()]);
@@ -141,7 +157,13 @@ fn udp(netns: Option<(&str, &str)>, sink_addr: &str, connect_host: &str, tag: &s
     );
 
     let sent_payload = (COUNT * SIZE) as f64;
-    let (a, b) = settled(&agent, &sender, &receiver, received_bytes as f64);
+    let (a, b) = match read {
+        Read::Settled => settled(&agent, &sender, &receiver, received_bytes as f64),
+        Read::First => {
+            let s = agent.scrape();
+            (net(&s, &sender), net(&s, &receiver))
+        }
+    };
     // UDP has no ACKs and fixed headers: the counts are exact.
     assert_eq!(a.tx_packets, COUNT as f64, "sender packets");
     assert_eq!(
@@ -165,7 +187,31 @@ fn tcp_over_loopback_per_cgroup_and_direction() {
 
 #[test]
 fn udp_over_loopback_per_cgroup_and_direction() {
-    udp(None, "127.0.0.1:0", "127.0.0.1", "udp-lo");
+    udp(
+        None,
+        "127.0.0.1:0",
+        "127.0.0.1",
+        "udp-lo",
+        &[],
+        Read::Settled,
+    );
+}
+
+/// A flow's packets add up in a slot of their CPU's pending traffic, which
+/// reaches the map when another cgroup needs the slot, at each tick, and
+/// at the sync the agent runs on every CPU before a read. With the tick off
+/// (test-only flag) and no other flow, only that sync can bring the
+/// datagrams in: the first scrape after them must hold every one.
+#[test]
+fn udp_is_exact_at_the_first_read_by_the_sync_alone() {
+    udp(
+        None,
+        "127.0.0.1:0",
+        "127.0.0.1",
+        "udp-sync",
+        &["--force-no-tick"],
+        Read::First,
+    );
 }
 
 #[test]
@@ -177,5 +223,12 @@ fn tcp_across_veth_between_namespaces() {
 #[test]
 fn udp_across_veth_between_namespaces() {
     let (a, b) = veth_pair(&format!("u{}", std::process::id()));
-    udp(Some((&a.0, &b.0)), "10.231.0.2:0", "10.231.0.2", "udp-veth");
+    udp(
+        Some((&a.0, &b.0)),
+        "10.231.0.2:0",
+        "10.231.0.2",
+        "udp-veth",
+        &[],
+        Read::Settled,
+    );
 }

@@ -173,6 +173,61 @@ pub struct OnCpu {
     pub buckets: [WaitHistogram; PENDING_SLOTS],
 }
 
+/// Socket cgroups whose traffic each CPU keeps, per direction, in
+/// [`NetOnCpu::pending`] before it goes to `PM_NET`: a client and its server
+/// on one CPU, or a pod and the node's agent, without a map update per
+/// packet.
+pub const NET_PENDING_SLOTS: usize = 2;
+
+/// What the sync program returns when it found the CPU's [`NetOnCpu`] in the
+/// middle of an update, and left its traffic pending: the agent runs it
+/// again.
+pub const SYNC_NET_BUSY: i32 = 1;
+
+/// [`NetOnCpu::pending`] index of received traffic.
+pub const NET_INGRESS: usize = 0;
+/// [`NetOnCpu::pending`] index of sent traffic.
+pub const NET_EGRESS: usize = 1;
+
+/// Traffic of one socket cgroup in one direction on one CPU, not yet in
+/// `PM_NET`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetPending {
+    /// Socket cgroup id (0 for a slot never used, or a socket without one).
+    pub cgroup_id: u64,
+    /// Bytes, IP header included.
+    pub bytes: u64,
+    /// Packets.
+    pub packets: u64,
+}
+
+/// The traffic a CPU has counted and not yet added to `PM_NET`.
+///
+/// Packets add up here instead of in the hash map: the map lookup and its
+/// two atomic adds were most of the per-packet cost. A cgroup's counters
+/// go to the map when its slot is needed for another one, at every tick,
+/// and when the agent syncs the CPU before a read: the same protocol as
+/// [`OnCpu`], so the agent never reads this copy.
+///
+/// Unlike `sched_switch`, the packet programs run with interrupts on and,
+/// in process context, even preemptible (only migration is off): another
+/// packet program may run on the CPU in the middle of an update. `busy`
+/// sends that one to `PM_NET` directly; a tick or sync finding it set
+/// leaves the copy alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetOnCpu {
+    /// Non-zero while a program updates this copy.
+    pub busy: u64,
+    /// Per direction, the slot of `pending` that goes to the map when a
+    /// cgroup without one needs a slot (they take turns).
+    pub victim: [u64; 2],
+    /// Per direction ([`NET_INGRESS`], [`NET_EGRESS`]), the counters not
+    /// yet in `PM_NET`.
+    pub pending: [[NetPending; NET_PENDING_SLOTS]; 2],
+}
+
 /// [`TreeEvent::kind`] of a `cgroup_mkdir`.
 pub const TREE_MKDIR: u32 = 1;
 /// [`TreeEvent::kind`] of a `cgroup_rmdir`.
@@ -238,8 +293,10 @@ const _: () = assert!(core::mem::size_of::<CpuCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<NetCounters>() == 40);
 const _: () = assert!(core::mem::size_of::<OnCpu>() == 56 + (40 + 64) * PENDING_SLOTS);
 const _: () = assert!(core::mem::size_of::<WaitHistogram>() == 8 * WAIT_BUCKETS);
+const _: () = assert!(core::mem::size_of::<NetOnCpu>() == 24 + 2 * 24 * NET_PENDING_SLOTS);
 // The programs bound indices by masking.
 const _: () = assert!(PENDING_SLOTS.is_power_of_two() && WAIT_BUCKETS.is_power_of_two());
+const _: () = assert!(NET_PENDING_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 
 #[cfg(feature = "user")]

@@ -297,6 +297,8 @@ pub struct Force {
     pub raw_switch: bool,
     /// Map reads one entry at a time instead of in batches.
     pub entry_reads: bool,
+    /// No per-CPU tick: only the sync before a read flushes each CPU.
+    pub no_tick: bool,
 }
 
 /// The capacity of `PM_WAIT_HIST`: a slot per cgroup with the histogram on,
@@ -413,7 +415,7 @@ pub fn load(
         );
     }
     let cpus = online_cpus().map_err(|(what, e)| BpfError::Cpus(what, e))?;
-    for &cpu in &cpus {
+    for &cpu in cpus.iter().filter(|_| !force.no_tick) {
         let id = p
             .attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),

@@ -35,13 +35,13 @@ use std::{
 };
 
 use aya::maps::{MapInfo, MapType};
-use podmeter_common::{CpuCounters, DROP_SLOTS, NetCounters, OnCpu, WaitHistogram};
+use podmeter_common::{CpuCounters, DROP_SLOTS, NetCounters, NetOnCpu, OnCpu, WaitHistogram};
 
 /// The version of everything pinned: the maps' types, keys and values, and
 /// what the programs keep in them (the per-CPU [`OnCpu`] protocol). A new
 /// agent adopts pins of its own layout only. Bump it with any change to
 /// `podmeter-common`'s map values or to how the programs use them.
-pub const LAYOUT: u32 = 4;
+pub const LAYOUT: u32 = 5;
 
 /// `statfs` type of a bpffs mount.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -52,7 +52,7 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// The maps that are pinned, with the layout this agent expects of each:
 /// (name, type, key size, value size).
-fn expected() -> [(&'static str, MapType, u32, u32); 5] {
+fn expected() -> [(&'static str, MapType, u32, u32); 6] {
     let size = |n: usize| n as u32;
     [
         (
@@ -73,6 +73,12 @@ fn expected() -> [(&'static str, MapType, u32, u32); 5] {
             4,
             size(size_of::<OnCpu>()),
         ),
+        (
+            "PM_NET_ONCPU",
+            MapType::PerCpuArray,
+            4,
+            size(size_of::<NetOnCpu>()),
+        ),
         ("PM_DROPS", MapType::PerCpuArray, 4, 8),
         (
             "PM_WAIT_HIST",
@@ -84,7 +90,7 @@ fn expected() -> [(&'static str, MapType, u32, u32); 5] {
 }
 
 /// The names of the pinned maps.
-pub fn map_names() -> [&'static str; 5] {
+pub fn map_names() -> [&'static str; 6] {
     expected().map(|(n, ..)| n)
 }
 

@@ -1,5 +1,5 @@
-//! Bringing every CPU's not-yet-flushed CPU time into `PM_CPU` before a
-//! read.
+//! Bringing every CPU's not-yet-flushed CPU time into `PM_CPU`, and its
+//! traffic into `PM_NET`, before a read.
 //!
 //! Each CPU keeps its last few cgroups' time in its own `OnCpu` slot (see
 //! agent-ebpf/src/sched.rs). Reading those slots from another CPU would
@@ -20,6 +20,7 @@ use std::{
 };
 
 use aya::programs::ProgramFd;
+use podmeter_common::SYNC_NET_BUSY;
 
 /// `enum bpf_cmd`: BPF_PROG_TEST_RUN.
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -78,7 +79,26 @@ impl CpuSync {
         Ok(())
     }
 
+    /// Runs the program on `cpu`, again while it finds the CPU's traffic
+    /// in the middle of an update ([`SYNC_NET_BUSY`]; see
+    /// agent-ebpf/src/net.rs). An update interrupted by the IPI ends within
+    /// nanoseconds of it, so the next run finds it done. One preempted in
+    /// process context may stay unfinished for a while: after a few tries
+    /// that CPU's pending traffic waits for its next tick or sync, which
+    /// delays those bytes by a scrape and loses none.
     fn run_on(&self, cpu: u32) -> io::Result<()> {
+        const TRIES: usize = 4;
+        for _ in 1..TRIES {
+            if self.run_once(cpu)? != SYNC_NET_BUSY {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        self.run_once(cpu).map(drop)
+    }
+
+    /// One run on `cpu`, and what the program returned.
+    fn run_once(&self, cpu: u32) -> io::Result<i32> {
         let mut attr = TestRunAttr {
             prog_fd: self.prog.as_fd().as_raw_fd() as u32,
             flags: BPF_F_TEST_RUN_ON_CPU,
@@ -98,6 +118,6 @@ impl CpuSync {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(())
+        Ok(attr.retval as i32)
     }
 }
