@@ -1,6 +1,8 @@
 //! The maps the programs share with the agent, and the one way to add to a
 //! per-cgroup counter.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
@@ -50,20 +52,41 @@ pub(crate) fn slot<V: Default>(
     cgroup_id: u64,
     drop_slot: u32,
 ) -> Option<*mut V> {
+    match try_slot(map, cgroup_id) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count_drops(drop_slot, 1);
+            None
+        }
+    }
+}
+
+/// [`slot`], counting nothing: `Err` holds why the key could not be made
+/// (`-E2BIG`: the map is full; `-EBUSY`: this CPU interrupted an update of
+/// the map's bucket, and a later try may succeed).
+#[inline(always)]
+pub(crate) fn try_slot<V: Default>(
+    map: &PerCpuHashMap<u64, V>,
+    cgroup_id: u64,
+) -> Result<*mut V, i32> {
     if let Some(v) = map.get_ptr_mut(cgroup_id) {
-        return Some(v);
+        return Ok(v);
     }
     // NOEXIST: another program on this CPU (ingress softirq over egress) may
     // have created the key meanwhile; overwriting would lose its update.
-    let _ = map.insert(cgroup_id, V::default(), u64::from(BPF_NOEXIST));
+    let made = map.insert(cgroup_id, V::default(), u64::from(BPF_NOEXIST));
     match map.get_ptr_mut(cgroup_id) {
-        Some(v) => Some(v),
-        None => {
-            if let Some(d) = PM_DROPS.get_ptr_mut(drop_slot) {
-                // SAFETY: per-CPU slot; the pointer is valid for this program run.
-                unsafe { *d += 1 };
-            }
-            None
-        }
+        Some(v) => Ok(v),
+        None => Err(made.err().unwrap_or(0)),
+    }
+}
+
+/// Counts `n` updates lost in `PM_DROPS[drop_slot]`.
+#[inline(always)]
+pub(crate) fn count_drops(drop_slot: u32, n: u64) {
+    if let Some(d) = PM_DROPS.get_ptr_mut(drop_slot) {
+        // Atomic: a packet program may interrupt another one's count.
+        // SAFETY: per-CPU slot; the pointer is valid for this program run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(d, n) };
     }
 }

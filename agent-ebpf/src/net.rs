@@ -22,7 +22,7 @@ use podmeter_common::{
     DROP_NET, NET_EGRESS, NET_INGRESS, NET_PENDING_SLOTS, NetCounters, NetOnCpu,
 };
 
-use crate::maps::{PM_NET, PM_NET_ONCPU, slot};
+use crate::maps::{PM_NET, PM_NET_ONCPU, count_drops, try_slot};
 
 const PASS: i32 = 1;
 
@@ -52,31 +52,39 @@ fn count(ctx: &SkBuffContext, dir: usize) {
     }
 }
 
-/// Sends this CPU's pending traffic to `PM_NET`. `false` when a packet
-/// program on this CPU is in the middle of an update (it was interrupted
-/// or preempted): the traffic then stays pending, to go at a later call.
+/// Sends this CPU's pending traffic to `PM_NET`. `false` when some stays
+/// pending: a packet program on this CPU is in the middle of an update
+/// (this call interrupted it, or it was preempted), or the map could not
+/// take a new key just now. It goes at a later call.
 #[inline(always)]
 pub(crate) fn flush_pending() -> bool {
     let Some(mut net) = Update::begin() else {
         return false;
     };
+    let mut all = true;
     for dir in [NET_INGRESS, NET_EGRESS] {
         for i in 0..NET_PENDING_SLOTS {
-            net.flush(dir, i);
+            all &= net.flush(dir, i);
         }
     }
     net.commit();
-    true
+    all
 }
 
-/// Adds to `cgroup_id`'s counters in `PM_NET`. Atomic adds: this CPU's
-/// copy of the value may be in the middle of another program's update.
+/// Adds to `cgroup_id`'s counters in `PM_NET`, or counts the update as lost.
 #[inline(always)]
 fn add_to_map(cgroup_id: u64, dir: usize, bytes: u64, packets: u64) {
-    let Some(c) = slot(&PM_NET, cgroup_id, DROP_NET) else {
-        return;
-    };
-    let c: *mut NetCounters = c;
+    if let Ok(c) = try_slot(&PM_NET, cgroup_id) {
+        add(c, dir, bytes, packets);
+    } else {
+        count_drops(DROP_NET, 1);
+    }
+}
+
+/// Adds to one counter value of `PM_NET`. Atomic adds: this CPU's copy of
+/// the value may be in the middle of another program's update.
+#[inline(always)]
+fn add(c: *mut NetCounters, dir: usize, bytes: u64, packets: u64) {
     // SAFETY: the slot is a valid, aligned u64 inside the map value.
     let (b, p) = unsafe {
         if dir == NET_INGRESS {
@@ -101,8 +109,20 @@ struct Update {
     net: *mut NetOnCpu,
 }
 
-/// `*dst = v`, as a volatile store: the compiler must neither drop nor move
-/// the stores that another program on this CPU may see (`busy` first).
+/// `*src`, as a volatile load, and [`put`]: the compiler may neither drop
+/// the slot's loads and stores nor move them out from between `begin` and
+/// `commit`, where another program on this CPU may see them.
+///
+/// # Safety
+///
+/// `src` must point into this CPU's [`NetOnCpu`].
+#[inline(always)]
+unsafe fn get(src: *const u64) -> u64 {
+    // SAFETY: see above.
+    unsafe { core::ptr::read_volatile(src) }
+}
+
+/// `*dst = v`, as a volatile store (see [`get`]).
 ///
 /// # Safety
 ///
@@ -114,48 +134,64 @@ unsafe fn put(dst: *mut u64, v: u64) {
 }
 
 impl Update {
-    /// `None` when the copy is missing or another program on this CPU is in
-    /// the middle of an update.
+    /// `None` when the copy is missing or another program on this CPU holds
+    /// it.
+    ///
+    /// `busy` counts the programs trying to hold the copy, and one holds it
+    /// only if it finds the count at 1 right after adding its own: whatever
+    /// comes between (an interrupt, or, since only migration is off, a
+    /// task that preempts this one) adds to the count first, so at most
+    /// one program ever holds the copy. A plain load and store of a flag
+    /// would let a preempting task take the copy after this program saw it
+    /// free, and both would hold it.
     #[inline(always)]
     fn begin() -> Option<Self> {
         let net = PM_NET_ONCPU.get_ptr_mut(0)?;
-        // SAFETY (here and in every method): this CPU's copy, valid for
-        // this program run, and only programs on this CPU touch it. A
-        // program that interrupts us between the load and the store runs
-        // to its end first, leaving `busy` as it found it.
-        unsafe {
-            if core::ptr::read_volatile(&raw const (*net).busy) != 0 {
-                return None;
-            }
-            put(&raw mut (*net).busy, 1);
+        let busy = {
+            // SAFETY: this CPU's copy, valid for this program run.
+            unsafe { &raw mut (*net).busy }
+        };
+        // SAFETY: as above; an atomic add on a map value.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, 1) };
+        // Ordered after the add by its address; every later access to the
+        // copy is volatile, so ordered after this load.
+        // SAFETY: as above.
+        if unsafe { get(busy) } != 1 {
+            // SAFETY: as above; adding 2^64 - 1 subtracts 1.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(busy, u64::MAX) };
+            return None;
         }
         Some(Self { net })
     }
 
     /// Adds a packet of `len` bytes to `cgroup_id`'s slot in direction
     /// `dir`. A cgroup without a slot takes the next one in turn, whose
-    /// counters go to the map first.
+    /// counters go to the map first; if they cannot go yet, the packet goes
+    /// to the map itself.
     #[inline(always)]
     fn add(&mut self, dir: usize, cgroup_id: u64, len: u64) {
         let n = self.net;
         // The masks bound the indices for the verifier (and are no-ops).
         let dir = dir & 1;
-        // SAFETY: see `begin`.
+        // SAFETY (every access): this CPU's copy, held (see `begin`).
         unsafe {
             for i in 0..NET_PENDING_SLOTS {
                 let p = &raw mut (*n).pending[dir][i];
-                if (*p).cgroup_id == cgroup_id {
-                    put(&raw mut (*p).bytes, (*p).bytes + len);
-                    put(&raw mut (*p).packets, (*p).packets + 1);
+                if get(&raw const (*p).cgroup_id) == cgroup_id {
+                    put(&raw mut (*p).bytes, get(&raw const (*p).bytes) + len);
+                    put(&raw mut (*p).packets, get(&raw const (*p).packets) + 1);
                     return;
                 }
             }
-            let v = (*n).victim[dir] as usize & (NET_PENDING_SLOTS - 1);
+            let v = get(&raw const (*n).victim[dir]) as usize & (NET_PENDING_SLOTS - 1);
+            if !self.flush(dir, v) {
+                add_to_map(cgroup_id, dir, len, 1);
+                return;
+            }
             put(
                 &raw mut (*n).victim[dir],
                 ((v + 1) & (NET_PENDING_SLOTS - 1)) as u64,
             );
-            self.flush(dir, v);
             let p = &raw mut (*n).pending[dir][v];
             put(&raw mut (*p).cgroup_id, cgroup_id);
             put(&raw mut (*p).bytes, len);
@@ -163,27 +199,45 @@ impl Update {
         }
     }
 
-    /// Sends slot `i` of direction `dir` to `PM_NET`. The slot keeps its
-    /// cgroup, so the flow goes on adding to it.
+    /// Sends slot `i` of direction `dir` to `PM_NET`; the slot keeps its
+    /// cgroup, so the flow goes on adding to it. `false` when the counters
+    /// stay in the slot: the map could not make the cgroup's key just now
+    /// (`-EBUSY`, this CPU interrupted an update of its bucket). A full map
+    /// loses them, counted as dropped.
     #[inline(always)]
-    fn flush(&mut self, dir: usize, i: usize) {
+    fn flush(&mut self, dir: usize, i: usize) -> bool {
         let (dir, i) = (dir & 1, i & (NET_PENDING_SLOTS - 1));
-        // SAFETY: see `begin`.
+        // SAFETY (every access): this CPU's copy, held (see `begin`).
         unsafe {
             let p = &raw mut (*self.net).pending[dir][i];
-            let packets = (*p).packets;
+            let packets = get(&raw const (*p).packets);
             if packets == 0 {
-                return;
+                return true;
             }
-            add_to_map((*p).cgroup_id, dir, (*p).bytes, packets);
+            match try_slot(&PM_NET, get(&raw const (*p).cgroup_id)) {
+                Ok(c) => add(c, dir, get(&raw const (*p).bytes), packets),
+                Err(E2BIG) => count_drops(DROP_NET, packets),
+                Err(_) => return false,
+            }
             put(&raw mut (*p).bytes, 0);
             put(&raw mut (*p).packets, 0);
         }
+        true
     }
 
+    /// Lets go of the copy. Release: no access to the copy may move past
+    /// it.
     #[inline(always)]
     fn commit(self) {
-        // SAFETY: see `begin`.
-        unsafe { put(&raw mut (*self.net).busy, 0) };
+        // SAFETY: this CPU's copy, held; adding 2^64 - 1 subtracts 1.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Release }>(
+                &raw mut (*self.net).busy,
+                u64::MAX,
+            )
+        };
     }
 }
+
+/// `-E2BIG`: a preallocated hash map with no free element.
+const E2BIG: i32 = -7;

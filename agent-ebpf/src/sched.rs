@@ -24,7 +24,8 @@
 //! helpers, the same state and the same results, about twice the cost.
 //!
 //! A per-CPU tick (a `cpu-clock` perf event the agent opens on every CPU)
-//! bills long slices as they run. Before it reads `PM_CPU`, the agent runs
+//! bills long slices as they run (and sends the CPU's pending traffic to
+//! `PM_NET`, see `net`). Before it reads `PM_CPU`, the agent runs
 //! [`pm_cpu_sync`], the tick's work, on every CPU: the read then holds the
 //! time up to that moment, and only programs on a CPU ever touch its
 //! [`OnCpu`] slot (no cross-CPU ordering to get right on arm64).

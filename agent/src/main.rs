@@ -201,9 +201,10 @@ struct Cli {
     #[arg(long, hide = true)]
     force_entry_reads: bool,
 
-    /// Test-only: attach no per-CPU tick, so that counters reach the maps
-    /// only at context switches, slot changes and the sync before each
-    /// read (what makes a read exact is then the sync alone).
+    /// Test-only: attach no per-CPU tick, so that a CPU's pending counters
+    /// reach the maps only when their slot is needed for another cgroup
+    /// and at the sync before each read (what makes a read exact is then
+    /// the sync alone).
     #[arg(long, hide = true)]
     force_no_tick: bool,
 
@@ -488,7 +489,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if cli.force_no_tick {
         warn!(
-            "no per-CPU tick (--force-no-tick): counters reach the maps at switches and reads only"
+            "no per-CPU tick (--force-no-tick): pending counters reach the maps only when their \
+             slot is needed and at each read"
         );
     }
     match &origin {

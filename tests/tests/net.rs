@@ -114,8 +114,31 @@ fn tcp(netns: Option<(&str, &str)>, sink_addr: &str, connect_host: &str, tag: &s
 enum Read {
     /// Until two scrapes agree.
     Settled,
-    /// One scrape, at once: the traffic must be in the maps by then.
+    /// One scrape, at once: the traffic must be in the maps by then. The
+    /// flow runs on CPU 0, the agent and the scrape on CPU 1: the scrape's
+    /// own packets, counted on the CPU that sends them, must not push the
+    /// flow's pending counters out of CPU 0's slots.
     First,
+}
+
+/// Pins the calling thread to `cpu` until dropped.
+struct Pinned(nix::sched::CpuSet);
+
+impl Pinned {
+    fn to(cpu: usize) -> Self {
+        use nix::{sched, unistd::Pid};
+        let before = sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let mut only = sched::CpuSet::new();
+        only.set(cpu).unwrap();
+        sched::sched_setaffinity(Pid::from_raw(0), &only).unwrap();
+        Self(before)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
 }
 
 fn udp(
@@ -131,20 +154,25 @@ fn udp(
     const HEADERS: u64 = 20 + 8; // IPv4 + UDP
     let tree = TestTree::new(tag);
     let (sender, receiver) = (tree.cgroup("sender"), tree.cgroup("receiver"));
-    let agent = Agent::start(agent_args);
+    let (_pinned, agent, flow_cpu) = match read {
+        Read::Settled => (None, Agent::start(agent_args), vec![]),
+        Read::First => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            assert!(cpus >= 2, "this test needs two CPUs, and has {cpus}");
+            let pinned = Pinned::to(1);
+            let agent = Agent::start_under(&["taskset", "-c", "1"], agent_args);
+            (Some(pinned), agent, vec!["--cpu", "0"])
+        }
+    };
     let (ns_send, ns_recv) = netns.unzip();
 
-    let mut sink = receiver.spawn(ns_recv, &["udp-sink", sink_addr, &COUNT.to_string()]);
+    let count = COUNT.to_string();
+    let sink_args = [&flow_cpu[..], &["udp-sink", sink_addr, &count]].concat();
+    let mut sink = receiver.spawn(ns_recv, &sink_args);
     let port = sink.line()[1].clone();
-    let mut send = sender.spawn(
-        ns_send,
-        &[
-            "udp-send",
-            &format!("{connect_host}:{port}"),
-            &COUNT.to_string(),
-            &SIZE.to_string(),
-        ],
-    );
+    let (to, size) = (format!("{connect_host}:{port}"), SIZE.to_string());
+    let send_args = [&flow_cpu[..], &["udp-send", &to, &count, &size]].concat();
+    let mut send = sender.spawn(ns_send, &send_args);
     assert_eq!(send.line(), ["sent", &COUNT.to_string()]);
     send.wait();
     let got = sink.line();

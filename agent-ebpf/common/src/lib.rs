@@ -213,12 +213,14 @@ pub struct NetPending {
 /// Unlike `sched_switch`, the packet programs run with interrupts on and,
 /// in process context, even preemptible (only migration is off): another
 /// packet program may run on the CPU in the middle of an update. `busy`
-/// sends that one to `PM_NET` directly; a tick or sync finding it set
-/// leaves the copy alone.
+/// lets one program at a time hold the copy (see agent-ebpf/src/net.rs);
+/// a packet that cannot goes to `PM_NET` directly, and a tick or sync
+/// that cannot leaves the copy for the next one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetOnCpu {
-    /// Non-zero while a program updates this copy.
+    /// Programs holding or trying to hold this copy (atomic adds); the one
+    /// that finds 1 after its own add holds it.
     pub busy: u64,
     /// Per direction, the slot of `pending` that goes to the map when a
     /// cgroup without one needs a slot (they take turns).

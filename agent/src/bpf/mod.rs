@@ -439,7 +439,7 @@ pub fn load(
         Err(e) => {
             tracing::warn!(
                 "cannot run the CPU sync program on each CPU ({e}; it needs Linux 5.10): \
-                 CPU counters lag each CPU by up to {} ms",
+                 CPU and network counters lag each CPU by up to {} ms",
                 TICK_PERIOD_NS / 1_000_000
             );
             None
@@ -909,7 +909,9 @@ impl Maps {
         self.totals(&self.wait_hist, 2)
     }
 
-    /// Traffic by socket cgroup id, summed over CPUs.
+    /// Traffic by socket cgroup id, summed over CPUs. Read right after
+    /// [`Maps::read_cpu`], whose sync also brought each CPU's pending
+    /// traffic into the map.
     pub fn read_net(&self) -> Result<HashMap<u64, NetCounters>, MapError> {
         self.totals(&self.net, 1)
     }

@@ -49,8 +49,8 @@ struct TestRunAttr {
 
 const _: () = assert!(size_of::<TestRunAttr>() == 72);
 
-/// The sync program and the CPUs it runs on: those the tick is attached
-/// to (the CPUs online at start).
+/// The sync program and the CPUs it runs on: those online at start (where
+/// the tick is attached).
 pub struct CpuSync {
     prog: ProgramFd,
     cpus: Vec<u32>,
@@ -92,9 +92,14 @@ impl CpuSync {
             if self.run_once(cpu)? != SYNC_NET_BUSY {
                 return Ok(());
             }
-            std::hint::spin_loop();
+            // The update may belong to a task this thread preempted on its
+            // own CPU: let it run.
+            std::thread::yield_now();
         }
-        self.run_once(cpu).map(drop)
+        if self.run_once(cpu)? == SYNC_NET_BUSY {
+            tracing::debug!(cpu, "CPU {cpu}'s pending traffic stays for its next tick or sync");
+        }
+        Ok(())
     }
 
     /// One run on `cpu`, and what the program returned.
