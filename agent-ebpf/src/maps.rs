@@ -44,7 +44,8 @@ pub(crate) static PM_NET_ONCPU: PerCpuArray<NetOnCpu> = PerCpuArray::with_max_en
 pub(crate) static PM_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_SLOTS, 0);
 
 /// Returns this CPU's slot for `cgroup_id` in `map`, creating it zeroed if
-/// needed. `None` means the map is full; the caller's loss is counted in
+/// needed. `None` means the key cannot be made (the map is full, or, rarely,
+/// busy: see [`retry_later`]); the caller's loss is counted in
 /// `PM_DROPS[drop_slot]`.
 #[inline(always)]
 pub(crate) fn slot<V: Default>(
@@ -79,6 +80,25 @@ pub(crate) fn try_slot<V: Default>(
         Some(v) => Ok(v),
         None => Err(made.err().unwrap_or(0)),
     }
+}
+
+/// Whether a key [`try_slot`] could not make may be made by a later try,
+/// so that a flush keeps its counters pending rather than losing them.
+/// `-EBUSY` (before 6.15; `-EDEADLK` or `-ETIMEDOUT` with the resilient
+/// spin locks since): this CPU is inside another update of the same lock
+/// stripe of the map, in a program this one interrupted or in a task
+/// preempted in a map syscall (5.11 to 6.0 hold the stripe with only
+/// migration off). `0`, or `-EEXIST` with no key to look up: the key was
+/// made and deleted at once (the agent forgetting the cgroup). Anything
+/// else (`-E2BIG`, a full map) stays so: the counters are lost, and counted
+/// as dropped.
+#[inline(always)]
+pub(crate) fn retry_later(err: i32) -> bool {
+    const EBUSY: i32 = -16;
+    const EEXIST: i32 = -17;
+    const EDEADLK: i32 = -35;
+    const ETIMEDOUT: i32 = -110;
+    matches!(err, 0 | EBUSY | EEXIST | EDEADLK | ETIMEDOUT)
 }
 
 /// Counts `n` updates lost in `PM_DROPS[drop_slot]`.

@@ -22,7 +22,7 @@ use podmeter_common::{
     DROP_NET, NET_EGRESS, NET_INGRESS, NET_PENDING_SLOTS, NetCounters, NetOnCpu,
 };
 
-use crate::maps::{PM_NET, PM_NET_ONCPU, count_drops, try_slot};
+use crate::maps::{PM_NET, PM_NET_ONCPU, count_drops, retry_later, try_slot};
 
 const PASS: i32 = 1;
 
@@ -202,8 +202,7 @@ impl Update {
     /// Sends slot `i` of direction `dir` to `PM_NET`; the slot keeps its
     /// cgroup, so the flow goes on adding to it. `false` when the counters
     /// stay in the slot: the map could not make the cgroup's key just now
-    /// (`-EBUSY`, this CPU interrupted an update of its bucket). A full map
-    /// loses them, counted as dropped.
+    /// ([`retry_later`]). A full map loses them, counted as dropped.
     #[inline(always)]
     fn flush(&mut self, dir: usize, i: usize) -> bool {
         let (dir, i) = (dir & 1, i & (NET_PENDING_SLOTS - 1));
@@ -216,8 +215,8 @@ impl Update {
             }
             match try_slot(&PM_NET, get(&raw const (*p).cgroup_id)) {
                 Ok(c) => add(c, dir, get(&raw const (*p).bytes), packets),
-                Err(E2BIG) => count_drops(DROP_NET, packets),
-                Err(_) => return false,
+                Err(e) if retry_later(e) => return false,
+                Err(_) => count_drops(DROP_NET, packets),
             }
             put(&raw mut (*p).bytes, 0);
             put(&raw mut (*p).packets, 0);
@@ -238,6 +237,3 @@ impl Update {
         };
     }
 }
-
-/// `-E2BIG`: a preallocated hash map with no free element.
-const E2BIG: i32 = -7;

@@ -53,6 +53,8 @@
 //! own length; the rare billing that ends several (counted across a move
 //! between CPUs) is bucketed by their average.
 
+use core::ptr::null_mut;
+
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
@@ -61,9 +63,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, perf_event, raw_tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, SYNC_NET_BUSY, WAIT_BUCKETS, wait_bucket};
+use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, SYNC_BUSY, WAIT_BUCKETS, wait_bucket};
 
-use crate::maps::{PM_CPU, PM_ONCPU, PM_WAIT_HIST, slot};
+use crate::maps::{PM_CPU, PM_ONCPU, PM_WAIT_HIST, count_drops, retry_later, slot, try_slot};
 
 // Byte offsets of kernel struct members, set by the agent at load time from
 // kernel BTF (0 if not found).
@@ -161,8 +163,9 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
 /// ([`crate::net`]).
 #[perf_event]
 pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
-    sample();
-    // Busy: a packet program it interrupted; the next tick sends it.
+    // What either leaves pending (a busy map, or a packet program it
+    // interrupted) goes at the next tick or sync.
+    let _ = sample();
     let _ = crate::net::flush_pending();
     0
 }
@@ -171,25 +174,24 @@ pub fn pm_cpu_tick(_ctx: PerfEventContext) -> u32 {
 /// (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`, an IPI), so the read
 /// holds every CPU's time up to that moment, and the agent never reads
 /// another CPU's [`OnCpu`]. See [`sample`]. It sends the CPU's pending
-/// traffic to `PM_NET` too, and returns [`SYNC_NET_BUSY`] when it could
-/// not (a packet program it interrupted was updating it), for the agent to
-/// ask again.
+/// traffic to `PM_NET` too, and returns [`SYNC_BUSY`] when something stays
+/// pending (a packet program it interrupted was updating the traffic, or a
+/// map could not make a key just now), for the agent to ask again.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn pm_cpu_sync(_ctx: RawTracePointContext) -> i32 {
-    sample();
-    if crate::net::flush_pending() {
-        0
-    } else {
-        SYNC_NET_BUSY
-    }
+    // Both, whatever the first returns.
+    let cpu = sample();
+    let net = crate::net::flush_pending();
+    if cpu && net { 0 } else { SYNC_BUSY }
 }
 
 /// Bills the slice of the task on this CPU so far, sends the pending
-/// counters to the map and records the task as running from now.
+/// counters to the map and records the task as running from now. `false`
+/// when some counters stay pending (see [`flush`]).
 #[inline(always)]
-fn sample() {
+fn sample() -> bool {
     let Some(mut cpu) = Update::begin() else {
-        return;
+        return false;
     };
     // SAFETY: helpers without preconditions.
     let (task, now) = unsafe { (bpf_get_current_task(), bpf_ktime_get_ns()) };
@@ -202,10 +204,11 @@ fn sample() {
         let wait = cpu.waited(task, delays);
         cpu.bill(cgroup_id, time, 0, wait);
     }
-    cpu.flush();
+    let all = cpu.flush();
     cpu.since(now);
     cpu.running(task, rt.unwrap_or(0), delays);
     cpu.commit();
+    all
 }
 
 /// The value of an offset global the loader may have rewritten.
@@ -385,7 +388,8 @@ impl Update {
     }
 
     /// Adds to `cgroup_id`'s pending counters. A cgroup without a slot
-    /// takes the next one in turn, whose counters go to the map first.
+    /// takes the next one in turn, whose counters go to the map first; if
+    /// they cannot go yet, this billing goes to the map itself.
     #[inline(always)]
     fn bill(&mut self, cgroup_id: u64, time: u64, switches: u64, wait: Wait) {
         let c = self.cpu;
@@ -404,7 +408,12 @@ impl Update {
             }
             let v = (*c).victim as usize % PENDING_SLOTS;
             put(&raw mut (*c).victim, ((v + 1) % PENDING_SLOTS) as u64);
-            flush(c, v);
+            // The victim moves on even so: the next new cgroup tries
+            // another slot, and the tick retries this one.
+            if !flush(c, v) {
+                to_map(cgroup_id, time, switches, wait);
+                return;
+            }
             let p = &raw mut (*c).pending[v];
             put(&raw mut (*p).cgroup_id, cgroup_id);
             put(&raw mut (*p).time_ns, time);
@@ -415,13 +424,16 @@ impl Update {
         }
     }
 
-    /// Sends every pending counter to `PM_CPU`.
+    /// Sends every pending counter to `PM_CPU`; `false` when some stay
+    /// pending (see [`flush`]).
     #[inline(always)]
-    fn flush(&mut self) {
+    fn flush(&mut self) -> bool {
+        let mut all = true;
         for i in 0..PENDING_SLOTS {
             // SAFETY: see `begin`.
-            unsafe { flush(self.cpu, i) };
+            all &= unsafe { flush(self.cpu, i) };
         }
+        all
     }
 
     /// Records the task on the CPU and its runtime and wait totals so far.
@@ -480,23 +492,46 @@ unsafe fn bucket(c: *mut OnCpu, i: usize, wait: Wait, fresh: bool) {
     }
 }
 
-/// Sends pending slot `i` to `PM_CPU`, and its buckets to `PM_WAIT_HIST`
-/// (a full map counts a drop), and frees it.
+/// Sends pending slot `i` to `PM_CPU`, and its buckets to `PM_WAIT_HIST`,
+/// and frees it. `false` when it stays pending, whole: a map could not make
+/// the cgroup's key just now ([`retry_later`]: this CPU is inside another
+/// update of the map), and the next flush sends it. A full map loses its
+/// part, counted as a drop.
 ///
 /// # Safety
 ///
 /// `c` must be this CPU's [`OnCpu`] slot, `i` below [`PENDING_SLOTS`].
 #[inline(always)]
-unsafe fn flush(c: *mut OnCpu, i: usize) {
+unsafe fn flush(c: *mut OnCpu, i: usize) -> bool {
     // SAFETY: see above.
     unsafe {
         let i = i & (PENDING_SLOTS - 1);
         let p = &raw mut (*c).pending[i];
         let id = (*p).cgroup_id;
         if id == 0 {
-            return;
+            return true;
         }
-        if let Some(m) = slot(&PM_CPU, id, DROP_CPU) {
+        // Buckets hold waits only where `waits` does.
+        let hist = offset(&WAIT_HISTOGRAM) != 0 && (*p).waits != 0;
+        // Both keys before any add, so that a retry adds nothing twice.
+        // Null for a full map: not `Option`, whose `None` leaves a register
+        // the verifier refuses to see spilled unset.
+        let m = match try_slot(&PM_CPU, id) {
+            Ok(m) => m,
+            Err(e) if retry_later(e) => return false,
+            Err(_) => null_mut(),
+        };
+        let hm = match hist {
+            true => match try_slot(&PM_WAIT_HIST, id) {
+                Ok(h) => h,
+                Err(e) if retry_later(e) => return false,
+                Err(_) => null_mut(),
+            },
+            false => null_mut(),
+        };
+        if m.is_null() {
+            count_drops(DROP_CPU, 1);
+        } else {
             // Per-CPU slot, not shared with another context.
             let m = &mut *m;
             m.time_ns += (*p).time_ns;
@@ -504,11 +539,12 @@ unsafe fn flush(c: *mut OnCpu, i: usize) {
             m.wait_ns += (*p).wait_ns;
             m.waits += (*p).waits;
         }
-        // Buckets hold waits only where `waits` does.
-        if offset(&WAIT_HISTOGRAM) != 0 && (*p).waits != 0 {
+        if hist {
             let h = &raw mut (*c).buckets[i];
-            if let Some(m) = slot(&PM_WAIT_HIST, id, DROP_CPU) {
-                let m = &mut *m;
+            if hm.is_null() {
+                count_drops(DROP_CPU, 1);
+            } else {
+                let m = &mut *hm;
                 for b in 0..WAIT_BUCKETS {
                     m.counts[b] += (*h).counts[b];
                 }
@@ -522,5 +558,31 @@ unsafe fn flush(c: *mut OnCpu, i: usize) {
         put(&raw mut (*p).switches, 0);
         put(&raw mut (*p).wait_ns, 0);
         put(&raw mut (*p).waits, 0);
+    }
+    true
+}
+
+/// Adds one billing to `cgroup_id`'s counters in the maps themselves, when
+/// no pending slot could be freed for it; a key the map cannot make loses
+/// it, counted as a drop.
+#[inline(always)]
+fn to_map(cgroup_id: u64, time: u64, switches: u64, wait: Wait) {
+    if let Some(m) = slot(&PM_CPU, cgroup_id, DROP_CPU) {
+        // SAFETY: this CPU's value, valid for this program run; only a
+        // program holding this CPU's `Update` adds to it.
+        let m = unsafe { &mut *m };
+        m.time_ns += time;
+        m.switches += switches;
+        m.wait_ns += wait.ns;
+        m.waits += wait.count;
+    }
+    if offset(&WAIT_HISTOGRAM) == 0 || wait.count == 0 {
+        return;
+    }
+    if let Some(h) = slot(&PM_WAIT_HIST, cgroup_id, DROP_CPU) {
+        // SAFETY: as above.
+        let h = unsafe { &mut *h };
+        let b = wait_bucket(wait.ns / wait.count) & (WAIT_BUCKETS - 1);
+        h.counts[b] += wait.count;
     }
 }

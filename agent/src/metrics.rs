@@ -303,7 +303,7 @@ const SELF_FAMILIES: [(&str, &str, &[&str]); 4] = [
     ),
     (
         "podmeter_bpf_map_dropped_updates_total",
-        "Counter updates lost because a BPF map was full; raise --max-cgroups if this grows.",
+        "Counter updates lost because a BPF map was full (raise --max-cgroups if this grows), or, rarely, busy on its CPU.",
         &["map"],
     ),
 ];

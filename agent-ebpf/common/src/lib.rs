@@ -135,7 +135,8 @@ pub struct Pending {
 /// more than the rest of the `sched_switch` program together. A cgroup's
 /// pending counters go to the map when its slot is needed for another
 /// cgroup, at every tick, and when the agent syncs the CPU before a read,
-/// so together they never hold more than one tick period of the CPU's time.
+/// so together they normally hold at most one tick period of the CPU's time
+/// (more only while a map cannot take a new key, see `retry_later`).
 ///
 /// Only programs running on the CPU itself touch its copy: the agent never
 /// reads it, but runs the sync program on each CPU (an IPI) and reads
@@ -179,10 +180,11 @@ pub struct OnCpu {
 /// packet.
 pub const NET_PENDING_SLOTS: usize = 2;
 
-/// What the sync program returns when it found the CPU's [`NetOnCpu`] in the
-/// middle of an update, and left its traffic pending: the agent runs it
-/// again.
-pub const SYNC_NET_BUSY: i32 = 1;
+/// What the sync program returns when it left counters pending: it found
+/// the CPU's [`NetOnCpu`] in the middle of an update, or a map could not
+/// make a cgroup's key just now (it interrupted an update of the key's
+/// bucket). The agent runs it again.
+pub const SYNC_BUSY: i32 = 1;
 
 /// [`NetOnCpu::pending`] index of received traffic.
 pub const NET_INGRESS: usize = 0;

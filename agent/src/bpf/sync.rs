@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::programs::ProgramFd;
-use podmeter_common::SYNC_NET_BUSY;
+use podmeter_common::SYNC_BUSY;
 
 /// `enum bpf_cmd`: BPF_PROG_TEST_RUN.
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -79,25 +79,26 @@ impl CpuSync {
         Ok(())
     }
 
-    /// Runs the program on `cpu`, again while it finds the CPU's traffic
-    /// in the middle of an update ([`SYNC_NET_BUSY`]; see
-    /// agent-ebpf/src/net.rs). An update interrupted by the IPI ends within
-    /// nanoseconds of it, so the next run finds it done. One preempted in
-    /// process context may stay unfinished for a while: after a few tries
-    /// that CPU's pending traffic waits for its next tick or sync, which
-    /// delays those bytes by a scrape and loses none.
+    /// Runs the program on `cpu`, again while it leaves counters pending
+    /// ([`SYNC_BUSY`]: it found the CPU's traffic, or a map bucket, in the
+    /// middle of an update; see agent-ebpf/src/net.rs and sched.rs). An
+    /// update interrupted by the IPI ends within nanoseconds of it, so the
+    /// next run finds it done. One preempted in process context may stay
+    /// unfinished for a while: after a few tries that CPU's pending
+    /// counters wait for its next tick or sync, which delays them by a
+    /// scrape and loses none.
     fn run_on(&self, cpu: u32) -> io::Result<()> {
         const TRIES: usize = 4;
         for _ in 1..TRIES {
-            if self.run_once(cpu)? != SYNC_NET_BUSY {
+            if self.run_once(cpu)? != SYNC_BUSY {
                 return Ok(());
             }
             // The update may belong to a task this thread preempted on its
             // own CPU: let it run.
             std::thread::yield_now();
         }
-        if self.run_once(cpu)? == SYNC_NET_BUSY {
-            tracing::debug!(cpu, "CPU {cpu}'s pending traffic stays for its next tick or sync");
+        if self.run_once(cpu)? == SYNC_BUSY {
+            tracing::debug!(cpu, "CPU {cpu}'s pending counters stay for its next tick or sync");
         }
         Ok(())
     }
