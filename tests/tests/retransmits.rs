@@ -45,17 +45,28 @@ fn tracepoint_reports_failures() -> bool {
     (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 17)
 }
 
-/// Sends `PAYLOAD` from `sender` in `a` to `receiver` in `b` with an agent
-/// running, and checks the sender's retransmits against the kernel's;
-/// returns how many retransmitted segments the transmit failed.
+/// What one transfer retransmitted, by the sockets' own count, and how
+/// many of those retransmits' transmits failed.
+struct Retransmitted {
+    truth: f64,
+    failed: f64,
+}
+
+/// Sends `payload` bytes from a sender cgroup in `a` to a receiver cgroup
+/// in `b` (both new, named after `attempt`) with an agent running, and
+/// checks the sender's retransmits against the kernel's.
 fn sends_and_matches(
     what: &str,
     tree: &TestTree,
     (a, b): (&NetNs, &NetNs),
     port: u16,
     payload: u64,
-) -> f64 {
-    let (sender, receiver) = (tree.cgroup("sender"), tree.cgroup("receiver"));
+    attempt: u32,
+) -> Retransmitted {
+    let (sender, receiver) = (
+        tree.cgroup(&format!("sender-{attempt}")),
+        tree.cgroup(&format!("receiver-{attempt}")),
+    );
     let agent = Agent::start(&[]);
     let failed_before = tcp_ext(a, "TCPRetransFail");
     let listen = format!("10.231.0.2:{port}");
@@ -85,10 +96,6 @@ fn sends_and_matches(
             "before 6.17 the tracepoint fires only for sent ones"
         }
     );
-    assert!(
-        truth >= 100.0,
-        "too few retransmits to judge ({truth}): is the drop rule in place?"
-    );
     assert_eq!(
         got, want,
         "podmeter's retransmitted segments, against TCP_INFO {truth} with {failed} failed transmits"
@@ -98,7 +105,7 @@ fn sends_and_matches(
         receiver_got <= 0.01 * truth,
         "the receiver retransmitted {receiver_got}"
     );
-    failed
+    Retransmitted { truth, failed }
 }
 
 #[test]
@@ -106,12 +113,18 @@ fn tcp_retransmits_match_tcp_info_under_random_loss() {
     let tree = TestTree::new("retrans");
     let (a, b) = veth_pair("rtx");
     let how = random_loss(&a, &b, 7100, LOSS_PERCENT).unwrap_or_else(|e| panic!("{e}"));
-    sends_and_matches(
+    let r = sends_and_matches(
         &format!("on the wire, {how}"),
         &tree,
         (&a, &b),
         7100,
         PAYLOAD,
+        1,
+    );
+    assert!(
+        r.truth >= 100.0,
+        "too few retransmits to judge ({}): is the drop rule in place?",
+        r.truth
     );
 }
 
@@ -124,18 +137,41 @@ fn tcp_retransmits_whose_transmit_failed_are_counted_as_the_kernel_counts_them()
     let (a, b) = veth_pair("rtxf");
     let how = random_loss(&a, &b, 7101, LOSS_PERCENT).unwrap_or_else(|e| panic!("{e}"));
     nft_in(&a, &failing_output_ruleset(7101, FAILING_PERCENT)).unwrap_or_else(|e| panic!("{e}"));
-    let failed = sends_and_matches(
-        &format!("on the wire, {how}, and {FAILING_PERCENT} % of the sender's transmits failed"),
-        &tree,
-        (&a, &b),
-        7101,
-        // Failed transmits wait for timers: slow under qemu's TCG. Not
-        // less: at 3 MB a VM saw only 13 to 50 retransmits (too few to
-        // judge), at 8 MB about 500.
-        PAYLOAD / 3,
+    // Whether a transfer meets the case is up to chance: about one in eight
+    // here saw no failed retransmit at all (the failures hit only
+    // originals) or under 100 retransmits. Each attempt is checked in full;
+    // another one is made only when the case did not occur.
+    const ATTEMPTS: u32 = 4;
+    let mut r = Retransmitted {
+        truth: 0.0,
+        failed: 0.0,
+    };
+    for attempt in 1..=ATTEMPTS {
+        r = sends_and_matches(
+            &format!(
+                "on the wire, {how}, and {FAILING_PERCENT} % of the sender's transmits failed"
+            ),
+            &tree,
+            (&a, &b),
+            7101,
+            // Failed transmits wait for timers: slow under qemu's TCG. Not
+            // less: at 3 MB a VM saw only 13 to 50 retransmits (too few to
+            // judge), at 8 MB about 500.
+            PAYLOAD / 3,
+            attempt,
+        );
+        if r.truth >= 100.0 && r.failed > 0.0 {
+            break;
+        }
+        eprintln!("attempt {attempt}: the case did not occur, again");
+    }
+    assert!(
+        r.truth >= 100.0,
+        "too few retransmits to judge ({}) in {ATTEMPTS} attempts: is the drop rule in place?",
+        r.truth
     );
     assert!(
-        failed > 0.0,
-        "no retransmit's transmit failed (TCPRetransFail did not move): the case is untested"
+        r.failed > 0.0,
+        "no retransmit's transmit failed (TCPRetransFail did not move) in {ATTEMPTS} attempts: the case is untested"
     );
 }
