@@ -54,6 +54,9 @@ pub struct Stats {
     pub memory_limit: Option<u64>,
     /// Processes killed by the OOM killer, where memory is accounted.
     pub oom_kills: Option<u64>,
+    /// The same in the whole subtree, removed cgroups included: pod-level
+    /// cgroups on cgroup v2 only.
+    pub subtree_oom_kills: Option<u64>,
     /// Pressure stall totals, where the kernel tracks them.
     pub pressure: Pressure,
 }
@@ -102,7 +105,8 @@ pub struct Index {
     departed: HashMap<u64, (Arc<Cgroup>, Instant)>,
     /// Counted by the kernel but never seen in the tree, with first sighting.
     unresolved: HashMap<u64, Instant>,
-    /// Memory and limit by id, for counted cgroups (departed: last read).
+    /// Memory and limit by id, for counted cgroups (departed: last read),
+    /// and the subtree OOM kills of uncounted live pod-level ones.
     stats: HashMap<u64, Stats>,
     /// Grows with each publication.
     pub generation: u64,
@@ -140,6 +144,15 @@ impl Index {
     /// What the last refresh read of the cgroup.
     pub fn stats(&self, id: u64) -> Option<Stats> {
         self.stats.get(&id).copied()
+    }
+
+    /// Live pod-level cgroups whose subtree OOM kills the last refresh read,
+    /// with the count, in no order: those the kernel counts nothing of
+    /// (cgroup v2 puts no task in them) have no row otherwise.
+    pub fn subtree_oom_kills(&self) -> impl Iterator<Item = (u64, &Arc<Cgroup>, u64)> + '_ {
+        self.stats.iter().filter_map(|(&id, s)| {
+            Some((id, self.live.get(&id)?, s.subtree_oom_kills?))
+        })
     }
 
     /// `[live, departed, unresolved]` counts.
@@ -257,9 +270,11 @@ impl IndexState {
     }
 
     fn cgroup(&self, path: String, now: Instant) -> Arc<Cgroup> {
+        let identity = identity::parse(&path);
+        let pod_level = identity.is_pod_level();
         Arc::new(Cgroup {
-            identity: identity::parse(&path),
-            files: CgroupFiles::new(&self.mounts, &path),
+            identity,
+            files: CgroupFiles::new(&self.mounts, &path, pod_level),
             path,
             first_seen: now,
         })
@@ -350,9 +365,11 @@ impl IndexState {
 
     /// A refresh, given the ids the kernel counts now: reads memory,
     /// limits, OOM kills and pressure of the counted live cgroups (all, or
-    /// only those never read yet) with `read`, and retires departed and
-    /// unresolved cgroups past the grace period. The caller deletes the
-    /// retired ids' counters before it publishes the result.
+    /// only those never read yet) with `read`, and the subtree OOM kills of
+    /// the other live pod-level cgroups (see [`read_subtree_oom_kills`]),
+    /// and retires departed and unresolved cgroups past the grace period.
+    /// The caller deletes the retired ids' counters before it publishes the
+    /// result.
     pub fn refresh(
         &mut self,
         counted: &[u64],
@@ -433,6 +450,36 @@ impl IndexState {
                 }
             }
         }
+        // Pod-level cgroups hold no task on cgroup v2, so the kernel never
+        // counts them; their subtree's OOM kills, the pod's, are read all
+        // the same, and only those. Nothing is read where they are not kept
+        // (v1 memory: `memory::Files` has no such file).
+        for (id, cgroup) in &index.live {
+            if is_counted(id) || !cgroup.identity.is_pod_level() {
+                continue;
+            }
+            let kills = match index.stats.get(id) {
+                Some(s) if !all => s.subtree_oom_kills,
+                _ => match read_subtree_oom_kills(cgroup) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        if !is_gone(&e) {
+                            let (failed, last) = &mut errors[FileGroup::Memory as usize];
+                            *failed += 1;
+                            *last = Some(e.to_string());
+                        }
+                        None
+                    }
+                },
+            };
+            if let Some(k) = kills {
+                let s = Stats {
+                    subtree_oom_kills: Some(k),
+                    ..Stats::default()
+                };
+                stats.insert(*id, s);
+            }
+        }
         index.unresolved = unresolved;
         index.stats = stats;
         index.refreshed = Some(now);
@@ -445,6 +492,15 @@ impl IndexState {
         index.live.shrink_to_fit();
         changes.retired = retired;
         changes
+    }
+}
+
+/// The OOM kills in a pod-level cgroup's subtree, where they are read (see
+/// `memory::Files`): `Ok(None)` elsewhere, without a read.
+pub fn read_subtree_oom_kills(cgroup: &Cgroup) -> io::Result<Option<u64>> {
+    match &cgroup.files.memory {
+        Some(m) => m.subtree_oom_kills(),
+        None => Ok(None),
     }
 }
 
@@ -462,6 +518,7 @@ pub fn read_stats(cgroup: &Cgroup) -> Read {
         stats.memory = m.working_set()?;
         stats.memory_limit = m.limit()?;
         stats.oom_kills = m.oom_kills()?;
+        stats.subtree_oom_kills = m.subtree_oom_kills()?;
         Ok(())
     });
     let pressure = files.pressure.as_ref().map(|p| -> io::Result<()> {

@@ -61,7 +61,7 @@ const US_PER_S: f64 = 1e6;
 
 /// The per-cgroup metrics (exposed in family name order). Documented in the
 /// README.
-const SPECS: [Spec; 22] = [
+const SPECS: [Spec; 23] = [
     Spec {
         suffix: "cpu_usage_seconds_total",
         help: "CPU time consumed by tasks in the cgroup (sched_switch accounting, idle excluded).",
@@ -144,6 +144,13 @@ const SPECS: [Spec; 22] = [
         help: "Processes of the cgroup killed by the OOM killer (memory.events.local oom_kill on cgroup v2, memory.oom_control oom_kill on v1).",
         kind: MetricType::COUNTER,
         value: |r| r.oom_kills.map(|n| n as f64),
+        needs: Need::Nothing,
+    },
+    Spec {
+        suffix: "subtree_oom_kills_total",
+        help: "Processes killed by the OOM killer in the cgroup and every cgroup below it, removed ones included (memory.events oom_kill, hierarchical): for pod-level cgroups, the pod's kills, also those that ended a container. Cgroup v2 only.",
+        kind: MetricType::COUNTER,
+        value: |r| r.subtree_oom_kills.map(|n| n as f64),
         needs: Need::Nothing,
     },
     Spec {
@@ -261,7 +268,7 @@ const MAPS: [&str; 2] = ["cpu", "net"];
 /// Renders per-cgroup metrics and podmeter's own map and tracking gauges
 /// from a [`Snapshot`].
 ///
-/// The per-cgroup families are the bulk of a scrape (22 families × every
+/// The per-cgroup families are the bulk of a scrape (23 families × every
 /// counted cgroup), so they are written straight in the text exposition
 /// format: each row's label set is escaped and formatted once per scrape,
 /// not once per family, and no intermediate `MetricFamily` is built. The
@@ -990,8 +997,10 @@ mod tests {
                         cpu_v1: None,
                         unified_shows: Some("/".into()),
                         psi: false,
+                        memory_local_events: false,
                     },
                     path,
+                    false,
                 ),
             }),
             cpu: (k % 5 != 1).then_some(CpuCounters {
@@ -1014,6 +1023,7 @@ mod tests {
             memory: (k % 4 != 2).then_some(4096 * k),
             memory_limit: (k % 3 == 1).then_some(k << 20),
             oom_kills: (k % 4 != 2).then_some(k / 3),
+            subtree_oom_kills: (k % 4 == 1).then_some(k / 2),
             pressure: Pressure {
                 cpu: k.is_multiple_of(2).then_some(Totals {
                     some_us: 1_000_001 * k,
@@ -1133,6 +1143,7 @@ mod tests {
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
         assert!(want.contains("podmeter_container_oom_kills_total{"));
+        assert!(want.contains("podmeter_container_subtree_oom_kills_total{"));
         assert!(want.contains("podmeter_cgroup_pressure_cpu_stalled_seconds_total{"));
         assert!(!want.contains("pressure_io"), "no io totals: no io families");
         assert!(want.contains("podmeter_cgroup_tree_updates_total{source=\"rmdir\"} 4\n"));

@@ -67,6 +67,9 @@ pub struct Row {
     pub memory_limit: Option<u64>,
     /// Processes killed by the OOM killer, where memory is accounted.
     pub oom_kills: Option<u64>,
+    /// The same in the cgroup's subtree, removed cgroups included (pod-level
+    /// cgroups on cgroup v2).
+    pub subtree_oom_kills: Option<u64>,
     /// Pressure stall totals, where the kernel tracks them.
     pub pressure: Pressure,
     /// CPU limit in cores, if the cgroup has one (live cgroups only: a
@@ -150,7 +153,7 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
         ..Default::default()
     };
     let (mut unknown, mut missing_stats) = (false, false);
-    for id in ids {
+    for &id in &ids {
         let Some(cgroup) = index.get(id) else {
             if index.is_unresolved(id) {
                 out.unresolved += 1;
@@ -192,11 +195,41 @@ pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Inst
             // their last values through the grace period.
             memory_limit: stats.memory_limit.filter(|_| is_live),
             oom_kills: stats.oom_kills,
+            subtree_oom_kills: stats.subtree_oom_kills,
             pressure: stats.pressure,
             cpu_limit,
             throttling: None,
             names,
         });
+    }
+    // Pod-level cgroups the kernel counts nothing of (cgroup v2): a row for
+    // their subtree's OOM kills alone, and no other family.
+    let counted_rows = out.rows.len();
+    for (id, cgroup, kills) in index.subtree_oom_kills() {
+        if ids.binary_search(&id).is_ok() {
+            continue;
+        }
+        let Naming::Named(names) = names.name(id, cgroup, now) else {
+            continue;
+        };
+        out.rows.push(Row {
+            id,
+            cgroup: cgroup.clone(),
+            cpu: None,
+            wait_hist: None,
+            net: None,
+            memory: None,
+            memory_limit: None,
+            oom_kills: None,
+            subtree_oom_kills: Some(kills),
+            pressure: Pressure::default(),
+            cpu_limit: None,
+            throttling: None,
+            names: Some(names),
+        });
+    }
+    if out.rows.len() > counted_rows {
+        out.rows.sort_unstable_by_key(|r| r.id);
     }
     out.want = if unknown {
         Some(Want::Walk)

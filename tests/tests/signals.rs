@@ -189,6 +189,75 @@ fn oom_kills_are_billed_to_the_victims_cgroup_not_its_ancestors() {
     assert_eq!(parent.exited(), None, "the parent process died");
 }
 
+/// A kill that ends its container, as an OOM-killed main process does:
+/// the runtime removes the container's cgroup at once, before a refresh
+/// reads its own count. The pod-level cgroup's subtree count (cgroup v2
+/// `memory.events`, hierarchical, which keeps the kills of removed
+/// children) has it, equal to the kernel's. Where memory is cgroup v1 the
+/// kernel keeps no such count, and podmeter exports none.
+#[test]
+fn an_oom_kill_that_ends_its_container_stays_in_the_pods_subtree_count() {
+    const UID: &str = "5d1c7b2e-0f3a-4e6b-9c8d-7a6b5c4d3e2f";
+    let tree = TestTree::new("signals-oom-gone");
+    let pod = tree.cgroup(&format!("kubepods/burstable/pod{UID}"));
+    let ctr = tree.cgroup(&format!("kubepods/burstable/pod{UID}/{}", "c0".repeat(32)));
+    set_memory_limit(&ctr, 64 << 20);
+    let agent = agent();
+    let v2 = memory_v1_root().is_none();
+    let pod_level = [("pod_uid", UID), ("container_id", "")];
+    let subtree = |s: &Scrape| s.value("podmeter_container_subtree_oom_kills_total", &pod_level);
+    let kernel_pod = || memory_file_count(&pod, "memory.events", "oom_kill");
+    if v2 {
+        // The pod-level cgroup holds no task, so the kernel counts nothing
+        // of it; the pod's count is its one series.
+        agent.scrape_until(Duration::from_secs(15), "the pod's OOM kills", |s| {
+            subtree(s).is_some()
+        });
+        assert_eq!(kernel_pod(), Some(0));
+        assert_eq!(subtree(&agent.scrape()), Some(0.0), "no kill yet");
+    }
+
+    // The container's only process allocates past the limit and is killed.
+    let mut main = ctr.spawn(None, &["alloc", "128"]);
+    let status = (0..200)
+        .find_map(|_| {
+            sleep(Duration::from_millis(100));
+            main.exited()
+        })
+        .expect("the allocating process still runs after 20 s");
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    }
+    // The runtime's part: the container is over, its cgroup goes.
+    ctr.remove();
+
+    if v2 {
+        assert_eq!(kernel_pod(), Some(1), "the kernel's count of the pod");
+        let after = agent.scrape_until(
+            Duration::from_secs(10),
+            "the kill in the pod's count",
+            |s| subtree(s) == Some(1.0),
+        );
+        assert_eq!(
+            after.value("podmeter_container_oom_kills_total", &pod_level),
+            None,
+            "the pod-level row carries the pod's count alone"
+        );
+        eprintln!("pod's subtree_oom_kills_total 0 -> 1, kernel memory.events oom_kill 1");
+    } else {
+        // Four refreshes later: v1's counts went with the cgroup, and
+        // podmeter makes up none.
+        sleep(Duration::from_secs(1));
+        let s = agent.scrape();
+        let any = s.find(
+            "podmeter_container_subtree_oom_kills_total",
+            &[("pod_uid", UID)],
+        );
+        assert!(any.is_empty(), "{any:?}");
+    }
+}
+
 #[test]
 fn memory_limit_is_what_was_written() {
     let tree = TestTree::new("signals-limit");

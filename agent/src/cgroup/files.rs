@@ -54,10 +54,12 @@ pub struct CgroupFiles {
 
 impl CgroupFiles {
     /// The files of the cgroup at `rel` (relative to the mounts) in the
-    /// hierarchies that hold its controllers. Nothing is opened yet.
-    pub fn new(mounts: &Mounts, rel: &str) -> Self {
+    /// hierarchies that hold its controllers; `pod_level`: a pod's own
+    /// cgroup, whose subtree's OOM kills are read too. Nothing is opened
+    /// yet.
+    pub fn new(mounts: &Mounts, rel: &str, pod_level: bool) -> Self {
         Self {
-            memory: memory::Files::new(mounts, rel),
+            memory: memory::Files::new(mounts, rel, pod_level),
             cpu: cpu::Files::new(mounts, rel),
             pressure: pressure::Files::new(mounts, rel),
         }

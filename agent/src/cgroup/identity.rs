@@ -61,6 +61,13 @@ pub enum Identity {
     Host,
 }
 
+impl Identity {
+    /// A pod's own cgroup, the parent of its containers' ones.
+    pub fn is_pod_level(&self) -> bool {
+        matches!(self, Identity::Pod(p) if p.container_id.is_none())
+    }
+}
+
 /// Parses a cgroup path relative to the cgroup2 root (`/a/b` or `a/b`).
 pub fn parse(path: &str) -> Identity {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();

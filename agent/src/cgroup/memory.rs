@@ -14,7 +14,12 @@
 //! (v1: checked on 6.18 with the limit on the parent and the victim in a
 //! child: the child counts it, the parent not), so, like podmeter's other
 //! counters, they are exclusive. v2 `memory.events` is hierarchical (every
-//! ancestor counts a kill below it), so it is not read.
+//! ancestor counts a kill below it, and keeps it after the child is
+//! removed): it is read for pod-level cgroups only, as the pod's kills
+//! including those of containers since gone. An OOM-killed main process
+//! ends its container, and the runtime removes the cgroup within a second,
+//! before a refresh could read its own count. Not on v1, whose counts are
+//! the cgroup's own, nor under `memory_localevents`, which makes v2's so.
 //!
 //! On hybrid hosts the memory controller lives in v1 at the same relative
 //! path as the cgroup2 directory (the kubelet and runc create both).
@@ -46,14 +51,18 @@ pub struct Files {
     /// `memory.events.local` (5.2 and later; podmeter needs 5.8) or
     /// `memory.oom_control`.
     events: StatFile,
+    /// v2 `memory.events`, hierarchical, where it is read (see the module
+    /// docs).
+    subtree_events: Option<StatFile>,
     v1: bool,
 }
 
 impl Files {
     /// The memory files of the cgroup at `rel` (relative to the mounts), or
     /// `None` for the root, which has none (the node is node-exporter's).
-    /// Nothing is opened yet.
-    pub fn new(mounts: &Mounts, rel: &str) -> Option<Self> {
+    /// `subtree`: also the OOM kills of its whole subtree, where the kernel
+    /// keeps them (a pod-level cgroup). Nothing is opened yet.
+    pub fn new(mounts: &Mounts, rel: &str, subtree: bool) -> Option<Self> {
         let rel = rel.trim_start_matches('/');
         if rel.is_empty() {
             return None;
@@ -83,6 +92,8 @@ impl Files {
             inactive_key,
             limit: file(limit),
             events: file(events),
+            subtree_events: (subtree && mounts.memory_v1.is_none() && !mounts.memory_local_events)
+                .then(|| file("memory.events")),
             v1: mounts.memory_v1.is_some(),
         })
     }
@@ -110,12 +121,25 @@ impl Files {
         Ok(stat_value(&self.events.read()?, "oom_kill"))
     }
 
+    /// Processes the OOM killer killed so far in the cgroup and in every
+    /// cgroup below it, removed ones included; `None` where not read (see
+    /// [`Files::new`]).
+    pub fn subtree_oom_kills(&self) -> io::Result<Option<u64>> {
+        match &self.subtree_events {
+            Some(f) => Ok(stat_value(&f.read()?, "oom_kill")),
+            None => Ok(None),
+        }
+    }
+
     /// Closes the files (the cgroup is gone).
     pub fn close(&self) {
         self.usage.close();
         self.stat.close();
         self.limit.close();
         self.events.close();
+        if let Some(f) = &self.subtree_events {
+            f.close();
+        }
     }
 }
 

@@ -32,6 +32,10 @@ pub struct Mounts {
     /// Whether the kernel tracks pressure stalls (PSI) in the cgroup2 tree:
     /// `cpu.pressure` at the mount's top (see `cgroup::pressure`).
     pub psi: bool,
+    /// Whether cgroup2 was mounted with `memory_localevents`: its
+    /// `memory.events` then count a cgroup's own events only, like
+    /// `memory.events.local`, and hold nothing of removed children.
+    pub memory_local_events: bool,
 }
 
 /// Why the cgroup2 hierarchy could not be used.
@@ -76,6 +80,7 @@ impl Mounts {
         let mut mounts = Self::detect_in(&mountinfo, cgroup_root)?;
         mounts.unified_shows = hierarchy_path(&mountinfo, &mounts.unified);
         mounts.psi = mounts.unified.join("cpu.pressure").exists();
+        mounts.memory_local_events = memory_local_events(&mountinfo, &mounts.unified);
         Ok(mounts)
     }
 
@@ -87,6 +92,7 @@ impl Mounts {
                 cpu_v1: find_v1_controller(mountinfo, "cpu"),
                 unified_shows: Some("/".into()),
                 psi: false,
+                memory_local_events: false,
             });
         };
         let inaccessible = |source| MountError::Inaccessible {
@@ -108,6 +114,7 @@ impl Mounts {
                 cpu_v1: sibling("cpu", is_v1_cpu),
                 unified_shows: Some("/".into()),
                 psi: false,
+                memory_local_events: false,
             });
         }
         let unified = path.join("unified");
@@ -119,6 +126,7 @@ impl Mounts {
                 cpu_v1: is_v1_cpu(&cpu).then_some(cpu),
                 unified_shows: Some("/".into()),
                 psi: false,
+                memory_local_events: false,
             });
         }
         Err(MountError::NotCgroup2 {
@@ -218,15 +226,7 @@ pub fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
 /// the rest of `dir` below the mount point. `/` when no mount is found;
 /// `None` when the mount's root is outside this process's cgroup namespace.
 pub fn hierarchy_path(mountinfo: &str, dir: &Path) -> Option<String> {
-    let best = mountinfo
-        .lines()
-        .filter_map(parse_line)
-        .filter(|m| m.fstype == "cgroup2")
-        .filter_map(|m| Some((dir.strip_prefix(&m.point).ok()?.to_owned(), m)))
-        // The deepest mount point containing `dir` is the one it lies in
-        // (later lines win a tie: they are mounted over the earlier ones).
-        .max_by_key(|(_, m)| m.point.components().count());
-    let Some((below, m)) = best else {
+    let Some((below, m)) = cgroup2_holding(mountinfo, dir) else {
         return Some("/".into());
     };
     // The kernel shows a root outside the reader's cgroup namespace relative
@@ -243,6 +243,25 @@ pub fn hierarchy_path(mountinfo: &str, dir: &Path) -> Option<String> {
         "" => "/".into(),
         t => t.to_owned(),
     })
+}
+
+/// Whether the cgroup2 mount `dir` lies in has `memory_localevents` among
+/// its super options (false when none is found).
+pub fn memory_local_events(mountinfo: &str, dir: &Path) -> bool {
+    cgroup2_holding(mountinfo, dir)
+        .is_some_and(|(_, m)| m.super_opts.split(',').any(|o| o == "memory_localevents"))
+}
+
+/// The cgroup2 mount `dir` lies in, and the rest of `dir` below its mount
+/// point: the deepest mount point containing `dir` (later lines win a tie:
+/// they are mounted over the earlier ones).
+fn cgroup2_holding<'a>(mountinfo: &'a str, dir: &Path) -> Option<(PathBuf, Mount<'a>)> {
+    mountinfo
+        .lines()
+        .filter_map(parse_line)
+        .filter(|m| m.fstype == "cgroup2")
+        .filter_map(|m| Some((dir.strip_prefix(&m.point).ok()?.to_owned(), m)))
+        .max_by_key(|(_, m)| m.point.components().count())
 }
 
 /// A cgroup v1 controller's mount (hybrid hosts), by controller name.
@@ -392,6 +411,25 @@ mod tests {
             hierarchy_path(outside, Path::new("/sys/fs/cgroup/unified")),
             None
         );
+    }
+
+    #[test]
+    fn memory_local_events_from_the_holding_mounts_options() {
+        let local =
+            "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,memory_localevents";
+        assert!(memory_local_events(local, Path::new("/sys/fs/cgroup")));
+        assert!(memory_local_events(
+            local,
+            Path::new("/sys/fs/cgroup/kubepods")
+        ));
+        assert!(!memory_local_events(PURE_V2, Path::new("/sys/fs/cgroup")));
+        assert!(!memory_local_events(
+            HYBRID,
+            Path::new("/sys/fs/cgroup/unified")
+        ));
+        // The option of another mount does not count.
+        assert!(!memory_local_events(local, Path::new("/elsewhere")));
+        assert!(!memory_local_events("", Path::new("/sys/fs/cgroup")));
     }
 
     #[test]

@@ -182,6 +182,7 @@ mod tests {
             cpu_v1: None,
             unified_shows: Some(shows.into()),
             psi,
+            memory_local_events: false,
         }
     }
 

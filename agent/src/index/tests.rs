@@ -11,6 +11,7 @@ fn state() -> IndexState {
         cpu_v1: None,
         unified_shows: Some("/".into()),
         psi: false,
+        memory_local_events: false,
     };
     IndexState::new(mounts, GRACE)
 }
@@ -252,18 +253,25 @@ fn fake_tree(tag: &str) -> std::path::PathBuf {
 }
 
 fn cgroup_in(root: &std::path::Path) -> Cgroup {
+    pod_level_in(root, false, false)
+}
+
+/// `/a` as a cgroup whose subtree's OOM kills are read (`pod_level`), on a
+/// mount with `memory_localevents` or without.
+fn pod_level_in(root: &std::path::Path, pod_level: bool, local_events: bool) -> Cgroup {
     let mounts = Mounts {
         unified: root.to_owned(),
         memory_v1: None,
         cpu_v1: None,
         unified_shows: Some("/".into()),
         psi: true,
+        memory_local_events: local_events,
     };
     Cgroup {
         path: "/a".into(),
         identity: Identity::Host,
         first_seen: Instant::now(),
-        files: CgroupFiles::new(&mounts, "/a"),
+        files: CgroupFiles::new(&mounts, "/a", pod_level),
     }
 }
 
@@ -279,6 +287,13 @@ fn read_stats_reads_every_file_and_each_group_fails_alone() {
         (Some(900), Some(4096), Some(2)),
         "the local count, not the hierarchical one"
     );
+    assert_eq!(s.subtree_oom_kills, None, "not a pod-level cgroup");
+    // A pod-level cgroup's subtree count is the hierarchical one; under
+    // memory_localevents there is none to read.
+    let pod = read_stats(&pod_level_in(&root, true, false)).stats;
+    assert_eq!((pod.oom_kills, pod.subtree_oom_kills), (Some(2), Some(5)));
+    let local = read_stats(&pod_level_in(&root, true, true)).stats;
+    assert_eq!((local.oom_kills, local.subtree_oom_kills), (Some(2), None));
     assert_eq!(
         s.pressure.cpu,
         Some(Totals {
@@ -314,6 +329,7 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
         cpu_v1: None,
         unified_shows: Some("/".into()),
         psi: false,
+        memory_local_events: false,
     };
     let mut index = Index::default();
     // 600 limited cgroups (more than one thread's share); every 100th has
@@ -334,7 +350,7 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
         }
         let path = format!("/c{i}");
         let cgroup = Cgroup {
-            files: CgroupFiles::new(&mounts, &path),
+            files: CgroupFiles::new(&mounts, &path, false),
             path,
             identity: Identity::Host,
             first_seen: Instant::now(),

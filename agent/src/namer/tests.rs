@@ -49,6 +49,7 @@ fn index(t0: Instant) -> (IndexState, Arc<Index>) {
         cpu_v1: None,
         unified_shows: Some("/".into()),
         psi: false,
+        memory_local_events: false,
     };
     let mut s = IndexState::new(mounts, Duration::from_secs(90));
     let ev = |id, path: String| TreeEvent::Created { id, path };

@@ -20,6 +20,7 @@ fn mounts() -> Mounts {
         cpu_v1: None,
         unified_shows: Some("/".into()),
         psi: false,
+        memory_local_events: false,
     }
 }
 
@@ -89,6 +90,7 @@ fn join_asks_to_read_new_cgroups_and_departed_ones_lose_their_limit() {
             limit: Some(cpu::Limit::Cores(2.0)),
             memory_limit: Some(1 << 20),
             oom_kills: Some(1),
+            subtree_oom_kills: Some(3),
             pressure: Pressure {
                 cpu: Some(Totals {
                     some_us: 5,
@@ -112,8 +114,12 @@ fn join_asks_to_read_new_cgroups_and_departed_ones_lose_their_limit() {
     // Counters keep their last values through the grace period; the
     // memory limit, like the CPU limit, is the live cgroup's.
     assert_eq!(
-        (departed.oom_kills, departed.pressure.cpu.unwrap().some_us),
-        (Some(1), 5)
+        (
+            departed.oom_kills,
+            departed.subtree_oom_kills,
+            departed.pressure.cpu.unwrap().some_us
+        ),
+        (Some(1), Some(3), 5)
     );
     assert_eq!(departed.memory_limit, None);
     assert_eq!(j.live, 1);
@@ -290,4 +296,67 @@ fn concurrent_scrapes_and_retirements_neither_deadlock_nor_leak() {
     assert_eq!(s.index().counts(), [0, 0, 0]);
     assert!(counters.state().cpu.is_empty());
     assert_eq!(counters.state().forgotten.len(), ROUNDS as usize);
+}
+
+/// A cgroup v2 pod-level cgroup holds no task, so the kernel counts nothing
+/// of it: the refresh still reads its subtree's OOM kills (and nothing
+/// else), and the join gives it a row with those alone, among the counted
+/// rows in id order. Not under `memory_localevents`, nor for a container.
+#[test]
+fn uncounted_pod_level_cgroups_get_a_row_with_their_subtree_oom_kills_alone() {
+    const POD: &str = "/kubepods/burstable/pod5d1c7b2e-0f3a-4e6b-9c8d-7a6b5c4d3e2f";
+    let root = std::env::temp_dir().join(format!("podmeter-tracker-{}-pod", std::process::id()));
+    let ctr = format!("{POD}/{}", "c0".repeat(32));
+    for dir in [POD, &ctr] {
+        let d = root.join(dir.trim_start_matches('/'));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("memory.events"), "oom 4\noom_kill 3\n").unwrap();
+        std::fs::write(d.join("memory.events.local"), "oom 0\noom_kill 0\n").unwrap();
+    }
+    let t0 = Instant::now();
+    for local_events in [false, true] {
+        let mounts = Mounts {
+            unified: root.clone(),
+            memory_local_events: local_events,
+            ..mounts()
+        };
+        let mut s = IndexState::new(mounts, Duration::from_secs(90));
+        // 1: a host cgroup, 2: the pod-level one, 3: its container; only 1
+        // and 3 are counted.
+        s.apply(&[created(1, "/a"), created(2, POD), created(3, &ctr)], t0);
+        s.refresh(&[1, 3], t0, true, |_| Read {
+            stats: Stats {
+                memory: Some(5),
+                oom_kills: Some(0),
+                ..Stats::default()
+            },
+            errors: [None, None],
+        });
+        let idx = s.snapshot();
+        let namer = Namer::new(None, 0, Duration::ZERO);
+        let j = join(&idx, &reading(&[1, 3]), &mut namer.session(&idx), t0);
+        let rows: Vec<_> = j
+            .rows
+            .iter()
+            .map(|r| (r.id, r.subtree_oom_kills, r.memory, r.cpu.is_some()))
+            .collect();
+        if local_events {
+            assert_eq!(rows, [(1, None, Some(5), true), (3, None, Some(5), true)]);
+        } else {
+            assert_eq!(
+                rows,
+                [
+                    (1, None, Some(5), true),
+                    (2, Some(3), None, false),
+                    (3, None, Some(5), true)
+                ]
+            );
+            let pod = &j.rows[1];
+            assert!(pod.names.is_some(), "named like any pod cgroup");
+            assert_eq!((pod.oom_kills, pod.wait_hist, pod.net), (None, None, None));
+        }
+        // Only counted cgroups are live counted rows.
+        assert_eq!(j.live, 2);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }
