@@ -8,9 +8,9 @@
 //! `podmeter_cgroup_*` for everything else (label `cgroup`, the path). Every
 //! series also carries `node`. Counters are exclusive, not hierarchical: a
 //! cgroup is billed for the tasks and sockets directly in it, so summing
-//! containers gives the pod without double counting. The limit, throttling
-//! and pressure families are the exception: they are the kernel's own
-//! per-cgroup numbers, which cover the cgroup's whole subtree.
+//! containers gives the pod without double counting. The limit, throttling,
+//! pressure and subtree OOM kill families are the exception: they are the
+//! kernel's own per-cgroup numbers, which cover the cgroup's whole subtree.
 //! `podmeter_node_cpus` puts usage in proportion to the node.
 
 use podmeter_common::{WAIT_BUCKETS, wait_bucket_bound_ns};
@@ -148,7 +148,7 @@ const SPECS: [Spec; 23] = [
     },
     Spec {
         suffix: "subtree_oom_kills_total",
-        help: "Processes killed by the OOM killer in the cgroup and every cgroup below it, removed ones included (memory.events oom_kill, hierarchical): for pod-level cgroups, the pod's kills, also those that ended a container. Cgroup v2 only.",
+        help: "Processes killed by the OOM killer in the cgroup and every cgroup below it, removed ones included (memory.events oom_kill, hierarchical): for pod-level cgroups, the pod's kills, also those that ended a container. Cgroup v2 only, and not under the memory_localevents mount option.",
         kind: MetricType::COUNTER,
         value: |r| r.subtree_oom_kills.map(|n| n as f64),
         needs: Need::Nothing,

@@ -246,8 +246,17 @@ fn an_oom_kill_that_ends_its_container_stays_in_the_pods_subtree_count() {
         );
         eprintln!("pod's subtree_oom_kills_total 0 -> 1, kernel memory.events oom_kill 1");
     } else {
-        // Four refreshes later: v1's counts went with the cgroup, and
-        // podmeter makes up none.
+        // The agent saw the pod (the dead container's CPU, kept through
+        // the grace period), four refreshes went by, and yet no pod count:
+        // v1's counts went with the cgroup, and podmeter makes up none.
+        let cid = "c0".repeat(32);
+        agent.scrape_until(Duration::from_secs(15), "the container's CPU", |s| {
+            s.value(
+                "podmeter_container_cpu_usage_seconds_total",
+                &[("pod_uid", UID), ("container_id", &cid)],
+            )
+            .is_some()
+        });
         sleep(Duration::from_secs(1));
         let s = agent.scrape();
         let any = s.find(

@@ -1,6 +1,7 @@
 //! A cgroup's interface files, kept open and re-read in place.
 //!
-//! podmeter reads the same few files of every counted cgroup over and over:
+//! podmeter reads the same few files of every counted cgroup (and one of
+//! each cgroup v2 pod-level cgroup) over and over:
 //! memory, limits, OOM kills and pressure at each refresh, `cpu.stat` at
 //! each scrape.
 //! Opening one walks its path through cgroupfs (permission check and
