@@ -10,13 +10,14 @@
 //! A cgroup that disappears keeps its final values for the grace period so
 //! its last increase is not lost between scrapes; then its series go and
 //! its kernel map entries are deleted. A departed cgroup that never had a
-//! counter has no series to keep and goes at the next refresh. So the index
-//! holds what is alive, plus what had counters and died within the grace
-//! period, plus what died within one refresh interval: it follows the live
-//! count, not the churn.
+//! counter has no series to keep and goes at the next refresh, except a
+//! pod-level one whose subtree OOM kills were read: that count is its
+//! series, kept like counters. So the index holds what is alive, plus what
+//! had a series and died within the grace period, plus what died within one
+//! refresh interval: it follows the live count, not the churn.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     sync::Arc,
     time::{Duration, Instant},
@@ -106,7 +107,8 @@ pub struct Index {
     /// Counted by the kernel but never seen in the tree, with first sighting.
     unresolved: HashMap<u64, Instant>,
     /// Memory and limit by id, for counted cgroups (departed: last read),
-    /// and the subtree OOM kills of uncounted live pod-level ones.
+    /// and the subtree OOM kills of uncounted pod-level ones (departed:
+    /// the last read, often at a container's rmdir).
     stats: HashMap<u64, Stats>,
     /// Grows with each publication.
     pub generation: u64,
@@ -141,18 +143,20 @@ impl Index {
         self.unresolved.contains_key(&id)
     }
 
-    /// What the last refresh read of the cgroup.
+    /// What was last read of the cgroup (at a refresh, or for a pod-level
+    /// cgroup at a container's rmdir).
     pub fn stats(&self, id: u64) -> Option<Stats> {
         self.stats.get(&id).copied()
     }
 
-    /// Live pod-level cgroups whose subtree OOM kills the last refresh read,
-    /// with the count, in no order: those the kernel counts nothing of
-    /// (cgroup v2 puts no task in them) have no row otherwise.
+    /// Pod-level cgroups whose subtree OOM kills were read (live, or
+    /// departed within the grace period), with the count, in no order:
+    /// those the kernel counts nothing of (cgroup v2 puts no task in them)
+    /// have no row otherwise.
     pub fn subtree_oom_kills(&self) -> impl Iterator<Item = (u64, &Arc<Cgroup>, u64)> + '_ {
-        self.stats.iter().filter_map(|(&id, s)| {
-            Some((id, self.live.get(&id)?, s.subtree_oom_kills?))
-        })
+        self.stats
+            .iter()
+            .filter_map(|(&id, s)| Some((id, self.get(id)?, s.subtree_oom_kills?)))
     }
 
     /// `[live, departed, unresolved]` counts.
@@ -229,7 +233,8 @@ pub struct Changes {
     pub departed: usize,
     /// Retired after the grace period (their counters are to be deleted).
     pub retired: Vec<u64>,
-    /// Departed without ever being counted: dropped at once.
+    /// Departed and not counted now: dropped at the next refresh
+    /// (a pod-level cgroup's subtree OOM kills: after the grace period).
     pub dropped: usize,
     /// Cgroups whose memory and limit were read.
     pub read: usize,
@@ -337,9 +342,30 @@ impl IndexState {
         changes
     }
 
+    /// Reads the subtree OOM kills of the live pod-level cgroups at these
+    /// paths now, when one of their containers has gone: a pod that is not
+    /// restarted (a Job's, after an OOM kill) loses its own cgroup seconds
+    /// later, often before the next refresh would have read the kill. An
+    /// error leaves the last value; the next refresh reads again and
+    /// reports errors.
+    fn reread_subtree_oom_kills(&mut self, paths: &HashSet<String>) {
+        let index = &mut self.index;
+        for (id, cgroup) in &index.live {
+            if !cgroup.identity.is_pod_level() || !paths.contains(&cgroup.path) {
+                continue;
+            }
+            if let Ok(Some(k)) = read_subtree_oom_kills(cgroup) {
+                index.stats.entry(*id).or_default().subtree_oom_kills = Some(k);
+            }
+        }
+    }
+
     /// The kernel's tree events, in the order they happened.
     pub fn apply(&mut self, events: &[TreeEvent], now: Instant) -> Changes {
         let mut changes = Changes::default();
+        // The pods whose containers went: read once, after the batch (a
+        // pod that went in it too can no longer be read anyway).
+        let mut pods = HashSet::new();
         for event in events {
             match event {
                 TreeEvent::Created { id, path } => {
@@ -355,9 +381,15 @@ impl IndexState {
                 }
                 TreeEvent::Removed { id } => {
                     self.index.tree_updates[1] += 1;
+                    if let Some(pod) = self.index.get(*id).and_then(|c| pod_path(c)) {
+                        pods.insert(pod.to_owned());
+                    }
                     changes.departed += usize::from(self.depart(*id, now));
                 }
             }
+        }
+        if !pods.is_empty() {
+            self.reread_subtree_oom_kills(&pods);
         }
         changes.cgroups = self.index.live.len();
         changes
@@ -388,12 +420,25 @@ impl IndexState {
 
         // Departed: kept for the grace period if it has counters (their
         // final values must be seen); without counters, nothing to keep.
+        // A pod-level cgroup's subtree OOM kills are kept as counters are,
+        // the kernel counting nothing of it: a Job's pod goes seconds after
+        // the kill its container's rmdir read.
         let mut retired = Vec::new();
+        let subtree_kept = |id: &u64| {
+            index
+                .stats
+                .get(id)
+                .is_some_and(|s| s.subtree_oom_kills.is_some())
+        };
         index.departed.retain(|id, (_, since)| {
+            let within = now.duration_since(*since) < grace;
             if !is_counted(id) {
+                if within && subtree_kept(id) {
+                    return true;
+                }
                 changes.dropped += 1;
                 false
-            } else if now.duration_since(*since) < grace {
+            } else if within {
                 true
             } else {
                 retired.push(*id);
@@ -403,7 +448,7 @@ impl IndexState {
 
         // Looked up once per counted id: a set, not the list (thousands of
         // each after a churn peak).
-        let departed_now: std::collections::HashSet<u64> = retired.iter().copied().collect();
+        let departed_now: HashSet<u64> = retired.iter().copied().collect();
         let mut unresolved = HashMap::new();
         let mut stats = HashMap::with_capacity(counted.len());
         let mut errors: [(usize, Option<String>); 2] = Default::default();
@@ -458,8 +503,9 @@ impl IndexState {
             if is_counted(id) || !cgroup.identity.is_pod_level() {
                 continue;
             }
+            let last = index.stats.get(id).and_then(|s| s.subtree_oom_kills);
             let kills = match index.stats.get(id) {
-                Some(s) if !all => s.subtree_oom_kills,
+                Some(_) if !all => last,
                 _ => match read_subtree_oom_kills(cgroup) {
                     Ok(k) => k,
                     Err(e) => {
@@ -468,7 +514,9 @@ impl IndexState {
                             *failed += 1;
                             *last = Some(e.to_string());
                         }
-                        None
+                        // Gone since the walk or event that showed it (its
+                        // rmdir comes next): what a container's rmdir read.
+                        last
                     }
                 },
             };
@@ -478,6 +526,13 @@ impl IndexState {
                     ..Stats::default()
                 };
                 stats.insert(*id, s);
+            }
+        }
+        // Departed and uncounted: only such pod-level cgroups are kept (see
+        // above), with their last read.
+        for id in index.departed.keys().filter(|id| !is_counted(id)) {
+            if let Some(s) = index.stats.get(id) {
+                stats.insert(*id, *s);
             }
         }
         index.unresolved = unresolved;
@@ -492,6 +547,14 @@ impl IndexState {
         index.live.shrink_to_fit();
         changes.retired = retired;
         changes
+    }
+}
+
+/// The path of the pod-level cgroup a container cgroup sits in.
+fn pod_path(ctr: &Cgroup) -> Option<&str> {
+    match &ctr.identity {
+        Identity::Pod(p) if p.container_id.is_some() => Some(ctr.path.rsplit_once('/')?.0),
+        _ => None,
     }
 }
 

@@ -191,10 +191,13 @@ fn oom_kills_are_billed_to_the_victims_cgroup_not_its_ancestors() {
 
 /// A kill that ends its container, as an OOM-killed main process does:
 /// the runtime removes the container's cgroup at once, before a refresh
-/// reads its own count. The pod-level cgroup's subtree count (cgroup v2
-/// `memory.events`, hierarchical, which keeps the kills of removed
-/// children) has it, equal to the kernel's. Where memory is cgroup v1 the
-/// kernel keeps no such count, and podmeter exports none.
+/// reads its own count, and in a pod that is not restarted (a Job's) the
+/// kubelet removes the pod's cgroup a few seconds later. The pod-level
+/// cgroup's subtree count (cgroup v2 `memory.events`, hierarchical, which
+/// keeps the kills of removed children) has it, equal to the kernel's:
+/// read at the container's rmdir (no timed refresh comes: 1 h), and kept
+/// through the grace period after the pod's cgroup went. Where memory is
+/// cgroup v1 the kernel keeps no such count, and podmeter exports none.
 #[test]
 fn an_oom_kill_that_ends_its_container_stays_in_the_pods_subtree_count() {
     const UID: &str = "5d1c7b2e-0f3a-4e6b-9c8d-7a6b5c4d3e2f";
@@ -202,8 +205,12 @@ fn an_oom_kill_that_ends_its_container_stays_in_the_pods_subtree_count() {
     let pod = tree.cgroup(&format!("kubepods/burstable/pod{UID}"));
     let ctr = tree.cgroup(&format!("kubepods/burstable/pod{UID}/{}", "c0".repeat(32)));
     set_memory_limit(&ctr, 64 << 20);
-    let agent = agent();
     let v2 = memory_v1_root().is_none();
+    let agent = if v2 {
+        Agent::start(&["--refresh-interval", "1h"])
+    } else {
+        agent()
+    };
     let pod_level = [("pod_uid", UID), ("container_id", "")];
     let subtree = |s: &Scrape| s.value("podmeter_container_subtree_oom_kills_total", &pod_level);
     let kernel_pod = || memory_file_count(&pod, "memory.events", "oom_kill");
@@ -214,7 +221,14 @@ fn an_oom_kill_that_ends_its_container_stays_in_the_pods_subtree_count() {
             subtree(s).is_some()
         });
         assert_eq!(kernel_pod(), Some(0));
-        assert_eq!(subtree(&agent.scrape()), Some(0.0), "no kill yet");
+    }
+    let rmdirs = |s: &Scrape| {
+        s.value("podmeter_cgroup_tree_updates_total", &[("source", "rmdir")])
+            .unwrap_or(0.0)
+    };
+    let first = agent.scrape();
+    if v2 {
+        assert_eq!(subtree(&first), Some(0.0), "no kill yet");
     }
 
     // The container's only process allocates past the limit and is killed.
@@ -234,15 +248,32 @@ fn an_oom_kill_that_ends_its_container_stays_in_the_pods_subtree_count() {
 
     if v2 {
         assert_eq!(kernel_pod(), Some(1), "the kernel's count of the pod");
+        // The kubelet's part, for a pod not restarted: its cgroup goes
+        // too, before anything but the container's rmdir read the kill.
+        sleep(Duration::from_secs(1));
+        pod.remove();
         let after = agent.scrape_until(
             Duration::from_secs(10),
-            "the kill in the pod's count",
-            |s| subtree(s) == Some(1.0),
+            "both rmdirs, and the kill in the pod's count",
+            |s| rmdirs(s) >= rmdirs(&first) + 2.0 && subtree(s) == Some(1.0),
         );
         assert_eq!(
             after.value("podmeter_container_oom_kills_total", &pod_level),
             None,
             "the pod-level row carries the pod's count alone"
+        );
+        // A refresh with the pod departed keeps its count: a new cgroup's
+        // first memory reading is one (scrapes ask for it).
+        let other = tree.cgroup("other");
+        let mut held = other.spawn(None, &["hold-memory", "1"]);
+        assert_eq!(held.line(), ["ready"]);
+        let s = agent.scrape_until(Duration::from_secs(10), "a refresh", |s| {
+            s.cgroup("memory_working_set_bytes", &other.path).is_some()
+        });
+        assert_eq!(
+            subtree(&s),
+            Some(1.0),
+            "kept through a refresh after the pod went"
         );
         eprintln!("pod's subtree_oom_kills_total 0 -> 1, kernel memory.events oom_kill 1");
     } else {

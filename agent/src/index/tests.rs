@@ -375,3 +375,70 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A pod that is not restarted (a Job's) loses its pod-level cgroup seconds
+/// after an OOM kill ends its container, often before a refresh: the
+/// container's rmdir reads the pod's subtree count at once, and the count
+/// stays through the grace period after the pod's own cgroup goes, then
+/// goes without a counter to delete.
+#[test]
+fn a_containers_rmdir_reads_its_pods_oom_kills_which_outlive_the_pod_for_the_grace_period() {
+    const POD: &str = "/kubepods/burstable/pod5d1c7b2e-0f3a-4e6b-9c8d-7a6b5c4d3e2f";
+    let root = std::env::temp_dir().join(format!("podmeter-index-{}-rmdir", std::process::id()));
+    let ctr = format!("{POD}/{}", "c0".repeat(32));
+    let pod_dir = root.join(POD.trim_start_matches('/'));
+    std::fs::create_dir_all(root.join(ctr.trim_start_matches('/'))).unwrap();
+    std::fs::create_dir_all(root.join("host")).unwrap();
+    let kills = |n: u64| {
+        std::fs::write(pod_dir.join("memory.events"), format!("oom 1\noom_kill {n}\n")).unwrap();
+    };
+    kills(0);
+    let mut s = IndexState::new(
+        Mounts {
+            unified: root.clone(),
+            ..state().mounts
+        },
+        GRACE,
+    );
+    let pod_kills = |s: &IndexState| -> Vec<(u64, u64)> {
+        let mut v: Vec<_> = s.index().subtree_oom_kills().map(|(id, _, k)| (id, k)).collect();
+        v.sort_unstable();
+        v
+    };
+    let t0 = Instant::now();
+    // 1: a host cgroup, 2: the pod, 3: its container (counted).
+    s.apply(&[created(1, "/host"), created(2, POD), created(3, &ctr)], t0);
+    s.refresh(&[1, 3], t0, true, memory(5));
+    assert_eq!(pod_kills(&s), [(2, 0)]);
+
+    // The kill: a host cgroup's rmdir reads nothing, the container's does.
+    kills(1);
+    s.apply(&[TreeEvent::Removed { id: 1 }], secs(t0, 1));
+    assert_eq!(pod_kills(&s), [(2, 0)], "not the pod's container");
+    s.apply(&[TreeEvent::Removed { id: 3 }], secs(t0, 1));
+    assert_eq!(pod_kills(&s), [(2, 1)], "read at the container's rmdir");
+
+    // The pod's own cgroup goes (its files with it); a timed refresh that
+    // meets it gone before its rmdir arrives keeps what was read.
+    std::fs::remove_file(pod_dir.join("memory.events")).unwrap();
+    // An open file of a removed cgroup fails (ENODEV), a removed regular
+    // file's does not: closed, it is opened again by path, and is gone.
+    s.index().get(2).unwrap().files.close();
+    let c = s.refresh(&[3], secs(t0, 2), true, memory(5));
+    assert_eq!(pod_kills(&s), [(2, 1)], "a refresh after the pod went");
+    assert_eq!(c.dropped, 1, "the host cgroup, uncounted, goes at once");
+    s.apply(&[TreeEvent::Removed { id: 2 }], secs(t0, 2));
+    let c = s.refresh(&[3], secs(t0, 3), false, memory(5));
+    assert_eq!(c.dropped, 0);
+    assert_eq!(pod_kills(&s), [(2, 1)], "kept after the pod went");
+    assert!(!s.index().is_live(2));
+    let c = s.refresh(&[3], secs(t0, 91), true, memory(5));
+    assert_eq!(pod_kills(&s), [(2, 1)], "89 s after: within grace");
+    assert_eq!((c.dropped, c.retired), (0, vec![3]), "the container's counters retire");
+
+    let c = s.refresh(&[], secs(t0, 92), true, memory(5));
+    assert_eq!((c.dropped, c.retired.len()), (1, 0), "nothing to delete");
+    assert!(pod_kills(&s).is_empty());
+    assert_eq!(s.index().counts(), [0, 0, 0]);
+    let _ = std::fs::remove_dir_all(&root);
+}
