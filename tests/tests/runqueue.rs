@@ -200,15 +200,21 @@ fn check_histogram(tag: &str, args: &[&str]) {
         (bound(5)..=bound(6)).contains(&0.012),
         "12 ms belongs in bucket 6: {h1:?}"
     );
+    // A VM's vCPU held by a busy host stretches some of them past 16.8 ms.
+    let hogs = counts[6] + counts[7];
     assert!(
-        counts[6] >= 0.8 * bursts && counts[6] <= 1.2 * bursts,
-        "{} waits in (8.4, 16.8] ms for {bursts} bursts of 12 ms: {counts:?}",
-        counts[6]
+        hogs >= 0.8 * bursts && hogs <= 1.2 * bursts && counts[6] >= 0.6 * bursts,
+        "{} waits in (8.4, 16.8] ms and {} above for {bursts} bursts of 12 ms: {counts:?}",
+        counts[6],
+        counts[7]
     );
-    // Nothing else on that CPU holds the victim that long.
+    // Nothing else on that CPU holds the victim that long: the waits over
+    // 4.2 ms are the hog's, in its bucket or, where the host held a VM's
+    // vCPU in the middle of one (several VMs at once), above it; never
+    // below, where a wait billed short would land.
     let long: f64 = counts[5..].iter().sum();
     assert!(
-        counts[6] >= 0.9 * long,
+        counts[6] + counts[7] >= 0.9 * long,
         "waits longer than 4.2 ms outside the hog's bucket: {counts:?}"
     );
 }
