@@ -27,7 +27,7 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -140,6 +140,11 @@ pub struct Options {
     /// Virtual CPUs of each VM.
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
+    /// How many VMs run at once. The tests wait more than they compute, so
+    /// even on 2 host cores three VMs at once finish well before three in
+    /// turn (each file's own timings stretch a little: the table shows).
+    #[arg(long, default_value_t = 3)]
+    pub jobs: usize,
     /// Give up on a VM after this many minutes.
     #[arg(long, default_value_t = 25)]
     pub timeout_minutes: u64,
@@ -162,11 +167,18 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     let known = kernels(opts.arch);
-    let series: Vec<&str> = if opts.kernels.is_empty() {
+    let mut series: Vec<&str> = if opts.kernels.is_empty() {
         known.iter().map(|(s, _)| *s).collect()
     } else {
         opts.kernels.iter().map(String::as_str).collect()
     };
+    // One VM per kernel: two of the same would share their files.
+    let mut seen = Vec::new();
+    series.retain(|s| {
+        let new = !seen.contains(s);
+        seen.push(*s);
+        new
+    });
     for s in &series {
         if !known.iter().any(|(k, _)| k == s) {
             let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
@@ -179,79 +191,131 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     setup::apt(PACKAGES)?;
     let payload = Payload::build(&opts.tests, opts.arch)?;
+    // Fetched one at a time (apt's lock), as is another architecture's
+    // userland (one directory for all its VMs), then booted up to `jobs`
+    // at once.
+    if opts.arch != Arch::HOST {
+        arch::userland(opts.arch)?;
+    }
+    let kernels = series
+        .iter()
+        .map(|s| fetch_kernel(s, opts.arch))
+        .collect::<Result<Vec<_>>>()?;
+    let started = Instant::now();
+    let jobs = opts.jobs.clamp(1, kernels.len().max(1));
+    let next = AtomicUsize::new(0);
+    let (done, results) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let (next, done, kernels, payload) = (&next, done.clone(), &kernels, &payload);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(kernel) = kernels.get(i) else { break };
+                    let outcome = run_kernel(kernel, payload, opts)
+                        .with_context(|| format!("kernel {}", kernel.release));
+                    if done.send((i, outcome)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    drop(done);
+    let mut outcomes: Vec<(usize, Result<Outcome>)> = results.into_iter().collect();
+    outcomes.sort_by_key(|(i, _)| *i);
     let mut rows = Vec::new();
     let mut failed = Vec::new();
-    for s in series {
-        let kernel = fetch_kernel(s, opts.arch)?;
-        let vm_dir = crate::cmd::target_dir().join("vm");
-        let freeze_log = vm_dir.join(format!("{}.freeze.log", kernel.release));
-        let _ = fs::remove_file(&freeze_log);
-        let mut outcome =
-            boot(&kernel, &payload, opts).with_context(|| format!("kernel {}", kernel.release))?;
-        // The guest kernel itself crashing (seen on 6.12: int3 traps in
-        // enqueue_entity and, twice, __schedule while a static key was being
-        // patched, a hazard of qemu's multi-threaded TCG with self-modifying
-        // kernel text) or freezing whole (seen twice on 5.10) is taken for
-        // the emulator's, not a test's: boot again, once, for the files not
-        // finished, and say so. A test or agent that hangs in a live guest
-        // is the in-guest watchdog's HUNG, which fails and is not retried.
-        if let Some(oops) = outcome.guest_crash.clone() {
-            // The second boot writes the console log again: keep the crash's.
-            let dir = crate::cmd::target_dir().join("vm");
-            let crash_log = dir.join(format!("{}.crash.log", kernel.release));
-            let _ = fs::rename(dir.join(format!("{}.log", kernel.release)), &crash_log);
-            eprintln!(
-                "vm: {}: the guest kernel failed ({oops}; console in {}); booting it again, once",
-                kernel.release,
-                crash_log.display()
-            );
-            // The oops and its call trace, for CI's log: what was running.
-            let console = fs::read_to_string(&crash_log).unwrap_or_default();
-            let from = console
-                .lines()
-                .position(|l| l.contains("Oops:") || l.contains("Internal error:"));
-            for l in console.lines().skip(from.unwrap_or(usize::MAX)).take(45) {
-                eprintln!("vm: {}: | {}", kernel.release, l.trim_end());
-            }
-            // Only the files the crash kept from finishing: the ones done
-            // stand (their results are in the table already).
-            let done: Vec<&str> = outcome.files.iter().map(|f| f.name.as_str()).collect();
-            let rest = payload.without(&done);
-            let mut again =
-                boot(&kernel, &rest, opts).with_context(|| format!("kernel {}", kernel.release))?;
-            let mut files = std::mem::take(&mut outcome.files);
-            files.append(&mut again.files);
-            again.files = files;
-            again.cpu_error_pct = match (outcome.cpu_error_pct, again.cpu_error_pct) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-            again.secs += outcome.secs;
-            // A freeze's instruction pointers, named from the second boot's
-            // symbols (the same addresses: nokaslr).
-            if let (Ok(diagnosis), Ok(kallsyms)) = (
-                fs::read_to_string(&freeze_log),
-                fs::read_to_string(vm_dir.join(format!("{}.kallsyms", kernel.release))),
-            ) {
-                let named = monitor::named(&diagnosis, &kallsyms);
-                for l in &named {
-                    eprintln!("vm: {}: frozen: {l}", kernel.release);
+    let mut errors = Vec::new();
+    for ((_, outcome), kernel) in outcomes.into_iter().zip(kernels) {
+        match outcome {
+            Ok(o) => {
+                if !o.passed() {
+                    failed.push(kernel.release.clone());
                 }
-                fs::write(&freeze_log, format!("{}\n{diagnosis}", named.join("\n")))?;
+                rows.push((kernel, o));
             }
-            again.crashed_before = Some(oops);
-            outcome = again;
+            // The other kernels' results are still worth the table.
+            Err(e) => errors.push(format!("{e:#}")),
         }
-        if !outcome.passed() {
-            failed.push(kernel.release.clone());
-        }
-        rows.push((kernel, outcome));
     }
     eprint!("{}", table(&rows));
+    eprintln!(
+        "vm-test: {} kernel(s), up to {} at once, in {:.0} s",
+        rows.len() + errors.len(),
+        jobs,
+        started.elapsed().as_secs_f64()
+    );
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
     if !failed.is_empty() {
         bail!("tests failed on {} (logs in target/vm/)", failed.join(", "));
     }
     Ok(())
+}
+
+/// One kernel's boot, and a second one for the files a guest crash or
+/// freeze kept from finishing.
+fn run_kernel(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
+    let vm_dir = crate::cmd::target_dir().join("vm");
+    let freeze_log = vm_dir.join(format!("{}.freeze.log", kernel.release));
+    let _ = fs::remove_file(&freeze_log);
+    let mut outcome = boot(kernel, payload, opts)?;
+    // The guest kernel itself crashing (seen on 6.12: int3 traps in
+    // enqueue_entity and, twice, __schedule while a static key was being
+    // patched, a hazard of qemu's multi-threaded TCG with self-modifying
+    // kernel text) or freezing whole (seen twice on 5.10) is taken for
+    // the emulator's, not a test's: boot again, once, for the files not
+    // finished, and say so. A test or agent that hangs in a live guest
+    // is the in-guest watchdog's HUNG, which fails and is not retried.
+    if let Some(oops) = outcome.guest_crash.clone() {
+        // The second boot writes the console log again: keep the crash's.
+        let dir = crate::cmd::target_dir().join("vm");
+        let crash_log = dir.join(format!("{}.crash.log", kernel.release));
+        let _ = fs::rename(dir.join(format!("{}.log", kernel.release)), &crash_log);
+        eprintln!(
+            "vm: {}: the guest kernel failed ({oops}; console in {}); booting it again, once",
+            kernel.release,
+            crash_log.display()
+        );
+        // The oops and its call trace, for CI's log: what was running.
+        let console = fs::read_to_string(&crash_log).unwrap_or_default();
+        let from = console
+            .lines()
+            .position(|l| l.contains("Oops:") || l.contains("Internal error:"));
+        for l in console.lines().skip(from.unwrap_or(usize::MAX)).take(45) {
+            eprintln!("vm: {}: | {}", kernel.release, l.trim_end());
+        }
+        // Only the files the crash kept from finishing: the ones done
+        // stand (their results are in the table already).
+        let done: Vec<&str> = outcome.files.iter().map(|f| f.name.as_str()).collect();
+        let rest = payload.without(&done);
+        let mut again = boot(kernel, &rest, opts)?;
+        let mut files = std::mem::take(&mut outcome.files);
+        files.append(&mut again.files);
+        again.files = files;
+        again.cpu_error_pct = match (outcome.cpu_error_pct, again.cpu_error_pct) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        again.secs += outcome.secs;
+        // A freeze's instruction pointers, named from the second boot's
+        // symbols (the same addresses: nokaslr).
+        if let (Ok(diagnosis), Ok(kallsyms)) = (
+            fs::read_to_string(&freeze_log),
+            fs::read_to_string(vm_dir.join(format!("{}.kallsyms", kernel.release))),
+        ) {
+            let named = monitor::named(&diagnosis, &kallsyms);
+            for l in &named {
+                eprintln!("vm: {}: frozen: {l}", kernel.release);
+            }
+            fs::write(&freeze_log, format!("{}\n{diagnosis}", named.join("\n")))?;
+        }
+        again.crashed_before = Some(oops);
+        outcome = again;
+    }
+    Ok(outcome)
 }
 
 /// A kernel unpacked from its Debian package.
@@ -569,6 +633,10 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             "ttyAMA0",
         ),
     };
+    // Made before qemu starts: nothing between its start and its end
+    // returns early, so no qemu outlives its run (the next kernel's runs on
+    // this thread).
+    let mut log = fs::File::create(&log_path)?;
     let mut child = crate::cmd::dies_with_xtask(&mut Command::new(qemu))
         .args(["-machine", machine, "-cpu", cpu, "-nographic", "-no-reboot"])
         .args(["-m", &opts.memory_mib.to_string()])
@@ -601,17 +669,18 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     // Milliseconds from `start` to the last console line.
     let last_line = Arc::new(AtomicU64::new(0));
     let froze = Arc::new(AtomicBool::new(false));
+    let exited = Arc::new(AtomicBool::new(false));
     // qemu's own timer: kill it when the deadline passes, whatever it
     // prints, or when the guest has been silent for `silence`.
     let pid = child.id();
     let watchdog = {
-        let (last_line, froze) = (last_line.clone(), froze.clone());
+        let (last_line, froze, exited) = (last_line.clone(), froze.clone(), exited.clone());
         let (monitor, freeze_log) = (monitor.clone(), freeze_log.clone());
         let release = kernel.release.clone();
         std::thread::spawn(move || {
             while start.elapsed() < deadline {
                 std::thread::sleep(Duration::from_secs(1));
-                if !Path::new(&format!("/proc/{pid}")).exists() {
+                if exited.load(Ordering::Relaxed) || !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
                 }
                 let quiet =
@@ -628,12 +697,14 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                     break;
                 }
             }
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            if !exited.load(Ordering::Relaxed) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
         })
     };
-    let mut log = fs::File::create(&log_path)?;
+    let mut log_error = None;
     let mut files = Vec::new();
     let mut current: Option<(String, u32, u32)> = None;
     let mut cpu_error_pct: Option<f64> = None;
@@ -650,7 +721,9 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             kallsyms.push('\n');
             continue;
         }
-        writeln!(log, "{line}")?;
+        if let Err(e) = writeln!(log, "{line}") {
+            log_error.get_or_insert(e);
+        }
         let clean = line.trim();
         // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`
         // (arm64: `Internal error: ...`, then `pc : enqueue_entity+0x...`).
@@ -716,8 +789,14 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             });
         }
     }
-    let status = child.wait()?;
+    let status = child.wait();
+    // Reaped: its pid may be another process's from now on.
+    exited.store(true, Ordering::Relaxed);
+    let status = status?;
     let _ = watchdog.join();
+    if let Some(e) = log_error {
+        return Err(e).with_context(|| format!("writing {}", log_path.display()));
+    }
     let _ = fs::remove_file(&monitor);
     if !kallsyms.is_empty() {
         fs::write(work.join(format!("{}.kallsyms", kernel.release)), &kallsyms)?;
