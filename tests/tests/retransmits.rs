@@ -100,9 +100,11 @@ fn sends_and_matches(
         got, want,
         "podmeter's retransmitted segments, against TCP_INFO {truth} with {failed} failed transmits"
     );
-    // Its ACKs are not data: a pure receiver retransmits (nearly) nothing.
+    // Its ACKs are not data: a pure receiver retransmits (nearly) nothing,
+    // its SYN-ACK or FIN when one is lost (1 with 57 sender retransmits,
+    // once in cold CI run w24), not the sender's.
     assert!(
-        receiver_got <= 0.01 * truth,
+        receiver_got <= 2.0 + 0.01 * truth,
         "the receiver retransmitted {receiver_got}"
     );
     Retransmitted { truth, failed }
