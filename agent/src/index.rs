@@ -503,9 +503,9 @@ impl IndexState {
             if is_counted(id) || !cgroup.identity.is_pod_level() {
                 continue;
             }
-            let last = index.stats.get(id).and_then(|s| s.subtree_oom_kills);
+            let read_before = index.stats.get(id).and_then(|s| s.subtree_oom_kills);
             let kills = match index.stats.get(id) {
-                Some(_) if !all => last,
+                Some(_) if !all => read_before,
                 _ => match read_subtree_oom_kills(cgroup) {
                     Ok(k) => k,
                     Err(e) => {
@@ -516,7 +516,7 @@ impl IndexState {
                         }
                         // Gone since the walk or event that showed it (its
                         // rmdir comes next): what a container's rmdir read.
-                        last
+                        read_before
                     }
                 },
             };
