@@ -173,12 +173,8 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.kernels.iter().map(String::as_str).collect()
     };
     // One VM per kernel: two of the same would share their files.
-    let mut seen = Vec::new();
-    series.retain(|s| {
-        let new = !seen.contains(s);
-        seen.push(*s);
-        new
-    });
+    let mut seen = std::collections::HashSet::new();
+    series.retain(|s| seen.insert(*s));
     for s in &series {
         if !known.iter().any(|(k, _)| k == s) {
             let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
