@@ -87,6 +87,14 @@ const PROGRAMS: &[&str] = &[
     "/usr/sbin/tc",
 ];
 
+/// The line a guest prints every [`BEAT_SECONDS`] while a test file runs.
+const BEAT: &str = "PM-BEAT";
+const BEAT_SECONDS: u64 = 5;
+/// A guest that has beaten once and then prints nothing for this long is
+/// frozen. Twelve beats: a live guest's beat is late by scheduling, not by
+/// a minute, even with three guests on two host cores.
+const FROZEN_AFTER_SECONDS: u64 = 60;
+
 /// Kernel modules the tests load (veth pairs, netem and nftables random
 /// loss), in dependency order, under `lib/modules/<release>/kernel/`.
 const MODULES: [&str; 6] = [
@@ -158,9 +166,9 @@ pub struct Options {
     #[arg(long, hide = true)]
     pub crash_after: Option<String>,
     /// Silence the guest for good right after this test file (its init
-    /// sleeps, so no watchdog speaks), to exercise the frozen-guest
-    /// handling: qemu is killed after --file-timeout-seconds + 120 s of
-    /// silence and the second boot runs the files after it.
+    /// sleeps, so neither its heartbeat nor its watchdog speaks), to
+    /// exercise the frozen-guest handling: qemu is killed after 60 s
+    /// without a heartbeat and the second boot runs the files after it.
     #[arg(long, hide = true)]
     pub freeze_after: Option<String>,
 }
@@ -296,6 +304,7 @@ fn run_kernel(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outc
             (a, b) => a.or(b),
         };
         again.secs += outcome.secs;
+        again.longest_beat_gap = again.longest_beat_gap.max(outcome.longest_beat_gap);
         // A freeze's instruction pointers, named from the second boot's
         // symbols (the same addresses: nokaslr).
         if let (Ok(diagnosis), Ok(kallsyms)) = (
@@ -565,6 +574,8 @@ struct Outcome {
     guest_crash: Option<String>,
     /// The crash of a first boot that this one repeated.
     crashed_before: Option<String>,
+    /// The longest time between two of the guest's heartbeats, in seconds.
+    longest_beat_gap: f64,
 }
 
 struct FileResult {
@@ -656,14 +667,24 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         .with_context(|| format!("starting {qemu}"))?;
     let stdout = child.stdout.take().expect("piped");
     let deadline = Duration::from_secs(opts.timeout_minutes * 60);
-    // A guest whose own per-file watchdog has not spoken either, this long
-    // after the last console line, is frozen: seen on 5.10, both vCPUs
-    // spinning in the guest kernel with nothing on the console, never
-    // reaching the in-guest watchdog.
-    let silence = Duration::from_secs(opts.file_timeout_seconds + 120);
+    // A guest that has stopped running its user space is frozen: seen on
+    // 5.10, both vCPUs spinning in the guest kernel with nothing on the
+    // console, never reaching the in-guest watchdog. While a file runs, the
+    // guest prints a heartbeat every BEAT_SECONDS, so a live guest is never
+    // this quiet, however long a test is silent; before the first beat
+    // (the kernel's boot, `quiet`), only the in-guest watchdog's bound says
+    // anything.
+    let silence = |beating: bool| {
+        Duration::from_secs(if beating {
+            FROZEN_AFTER_SECONDS
+        } else {
+            opts.file_timeout_seconds + 120
+        })
+    };
     let start = Instant::now();
     // Milliseconds from `start` to the last console line.
     let last_line = Arc::new(AtomicU64::new(0));
+    let beating = Arc::new(AtomicBool::new(false));
     let froze = Arc::new(AtomicBool::new(false));
     let exited = Arc::new(AtomicBool::new(false));
     // qemu's own timer: kill it when the deadline passes, whatever it
@@ -673,6 +694,8 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         let (last_line, froze, exited) = (last_line.clone(), froze.clone(), exited.clone());
         let (monitor, freeze_log) = (monitor.clone(), freeze_log.clone());
         let release = kernel.release.clone();
+        let beating = beating.clone();
+        let (early, late) = (silence(false), silence(true));
         std::thread::spawn(move || {
             while start.elapsed() < deadline {
                 std::thread::sleep(Duration::from_secs(1));
@@ -681,6 +704,11 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                 }
                 let quiet =
                     start.elapsed() - Duration::from_millis(last_line.load(Ordering::Relaxed));
+                let silence = if beating.load(Ordering::Relaxed) {
+                    late
+                } else {
+                    early
+                };
                 if quiet > silence {
                     froze.store(true, Ordering::Relaxed);
                     let diagnosis = monitor::diagnose(&monitor);
@@ -709,9 +737,22 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let mut guest_crash = None;
     let mut hung = Vec::new();
     let mut kallsyms = String::new();
+    // What came before a heartbeat on its line: the beat's one write may
+    // fall between two of a test's (`test x ... ` and `ok`), and the line
+    // is whole again once the beat is taken out.
+    let mut before_beat = String::new();
+    let (mut last_beat, mut longest_beat_gap) = (None::<Instant>, 0.0_f64);
     for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap_or_default();
         last_line.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let Some(line) = without_beat(line.unwrap_or_default(), &mut before_beat) else {
+            beating.store(true, Ordering::Relaxed);
+            // How late a live guest's beat gets: the margin the frozen
+            // bound has, in the table.
+            if let Some(last) = last_beat.replace(Instant::now()) {
+                longest_beat_gap = longest_beat_gap.max(last.elapsed().as_secs_f64());
+            }
+            continue;
+        };
         if let Some(sym) = line.trim().strip_prefix("PM-SYM ") {
             kallsyms.push_str(sym);
             kallsyms.push('\n');
@@ -798,14 +839,15 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         fs::write(work.join(format!("{}.kallsyms", kernel.release)), &kallsyms)?;
     }
     if froze.load(Ordering::Relaxed) && guest_crash.is_none() {
+        let silence = silence(beating.load(Ordering::Relaxed));
         let when = match (&current, files.last()) {
             (Some((name, _, _)), _) => format!("during {name}"),
             (None, Some(f)) => format!("after {}", f.name),
             (None, None) => "before the first file".to_owned(),
         };
         guest_crash = Some(format!(
-            "the guest froze: no console output for {} s {when}, its own watchdog silent too, qemu \
-             killed (its vCPUs' registers: {})",
+            "the guest froze: no heartbeat or other console output for {} s {when}, qemu killed \
+             (its vCPUs' registers: {})",
             silence.as_secs(),
             freeze_log.display()
         ));
@@ -834,6 +876,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             .map(|c| format!("the guest kernel crashed: {c}"))),
         guest_crash,
         crashed_before: None,
+        longest_beat_gap,
     })
 }
 
@@ -976,6 +1019,7 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
     let filter = opts.filter.clone().unwrap_or_default();
     let mut init = String::from(INIT_HEAD);
     let _ = writeln!(init, "PM_FILE_TIMEOUT={}", opts.file_timeout_seconds);
+    let _ = writeln!(init, "PM_BEAT_SECONDS={BEAT_SECONDS}");
     if payload.symbols {
         init.push_str(
             "awk '$2 ~ /^[tT]$/ { print \"PM-SYM \" $1 \" \" $2 \" \" $3 }' /proc/kallsyms\n",
@@ -1048,6 +1092,10 @@ diagnose() {
 run_tests() {
     echo "PM-START $1"
     start=$(cat /proc/uptime)
+    # The host's sign that this guest still runs its user space, however
+    # long a test is silent: it takes a guest quiet for a minute for frozen.
+    ( while :; do echo PM-BEAT; sleep "$PM_BEAT_SECONDS"; done ) &
+    beat=$!
     /pm/t/deps/$1 --test-threads=1 --nocapture $2 &
     pid=$!
     (
@@ -1065,7 +1113,7 @@ run_tests() {
     watchdog=$!
     wait "$pid"
     code=$?
-    kill "$watchdog" 2>/dev/null
+    kill "$watchdog" "$beat" 2>/dev/null
     end=$(cat /proc/uptime)
     echo "PM-END $1 $code $(echo "${start%% *} ${end%% *}" | awk '{ printf "%.0f", $2 - $1 }')"
 }
@@ -1105,6 +1153,18 @@ fn pack(stage: &Path, out: &Path) -> Result<()> {
         bail!("cpio failed: {st}");
     }
     Ok(())
+}
+
+/// A console line with the heartbeat taken out: `None` for a line that
+/// ended in one (what came before it is kept in `before_beat`), else the
+/// line with whatever a beat had cut off in front of it.
+fn without_beat(mut line: String, before_beat: &mut String) -> Option<String> {
+    if let Some(before) = line.trim_end().strip_suffix(BEAT) {
+        before_beat.push_str(before);
+        return None;
+    }
+    line.insert_str(0, &std::mem::take(before_beat));
+    Some(line)
 }
 
 /// One row per kernel and test file.
@@ -1151,8 +1211,9 @@ fn table(rows: &[(Kernel, Outcome)]) -> String {
             .map_or_else(|| "not measured".to_owned(), |e| format!("{e:.2} %"));
         let _ = writeln!(
             out,
-            "  {:<24} boot to power-off {:.0} s; CPU vs cpu.stat, largest error: {cpu}",
-            k.release, o.secs
+            "  {:<24} boot to power-off {:.0} s; CPU vs cpu.stat, largest error: {cpu}; \
+             heartbeats at most {:.1} s apart (frozen after {FROZEN_AFTER_SECONDS} s)",
+            k.release, o.secs, o.longest_beat_gap
         );
         if let Some(c) = &o.crashed_before {
             let _ = writeln!(
@@ -1175,6 +1236,28 @@ mod tests {
         assert_eq!(count(s, "passed"), 9);
         assert_eq!(count(s, "failed"), 1);
         assert_eq!(count(s, "ignored"), 0);
+    }
+
+    #[test]
+    fn a_heartbeat_is_taken_out_of_the_line_it_cut() {
+        let mut before = String::new();
+        let lines = [
+            "PM-BEAT\r",
+            "test a ... PM-BEAT\r",
+            "ok\r",
+            "test result: ok. 1 passed\r",
+        ];
+        let out: Vec<String> = lines
+            .iter()
+            .filter_map(|l| without_beat((*l).to_owned(), &mut before))
+            .collect();
+        assert_eq!(out, ["test a ... ok\r", "test result: ok. 1 passed\r"]);
+        assert!(before.is_empty());
+        // Only a line's end is a beat.
+        assert_eq!(
+            without_beat("PM-BEAT late".into(), &mut before).as_deref(),
+            Some("PM-BEAT late")
+        );
     }
 
     #[test]
