@@ -702,8 +702,11 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                 if exited.load(Ordering::Relaxed) || !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
                 }
-                let quiet =
-                    start.elapsed() - Duration::from_millis(last_line.load(Ordering::Relaxed));
+                // Saturating: the reader may store a line's time just after
+                // this thread read the clock.
+                let quiet = start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last_line.load(Ordering::Relaxed)));
                 let silence = if beating.load(Ordering::Relaxed) {
                     late
                 } else {
@@ -786,6 +789,11 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             v1_only = Some((code.parse().unwrap_or(-1), line.to_owned()));
         }
         if let Some(rest) = clean.strip_prefix("PM-HUNG ") {
+            // The in-guest watchdog kills everything, the beat too, and a
+            // hung task may take long to die: that is a HUNG file, not a
+            // frozen guest, so the long bound holds until the next beat.
+            beating.store(false, Ordering::Relaxed);
+            last_beat = None;
             eprintln!(
                 "vm: {}: {rest} s without finishing: where each task was blocked, then all killed",
                 kernel.release
@@ -805,6 +813,9 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         } else if clean.starts_with("test ") && clean.ends_with("FAILED") {
             eprintln!("vm: {}: {clean}", kernel.release);
         } else if let Some(rest) = clean.strip_prefix("PM-END ") {
+            // The next file's beat starts afresh: the gap between files is
+            // not a late beat.
+            last_beat = None;
             let mut it = rest.split_whitespace();
             let (name, code, secs) = (
                 it.next().unwrap_or("?").to_owned(),
@@ -826,6 +837,14 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             });
         }
     }
+    // A line a beat cut and nothing completed (qemu killed mid-test): the
+    // running test's name, for the log and the freeze's message.
+    let cut = before_beat.trim().to_owned();
+    if !cut.is_empty()
+        && let Err(e) = writeln!(log, "{cut}")
+    {
+        log_error.get_or_insert(e);
+    }
     let status = child.wait();
     // Reaped: its pid may be another process's from now on.
     exited.store(true, Ordering::Relaxed);
@@ -841,6 +860,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     if froze.load(Ordering::Relaxed) && guest_crash.is_none() {
         let silence = silence(beating.load(Ordering::Relaxed));
         let when = match (&current, files.last()) {
+            (Some((name, _, _)), _) if !cut.is_empty() => format!("during {name} ({cut})"),
             (Some((name, _, _)), _) => format!("during {name}"),
             (None, Some(f)) => format!("after {}", f.name),
             (None, None) => "before the first file".to_owned(),
@@ -1128,8 +1148,18 @@ mount -t tmpfs cgroup /sys/fs/cgroup
 mkdir /sys/fs/cgroup/cpu,cpuacct /sys/fs/cgroup/memory
 mount -t cgroup -o cpu,cpuacct cgroup /sys/fs/cgroup/cpu,cpuacct
 mount -t cgroup -o memory cgroup /sys/fs/cgroup/memory
-/pm/podmeter --no-kubernetes --listen 127.0.0.1:9740 >/dev/null 2>/tmp/v1.err
-echo "PM-V1ONLY $? $(grep -m1 'podmeter: error' /tmp/v1.err)"
+# Beating, as during a file; a podmeter that does not refuse is stopped
+# after 60 s (exit 137, which fails the check) rather than left running.
+( while :; do echo PM-BEAT; sleep "$PM_BEAT_SECONDS"; done ) &
+beat=$!
+/pm/podmeter --no-kubernetes --listen 127.0.0.1:9740 >/dev/null 2>/tmp/v1.err &
+pm=$!
+( sleep 60; kill -9 "$pm" 2>/dev/null ) &
+stop=$!
+wait "$pm"
+code=$?
+kill "$stop" "$beat" 2>/dev/null
+echo "PM-V1ONLY $code $(grep -m1 'podmeter: error' /tmp/v1.err)"
 "#;
 
 /// `cpio -o -H newc` of the tree (uncompressed: faster to make and to boot
@@ -1212,8 +1242,14 @@ fn table(rows: &[(Kernel, Outcome)]) -> String {
         let _ = writeln!(
             out,
             "  {:<24} boot to power-off {:.0} s; CPU vs cpu.stat, largest error: {cpu}; \
-             heartbeats at most {:.1} s apart (frozen after {FROZEN_AFTER_SECONDS} s)",
-            k.release, o.secs, o.longest_beat_gap
+             heartbeats at most {} apart (frozen after {FROZEN_AFTER_SECONDS} s)",
+            k.release,
+            o.secs,
+            if o.longest_beat_gap > 0.0 {
+                format!("{:.1} s", o.longest_beat_gap)
+            } else {
+                "(no two beats seen)".to_owned()
+            }
         );
         if let Some(c) = &o.crashed_before {
             let _ = writeln!(
