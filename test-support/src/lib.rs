@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cgroups;
 pub mod dashboard;
+pub mod empty_programs;
 pub mod helm;
 pub mod kube;
 pub mod netns;

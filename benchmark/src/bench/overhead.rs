@@ -1,19 +1,25 @@
 //! What every workload on the node pays for podmeter: interleaved A/B runs
 //! of a switch-heavy workload (`stress-ng --switch`), a small-packet UDP
 //! flood and a bulk TCP stream (`iperf3` over loopback), each without the
-//! agent, with it, and with it and the kernel's BPF run-time statistics on
-//! (which give each program's cost per event during the same runs).
+//! agent, with only empty programs where the agent's attach ([`floor`]:
+//! what entering any program costs), with the agent, and with it and the
+//! kernel's BPF run-time statistics on (which give each program's cost per
+//! event during the same runs).
 //!
-//! A round runs every workload in each of the three arms; the arms' order
-//! flips from one round to the next (without, with, with statistics; then
-//! the reverse; the full plan has an even number of rounds), so that a
-//! drift in the machine's speed weighs on both sides. The loss is the medians' difference, beside the spread of each
-//! round's own difference.
+//! A round runs every workload in each of the four arms; the arms' order
+//! flips from one round to the next (without, empty programs, with, with
+//! statistics; then the reverse; the full plan has an even number of
+//! rounds), so that a drift in the machine's speed weighs on both sides.
+//! The loss is the medians' difference, beside the spread of each round's
+//! own difference.
+//!
+//! [`floor`]: podmeter_test_support::empty_programs
 
 use std::collections::BTreeMap;
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
+use podmeter_test_support::empty_programs::Floor;
 use serde_json::Value;
 
 use super::{
@@ -24,10 +30,12 @@ use super::{
     round,
 };
 
-/// One of the three arms of a round.
+/// One of the four arms of a round.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Arm {
     Detached,
+    /// No agent; empty programs where its programs attach.
+    EmptyPrograms,
     Attached,
     AttachedStats,
 }
@@ -129,6 +137,8 @@ pub fn run(b: &Bench) -> Result<Overhead> {
     if others > 0 {
         bail!("{others} pm_* programs of another podmeter are loaded: no run would be without one");
     }
+    let cgroup2_root = podmeter_test_support::cgroups::try_unified_root()
+        .context("no cgroup2 mount for the empty packet programs")?;
     let port = free_port()?;
     let _server = iperf3_server(port)?;
     let mut rows: Vec<AbWorkload> = WORKLOADS
@@ -140,19 +150,25 @@ pub fn run(b: &Bench) -> Result<Overhead> {
             detached: Vec::new(),
             attached: Vec::new(),
             attached_stats: Vec::new(),
+            empty_programs: Vec::new(),
             programs: Vec::new(),
         })
         .collect();
     let mut costs: Vec<Costs> = WORKLOADS.iter().map(|_| Costs::default()).collect();
 
     for r in 0..rounds {
-        let mut arms = [Arm::Detached, Arm::Attached, Arm::AttachedStats];
+        let mut arms = [
+            Arm::Detached,
+            Arm::EmptyPrograms,
+            Arm::Attached,
+            Arm::AttachedStats,
+        ];
         if r % 2 == 1 {
             arms.reverse();
         }
         let mut agent: Option<(Agent, Vec<u64>)> = None;
         for arm in arms {
-            if arm == Arm::Detached {
+            if matches!(arm, Arm::Detached | Arm::EmptyPrograms) {
                 if let Some((a, _)) = agent.take() {
                     a.stop()?;
                 }
@@ -161,6 +177,9 @@ pub fn run(b: &Bench) -> Result<Overhead> {
             }
             let stats = (arm == Arm::AttachedStats)
                 .then(|| Stats::on(b))
+                .transpose()?;
+            let floor = (arm == Arm::EmptyPrograms)
+                .then(|| Floor::attach(&cgroup2_root))
                 .transpose()?;
             for (i, (name, _)) in WORKLOADS.iter().enumerate() {
                 progress(&format!(
@@ -179,6 +198,7 @@ pub fn run(b: &Bench) -> Result<Overhead> {
                 let row = &mut rows[i];
                 match arm {
                     Arm::Detached => row.detached.push(v),
+                    Arm::EmptyPrograms => row.empty_programs.push(v),
                     Arm::Attached => row.attached.push(v),
                     Arm::AttachedStats => {
                         row.attached_stats.push(v);
@@ -187,6 +207,7 @@ pub fn run(b: &Bench) -> Result<Overhead> {
                 }
             }
             drop(stats);
+            drop(floor);
         }
         if let Some((a, _)) = agent.take() {
             a.stop()?;

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::results::BenchResults;
+use super::results::{AbWorkload, BenchResults};
 
 const W: f64 = 640.0;
 const H: f64 = 360.0;
@@ -360,6 +360,13 @@ pub fn plots(r: &BenchResults) -> Vec<(&'static str, String, String)> {
                 "% lost",
                 &names,
                 &[
+                    (
+                        "empty programs only (no agent)".into(),
+                        o.workloads
+                            .iter()
+                            .map(AbWorkload::empty_programs_loss_pct)
+                            .collect(),
+                    ),
                     ("BPF statistics off".into(), arm(false)),
                     ("BPF statistics on".into(), arm(true)),
                 ],

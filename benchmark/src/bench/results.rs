@@ -129,6 +129,10 @@ pub struct AbWorkload {
     /// Attached, BPF statistics off.
     pub attached: Vec<Option<f64>>,
     pub attached_stats: Vec<Option<f64>>,
+    /// No agent, empty programs where its programs attach (the floor);
+    /// absent from runs before it was measured.
+    #[serde(default)]
+    pub empty_programs: Vec<Option<f64>>,
     /// The programs' cost during the statistics-on runs, every round's
     /// together.
     pub programs: Vec<ProgramCost>,
@@ -161,6 +165,13 @@ impl AbWorkload {
             &self.attached
         })?;
         Some((base - with) / base * 100.0)
+    }
+
+    /// What the empty programs alone cost, in % of the medians: the part
+    /// of [`AbWorkload::loss_pct`] no program body can save.
+    pub fn empty_programs_loss_pct(&self) -> Option<f64> {
+        let base = median(&self.detached).filter(|b| *b > 0.0)?;
+        Some((base - median(&self.empty_programs)?) / base * 100.0)
     }
 
     /// Each round's own loss (statistics off), in %: the spread.
