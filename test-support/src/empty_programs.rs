@@ -1,6 +1,7 @@
 //! The floor under podmeter's cost: programs that do nothing, attached
-//! where podmeter's own are (the `sched_switch` tracepoint, and
-//! `cgroup_skb` ingress and egress at the cgroup2 root). What a workload
+//! where podmeter's switch and packet programs are (the `sched_switch`
+//! tracepoint, and `cgroup_skb` ingress and egress at the cgroup2 root;
+//! not its 100 Hz per-CPU tick, nor the rare cgroup and retransmit events). What a workload
 //! loses with only these is what the kernel pays to enter any BPF program
 //! on those paths, which no work saved inside podmeter's programs can give
 //! back: the benchmark's A/B arm beside "with podmeter" (`cargo xtask

@@ -784,6 +784,26 @@ mod tests {
         );
     }
 
+    /// The last A/B run before the empty-programs arm: that arm's columns
+    /// are gaps, and the targets name no floor.
+    #[test]
+    fn reads_an_ab_run_without_the_empty_programs_arm() {
+        let r: BenchResults = serde_json::from_str(include_str!(
+            "../../../bench/results/2026-12-05T175238Z-full.json"
+        ))
+        .unwrap();
+        let md = rendered(r);
+        let row = "| stress-ng --switch 2 (10 s) | bogo ops/s | 1259248 (1243812–1268564) | – | – | \
+                   1170986 (1148539–1189369) | 7.0 | 5.2 to 9.1 | 1106240 (1102233–1129102) | 12.2 |";
+        assert!(md.lines().any(|l| l == row), "no row {row:?} in\n{md}");
+        assert!(
+            md.lines()
+                .any(|l| l.starts_with("| stress-ng --switch throughput lost")
+                    && l.ends_with("| 7.009 % | **no** |")),
+            "{md}"
+        );
+    }
+
     #[test]
     fn round_trips() {
         let mut r = full();
