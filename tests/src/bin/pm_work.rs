@@ -413,23 +413,14 @@ fn main() -> Result<()> {
         }
         Work::BpfStats => {
             die_with_parent()?;
-            // union bpf_attr { struct { __u32 type; } enable_stats; ... };
-            // BPF_ENABLE_STATS = 32, BPF_STATS_RUN_TIME = 0.
-            let attr = [0u32; 2];
-            // SAFETY: attr is readable for its size; the kernel only reads it.
-            let fd = unsafe { libc::syscall(libc::SYS_bpf, 32, attr.as_ptr(), size_of_val(&attr)) };
-            anyhow::ensure!(
-                fd >= 0,
-                "bpf(BPF_ENABLE_STATS): {}",
-                std::io::Error::last_os_error()
-            );
+            let stats = podmeter_test_support::empty_programs::run_time_stats()
+                .context("bpf(BPF_ENABLE_STATS)")?;
             writeln!(out, "enabled")?;
             out.flush()?;
             // Stats stay on while the fd is open: until stdin closes.
             let mut sink = Vec::new();
             let _ = std::io::stdin().read_to_end(&mut sink);
-            // SAFETY: fd came from the syscall above and is closed once.
-            unsafe { libc::close(fd as i32) };
+            drop(stats);
             return Ok(());
         }
     }
