@@ -14,8 +14,9 @@
 //! does: every piece ends with a sync flush (an empty stored block, which
 //! leaves the stream byte-aligned and not final), so the raw deflate
 //! streams follow one another, and no piece refers back into another. An
-//! empty final block ends the stream. A piece whose text hashes (128-bit
-//! xxh3) as one of the last scrape's pieces is that piece's bytes again.
+//! empty final block ends the stream. A piece whose families have the
+//! fingerprints (128-bit xxh3, [`Family`]) of one of the last scrape's
+//! pieces is that piece's bytes again: the text itself is not hashed.
 //!
 //! The framing is written by hand, so it is fenced off here, and checked by
 //! decoding with two independent inflaters (flate2's `GzDecoder`, which
@@ -25,6 +26,8 @@ use std::{collections::HashMap, io, sync::Mutex};
 
 use flate2::{Compress, Compression, FlushCompress};
 use xxhash_rust::xxh3::Xxh3;
+
+use crate::metrics::Family;
 
 /// A family smaller than this shares its piece with its neighbours: every
 /// piece costs a compressor reset and a few bytes of flush.
@@ -90,19 +93,22 @@ impl Gzip {
     }
 
     /// The gzip member of the concatenation of `families`.
-    pub fn compress(&self, families: &[String]) -> io::Result<Vec<u8>> {
+    pub fn compress(&self, families: &[Family]) -> io::Result<Vec<u8>> {
         self.compress_made(families).map(|(z, _)| z)
     }
 
     /// [`Gzip::compress`], and what it did.
-    pub fn compress_made(&self, families: &[String]) -> io::Result<(Vec<u8>, Made)> {
+    pub fn compress_made(&self, families: &[Family]) -> io::Result<(Vec<u8>, Made)> {
         let groups = group(families);
         let hashes: Vec<u128> = groups
             .iter()
-            .map(|g| {
-                let mut h = Xxh3::new();
-                g.iter().for_each(|t| h.update(t.as_bytes()));
-                h.digest128()
+            .map(|g| match g {
+                [one] => one.fingerprint,
+                many => {
+                    let mut h = Xxh3::new();
+                    many.iter().for_each(|f| h.update(&f.fingerprint.to_le_bytes()));
+                    h.digest128()
+                }
             })
             .collect();
 
@@ -136,7 +142,7 @@ impl Gzip {
         out.extend_from_slice(&FINAL_BLOCK);
         out.extend_from_slice(&crc.finalize().to_le_bytes());
         // ISIZE is the length modulo 2^32.
-        let len: usize = families.iter().map(String::len).sum();
+        let len: usize = families.iter().map(|f| f.text.len()).sum();
         out.extend_from_slice(&(len as u32).to_le_bytes());
 
         let made = Made {
@@ -155,8 +161,8 @@ impl Gzip {
     /// Deflates the groups `todo` names, on up to `self.threads` threads,
     /// the biggest first, each to the least loaded thread. Returns the
     /// pieces in `todo`'s order and the threads used.
-    fn deflate_all(&self, groups: &[&[String]], todo: &[usize]) -> io::Result<(Vec<Piece>, usize)> {
-        let size = |i: usize| groups[i].iter().map(String::len).sum::<usize>();
+    fn deflate_all(&self, groups: &[&[Family]], todo: &[usize]) -> io::Result<(Vec<Piece>, usize)> {
+        let size = |i: usize| groups[i].iter().map(|f| f.text.len()).sum::<usize>();
         let total: usize = todo.iter().map(|&i| size(i)).sum();
         let n = if total < SPLIT_FROM {
             1
@@ -224,15 +230,15 @@ fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
 
 /// The families cut into runs: a family of [`MIN_PIECE`] or more alone,
 /// smaller neighbours together until they reach it.
-fn group(families: &[String]) -> Vec<&[String]> {
+fn group(families: &[Family]) -> Vec<&[Family]> {
     let mut groups = Vec::new();
     let (mut start, mut size) = (0, 0);
     for (i, f) in families.iter().enumerate() {
-        if f.len() >= MIN_PIECE && size > 0 {
+        if f.text.len() >= MIN_PIECE && size > 0 {
             groups.push(&families[start..i]);
             (start, size) = (i, 0);
         }
-        size += f.len();
+        size += f.text.len();
         if size >= MIN_PIECE {
             groups.push(&families[start..=i]);
             (start, size) = (i + 1, 0);
@@ -247,14 +253,14 @@ fn group(families: &[String]) -> Vec<&[String]> {
 /// One piece: the texts as a raw deflate stream, sync-flushed so that the
 /// next piece's stream can follow it. `z` starts afresh: no piece refers
 /// to another.
-fn deflate(z: &mut Compress, texts: &[String]) -> io::Result<Piece> {
+fn deflate(z: &mut Compress, families: &[Family]) -> io::Result<Piece> {
     z.reset();
     let mut crc = crc32fast::Hasher::new();
-    let len: usize = texts.iter().map(String::len).sum();
+    let len: usize = families.iter().map(|f| f.text.len()).sum();
     let mut out = Vec::with_capacity(len / 3 + 64);
-    for (i, t) in texts.iter().enumerate() {
-        crc.update(t.as_bytes());
-        let flush = if i + 1 == texts.len() {
+    for (i, t) in families.iter().map(|f| &f.text).enumerate() {
+        crc.update(t);
+        let flush = if i + 1 == families.len() {
             FlushCompress::Sync
         } else {
             FlushCompress::None
@@ -262,7 +268,7 @@ fn deflate(z: &mut Compress, texts: &[String]) -> io::Result<Piece> {
         let start = z.total_in();
         loop {
             let read = (z.total_in() - start) as usize;
-            z.compress_vec(&t.as_bytes()[read..], &mut out, flush)
+            z.compress_vec(&t[read..], &mut out, flush)
                 .map_err(io::Error::other)?;
             let consumed = (z.total_in() - start) as usize == t.len();
             // A flush is done once the input is in and the output was not
@@ -297,7 +303,7 @@ mod tests {
 
     /// Exposition-like families: repeated label blocks, values that vary
     /// with `seed`.
-    fn families(sizes: &[usize], seed: usize) -> Vec<String> {
+    fn families(sizes: &[usize], seed: usize) -> Vec<Family> {
         sizes
             .iter()
             .enumerate()
@@ -311,9 +317,13 @@ mod tests {
                         r % 997
                     ));
                 }
-                t
+                Family::new(t)
             })
             .collect()
+    }
+
+    fn concat(families: &[Family]) -> Vec<u8> {
+        families.iter().flat_map(|f| f.text.iter().copied()).collect()
     }
 
     #[test]
@@ -330,7 +340,7 @@ mod tests {
             let fams = families(sizes, 0);
             for threads in [1, 2, 3, 8] {
                 let z = Gzip::with_threads(threads).compress(&fams).unwrap();
-                assert_eq!(gunzip(&z), fams.concat().into_bytes(), "{sizes:?} on {threads}");
+                assert_eq!(gunzip(&z), concat(&fams), "{sizes:?} on {threads}");
             }
         }
     }
@@ -353,12 +363,12 @@ mod tests {
         next[4] = changed[4].clone();
         let (z3, m3) = gz.compress_made(&next).unwrap();
         assert_eq!((m3.pieces, m3.reused), (5, 3));
-        assert_eq!(gunzip(&z3), next.concat().into_bytes());
+        assert_eq!(gunzip(&z3), concat(&next));
         // Only the last scrape's pieces are kept: the first's family 1
         // must be compressed again.
         let (z4, m4) = gz.compress_made(&first).unwrap();
         assert_eq!(m4.reused, 3);
-        assert_eq!(gunzip(&z4), first.concat().into_bytes());
+        assert_eq!(gunzip(&z4), concat(&first));
     }
 
     #[test]
@@ -370,7 +380,7 @@ mod tests {
         let held = take(&gz.last);
         let (z, m) = gz.compress_made(&fams).unwrap();
         assert_eq!(m.reused, 0);
-        assert_eq!(gunzip(&z), fams.concat().into_bytes());
+        assert_eq!(gunzip(&z), concat(&fams));
         assert!(take(&gz.last).is_none(), "a scrape without the pieces put some back");
         *gz.last.lock().unwrap() = held;
         assert_eq!(gz.compress_made(&fams).unwrap().1.reused, 2);
@@ -379,8 +389,9 @@ mod tests {
     #[test]
     fn pieces_cost_little_size() {
         let fams = families(&[20_000; 4], 0);
-        let data = fams.concat();
-        let one = Gzip::with_threads(1).compress(std::slice::from_ref(&data)).unwrap().len();
+        let data = concat(&fams);
+        let whole = Family::new(String::from_utf8(data.clone()).unwrap());
+        let one = Gzip::with_threads(1).compress(std::slice::from_ref(&whole)).unwrap().len();
         let four = Gzip::with_threads(4).compress(&fams).unwrap().len();
         assert!(one * 4 < data.len(), "{one} of {}: the text barely compressed", data.len());
         assert!(four * 100 <= one * 101, "4 pieces {four} vs 1 piece {one} bytes");
@@ -388,8 +399,8 @@ mod tests {
 
     #[test]
     fn small_families_share_pieces_and_big_ones_stand_alone() {
-        let fam = |n: usize| "x".repeat(n);
-        let lens = |fams: &[String]| -> Vec<usize> { group(fams).iter().map(|g| g.len()).collect() };
+        let fam = |n: usize| Family::new("x".repeat(n));
+        let lens = |fams: &[Family]| -> Vec<usize> { group(fams).iter().map(|g| g.len()).collect() };
         assert_eq!(lens(&[]), Vec::<usize>::new());
         assert_eq!(lens(&[fam(1), fam(2)]), [2]);
         assert_eq!(lens(&[fam(1), fam(MIN_PIECE), fam(3)]), [1, 1, 1]);
@@ -401,7 +412,7 @@ mod tests {
         let gz = Gzip::with_threads(4);
         assert_eq!(gz.compress_made(&families(&[100, 100], 0)).unwrap().1.threads, 1);
         let big = families(&[6000; 6], 0);
-        assert!(big.iter().map(String::len).sum::<usize>() >= SPLIT_FROM);
+        assert!(big.iter().map(|f| f.text.len()).sum::<usize>() >= SPLIT_FROM);
         assert_eq!(gz.compress_made(&big).unwrap().1.threads, 4);
         assert_eq!(Gzip::with_threads(64).threads, MAX_THREADS);
     }
@@ -425,6 +436,6 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         writer.join().unwrap();
         assert!(out.status.success(), "gzip -dc failed: {}", out.status);
-        assert_eq!(out.stdout, fams.concat().into_bytes());
+        assert_eq!(out.stdout, concat(&fams));
     }
 }

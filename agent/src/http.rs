@@ -693,10 +693,8 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
             // The families go out one after another as they are, with no
             // copy of the whole text (4 MB at a thousand pods) into one
             // buffer.
-            let len: usize = families.iter().map(String::len).sum();
-            let chunks = families
-                .into_iter()
-                .map(|f| Ok::<_, Infallible>(axum::body::Bytes::from(f)));
+            let len: usize = families.iter().map(|f| f.text.len()).sum();
+            let chunks = families.into_iter().map(|f| Ok::<_, Infallible>(f.text));
             (
                 StatusCode::OK,
                 [
@@ -726,8 +724,8 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
 /// A `/metrics` body, as the scraper asked for it.
 enum Body {
     Gzip(Vec<u8>),
-    /// The families' texts, in order.
-    Text(Vec<String>),
+    /// The families, in order.
+    Text(Vec<crate::metrics::Family>),
 }
 
 /// Whether an `Accept-Encoding` value accepts gzip (RFC 9110 12.5.3):

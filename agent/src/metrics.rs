@@ -26,7 +26,36 @@ use crate::{
     node,
     tracker::{COLLECTORS, Row, Snapshot, Tracker},
 };
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use bytes::Bytes;
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+
+/// One family's exposition text, with a fingerprint of what made it: two
+/// families with the same fingerprint have the same text (xxh3-128, as
+/// gzip's reuse already assumed), so a scrape can take the last scrape's
+/// text again, and gzip its compressed bytes, without looking at the text.
+#[derive(Clone, Debug)]
+pub struct Family {
+    pub text: Bytes,
+    pub fingerprint: u128,
+}
+
+impl Family {
+    /// A family fingerprinted by its text.
+    pub fn new(text: String) -> Self {
+        Self {
+            fingerprint: xxh3_128(text.as_bytes()),
+            text: text.into(),
+        }
+    }
+}
+
+/// The last scrape's families by name: what the next may reuse.
+type Last = HashMap<String, Family>;
 
 /// How one per-cgroup metric is named, described and read from a [`Row`].
 struct Spec {
@@ -536,9 +565,14 @@ impl Cgroups {
         Labelled { key, text, row }
     }
 
-    /// The per-cgroup families as exposition text, `(name, text)` each,
-    /// empty families left out.
-    fn cgroup_text(&self, snap: &Snapshot) -> Vec<(String, String)> {
+    /// The per-cgroup families as exposition text, `(name, family)` each,
+    /// empty families left out. A family whose rows, in the same order
+    /// and with the same label blocks, have the same values as in `last`
+    /// is `last`'s text again: at a thousand pods most families (limits,
+    /// OOM kills, throttling of never-throttled containers, idle pressure)
+    /// do not change from one scrape to the next, and writing their text
+    /// was most of rendering.
+    fn cgroup_text(&self, snap: &Snapshot, last: &Last) -> Vec<(String, Family)> {
         let container_names: Vec<&str> = CONTAINER_LABELS
             .iter()
             .copied()
@@ -554,11 +588,45 @@ impl Cgroups {
         // Registry::gather's order: by label values, in label order.
         pods.sort_by(|a, b| a.key.cmp(&b.key));
         hosts.sort_by(|a, b| a.key.cmp(&b.key));
+        // Every label block in order: what a family's text holds besides
+        // its name and values. (A block has no raw newline: it is escaped.)
+        let blocks = |group: &[Labelled<'_>]| {
+            let mut h = Xxh3::new();
+            for l in group {
+                h.update(l.text.as_bytes());
+                h.update(b"\n");
+            }
+            h.digest128().to_le_bytes()
+        };
+        let groups = [
+            (CONTAINER_PREFIX, &pods, blocks(&pods)),
+            (CGROUP_PREFIX, &hosts, blocks(&hosts)),
+        ];
 
         let mut out = Vec::with_capacity(2 * SPECS.len());
+        let mut made = Vec::new();
         for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
-            for (prefix, group) in [(CONTAINER_PREFIX, &pods), (CGROUP_PREFIX, &hosts)] {
+            for (prefix, group, blocks) in &groups {
                 let name = format!("{prefix}{}", spec.suffix);
+                // The name (which fixes help and type), the label blocks,
+                // then each row's value or its absence.
+                made.clear();
+                made.extend_from_slice(blocks);
+                made.extend_from_slice(name.as_bytes());
+                for l in group.iter() {
+                    match (spec.value)(l.row) {
+                        Some(v) => {
+                            made.push(1);
+                            made.extend_from_slice(&v.to_bits().to_le_bytes());
+                        }
+                        None => made.push(0),
+                    }
+                }
+                let fingerprint = xxh3_128(&made);
+                if let Some(f) = last.get(&name).filter(|f| f.fingerprint == fingerprint) {
+                    out.push((name, f.clone()));
+                    continue;
+                }
                 let mut text = String::new();
                 for l in group.iter() {
                     let Some(v) = (spec.value)(l.row) else {
@@ -585,7 +653,8 @@ impl Cgroups {
                     text.push('\n');
                 }
                 if !text.is_empty() {
-                    out.push((name, text));
+                    let text = text.into();
+                    out.push((name, Family { text, fingerprint }));
                 }
             }
         }
@@ -594,7 +663,7 @@ impl Cgroups {
                 let name = format!("{prefix}{}", WAIT_HIST.0);
                 let text = histogram_text(&name, WAIT_HIST.1, group);
                 if !text.is_empty() {
-                    out.push((name, text));
+                    out.push((name, Family::new(text)));
                 }
             }
         }
@@ -679,6 +748,9 @@ pub struct Exporter {
     pub registry: Registry,
     /// Time to collect and encode one scrape.
     pub scrape_duration: Histogram,
+    /// The last scrape's families, taken by a scrape and replaced by its
+    /// own (a scrape beside another may find none, and renders all).
+    last: Mutex<Option<Last>>,
 }
 
 impl Exporter {
@@ -731,6 +803,7 @@ impl Exporter {
             cgroups: Cgroups { node, extra_labels },
             registry,
             scrape_duration,
+            last: Mutex::new(None),
         })
     }
 
@@ -741,30 +814,43 @@ impl Exporter {
     ///
     /// The families' texts come apart, in name order (their concatenation
     /// is the body), so that gzip can reuse what it compressed for a family
-    /// that has not changed since the last scrape ([`crate::gzip`]).
-    pub fn render(&self) -> Vec<String> {
+    /// that has not changed since the last scrape ([`crate::gzip`]), and
+    /// the per-cgroup families reuse the last scrape's text where their
+    /// values did not change.
+    pub fn render(&self) -> Vec<Family> {
         let timer = self.scrape_duration.start_timer();
         let snap = self.tracker.snapshot();
+        let last = take(&self.last).unwrap_or_default();
         let out = families(
             &self.cgroups,
             &snap,
             node::online_cpus(),
             self.registry.gather(),
+            &last,
         );
+        drop(last);
+        let next = out.iter().map(|(n, f)| (n.clone(), f.clone())).collect();
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(next);
         timer.observe_duration();
-        out
+        out.into_iter().map(|(_, f)| f).collect()
     }
 }
 
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner).take()
+}
+
 /// The whole exposition: per-cgroup text and the small families (encoded
-/// by `prometheus`), each family's text apart, in family name order.
+/// by `prometheus`), each family apart, in family name order, with its
+/// name.
 fn families(
     cgroups: &Cgroups,
     snap: &Snapshot,
     cpus: Option<usize>,
     mut small: Vec<MetricFamily>,
-) -> Vec<String> {
-    let mut parts = cgroups.cgroup_text(snap);
+    last: &Last,
+) -> Vec<(String, Family)> {
+    let mut parts = cgroups.cgroup_text(snap, last);
     small.extend(cgroups.self_families(snap));
     if let Some(cpus) = cpus {
         small.push(cgroups.node_cpus(cpus));
@@ -776,10 +862,10 @@ fn families(
             tracing::error!("encoding metrics: {e}");
             continue;
         }
-        parts.push((mf.name().to_owned(), text));
+        parts.push((mf.name().to_owned(), Family::new(text)));
     }
     parts.sort_by(|a, b| a.0.cmp(&b.0));
-    parts.into_iter().map(|(_, text)| text).collect()
+    parts
 }
 
 #[cfg(test)]
@@ -1046,6 +1132,109 @@ mod tests {
         }
     }
 
+    fn text(families: &[(String, Family)]) -> String {
+        families
+            .iter()
+            .map(|(_, f)| std::str::from_utf8(&f.text).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn families_reuse_the_last_text_only_when_nothing_in_it_changed() {
+        let cgroups = Cgroups {
+            node: "n".into(),
+            extra_labels: vec![],
+        };
+        let named = |pod: &str| Names {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            container: "app".into(),
+            extra: vec![],
+        };
+        let rows = || -> Vec<Row> {
+            (1..=12)
+                .map(|k| match k % 3 {
+                    0 => row(&format!("/h{k}"), Identity::Host, None, k),
+                    _ => row(
+                        &format!("/kubepods/p{k}/c"),
+                        pod(&format!("uid-{k}"), Some(&format!("c{k}"))),
+                        Some(named(&format!("web-{k}"))),
+                        k,
+                    ),
+                })
+                .collect()
+        };
+        let snap = |rows: Vec<Row>| Snapshot {
+            rows,
+            dropped: [0, 0],
+            entries: [12, 4],
+            capacity: 4096,
+            tracked: [12, 0, 0, 0],
+            tree_updates: [0, 0, 1],
+            kubernetes: Some((8, 0)),
+            signals: Signals {
+                run_queue: true,
+                retransmits: true,
+                wait_histogram: true,
+            },
+            collectors: [Some(Ok(())), None, None, None, None, None, None],
+        };
+        let render = |s: &Snapshot, last: &Last| families(&cgroups, s, Some(2), Vec::new(), last);
+        let keep = |f: &[(String, Family)]| -> Last { f.iter().cloned().collect() };
+        let same = |a: &Family, b: &Family| a.text.as_ptr() == b.text.as_ptr();
+        let by_name = |f: &[(String, Family)], name: &str| {
+            f.iter().find(|(n, _)| n == name).map(|(_, f)| f.clone()).unwrap()
+        };
+        // Each check: the text with `last` is the text without it.
+        let checked = |s: &Snapshot, last: &Last| {
+            let got = render(s, last);
+            assert_eq!(text(&got), text(&render(s, &Last::new())));
+            got
+        };
+
+        let first = checked(&snap(rows()), &Last::new());
+        assert!(first.len() > 20, "{} families", first.len());
+        // Nothing changed: every per-cgroup family is the last one's text
+        // (but the wait histogram's, written each time: it is opt-in).
+        let again = checked(&snap(rows()), &keep(&first));
+        let specs: Vec<String> = SPECS
+            .iter()
+            .flat_map(|s| [CONTAINER_PREFIX, CGROUP_PREFIX].map(|p| format!("{p}{}", s.suffix)))
+            .collect();
+        let reusable = |name: &str| specs.iter().any(|s| s == name);
+        for ((name, a), (_, b)) in first.iter().zip(&again) {
+            assert!(same(a, b) || !reusable(name), "{name} rendered again");
+        }
+        assert!(first.iter().filter(|(n, _)| reusable(n)).count() > 20);
+
+        // One container's CPU: its usage family only.
+        let mut changed = rows();
+        changed[3].cpu.as_mut().unwrap().time_ns += 1;
+        let next = checked(&snap(changed), &keep(&again));
+        let usage = "podmeter_container_cpu_usage_seconds_total";
+        assert!(!same(&by_name(&next, usage), &by_name(&again, usage)));
+        assert_ne!(by_name(&next, usage).text, by_name(&again, usage).text);
+        for name in ["podmeter_container_memory_working_set_bytes", "podmeter_cgroup_cpu_usage_seconds_total"] {
+            assert!(same(&by_name(&next, name), &by_name(&again, name)), "{name}");
+        }
+
+        // A value that goes away, a row that goes, a name that changes:
+        // each family they touch is written again, and right.
+        let mut gone = rows();
+        gone[0].memory = None;
+        checked(&snap(gone), &keep(&again));
+        let mut fewer = rows();
+        fewer.remove(4);
+        checked(&snap(fewer), &keep(&again));
+        let mut renamed = rows();
+        renamed[0].names = Some(Arc::new(named("web-renamed")));
+        let next = checked(&snap(renamed), &keep(&again));
+        assert!(text(&next).contains("pod=\"web-renamed\""));
+        for (name, f) in next.iter().filter(|(n, _)| n.starts_with("podmeter_container_")) {
+            assert!(!same(f, &by_name(&again, name)), "{name} kept the old name");
+        }
+    }
+
     #[test]
     fn text_matches_prometheus_encoder() {
         let names = |ns: &str, pod: &str, c: &str, extra: &[&str]| Names {
@@ -1139,7 +1328,7 @@ mod tests {
         others.register(Box::new(h)).unwrap();
 
         let want = reference(&cgroups, &snap, &others);
-        let got = families(&cgroups, &snap, Some(2), others.gather()).concat();
+        let got = text(&families(&cgroups, &snap, Some(2), others.gather(), &Last::new()));
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
         assert!(want.contains("podmeter_container_oom_kills_total{"));
@@ -1191,7 +1380,7 @@ mod tests {
             collectors: snap.collectors.clone(),
             ..snap
         };
-        let got = families(&cgroups, &blind, Some(2), others.gather()).concat();
+        let got = text(&families(&cgroups, &blind, Some(2), others.gather(), &Last::new()));
         assert_eq!(got, reference(&cgroups, &blind, &others));
         assert!(!got.contains("_cpu_wait_seconds_total"), "{got}");
         assert!(!got.contains("_cpu_waits_total"), "{got}");
@@ -1206,7 +1395,7 @@ mod tests {
             ..blind
         };
         let want = reference(&cgroups, &no_kube, &others);
-        let got = families(&cgroups, &no_kube, Some(2), others.gather()).concat();
+        let got = text(&families(&cgroups, &no_kube, Some(2), others.gather(), &Last::new()));
         assert_eq!(got, want);
     }
 }
