@@ -35,9 +35,9 @@ use bytes::Bytes;
 use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 /// One family's exposition text, with a fingerprint of what made it: two
-/// families with the same fingerprint have the same text (xxh3-128, as
-/// gzip's reuse already assumed), so a scrape can take the last scrape's
-/// text again, and gzip its compressed bytes, without looking at the text.
+/// families with the same fingerprint have the same text (xxh3-128), so a
+/// scrape can take the last scrape's text again, and gzip its compressed
+/// bytes, without looking at the text.
 #[derive(Clone, Debug)]
 pub struct Family {
     pub text: Bytes,
@@ -613,11 +613,15 @@ impl Cgroups {
                 made.clear();
                 made.extend_from_slice(blocks);
                 made.extend_from_slice(name.as_bytes());
+                // The text's length, near enough: what it reserves is what
+                // the kept text holds until the next scrape.
+                let mut len = 0;
                 for l in group.iter() {
                     match (spec.value)(l.row) {
                         Some(v) => {
                             made.push(1);
                             made.extend_from_slice(&v.to_bits().to_le_bytes());
+                            len += name.len() + l.text.len() + 24;
                         }
                         None => made.push(0),
                     }
@@ -633,7 +637,7 @@ impl Cgroups {
                         continue;
                     };
                     if text.is_empty() {
-                        text.reserve(group.len() * (name.len() + l.text.len() + 24));
+                        text.reserve(len + spec.help.len() + 2 * name.len() + 32);
                         text.push_str("# HELP ");
                         text.push_str(&name);
                         text.push(' ');
@@ -829,11 +833,25 @@ impl Exporter {
             &last,
         );
         drop(last);
-        let next = out.iter().map(|(n, f)| (n.clone(), f.clone())).collect();
+        // Only what the next scrape may reuse: the others are small, or
+        // written each time (the wait histogram).
+        let next = out
+            .iter()
+            .filter(|(n, _)| per_cgroup(n))
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect();
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(next);
         timer.observe_duration();
         out.into_iter().map(|(_, f)| f).collect()
     }
+}
+
+/// Whether `name` is one of [`SPECS`]' families.
+fn per_cgroup(name: &str) -> bool {
+    [CONTAINER_PREFIX, CGROUP_PREFIX].iter().any(|p| {
+        name.strip_prefix(p)
+            .is_some_and(|suffix| SPECS.iter().any(|s| s.suffix == suffix))
+    })
 }
 
 fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
@@ -1197,11 +1215,11 @@ mod tests {
         // Nothing changed: every per-cgroup family is the last one's text
         // (but the wait histogram's, written each time: it is opt-in).
         let again = checked(&snap(rows()), &keep(&first));
-        let specs: Vec<String> = SPECS
-            .iter()
-            .flat_map(|s| [CONTAINER_PREFIX, CGROUP_PREFIX].map(|p| format!("{p}{}", s.suffix)))
-            .collect();
-        let reusable = |name: &str| specs.iter().any(|s| s == name);
+        let reusable = per_cgroup;
+        let names = |f: &[(String, Family)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&again), names(&first));
+        assert!(!reusable("podmeter_container_cpu_wait_duration_seconds"));
+        assert!(!reusable("podmeter_cgroup_tree_updates_total"));
         for ((name, a), (_, b)) in first.iter().zip(&again) {
             assert!(same(a, b) || !reusable(name), "{name} rendered again");
         }
@@ -1214,8 +1232,9 @@ mod tests {
         let usage = "podmeter_container_cpu_usage_seconds_total";
         assert!(!same(&by_name(&next, usage), &by_name(&again, usage)));
         assert_ne!(by_name(&next, usage).text, by_name(&again, usage).text);
-        for name in ["podmeter_container_memory_working_set_bytes", "podmeter_cgroup_cpu_usage_seconds_total"] {
-            assert!(same(&by_name(&next, name), &by_name(&again, name)), "{name}");
+        assert_eq!(names(&next), names(&again));
+        for (name, f) in next.iter().filter(|(n, _)| reusable(n) && n != usage) {
+            assert!(same(f, &by_name(&again, name)), "{name} rendered again");
         }
 
         // A value that goes away, a row that goes, a name that changes:
