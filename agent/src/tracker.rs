@@ -305,16 +305,7 @@ impl Tracker {
         // rather than both.
         // Up to four threads: the scrape is not the node's main work.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let (throttling, reading) = std::thread::scope(|s| {
-            // Where no thread can be made (a pids limit), read in turn.
-            match std::thread::Builder::new().spawn_scoped(s, || index.throttling(cores)) {
-                Ok(reader) => {
-                    let reading = self.counters.read();
-                    (reader.join(), reading)
-                }
-                Err(_) => (Ok(index.throttling(1)), self.counters.read()),
-            }
-        });
+        let (reading, throttling) = index.throttling_beside(cores, || self.counters.read());
         let now = Instant::now();
         let mut joined = {
             let mut names = self.namer.session(&index);
@@ -326,15 +317,15 @@ impl Tracker {
         }
 
         let (throttling, throttling_ok) = match throttling {
-            Ok((t, 0, _)) => (t, Ok(())),
-            Ok((t, failed, last)) => (
+            Some((t, 0, _)) => (t, Ok(())),
+            Some((t, failed, last)) => (
                 t,
                 Err(format!(
                     "{failed} cpu.stat reads failed, the last with: {}",
                     last.unwrap_or_default()
                 )),
             ),
-            Err(_) => (
+            None => (
                 HashMap::new(),
                 Err("reading throttling counters panicked".to_owned()),
             ),

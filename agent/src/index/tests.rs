@@ -360,7 +360,9 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
         index.stats.insert(i, Stats { limit, ..Stats::default() });
     }
 
-    let (one, failed, last) = index.throttling(1);
+    let ((), Some((one, failed, last))) = index.throttling_beside(1, || ()) else {
+        panic!("a reading thread panicked");
+    };
     assert_eq!(failed, 6, "{last:?}");
     assert_eq!(one.len(), 600 - 6 - 12);
     assert_eq!(one[&42].periods, 42);
@@ -368,7 +370,13 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
     assert!((one[&42].throttled_seconds - 0.00042).abs() < 1e-12);
     assert!(!one.contains_key(&600), "not limited, not read");
     for threads in [2, 3, 16] {
-        let (many, failed, last) = index.throttling(threads);
+        // `first` runs on the caller's thread while the others read.
+        let caller = std::thread::current().id();
+        let (ran_on, read) = index.throttling_beside(threads, || std::thread::current().id());
+        assert_eq!(ran_on, caller);
+        let Some((many, failed, last)) = read else {
+            panic!("a reading thread panicked on {threads} threads");
+        };
         assert_eq!(many, one, "on {threads} threads");
         assert_eq!(failed, 6);
         assert!(last.is_some());
