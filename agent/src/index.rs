@@ -171,15 +171,17 @@ impl Index {
     /// CPU limit on up to `threads` threads, the caller's among them: a
     /// thousand limited containers are a thousand cgroupfs reads, the
     /// longest part of a scrape. The caller first runs `first` (the
-    /// scrape's map reads) while the other threads read, then reads too.
-    /// Cgroups are handed out in small batches from one cursor, so no
-    /// thread waits for another's fixed share, and no more threads read
-    /// than `threads`: on a 2-core node a third only took turns on the
-    /// cores, and a scrape's wall time was twice its reads' CPU time.
+    /// scrape's map reads) while the other threads read (when `threads` >
+    /// 1 and a thread could be made), then reads too. Cgroups are handed
+    /// out in small batches from one cursor, so no thread waits for
+    /// another's fixed share, and no more threads read than `threads`:
+    /// with a third thread on a 2-core node the readers took turns on the
+    /// cores, each reader's wall time about twice its CPU time.
     ///
     /// Returns `first`'s result and the counters, with how many reads
     /// failed (not for being gone) and the last such error; `None` for the
-    /// counters if a reading thread panicked (its batch is lost).
+    /// counters if a read panicked on any thread, the caller's included
+    /// (the scrape then reports every throttling counter as failed).
     pub fn throttling_beside<R>(&self, threads: usize, first: impl FnOnce() -> R) -> (R, Option<ThrottlingRead>) {
         let limited: Vec<(u64, &cpu::Files)> = self
             .stats
@@ -188,7 +190,8 @@ impl Index {
             .filter_map(|(id, _)| Some((*id, self.live.get(id)?.files.cpu.as_ref()?)))
             .collect();
         // A thread for fewer reads than this costs more than it saves (but
-        // one reads beside `first` whenever there is anything to read).
+        // where `threads` allows one, one reads beside `first` whenever
+        // there is anything to read).
         const PER_THREAD: usize = 128;
         const BATCH: usize = 32;
         let n = limited.len();
@@ -222,7 +225,9 @@ impl Index {
                 })
                 .collect();
             let r = first();
-            let mut all = Some(work());
+            // A panicking read is the throttling collector's failure, not
+            // the scrape's, on whichever thread it happens.
+            let mut all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).ok();
             for h in others {
                 match (h.join(), all.as_mut()) {
                     (Ok((t, failed, last)), Some(all)) => {

@@ -300,9 +300,9 @@ impl Tracker {
         let _scrape = self.health.scrape(Instant::now());
         let index = self.index.borrow().clone();
         // The throttling counters are one cgroupfs read per limited cgroup,
-        // a third of a scrape at a thousand limited containers: they are
-        // read beside the maps, so a scrape takes the longer of the two
-        // rather than both.
+        // a third of a scrape at a thousand limited containers: with more
+        // than one core they are read beside the maps, so a scrape takes
+        // the longer of the two rather than both.
         // Up to four threads: the scrape is not the node's main work.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let (reading, throttling) = index.throttling_beside(cores, || self.counters.read());

@@ -360,6 +360,9 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
         index.stats.insert(i, Stats { limit, ..Stats::default() });
     }
 
+    // Nothing limited: nothing read, and `first` still runs.
+    let (seven, none) = Index::default().throttling_beside(2, || 7);
+    assert_eq!((seven, none.map(|r| r.0.len())), (7, Some(0)));
     let ((), Some((one, failed, last))) = index.throttling_beside(1, || ()) else {
         panic!("a reading thread panicked");
     };
