@@ -47,6 +47,8 @@ const MAX_VISITS: u32 = 1 << 20;
 
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_ENUM64: u32 = 19;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
@@ -243,6 +245,32 @@ impl<'a> Btf<'a> {
         }
         Ok(bits / 8)
     }
+
+    /// The value of enumerator `value` of `enum name`, such as
+    /// `cgroup_subsys_id` → `cpu_cgrp_id` (the kernel numbers its cgroup
+    /// controllers by its configuration).
+    pub fn enum_value(&self, name: &str, value: &str) -> Result<i64, BtfError> {
+        let not_found = || BtfError::NotFound(format!("enum {name} value {value}"));
+        let t = self
+            .types
+            .iter()
+            .find(|t| matches!(t.kind(), KIND_ENUM | KIND_ENUM64) && self.name(t.name_off) == name)
+            .ok_or_else(not_found)?;
+        // enum: `{name, i32 value}`; enum64: `{name, low 32 bits, high 32}`.
+        // kind_flag says signed; the kernel's ids are small either way.
+        let width = if t.kind() == KIND_ENUM { 8 } else { 12 };
+        for v in t.extra.chunks_exact(width) {
+            if self.name(u32_at(v, 0)?) == value {
+                let low = u32_at(v, 4)?;
+                return Ok(if width == 8 {
+                    i64::from(low as i32)
+                } else {
+                    (i64::from(u32_at(v, 8)?) << 32) | i64::from(low)
+                });
+            }
+        }
+        Err(not_found())
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +413,34 @@ mod tests {
             let _ = btf.offset("task_struct", &["cgroups"]);
             let _ = btf.offset("cgroup", &["kn", "id"]);
             let _ = btf.offset("sched_entity", &[]);
+        }
+    }
+
+    #[test]
+    fn enum_values() {
+        let mut b = Blob::default();
+        let extra = [b.name("cpuset_cgrp_id"), 0, b.name("cpu_cgrp_id"), 1];
+        b.ty("cgroup_subsys_id", KIND_ENUM, 2, 4, &extra);
+        let extra = [b.name("big"), 5, 1];
+        b.ty("wide", KIND_ENUM64, 1, 8, &extra);
+        let data = b.bytes();
+        let btf = Btf::parse(&data).unwrap();
+        assert_eq!(
+            btf.enum_value("cgroup_subsys_id", "cpu_cgrp_id").unwrap(),
+            1
+        );
+        assert_eq!(
+            btf.enum_value("cgroup_subsys_id", "cpuset_cgrp_id")
+                .unwrap(),
+            0
+        );
+        assert_eq!(btf.enum_value("wide", "big").unwrap(), (1 << 32) | 5);
+        for (e, v) in [
+            ("cgroup_subsys_id", "memory_cgrp_id"),
+            ("nothing", "cpu_cgrp_id"),
+        ] {
+            let r = btf.enum_value(e, v);
+            assert!(matches!(r, Err(BtfError::NotFound(_))), "{r:?}");
         }
     }
 
