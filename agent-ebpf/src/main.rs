@@ -5,6 +5,8 @@
 //!   per-CPU sampling tick.
 //! * [`net`]: bytes and packets per socket cgroup id, from `cgroup_skb`
 //!   ingress and egress attached at the cgroup2 root.
+//! * [`cfs`]: CFS bandwidth counters of every CPU-limited cgroup, by a
+//!   cgroup iterator the agent reads at each scrape (Linux 6.1).
 //! * [`tcp`]: TCP retransmits per socket cgroup id, from the
 //!   `tcp_retransmit_skb` tracepoint.
 //!
@@ -20,6 +22,7 @@
     reason = "atomic_xadd is the only atomic add on bpf"
 )]
 
+mod cfs;
 mod maps;
 mod net;
 mod sched;

@@ -17,7 +17,10 @@ use std::{
 
 use podmeter_common::{CpuCounters, NetCounters, WaitHistogram};
 
-use crate::bpf::{Maps, Signals};
+use crate::{
+    bpf::{Maps, Signals, cfs::CfsIter},
+    cgroup::cpu::CfsWalk,
+};
 
 /// One read of every counter. Each map is read on its own, so one that
 /// fails leaves the other's numbers usable (and the failure visible).
@@ -61,6 +64,10 @@ pub trait CounterSource: Send + Sync + 'static {
     fn capacity(&self) -> u32;
     /// What is counted beyond time, switches and traffic.
     fn signals(&self) -> Signals;
+    /// The CFS bandwidth counters of every CPU-limited cgroup, from one
+    /// walk of the kernel's cgroups; `None` where the kernel cannot walk
+    /// them (the scrape reads each cgroup's `cpu.stat`).
+    fn cfs(&self) -> Option<Result<CfsWalk, String>>;
 }
 
 /// Counters whose every field only goes up.
@@ -135,14 +142,18 @@ struct Kernel {
 /// The kernel maps of the loaded programs.
 pub struct KernelCounters {
     inner: Mutex<Kernel>,
+    /// Outside `inner`: a walk does not wait for a map read.
+    cfs: Option<CfsIter>,
     capacity: u32,
     signals: Signals,
 }
 
 impl KernelCounters {
-    /// Counters from `maps`.
-    pub fn new(maps: Maps) -> Self {
+    /// Counters from `maps`, and throttling counters from `cfs` if the
+    /// kernel has a cgroup iterator.
+    pub fn new(maps: Maps, cfs: Option<CfsIter>) -> Self {
         Self {
+            cfs,
             capacity: maps.capacity(),
             signals: maps.signals(),
             inner: Mutex::new(Kernel {
@@ -207,6 +218,11 @@ impl CounterSource for KernelCounters {
     fn signals(&self) -> Signals {
         self.signals
     }
+
+    fn cfs(&self) -> Option<Result<CfsWalk, String>> {
+        let walk = self.cfs.as_ref()?.walk();
+        Some(walk.map_err(|e| format!("walking the cgroups with the CFS iterator: {e}")))
+    }
 }
 
 /// A counter source for unit tests: counters set by the test.
@@ -227,6 +243,8 @@ pub mod fake {
         pub cpu_fails: bool,
         /// Ids forgotten so far.
         pub forgotten: Vec<u64>,
+        /// What [`CounterSource::cfs`] returns (`None`: no iterator).
+        pub cfs: Option<Result<CfsWalk, String>>,
         floor: Floor<CpuCounters>,
     }
 
@@ -292,6 +310,10 @@ pub mod fake {
                 retransmits: true,
                 wait_histogram: true,
             }
+        }
+
+        fn cfs(&self) -> Option<Result<CfsWalk, String>> {
+            self.state().cfs.clone()
         }
     }
 }

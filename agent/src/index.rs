@@ -28,7 +28,7 @@ use std::{
 
 use crate::cgroup::{
     CgroupFiles, Identity, Mounts,
-    cpu::{self, Throttling},
+    cpu::{self, CfsWalk, Throttling},
     files::is_gone,
     identity,
     pressure::Pressure,
@@ -167,8 +167,10 @@ impl Index {
         [self.live.len(), self.departed.len(), self.unresolved.len()]
     }
 
-    /// Reads the throttling counters of every live counted cgroup with a
-    /// CPU limit on up to `threads` threads, the caller's among them: a
+    /// The throttling counters of every live counted cgroup with a CPU
+    /// limit: from `walk` (the CFS iterator's, if there is one) for each
+    /// cgroup it has, and from `cpu.stat` for the others, on up to
+    /// `threads` threads, the caller's among them. Without a walk a
     /// thousand limited containers are a thousand cgroupfs reads, the
     /// longest part of a scrape. The caller first runs `first` (the
     /// scrape's map reads) while the other threads read (when `threads` >
@@ -178,16 +180,28 @@ impl Index {
     /// with a third thread on a 2-core node the readers took turns on the
     /// cores, each reader's wall time about twice its CPU time.
     ///
-    /// Returns `first`'s result and the counters, with how many reads
-    /// failed (not for being gone) and the last such error; `None` for the
-    /// counters if a read panicked on any thread, the caller's included
-    /// (the scrape then reports every throttling counter as failed).
-    pub fn throttling_beside<R>(&self, threads: usize, first: impl FnOnce() -> R) -> (R, Option<ThrottlingRead>) {
+    /// Returns `first`'s result and the counters; `None` for the counters
+    /// if a read panicked on any thread, the caller's included (the scrape
+    /// then reports every throttling counter as failed).
+    pub fn throttling_beside<R>(
+        &self,
+        threads: usize,
+        walk: Option<&CfsWalk>,
+        first: impl FnOnce() -> R,
+    ) -> (R, Option<ThrottlingRead>) {
+        let mut walked = HashMap::new();
         let limited: Vec<(u64, &cpu::Files)> = self
             .stats
             .iter()
             .filter(|(_, s)| matches!(s.limit, Some(cpu::Limit::Cores(_))))
             .filter_map(|(id, _)| Some((*id, self.live.get(id)?.files.cpu.as_ref()?)))
+            .filter(|(id, files)| match walk.and_then(|w| files.throttling_in(w, *id)) {
+                Some(t) => {
+                    walked.insert(*id, t);
+                    false
+                }
+                None => true,
+            })
             .collect();
         // A thread for fewer reads than this costs more than it saves (but
         // where `threads` allows one, one reads beside `first` whenever
@@ -201,16 +215,13 @@ impl Index {
         };
         let cursor = AtomicUsize::new(0);
         let work = || {
-            let mut all: ThrottlingRead = (HashMap::with_capacity(n), 0, None);
+            let mut all = ThrottlingRead::default();
             loop {
                 let i = cursor.fetch_add(BATCH, Ordering::Relaxed);
                 if i >= n {
                     return all;
                 }
-                let (t, failed, last) = read_throttling(&limited[i..(i + BATCH).min(n)]);
-                all.0.extend(t);
-                all.1 += failed;
-                all.2 = last.or(all.2);
+                all.add(read_throttling(&limited[i..(i + BATCH).min(n)]));
             }
         };
         std::thread::scope(|s| {
@@ -228,44 +239,74 @@ impl Index {
             // A panicking read is the throttling collector's failure, not
             // the scrape's, on whichever thread it happens.
             let mut all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).ok();
+            if let Some(all) = &mut all {
+                all.helpers = others.len();
+            }
             for h in others {
                 match (h.join(), all.as_mut()) {
-                    (Ok((t, failed, last)), Some(all)) => {
-                        all.0.extend(t);
-                        all.1 += failed;
-                        all.2 = last.or(all.2.take());
-                    }
+                    (Ok(read), Some(all)) => all.add(read),
                     (Ok(_), None) => {}
                     (Err(_), _) => all = None,
                 }
+            }
+            if let Some(all) = &mut all {
+                all.walked = walked.len();
+                all.counters.extend(walked);
             }
             (r, all)
         })
     }
 }
 
-/// Throttling counters by cgroup id, how many reads failed (not for being
-/// gone), and the last such error.
-pub type ThrottlingRead = (HashMap<u64, Throttling>, usize, Option<String>);
+/// What [`Index::throttling_beside`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct ThrottlingRead {
+    /// Throttling counters by cgroup id.
+    pub counters: HashMap<u64, Throttling>,
+    /// How many of them came from the walk.
+    pub walked: usize,
+    /// How many `cpu.stat` files were read (or tried).
+    pub files: usize,
+    /// How many of those reads failed (not for being gone).
+    pub failed: usize,
+    /// The last such failure.
+    pub last_error: Option<String>,
+    /// Threads other than the caller's that read files.
+    pub helpers: usize,
+}
 
-/// [`Index::throttling_beside`] of some cgroups, on this thread.
+impl ThrottlingRead {
+    fn add(&mut self, o: Self) {
+        self.counters.extend(o.counters);
+        self.walked += o.walked;
+        self.files += o.files;
+        self.failed += o.failed;
+        self.last_error = o.last_error.or(self.last_error.take());
+        self.helpers += o.helpers;
+    }
+}
+
+/// [`Index::throttling_beside`] of some cgroups' files, on this thread.
 fn read_throttling(cgroups: &[(u64, &cpu::Files)]) -> ThrottlingRead {
-    let mut out = HashMap::with_capacity(cgroups.len());
-    let (mut failed, mut last) = (0, None);
+    let mut out = ThrottlingRead {
+        counters: HashMap::with_capacity(cgroups.len()),
+        files: cgroups.len(),
+        ..ThrottlingRead::default()
+    };
     for (id, files) in cgroups {
         match files.throttling() {
             Ok(Some(t)) => {
-                out.insert(*id, t);
+                out.counters.insert(*id, t);
             }
             Ok(None) => {}
             Err(e) if is_gone(&e) => {}
             Err(e) => {
-                failed += 1;
-                last = Some(e.to_string());
+                out.failed += 1;
+                out.last_error = Some(e.to_string());
             }
         }
     }
-    (out, failed, last)
+    out
 }
 
 /// What one change to the index did, for logs.

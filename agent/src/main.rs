@@ -208,6 +208,12 @@ struct Cli {
     #[arg(long, hide = true)]
     force_no_tick: bool,
 
+    /// Test-only: read throttling counters from each limited cgroup's
+    /// cpu.stat (the fallback for kernels without cgroup iterators), not
+    /// from the CFS iterator's walk.
+    #[arg(long, hide = true)]
+    force_throttling_files: bool,
+
     /// Kernel BTF to read (tests point it elsewhere for the missing-BTF error).
     #[arg(long, hide = true, default_value = "/sys/kernel/btf/vmlinux")]
     btf_path: PathBuf,
@@ -467,8 +473,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         attached,
         maps,
         tree,
+        cfs,
     } = bpf::load(
-        &mounts.unified,
+        &mounts,
         &cli.btf_path,
         cli.max_cgroups,
         cli.wait_histogram,
@@ -487,6 +494,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             raw_switch: cli.force_raw_switch,
             entry_reads: cli.force_entry_reads,
             no_tick: cli.force_no_tick,
+            throttling_files: cli.force_throttling_files,
         },
     )?;
     if cli.force_entry_reads {
@@ -535,6 +543,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ""
         }
     );
+
+    match &cfs {
+        Ok(_) => info!(
+            "throttling counters: read by a cgroup iterator walking {} at each scrape",
+            mounts
+                .cpu_v1
+                .as_deref()
+                .unwrap_or(&mounts.unified)
+                .display()
+        ),
+        Err(e) => info!(
+            "throttling counters: read from each limited cgroup's cpu.stat at each scrape; no \
+             cgroup iterator ({e}; it needs Linux 6.1, 6.2 for a v1 cpu hierarchy)"
+        ),
+    }
 
     // Still single-threaded: every thread started from here on inherits the
     // reduced capability sets.
@@ -589,7 +612,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cli.watchdog_timeout,
             Instant::now(),
         ));
-        let counters: Arc<dyn CounterSource> = Arc::new(KernelCounters::new(maps));
+        let counters: Arc<dyn CounterSource> = Arc::new(KernelCounters::new(maps, cfs.ok()));
         let root = mounts.unified.clone();
         let (mut refresher, index) = Refresher::new(
             IndexState::new(mounts, cli.grace_period),

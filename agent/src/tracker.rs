@@ -29,7 +29,10 @@ use podmeter_common::{CpuCounters, NetCounters, WaitHistogram};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    cgroup::{cpu, pressure::Pressure},
+    cgroup::{
+        cpu::{self, CfsWalk},
+        pressure::Pressure,
+    },
     counters::{CounterSource, Reading},
     health::Health,
     index::{Cgroup, FileGroup, Index},
@@ -265,6 +268,44 @@ impl FailureLog {
     }
 }
 
+/// Logs when the CFS iterator's walk starts and stops failing, or
+/// overflowing, rather than at every scrape: the scrape reads `cpu.stat`
+/// for what it lacks, so nothing is missing, but it costs more.
+#[derive(Debug, Default)]
+struct WalkLog {
+    failing: AtomicBool,
+    overflowing: AtomicBool,
+}
+
+impl WalkLog {
+    fn note(&self, walk: Result<&CfsWalk, &str>) {
+        match walk {
+            Err(why) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "{why}: reading throttling counters from cpu.stat files until it works again"
+                    );
+                }
+            }
+            Ok(w) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the CFS iterator's walk works again");
+                }
+                if !w.complete && !self.overflowing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "more CPU-limited cgroups than --max-cgroups: the CFS iterator's walk \
+                         keeps {} of them, and the others' cpu.stat files are read",
+                        w.cgroups.len()
+                    );
+                }
+                if w.complete && self.overflowing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the CFS iterator's walk has room for every limited cgroup again");
+                }
+            }
+        }
+    }
+}
+
 /// The scrape side: see the module docs.
 pub struct Tracker {
     index: watch::Receiver<Arc<Index>>,
@@ -273,6 +314,7 @@ pub struct Tracker {
     wants: mpsc::Sender<Want>,
     health: Arc<Health>,
     failures: FailureLog,
+    walk_log: WalkLog,
 }
 
 impl Tracker {
@@ -292,6 +334,7 @@ impl Tracker {
             wants,
             health,
             failures: FailureLog::default(),
+            walk_log: WalkLog::default(),
         }
     }
 
@@ -299,13 +342,38 @@ impl Tracker {
     pub fn snapshot(&self) -> Snapshot {
         let _scrape = self.health.scrape(Instant::now());
         let index = self.index.borrow().clone();
-        // The throttling counters are one cgroupfs read per limited cgroup,
-        // a third of a scrape at a thousand limited containers: with more
-        // than one core they are read beside the maps, so a scrape takes
-        // the longer of the two rather than both.
+        // Where the kernel has cgroup iterators, one walk gives every
+        // limited cgroup's throttling counters. Otherwise (and for any
+        // cgroup the walk did not give) they are one cgroupfs read per
+        // limited cgroup, a third of a scrape at a thousand limited
+        // containers: with more than one core those are read beside the
+        // maps, so a scrape takes the longer of the two rather than both.
         // Up to four threads: the scrape is not the node's main work.
+        let walk = match self.counters.cfs() {
+            Some(Ok(w)) => {
+                self.walk_log.note(Ok(&w));
+                Some(w)
+            }
+            Some(Err(e)) => {
+                self.walk_log.note(Err(&e));
+                None
+            }
+            None => None,
+        };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let (reading, throttling) = index.throttling_beside(cores, || self.counters.read());
+        let (reading, throttling) =
+            index.throttling_beside(cores, walk.as_ref(), || self.counters.read());
+        if let Some(t) = &throttling {
+            tracing::debug!(
+                walked = t.walked,
+                files = t.files,
+                helpers = t.helpers,
+                complete = walk.as_ref().map(|w| w.complete),
+                "throttling counters: {} from the CFS iterator's walk, {} cpu.stat files read",
+                t.walked,
+                t.files
+            );
+        }
         let now = Instant::now();
         let mut joined = {
             let mut names = self.namer.session(&index);
@@ -317,12 +385,13 @@ impl Tracker {
         }
 
         let (throttling, throttling_ok) = match throttling {
-            Some((t, 0, _)) => (t, Ok(())),
-            Some((t, failed, last)) => (
-                t,
+            Some(t) if t.failed == 0 => (t.counters, Ok(())),
+            Some(t) => (
+                t.counters,
                 Err(format!(
-                    "{failed} cpu.stat reads failed, the last with: {}",
-                    last.unwrap_or_default()
+                    "{} cpu.stat reads failed, the last with: {}",
+                    t.failed,
+                    t.last_error.unwrap_or_default()
                 )),
             ),
             None => (

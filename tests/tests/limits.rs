@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, Throttling, agent::Launch};
+use podmeter_test_support::{
+    Agent, CpuController, Scrape, TestCgroup, TestTree, Throttling, agent::Launch,
+};
 
 const PERIOD_US: u64 = 100_000;
 const QUOTA_US: u64 = 20_000;
@@ -106,15 +108,109 @@ fn check_bracketed(m: &Measured, cg: &TestCgroup) {
     );
 }
 
+/// How the agent read throttling counters, from its debug log of the last
+/// scrape: `(from the CFS iterator's walk, cpu.stat files read)`.
+fn throttling_sources(agent: &Agent) -> (u64, u64) {
+    let log = agent.log();
+    let line = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("throttling counters: ").map(|(_, r)| r))
+        .filter(|r| r.contains(" from the CFS iterator's walk, "))
+        .unwrap_or_else(|| panic!("no throttling debug line in the log:\n{log}"));
+    let mut numbers = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse::<u64>().unwrap());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// The kernel's counters once they stand still (the burner stopped: with
+/// nothing runnable the bandwidth timer stops counting periods).
+fn still(cg: &TestCgroup) -> Throttling {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = cg.throttling();
+    loop {
+        sleep(Duration::from_millis(300));
+        let now = cg.throttling();
+        if now == last {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cpu.stat still moving: {last:?} → {now:?}"
+        );
+        last = now;
+    }
+}
+
+/// `(major, minor)` of the running kernel.
+fn kernel() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut n = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse().unwrap());
+    (n.next().unwrap(), n.next().unwrap())
+}
+
+/// Where the kernel has cgroup iterators (6.1; 6.2 for a v1 cpu
+/// hierarchy), the scrape takes every limited cgroup's counters from one
+/// walk of them; elsewhere (the 5.10 VM) from the files.
 #[test]
 fn cpu_limit_and_throttling_match_cpu_stat() {
+    let (agent, cpu) = limit_and_throttling(&[]);
+    let log = agent.log();
+    let (walked, files) = throttling_sources(&agent);
+    let since = if cpu == CpuController::V1 {
+        (6, 2)
+    } else {
+        (6, 1)
+    };
+    if kernel() >= since {
+        assert!(
+            log.contains("throttling counters: read by a cgroup iterator walking"),
+            "the agent did not set up the CFS iterator on {:?}:\n{log}",
+            kernel()
+        );
+        assert!(
+            walked >= 1 && files == 0,
+            "{walked} limited cgroups from the walk, {files} cpu.stat files read: the walk \
+             should give all"
+        );
+    } else {
+        assert!(
+            log.contains("throttling counters: read from each limited cgroup's cpu.stat"),
+            "{log}"
+        );
+        assert!(walked == 0 && files >= 1, "{walked} walked, {files} files");
+    }
+}
+
+/// The fallback for kernels without cgroup iterators (before 6.1, or 6.2
+/// for a v1 cpu hierarchy): each limited cgroup's `cpu.stat`.
+#[test]
+fn cpu_limit_and_throttling_match_cpu_stat_read_from_files() {
+    let (agent, _) = limit_and_throttling(&["--force-throttling-files"]);
+    let (walked, files) = throttling_sources(&agent);
+    assert!(
+        walked == 0 && files >= 1,
+        "{walked} limited cgroups from the walk, {files} cpu.stat files read: no walk was asked for"
+    );
+}
+
+/// A limited burner's throttling and an unlimited cgroup as podmeter
+/// reports them, against the kernel's `cpu.stat`: bracketed while it runs,
+/// equal to the last digit once it is stopped.
+fn limit_and_throttling(args: &[&str]) -> (Agent, CpuController) {
     let tree = TestTree::with_cpu("limits");
-    eprintln!("cpu controller: {:?}", tree.cpu_controller().unwrap());
+    let controller = tree.cpu_controller().unwrap();
+    eprintln!("cpu controller: {controller:?}");
     let limited = tree.cgroup("limited");
     limited.set_cpu_limit(QUOTA_US, PERIOD_US);
     let unlimited = tree.cgroup("unlimited");
-    let agent = Agent::start(&[]);
-    let _burner = limited.spawn(None, &["burn"]);
+    // Tests' agents log at debug level, the throttling sources included.
+    let agent = Agent::start(args);
+    let mut burner = limited.spawn(None, &["burn"]);
     // Runs a moment (so podmeter counts it), then sleeps: reported, unlimited.
     let mut idle = unlimited.spawn(None, &["hold-memory", "1"]);
     assert_eq!(idle.line(), ["ready"]);
@@ -207,6 +303,19 @@ fn cpu_limit_and_throttling_match_cpu_stat() {
         used / widest > 0.1,
         "the burner barely ran ({used:.4} s in {widest:.3} s): the test measured nothing"
     );
+
+    // Exact, once nothing moves: the same integers, divided the same way.
+    burner.kill();
+    let kernel = still(&limited);
+    let pm = scraped(&agent.scrape(), &limited);
+    assert_eq!(pm, kernel, "podmeter vs cpu.stat of the stopped burner");
+    assert_eq!(
+        limited.throttling(),
+        kernel,
+        "cpu.stat moved during the scrape"
+    );
+    assert!(kernel.throttled_periods > 0, "{kernel:?}");
+    (agent, controller)
 }
 
 const CAP_NET_ADMIN: u64 = 1 << 12;

@@ -265,6 +265,22 @@ impl TreeEvent {
     }
 }
 
+/// The CFS bandwidth counters of one CPU-limited cgroup, as the cgroup
+/// iterator `pm_cfs_iter` writes them into `PM_CFS` (what `cpu.stat`
+/// prints as `nr_periods`, `nr_throttled` and `throttled_usec`/`_time`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CfsRecord {
+    /// The cgroup's id in the hierarchy iterated (its kernfs node id).
+    pub id: u64,
+    /// Enforcement periods with runnable tasks.
+    pub periods: u32,
+    /// Periods in which the cgroup was throttled.
+    pub throttled: u32,
+    /// Time throttled, in nanoseconds.
+    pub throttled_ns: u64,
+}
+
 // Userspace sums each map value over CPUs.
 impl core::ops::AddAssign for CpuCounters {
     fn add_assign(&mut self, o: Self) {
@@ -302,6 +318,8 @@ const _: () = assert!(core::mem::size_of::<NetOnCpu>() == 24 + 2 * 24 * NET_PEND
 const _: () = assert!(PENDING_SLOTS.is_power_of_two() && WAIT_BUCKETS.is_power_of_two());
 const _: () = assert!(NET_PENDING_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
+// An array element, with no padding: userspace reads the records in place.
+const _: () = assert!(core::mem::size_of::<CfsRecord>() == 24);
 
 #[cfg(feature = "user")]
 mod user {

@@ -9,6 +9,7 @@
 //! list`.
 
 mod batch;
+pub mod cfs;
 pub mod pins;
 mod sync;
 
@@ -33,6 +34,7 @@ use aya::{
     },
     util::online_cpus,
 };
+use crate::cgroup::Mounts;
 use podmeter_common::{
     CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, TICK_PERIOD_NS, TREE_MKDIR,
     TREE_RMDIR, TreeEvent, WaitHistogram,
@@ -245,13 +247,10 @@ pub struct Loaded {
     pub maps: Maps,
     /// cgroup2 mkdir/rmdir events, when the kernel let the programs attach.
     pub tree: Option<TreeEvents>,
+    /// The CFS bandwidth iterator, or why there is none.
+    pub cfs: Result<cfs::CfsIter, String>,
 }
 
-/// Loads the embedded object with counter maps of `max_cgroups` entries and
-/// attaches every program: `sched_switch`, a tick on each online CPU, and
-/// `cgroup_skb` ingress/egress at `cgroup2_root`, and, where the kernel
-/// allows and `follow_tree` is `Ok`, the cgroup mkdir/rmdir tracepoints
-/// (`Err` says why the agent cannot use their events).
 /// [`BpfError::Memlock`] for a map creation refused with EPERM where the
 /// memlock limit is the likely cause; the plain load error otherwise.
 fn memlock_or(e: EbpfError) -> BpfError {
@@ -299,6 +298,8 @@ pub struct Force {
     pub entry_reads: bool,
     /// No per-CPU tick: only the sync before a read flushes each CPU.
     pub no_tick: bool,
+    /// Throttling counters from `cpu.stat` files, not the CFS iterator.
+    pub throttling_files: bool,
 }
 
 /// The capacity of `PM_WAIT_HIST`: a slot per cgroup with the histogram on,
@@ -308,8 +309,15 @@ pub fn wait_hist_capacity(max_cgroups: u32, wait_histogram: bool) -> u32 {
     if wait_histogram { max_cgroups } else { 1 }
 }
 
+/// Loads the embedded object with counter maps of `max_cgroups` entries and
+/// attaches every program: `sched_switch`, a tick on each online CPU, and
+/// `cgroup_skb` ingress/egress at the cgroup2 root, and, where the kernel
+/// allows and `follow_tree` is `Ok`, the cgroup mkdir/rmdir tracepoints
+/// (`Err` says why the agent cannot use their events). Where the kernel
+/// has cgroup iterators, links the CFS iterator to walk the hierarchy of
+/// the cpu controller.
 pub fn load(
-    cgroup2_root: &Path,
+    mounts: &Mounts,
     btf_path: &Path,
     max_cgroups: u32,
     wait_histogram: bool,
@@ -317,7 +325,7 @@ pub fn load(
     pins: Option<&pins::Pins>,
     force: Force,
 ) -> Result<Loaded, BpfError> {
-    let offsets = kernel_offsets(btf_path);
+    let (offsets, cfs_offsets) = kernel_offsets(btf_path);
     // The map's capacity follows the flag alone, as the pins expect it;
     // without run-queue waits there is just nothing to put in it.
     let hist_capacity = wait_hist_capacity(max_cgroups, wait_histogram);
@@ -339,8 +347,9 @@ pub fn load(
         .btf(None)
         .map_max_entries("PM_CPU", max_cgroups)
         .map_max_entries("PM_NET", max_cgroups)
-        .map_max_entries("PM_WAIT_HIST", hist_capacity);
-    for (global, value) in &offsets {
+        .map_max_entries("PM_WAIT_HIST", hist_capacity)
+        .map_max_entries("PM_CFS", max_cgroups);
+    for (global, value) in offsets.iter().chain(cfs_offsets.iter().flatten()) {
         loader.override_global(global, value, true);
     }
     loader.override_global("WAIT_HISTOGRAM", &histogram_flag, true);
@@ -446,8 +455,8 @@ pub fn load(
         }
     };
 
-    let root = File::open(cgroup2_root).map_err(|source| BpfError::CgroupRoot {
-        path: cgroup2_root.display().to_string(),
+    let root = File::open(&mounts.unified).map_err(|source| BpfError::CgroupRoot {
+        path: mounts.unified.display().to_string(),
         source,
     })?;
     for (name, ty) in [
@@ -533,6 +542,15 @@ pub fn load(
         }
     };
 
+    let cfs = if force.throttling_files {
+        Err("forced by --force-throttling-files".to_owned())
+    } else {
+        cfs_offsets.and_then(|_| {
+            let btf = btf.as_ref().map_err(Clone::clone)?;
+            cfs::CfsIter::new(&mut ebpf, btf, mounts.cpu_hierarchy(), max_cgroups)
+        })
+    };
+
     let (cpu, cpu_fd) = take_with_fd(&mut ebpf, "PM_CPU")?;
     let (net, net_fd) = take_with_fd(&mut ebpf, "PM_NET")?;
     let (wait_hist, hist_fd) = take_with_fd(&mut ebpf, "PM_WAIT_HIST")?;
@@ -557,6 +575,7 @@ pub fn load(
         attached: Attached { _ebpf: ebpf },
         maps,
         tree,
+        cfs,
     })
 }
 
@@ -721,7 +740,10 @@ const TREE_OFFSETS: [&str; 4] = [
 /// bill wall-clock time between events, which includes a VM's steal time.
 /// The others let the switch program find the task's cgroup id itself. An
 /// offset BTF cannot tell is 0.
-fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 13] {
+///
+/// Second: the offsets of the CFS iterator (see [`cfs`]), or why they are
+/// unknown.
+fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 13], Result<CfsOffsets, String>) {
     const MEMBERS: [(&str, &str, &[&str]); 13] = [
         (
             "SUM_EXEC_RUNTIME_OFFSET",
@@ -752,7 +774,10 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 13] {
             "cannot read kernel BTF {} ({e}): {WALL_CLOCK}, and the switch program falls back to helpers",
             btf_path.display()
         );
-        MEMBERS.map(|(global, _, _)| (global, 0))
+        (
+            MEMBERS.map(|(global, _, _)| (global, 0)),
+            Err(format!("kernel BTF unreadable: {e}")),
+        )
     };
     let data = match std::fs::read(btf_path) {
         Ok(d) => d,
@@ -762,7 +787,7 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 13] {
         Ok(b) => b,
         Err(e) => return unknown(&e),
     };
-    MEMBERS.map(|(global, st, path)| {
+    let members = MEMBERS.map(|(global, st, path)| {
         let member = format!("{st}.{}", path.join("."));
         match btf.offset(st, path) {
             Ok(off) => {
@@ -788,7 +813,39 @@ fn kernel_offsets(btf_path: &Path) -> [(&'static str, u64); 13] {
                 (global, 0)
             }
         }
-    })
+    });
+    (members, cfs_offsets(&btf))
+}
+
+/// The globals of the CFS iterator, by name.
+type CfsOffsets = [(&'static str, u64); 5];
+
+/// Where the CFS iterator finds a cgroup's cpu controller state and, in
+/// the `task_group` around it, the bandwidth counters.
+fn cfs_offsets(btf: &crate::btf::Btf<'_>) -> Result<CfsOffsets, String> {
+    let e = |e: crate::btf::BtfError| e.to_string();
+    let cpu_id = btf.enum_value("cgroup_subsys_id", "cpu_cgrp_id").map_err(e)?;
+    // `subsys` is an array of CGROUP_SUBSYS_COUNT pointers, which the id
+    // indexes.
+    let cpu_id = u64::try_from(cpu_id)
+        .ok()
+        .filter(|&i| i < 64)
+        .ok_or(format!("cpu_cgrp_id is {cpu_id}"))?;
+    let css = btf.offset("cgroup", &["subsys"]).map_err(e)? + 8 * cpu_id;
+    let tg_css = btf.offset("task_group", &["css"]).map_err(e)?;
+    let cfs = |member: &str| {
+        btf.offset("task_group", &["cfs_bandwidth", member])
+            .map_err(e)?
+            .checked_sub(tg_css)
+            .ok_or(format!("task_group.cfs_bandwidth.{member} lies before its css"))
+    };
+    Ok([
+        ("CGROUP_CPU_CSS_OFFSET", css),
+        ("CFS_QUOTA_OFFSET", cfs("quota")?),
+        ("CFS_PERIODS_OFFSET", cfs("nr_periods")?),
+        ("CFS_THROTTLED_OFFSET", cfs("nr_throttled")?),
+        ("CFS_THROTTLED_TIME_OFFSET", cfs("throttled_time")?),
+    ])
 }
 
 /// A per-CPU hash map, and a second descriptor of it.

@@ -382,7 +382,7 @@ struct LinkUpdateAttr {
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+pub(super) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: `attr` is a `bpf_attr` member laid out for `cmd`, valid for
     // the call; the kernel reads no more than `size_of::<T>()` bytes.
     let r = unsafe {

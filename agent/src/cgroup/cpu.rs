@@ -17,13 +17,19 @@
 //! for cgroups with a limit, as cAdvisor does: without a quota the counters
 //! cannot move, and a thousand series of zeros would double a scrape.
 //!
+//! Where the kernel allows, the scrape takes the throttling counters of
+//! every limited cgroup from one walk of a cgroup iterator instead
+//! ([`CfsWalk`], see `bpf::cfs`): the same numbers `cpu.stat` prints,
+//! without a thousand file reads. A cgroup the walk did not give is read
+//! from its `cpu.stat` as before.
+//!
 //! In v2, `cpu.max` exists only where the cpu controller is enabled for the
 //! cgroup (its parent's `cgroup.subtree_control`); without it `cpu.stat`
 //! still exists but holds only usage, so `cpu.max` decides whether there is
 //! anything to report. The root cgroup cannot be limited and is skipped in
 //! both versions.
 
-use std::{io, path::Path};
+use std::{collections::HashMap, io, path::Path, sync::OnceLock};
 
 use super::{Mounts, files::StatFile, memory::stat_value as value};
 
@@ -36,6 +42,30 @@ pub struct Throttling {
     pub throttled_periods: u64,
     /// Total time its tasks were throttled, in seconds.
     pub throttled_seconds: f64,
+}
+
+/// The CFS bandwidth counters of one cgroup as the kernel keeps them (in
+/// its `task_group`), from a cgroup iterator's walk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cfs {
+    /// `nr_periods`.
+    pub periods: u64,
+    /// `nr_throttled`.
+    pub throttled_periods: u64,
+    /// `throttled_time`, in nanoseconds.
+    pub throttled_ns: u64,
+}
+
+/// One walk of the cpu controller's hierarchy: the counters of every
+/// cgroup with a CPU quota, by its id in that hierarchy (the cgroup2 id,
+/// or on a hybrid host the id of the v1 `cpu` cgroup).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CfsWalk {
+    /// Counters by cgroup id.
+    pub cgroups: HashMap<u64, Cfs>,
+    /// Whether the walk had room for every limited cgroup (if not, those
+    /// left out are read from their files).
+    pub complete: bool,
 }
 
 /// A cgroup's CPU limit.
@@ -65,6 +95,8 @@ pub enum Files {
         period: StatFile,
         /// `cpu.stat`.
         stat: StatFile,
+        /// The id of the v1 `cpu` cgroup, once known.
+        id: OnceLock<u64>,
     },
 }
 
@@ -84,6 +116,7 @@ impl Files {
                 quota: file(v1, "cpu.cfs_quota_us"),
                 period: file(v1, "cpu.cfs_period_us"),
                 stat: file(v1, "cpu.stat"),
+                id: OnceLock::new(),
             },
             None => Self::V2 {
                 max: file(&mounts.unified, "cpu.max"),
@@ -116,6 +149,35 @@ impl Files {
         })
     }
 
+    /// The throttling counters of this cgroup in `walk`, as its `cpu.stat`
+    /// would print them (v2 prints whole microseconds), or `None` if the
+    /// walk did not give them. `cgroup2_id` is the cgroup's id.
+    pub fn throttling_in(&self, walk: &CfsWalk, cgroup2_id: u64) -> Option<Throttling> {
+        let (cfs, seconds) = match self {
+            Self::V2 { .. } => {
+                let c = walk.cgroups.get(&cgroup2_id)?;
+                (c, (c.throttled_ns / 1000) as f64 / 1e6)
+            }
+            Self::V1 { stat, id, .. } => {
+                let id = match id.get() {
+                    Some(id) => *id,
+                    // Not kept when it fails: the cgroup may be new or gone.
+                    None => {
+                        let found = stat.cgroup_id().ok()?;
+                        *id.get_or_init(|| found)
+                    }
+                };
+                let c = walk.cgroups.get(&id)?;
+                (c, c.throttled_ns as f64 / 1e9)
+            }
+        };
+        Some(Throttling {
+            periods: cfs.periods,
+            throttled_periods: cfs.throttled_periods,
+            throttled_seconds: seconds,
+        })
+    }
+
     /// Closes the files (the cgroup is gone).
     pub fn close(&self) {
         match self {
@@ -124,6 +186,7 @@ impl Files {
                 quota,
                 period,
                 stat,
+                ..
             } => [quota, period, stat].iter().for_each(|f| f.close()),
         }
     }

@@ -191,6 +191,16 @@ impl StatFile {
         }
     }
 
+    /// The id of the cgroup the file belongs to in its hierarchy: its
+    /// directory's inode number, which is the cgroup's kernfs node id (on
+    /// 64-bit kernels, the only ones podmeter runs on).
+    pub fn cgroup_id(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = self.root.join(&self.rel);
+        let dir = path.parent().unwrap_or(&path);
+        Ok(std::fs::metadata(dir)?.ino())
+    }
+
     /// Closes the file (its cgroup is gone: an open file would keep the
     /// dead cgroup's kernel state around).
     pub fn close(&self) {

@@ -71,6 +71,12 @@ pub enum MountError {
 }
 
 impl Mounts {
+    /// The mount of the hierarchy holding the cpu controller: the v1 `cpu`
+    /// one on hybrid hosts, else the cgroup2 one.
+    pub fn cpu_hierarchy(&self) -> &Path {
+        self.cpu_v1.as_deref().unwrap_or(&self.unified)
+    }
+
     /// Detects the mounts of this host. `cgroup_root` overrides detection:
     /// either the cgroup2 mount itself, or a directory holding a hybrid
     /// host's hierarchies (`<dir>/unified`, `<dir>/memory`, `<dir>/cpu`),

@@ -1,6 +1,7 @@
 //! The index's state machine, driven with an injected clock and no kernel.
 
 use super::*;
+use crate::cgroup::cpu::Cfs;
 
 const GRACE: Duration = Duration::from_secs(90);
 
@@ -361,29 +362,68 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
     }
 
     // Nothing limited: nothing read, and `first` still runs.
-    let (seven, none) = Index::default().throttling_beside(2, || 7);
-    assert_eq!((seven, none.map(|r| r.0.len())), (7, Some(0)));
-    let ((), Some((one, failed, last))) = index.throttling_beside(1, || ()) else {
+    let (seven, none) = Index::default().throttling_beside(2, None, || 7);
+    assert_eq!((seven, none), (7, Some(ThrottlingRead::default())));
+    let ((), Some(one)) = index.throttling_beside(1, None, || ()) else {
         panic!("a reading thread panicked");
     };
-    assert_eq!(failed, 6, "{last:?}");
+    assert_eq!(one.failed, 6, "{:?}", one.last_error);
+    assert_eq!((one.files, one.walked, one.helpers), (600, 0, 0));
+    let one = one.counters;
     assert_eq!(one.len(), 600 - 6 - 12);
     assert_eq!(one[&42].periods, 42);
     assert_eq!(one[&42].throttled_periods, 21);
     assert!((one[&42].throttled_seconds - 0.00042).abs() < 1e-12);
     assert!(!one.contains_key(&600), "not limited, not read");
-    for threads in [2, 3, 16] {
-        // `first` runs on the caller's thread while the others read.
+    for (threads, helpers) in [(2, 1), (3, 2), (16, 4)] {
+        // `first` runs on the caller's thread while the others read: as
+        // many as `threads` allows, one per 128 cgroups at most.
         let caller = std::thread::current().id();
-        let (ran_on, read) = index.throttling_beside(threads, || std::thread::current().id());
+        let (ran_on, read) = index.throttling_beside(threads, None, || std::thread::current().id());
         assert_eq!(ran_on, caller);
-        let Some((many, failed, last)) = read else {
+        let Some(many) = read else {
             panic!("a reading thread panicked on {threads} threads");
         };
-        assert_eq!(many, one, "on {threads} threads");
-        assert_eq!(failed, 6);
-        assert!(last.is_some());
+        assert_eq!(many.helpers, helpers, "on {threads} threads");
+        assert_eq!(many.counters, one, "on {threads} threads");
+        assert_eq!((many.failed, many.files), (6, 600));
+        assert!(many.last_error.is_some());
     }
+
+    // A walk gives what it has (exact: v2 prints whole microseconds), and
+    // only the rest are read from files: here every 3rd cgroup, with
+    // counters that differ from its file's, and one not limited.
+    let walked = |i: u64| Cfs {
+        periods: 1000 + i,
+        throttled_periods: i,
+        throttled_ns: 1_234_567 * i + 999,
+    };
+    let walk = CfsWalk {
+        cgroups: (0..601).filter(|i| i % 3 == 0).map(|i| (i, walked(i))).collect(),
+        complete: true,
+    };
+    let ((), Some(mixed)) = index.throttling_beside(2, Some(&walk), || ()) else {
+        panic!("a reading thread panicked");
+    };
+    assert_eq!((mixed.walked, mixed.files), (200, 400));
+    // The unreadable cpu.stat files of 7, 107, … are not read when walked.
+    let unreadable_walked = (0..600).filter(|i| i % 100 == 7 && i % 3 == 0).count();
+    assert_eq!(mixed.failed, 6 - unreadable_walked);
+    for i in 0..600 {
+        let got = mixed.counters.get(&i);
+        if i % 3 == 0 {
+            let ns = walked(i).throttled_ns;
+            let want = Throttling {
+                periods: 1000 + i,
+                throttled_periods: i,
+                throttled_seconds: (ns / 1000) as f64 / 1e6,
+            };
+            assert_eq!(got, Some(&want), "cgroup {i}, walked");
+        } else {
+            assert_eq!(got, one.get(&i), "cgroup {i}, from its file");
+        }
+    }
+    assert!(!mixed.counters.contains_key(&600), "not limited, not taken from the walk");
     std::fs::remove_dir_all(&root).unwrap();
 }
 
