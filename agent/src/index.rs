@@ -267,6 +267,8 @@ pub struct ThrottlingRead {
     pub walked: usize,
     /// How many `cpu.stat` files were read (or tried).
     pub files: usize,
+    /// How many of those were of cgroups gone by then.
+    pub gone: usize,
     /// How many of those reads failed (not for being gone).
     pub failed: usize,
     /// The last such failure.
@@ -280,6 +282,7 @@ impl ThrottlingRead {
         self.counters.extend(o.counters);
         self.walked += o.walked;
         self.files += o.files;
+        self.gone += o.gone;
         self.failed += o.failed;
         self.last_error = o.last_error.or(self.last_error.take());
         self.helpers += o.helpers;
@@ -299,7 +302,7 @@ fn read_throttling(cgroups: &[(u64, &cpu::Files)]) -> ThrottlingRead {
                 out.counters.insert(*id, t);
             }
             Ok(None) => {}
-            Err(e) if is_gone(&e) => {}
+            Err(e) if is_gone(&e) => out.gone += 1,
             Err(e) => {
                 out.failed += 1;
                 out.last_error = Some(e.to_string());

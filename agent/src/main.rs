@@ -547,15 +547,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match &cfs {
         Ok(_) => info!(
             "throttling counters: read by a cgroup iterator walking {} at each scrape",
-            mounts
-                .cpu_v1
-                .as_deref()
-                .unwrap_or(&mounts.unified)
-                .display()
+            mounts.cpu_hierarchy().display()
         ),
         Err(e) => info!(
-            "throttling counters: read from each limited cgroup's cpu.stat at each scrape; no \
-             cgroup iterator ({e}; it needs Linux 6.1, 6.2 for a v1 cpu hierarchy)"
+            "throttling counters: read from each limited cgroup's cpu.stat at each scrape, not \
+             by a cgroup iterator (Linux 6.1; 6.2 for a v1 cpu hierarchy): {e}"
         ),
     }
 

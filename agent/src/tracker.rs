@@ -349,6 +349,7 @@ impl Tracker {
         // containers: with more than one core those are read beside the
         // maps, so a scrape takes the longer of the two rather than both.
         // Up to four threads: the scrape is not the node's main work.
+        let walk_started = Instant::now();
         let walk = match self.counters.cfs() {
             Some(Ok(w)) => {
                 self.walk_log.note(Ok(&w));
@@ -360,6 +361,7 @@ impl Tracker {
             }
             None => None,
         };
+        let walk_time = walk_started.elapsed();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let (reading, throttling) =
             index.throttling_beside(cores, walk.as_ref(), || self.counters.read());
@@ -367,11 +369,14 @@ impl Tracker {
             tracing::debug!(
                 walked = t.walked,
                 files = t.files,
+                gone = t.gone,
                 helpers = t.helpers,
                 complete = walk.as_ref().map(|w| w.complete),
-                "throttling counters: {} from the CFS iterator's walk, {} cpu.stat files read",
+                walk_us = walk.as_ref().map(|_| walk_time.as_micros()),
+                "throttling counters: {} from the CFS iterator's walk, {} cpu.stat files read ({} gone)",
                 t.walked,
-                t.files
+                t.files,
+                t.gone
             );
         }
         let now = Instant::now();

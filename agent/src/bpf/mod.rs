@@ -546,6 +546,10 @@ pub fn load(
         Err("forced by --force-throttling-files".to_owned())
     } else {
         cfs_offsets.and_then(|_| {
+            // The walk names each cgroup by these too.
+            if !known(&["CGROUP_KN_OFFSET", "KERNFS_NODE_ID_OFFSET"]) {
+                return Err("cgroup.kn or kernfs_node.id is missing from kernel BTF".to_owned());
+            }
             let btf = btf.as_ref().map_err(Clone::clone)?;
             cfs::CfsIter::new(&mut ebpf, btf, mounts.cpu_hierarchy(), max_cgroups)
         })

@@ -287,6 +287,53 @@ mod tests {
         assert_eq!(parse_stat_v1("garbage"), None);
     }
 
+    /// The walk names a v1 cgroup by its id in the v1 `cpu` hierarchy (its
+    /// directory's inode), a v2 one by its cgroup2 id; v1 counts whole
+    /// nanoseconds, v2 prints whole microseconds.
+    #[test]
+    fn walked_counters_by_each_hierarchys_id() {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = std::env::temp_dir().join(format!("podmeter-cpu-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("pod/c")).unwrap();
+        let ino = std::fs::metadata(root.join("pod/c")).unwrap().ino();
+        let mounts = |cpu_v1: Option<&Path>| Mounts {
+            unified: root.clone(),
+            memory_v1: None,
+            cpu_v1: cpu_v1.map(Path::to_owned),
+            unified_shows: Some("/".into()),
+            psi: false,
+            memory_local_events: false,
+        };
+        let cfs = Cfs {
+            periods: 7,
+            throttled_periods: 3,
+            throttled_ns: 1_234_567_891,
+        };
+        let walk = |id: u64| CfsWalk {
+            cgroups: [(id, cfs)].into(),
+            complete: true,
+        };
+        let want = |seconds| {
+            Some(Throttling {
+                periods: 7,
+                throttled_periods: 3,
+                throttled_seconds: seconds,
+            })
+        };
+        const V2_ID: u64 = 99;
+        let v1 = Files::new(&mounts(Some(&root)), "/pod/c").unwrap();
+        assert!(matches!(v1, Files::V1 { .. }));
+        assert_eq!(v1.throttling_in(&walk(ino), V2_ID), want(1.234567891));
+        assert_eq!(v1.throttling_in(&walk(V2_ID), V2_ID), None, "not its v1 id");
+        let v2 = Files::new(&mounts(None), "/pod/c").unwrap();
+        assert_eq!(v2.throttling_in(&walk(V2_ID), V2_ID), want(1.234567));
+        assert_eq!(v2.throttling_in(&walk(ino), V2_ID), None);
+        // A v1 cgroup whose directory is gone has no id to find.
+        let gone = Files::new(&mounts(Some(&root)), "/pod/gone").unwrap();
+        assert_eq!(gone.throttling_in(&walk(ino), V2_ID), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn keys_match_exactly() {
         // nr_throttled must not be found as a prefix of something longer.

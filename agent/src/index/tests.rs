@@ -369,6 +369,7 @@ fn throttling_reads_shared_among_threads_find_what_one_thread_finds() {
     };
     assert_eq!(one.failed, 6, "{:?}", one.last_error);
     assert_eq!((one.files, one.walked, one.helpers), (600, 0, 0));
+    assert_eq!(one.gone, 12, "every 50th has no cpu.stat");
     let one = one.counters;
     assert_eq!(one.len(), 600 - 6 - 12);
     assert_eq!(one[&42].periods, 42);
