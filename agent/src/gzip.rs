@@ -27,7 +27,7 @@ use std::{collections::HashMap, io, sync::Mutex};
 use flate2::{Compress, Compression, FlushCompress};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::metrics::Family;
+use crate::metrics::{Family, take};
 
 /// A family smaller than this shares its piece with its neighbours: every
 /// piece costs a compressor reset and a few bytes of flush.
@@ -222,10 +222,6 @@ impl Drop for Refill<'_> {
     fn drop(&mut self) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
     }
-}
-
-fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
-    m.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// The families cut into runs: a family of [`MIN_PIECE`] or more alone,

@@ -605,6 +605,8 @@ impl Cgroups {
 
         let mut out = Vec::with_capacity(2 * SPECS.len());
         let mut made = Vec::new();
+        // Each row's value, found once for the fingerprint and the text.
+        let mut values: Vec<Option<f64>> = Vec::new();
         for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
             for (prefix, group, blocks) in &groups {
                 let name = format!("{prefix}{}", spec.suffix);
@@ -616,8 +618,11 @@ impl Cgroups {
                 // The text's length, near enough: what it reserves is what
                 // the kept text holds until the next scrape.
                 let mut len = 0;
+                values.clear();
                 for l in group.iter() {
-                    match (spec.value)(l.row) {
+                    let value = (spec.value)(l.row);
+                    values.push(value);
+                    match value {
                         Some(v) => {
                             made.push(1);
                             made.extend_from_slice(&v.to_bits().to_le_bytes());
@@ -632,8 +637,8 @@ impl Cgroups {
                     continue;
                 }
                 let mut text = String::new();
-                for l in group.iter() {
-                    let Some(v) = (spec.value)(l.row) else {
+                for (l, value) in group.iter().zip(&values) {
+                    let Some(v) = *value else {
                         continue;
                     };
                     if text.is_empty() {
@@ -854,7 +859,9 @@ fn per_cgroup(name: &str) -> bool {
     })
 }
 
-fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+/// What `m` holds, leaving `None` (a panic elsewhere poisons nothing here:
+/// the value is only ever taken or put whole).
+pub(crate) fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
     m.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
