@@ -360,3 +360,61 @@ fn uncounted_pod_level_cgroups_get_a_row_with_their_subtree_oom_kills_alone() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A limited cgroup's throttling comes from the CFS iterator's walk when
+/// the counter source has one; a walk that fails falls back to the
+/// cgroup's `cpu.stat` (here gone: no counters) without failing the
+/// throttling collector, and a cgroup without a limit takes nothing from
+/// the walk.
+#[test]
+fn throttling_comes_from_the_walk_and_a_failed_walk_falls_back_to_the_files() {
+    use crate::cgroup::cpu::{Cfs, CfsWalk, Limit};
+    let counters = Arc::new(FakeCounters::default());
+    let (t, publish, _wanted) = tracker(counters.clone());
+    let mut s = IndexState::new(mounts(), Duration::from_secs(90));
+    let now = Instant::now();
+    s.apply(&[created(1, "/limited"), created(2, "/free")], now);
+    s.refresh(&[1, 2], now, true, |c| Read {
+        stats: Stats {
+            limit: Some(if c.path == "/limited" {
+                Limit::Cores(0.5)
+            } else {
+                Limit::Unlimited
+            }),
+            ..Stats::default()
+        },
+        ..Read::default()
+    });
+    publish.send_replace(s.snapshot());
+    counters.state().cpu.insert(1, cpu(10));
+    counters.state().cpu.insert(2, cpu(20));
+    let cfs = Cfs {
+        periods: 9,
+        throttled_periods: 4,
+        throttled_ns: 2_500_000_700,
+    };
+    counters.state().cfs = Some(Ok(CfsWalk {
+        cgroups: [(1, cfs), (2, cfs)].into(),
+        complete: true,
+    }));
+    let throttling_ok = COLLECTORS.iter().position(|c| *c == "throttling").unwrap();
+    let by_id = |snap: &Snapshot, id| snap.rows.iter().find(|r| r.id == id).unwrap().throttling;
+
+    let snap = t.snapshot();
+    assert_eq!(
+        by_id(&snap, 1),
+        Some(cpu::Throttling {
+            periods: 9,
+            throttled_periods: 4,
+            throttled_seconds: 2.5,
+        }),
+        "v2 prints whole microseconds"
+    );
+    assert_eq!(by_id(&snap, 2), None, "no limit: nothing reported");
+    assert_eq!(snap.collectors[throttling_ok], Some(Ok(())));
+
+    counters.state().cfs = Some(Err("the walk failed".into()));
+    let snap = t.snapshot();
+    assert_eq!(by_id(&snap, 1), None, "its cpu.stat is gone");
+    assert_eq!(snap.collectors[throttling_ok], Some(Ok(())));
+}
