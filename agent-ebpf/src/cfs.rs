@@ -3,7 +3,7 @@
 //! The agent used to read them from each limited cgroup's `cpu.stat` at
 //! every scrape: at a thousand limited containers a thousand cgroupfs
 //! reads, the longest part of a scrape. `pm_cfs_iter` is a cgroup iterator
-//! (Linux 6.1; on cgroup v1 hierarchies 6.2): one `read()` of its
+//! (Linux 6.1, for cgroup v1 hierarchies too): one `read()` of its
 //! descriptor walks the hierarchy of the cpu controller and copies the
 //! counters `cpu.stat` prints, from each limited cgroup's `task_group`,
 //! into `PM_CFS`, which the agent maps and reads in place.

@@ -167,6 +167,13 @@ impl Index {
         [self.live.len(), self.departed.len(), self.unresolved.len()]
     }
 
+    /// Whether any cgroup has a CPU limit (no walk is needed otherwise).
+    pub fn has_cpu_limits(&self) -> bool {
+        self.stats
+            .values()
+            .any(|s| matches!(s.limit, Some(cpu::Limit::Cores(_))))
+    }
+
     /// The throttling counters of every live counted cgroup with a CPU
     /// limit: from `walk` (the CFS iterator's, if there is one) for each
     /// cgroup it has, and from `cpu.stat` for the others, on up to
@@ -189,7 +196,7 @@ impl Index {
         walk: Option<&CfsWalk>,
         first: impl FnOnce() -> R,
     ) -> (R, Option<ThrottlingRead>) {
-        let mut walked = HashMap::new();
+        let mut walked = HashMap::with_capacity(walk.map_or(0, |w| w.cgroups.len()));
         let limited: Vec<(u64, &cpu::Files)> = self
             .stats
             .iter()

@@ -551,7 +551,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Err(e) => info!(
             "throttling counters: read from each limited cgroup's cpu.stat at each scrape, not \
-             by a cgroup iterator (Linux 6.1; 6.2 for a v1 cpu hierarchy): {e}"
+             by a cgroup iterator (Linux 6.1): {e}"
         ),
     }
 

@@ -350,7 +350,9 @@ impl Tracker {
         // maps, so a scrape takes the longer of the two rather than both.
         // Up to four threads: the scrape is not the node's main work.
         let walk_started = Instant::now();
-        let walk = match self.counters.cfs() {
+        // Not while nothing is limited: the walk holds `cgroup_mutex`.
+        let cfs = index.has_cpu_limits().then(|| self.counters.cfs()).flatten();
+        let walk = match cfs {
             Some(Ok(w)) => {
                 self.walk_log.note(Ok(&w));
                 Some(w)

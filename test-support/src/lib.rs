@@ -36,6 +36,16 @@ pub use netns::{
 pub use scrape::{Scrape, poll_scrape};
 pub use work::{Work, pm_work};
 
+/// `(major, minor)` of the running kernel, for tests whose expectation
+/// depends on it.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut n = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    (n.next().unwrap_or(0), n.next().unwrap_or(0))
+}
+
 /// Calls `ok` every `every` until it returns `Some`; panics naming `what`
 /// after `timeout`.
 pub fn poll<T>(

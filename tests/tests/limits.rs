@@ -11,7 +11,7 @@ use std::{
 };
 
 use podmeter_test_support::{
-    Agent, CpuController, Scrape, TestCgroup, TestTree, Throttling, agent::Launch,
+    Agent, Scrape, TestCgroup, TestTree, Throttling, agent::Launch, kernel_version,
 };
 
 const PERIOD_US: u64 = 100_000;
@@ -146,33 +146,19 @@ fn still(cg: &TestCgroup) -> Throttling {
     last
 }
 
-/// `(major, minor)` of the running kernel.
-fn kernel() -> (u32, u32) {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut n = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse().unwrap());
-    (n.next().unwrap(), n.next().unwrap())
-}
-
-/// Where the kernel has cgroup iterators (6.1; 6.2 for a v1 cpu
-/// hierarchy), the scrape takes every limited cgroup's counters from one
-/// walk of them; elsewhere (the 5.10 VM) from the files.
+/// Where the kernel has cgroup iterators (6.1, for v1 hierarchies too),
+/// the scrape takes every limited cgroup's counters from one walk of them;
+/// elsewhere (the 5.10 VM) from the files.
 #[test]
 fn cpu_limit_and_throttling_match_cpu_stat() {
-    let (agent, cpu) = limit_and_throttling(&[]);
+    let agent = limit_and_throttling("limits-walk", &[]);
     let log = agent.log();
     let (walked, files, gone) = throttling_sources(&agent);
-    let since = if cpu == CpuController::V1 {
-        (6, 2)
-    } else {
-        (6, 1)
-    };
-    if kernel() >= since {
+    let kernel = kernel_version();
+    if kernel >= (6, 1) {
         assert!(
             log.contains("throttling counters: read by a cgroup iterator walking"),
-            "the agent did not set up the CFS iterator on {:?}:\n{log}",
-            kernel()
+            "the agent did not set up the CFS iterator on {kernel:?}:\n{log}"
         );
         // A file is read only for a cgroup the walk did not have: one
         // removed since the last refresh (another test's, on a busy host).
@@ -193,11 +179,11 @@ fn cpu_limit_and_throttling_match_cpu_stat() {
     }
 }
 
-/// The fallback for kernels without cgroup iterators (before 6.1, or 6.2
-/// for a v1 cpu hierarchy): each limited cgroup's `cpu.stat`.
+/// The fallback for kernels without cgroup iterators (before 6.1): each
+/// limited cgroup's `cpu.stat`.
 #[test]
 fn cpu_limit_and_throttling_match_cpu_stat_read_from_files() {
-    let (agent, _) = limit_and_throttling(&["--force-throttling-files"]);
+    let agent = limit_and_throttling("limits-files", &["--force-throttling-files"]);
     let (walked, files, gone) = throttling_sources(&agent);
     assert!(
         walked == 0 && files > gone,
@@ -209,10 +195,9 @@ fn cpu_limit_and_throttling_match_cpu_stat_read_from_files() {
 /// A limited burner's throttling and an unlimited cgroup as podmeter
 /// reports them, against the kernel's `cpu.stat`: bracketed while it runs,
 /// equal to the last digit once it is stopped.
-fn limit_and_throttling(args: &[&str]) -> (Agent, CpuController) {
-    let tree = TestTree::with_cpu("limits");
-    let controller = tree.cpu_controller().unwrap();
-    eprintln!("cpu controller: {controller:?}");
+fn limit_and_throttling(tag: &str, args: &[&str]) -> Agent {
+    let tree = TestTree::with_cpu(tag);
+    eprintln!("cpu controller: {:?}", tree.cpu_controller().unwrap());
     let limited = tree.cgroup("limited");
     limited.set_cpu_limit(QUOTA_US, PERIOD_US);
     let unlimited = tree.cgroup("unlimited");
@@ -325,7 +310,7 @@ fn limit_and_throttling(args: &[&str]) -> (Agent, CpuController) {
         .expect("cpu.stat moved during each of three scrapes");
     assert_eq!(pm, kernel, "podmeter vs cpu.stat of the stopped burner");
     assert!(kernel.throttled_periods > 0, "{kernel:?}");
-    (agent, controller)
+    agent
 }
 
 const CAP_NET_ADMIN: u64 = 1 << 12;
@@ -510,11 +495,7 @@ fn a_low_open_files_limit_still_reads_every_cgroup() {
 /// must start as usual. `cargo xtask vm-test 5.10` runs the first case.
 #[test]
 fn a_low_memlock_limit_is_refused_only_where_the_kernel_charges_it() {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut nums = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    let version = (nums.next().unwrap(), nums.next().unwrap());
+    let version = kernel_version();
     let started = Launch {
         wrapper: [
             "prlimit",
@@ -543,7 +524,7 @@ fn a_low_memlock_limit_is_refused_only_where_the_kernel_charges_it() {
         );
         assert!(line.contains("CAP_SYS_RESOURCE"), "{line}");
     } else {
-        let agent = started.unwrap_or_else(|e| panic!("kernel {release}: {e}"));
+        let agent = started.unwrap_or_else(|e| panic!("kernel {version:?}: {e}"));
         let (code, _) = agent.get("/metrics").unwrap();
         assert_eq!(code, 200);
     }

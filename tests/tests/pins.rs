@@ -64,11 +64,7 @@ impl Drop for PinPath {
 
 /// Whether this kernel attaches perf events through links (5.15+).
 fn perf_links() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut n = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|x| x.parse::<u32>().unwrap_or(0));
-    (n.next().unwrap_or(0), n.next().unwrap_or(0)) >= (5, 15)
+    podmeter_test_support::kernel_version() >= (5, 15)
 }
 
 fn cleanup(pins: &PinPath) -> std::process::Output {

@@ -38,11 +38,7 @@ fn tracepoint_reports_failures() -> bool {
             return text.contains("field:int err;");
         }
     }
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut v = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 17)
+    podmeter_test_support::kernel_version() >= (6, 17)
 }
 
 /// What one transfer retransmitted, by the sockets' own count, and how

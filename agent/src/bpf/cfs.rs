@@ -5,14 +5,14 @@
 //! every cgroup of the cpu controller's hierarchy in the kernel and copies
 //! the counters of those with a quota into `PM_CFS`, an array the agent
 //! maps, and the read returns how many it copied. At a thousand limited
-//! containers that is one syscall and a copy, where reading each
-//! `cpu.stat` was a thousand syscalls, each formatting text to be parsed
-//! back.
+//! containers that is four syscalls (make the descriptor, two reads, close)
+//! and a copy, where reading each `cpu.stat` was a thousand syscalls, each
+//! formatting text to be parsed back.
 //!
 //! The link takes the walk's root and order (`bpf_iter_link_info`), which
 //! aya's `Iter::attach` cannot pass: it is made here with a raw
 //! `BPF_LINK_CREATE`, and each walk's descriptor with `BPF_ITER_CREATE`.
-//! Cgroup iterators came with Linux 6.1, for v1 hierarchies with 6.2.
+//! Cgroup iterators came with Linux 6.1, v1 hierarchies included.
 
 use std::{
     collections::HashMap,

@@ -362,16 +362,27 @@ fn uncounted_pod_level_cgroups_get_a_row_with_their_subtree_oom_kills_alone() {
 }
 
 /// A limited cgroup's throttling comes from the CFS iterator's walk when
-/// the counter source has one; a walk that fails falls back to the
-/// cgroup's `cpu.stat` (here gone: no counters) without failing the
-/// throttling collector, and a cgroup without a limit takes nothing from
-/// the walk.
+/// the counter source has one (not from its `cpu.stat`, which says
+/// otherwise); a walk that fails falls back to the `cpu.stat` without
+/// failing the throttling collector; a cgroup without a limit takes
+/// nothing from the walk.
 #[test]
 fn throttling_comes_from_the_walk_and_a_failed_walk_falls_back_to_the_files() {
     use crate::cgroup::cpu::{Cfs, CfsWalk, Limit};
     let counters = Arc::new(FakeCounters::default());
     let (t, publish, _wanted) = tracker(counters.clone());
-    let mut s = IndexState::new(mounts(), Duration::from_secs(90));
+    let root = std::env::temp_dir().join(format!("podmeter-tracker-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("limited")).unwrap();
+    std::fs::write(
+        root.join("limited/cpu.stat"),
+        "usage_usec 5\nnr_periods 3\nnr_throttled 1\nthrottled_usec 2000\n",
+    )
+    .unwrap();
+    let unified = Mounts {
+        unified: root.clone(),
+        ..mounts()
+    };
+    let mut s = IndexState::new(unified, Duration::from_secs(90));
     let now = Instant::now();
     s.apply(&[created(1, "/limited"), created(2, "/free")], now);
     s.refresh(&[1, 2], now, true, |c| Read {
@@ -415,6 +426,15 @@ fn throttling_comes_from_the_walk_and_a_failed_walk_falls_back_to_the_files() {
 
     counters.state().cfs = Some(Err("the walk failed".into()));
     let snap = t.snapshot();
-    assert_eq!(by_id(&snap, 1), None, "its cpu.stat is gone");
+    assert_eq!(
+        by_id(&snap, 1),
+        Some(cpu::Throttling {
+            periods: 3,
+            throttled_periods: 1,
+            throttled_seconds: 0.002,
+        }),
+        "from its cpu.stat"
+    );
     assert_eq!(snap.collectors[throttling_ok], Some(Ok(())));
+    std::fs::remove_dir_all(&root).unwrap();
 }
