@@ -92,10 +92,28 @@ fn sends_and_matches(
             "before 6.17 the tracepoint fires only for sent ones"
         }
     );
-    assert_eq!(
-        got, want,
-        "podmeter's retransmitted segments, against TCP_INFO {truth} with {failed} failed transmits"
-    );
+    if got != want {
+        // What tells a lost count from a late one (seen once, 1074 of
+        // 1075, in warm CI run w43 on 6.18): the kernel maps' drop counters
+        // and the same count a second later.
+        std::thread::sleep(Duration::from_secs(1));
+        let later = retransmits(&agent.scrape(), &sender);
+        let drops: Vec<&str> = s
+            .text
+            .lines()
+            .filter(|l| l.starts_with("podmeter_bpf_map_dropped_updates_total"))
+            .collect();
+        // A nested run of the same program on one CPU is skipped, and
+        // counted in its recursion_misses.
+        let progs = std::process::Command::new("bpftool")
+            .args(["prog", "show", "name", "pm_tcp_retransmit_err"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!(
+            "podmeter's retransmitted segments {got} (a second later {later}), against TCP_INFO {truth} with {failed} failed transmits; drops: {drops:?}; {progs}"
+        );
+    }
     // Its ACKs are not data: a pure receiver retransmits (nearly) nothing,
     // its SYN-ACK or FIN when one is lost (1 with 57 sender retransmits,
     // once in cold CI run w24), not the sender's.
