@@ -299,11 +299,13 @@ fn release() -> Helm {
 
 /// The test's settings: the image is imported into containerd, never
 /// pulled; short timings, so the test sees pods and cgroups come and go
-/// quickly. Scrapes every 15 s, as the stack evaluates its rules
-/// (tests/manifests/monitoring-stack.yaml): half the defaults' 30 s, which
-/// would add minutes to CI's waits for alerts and targets; promtool checks
-/// the rules' timing at 30 s (`deploy/rules-tests/`).
-const TEST_SETTINGS: [&str; 8] = [
+/// quickly. Scrapes and rule evaluations every 15 s (here, in
+/// tests/manifests/monitoring-stack.yaml and `alerts.interval`), and the
+/// alerts hold half their defaults: the defaults would add minutes to CI's
+/// waits for alerts and targets. Here real faults fire the real rules
+/// through the operator, Prometheus and Alertmanager; promtool checks the
+/// rules' timing at the defaults (`deploy/rules-tests/`).
+const TEST_SETTINGS: [&str; 16] = [
     "--set",
     "image.pullPolicy=Never",
     "--set",
@@ -312,6 +314,14 @@ const TEST_SETTINGS: [&str; 8] = [
     "agent.refreshInterval=2s",
     "--set",
     "monitor.interval=15s",
+    "--set",
+    "alerts.interval=15s",
+    "--set",
+    "alerts.for=15s",
+    "--set",
+    "alerts.cpuStarvedFor=1m",
+    "--set",
+    "alerts.memoryNearLimitFor=1m",
 ];
 
 /// `helm upgrade --install` of the chart with the test's settings plus
@@ -622,23 +632,27 @@ fn kube_prometheus_stack_discovers_alerts_graphs_and_tops_podmeter() {
     let mut fired = Vec::new();
     alerts_fire_on_real_faults(&kube, &prom, &hook, &node_name, faults, &mut fired);
 
-    eprintln!("\n| alert | fault | fault → webhook notification |\n|---|---|---|");
+    eprintln!(
+        "\nAt 15 s scrapes and evaluation, the alerts holding half their defaults (TEST_SETTINGS):\n\n| alert | fault | fault → webhook notification |\n|---|---|---|"
+    );
     for f in &fired {
         eprintln!("| {} | {} | {:.0} s |", f.alert, f.fault, f.secs);
     }
     for f in &fired {
         // Designed to fire within 2 minutes at 30 s scrapes and evaluation
         // (the starvation and memory alerts hold 2 minutes, after a 1-minute
-        // rate or at once: 3.5 and 3.25 minutes; retransmits 2.5), a scrape
-        // and an evaluation sooner at this test's 15 s; plus Alertmanager's
-        // 5 s group_wait, the test's polling, and the scrape and evaluation
-        // delays of a 2-core machine under the faults' own load (measured at
-        // 30 s: 53-135 s for the 2-minute ones, 174 s for starvation).
+        // rate or at once: 3.5 and 3.25 minutes; retransmits 2.5); plus
+        // Alertmanager's 5 s group_wait, the test's polling, and the scrape
+        // and evaluation delays of a 2-core machine under the faults' own
+        // load. The same bounds at this test's shorter timings: under that
+        // load the alerts come little sooner (at 30 s: 53-135 s for the
+        // 2-minute ones; at 15 s with the default holds, CI run w44: 60-109
+        // s, node saturation 107 s).
         let budget = match f.alert {
-            "PodmeterContainerCPUStarved" => 225.0,
-            "PodmeterContainerMemoryNearLimit" => 210.0,
-            "PodmeterPodTCPRetransmits" => 165.0,
-            _ => 135.0,
+            "PodmeterContainerCPUStarved" => 240.0,
+            "PodmeterContainerMemoryNearLimit" => 225.0,
+            "PodmeterPodTCPRetransmits" => 180.0,
+            _ => 150.0,
         };
         assert!(f.secs <= budget, "{} took {:.0} s", f.alert, f.secs);
     }
