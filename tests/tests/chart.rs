@@ -465,6 +465,40 @@ fn bad_values_are_refused_with_a_clear_message() {
 
 /// The PrometheusRule's `spec`, rendered by helm with `sets`, as a Prometheus
 /// rule file in `dir`.
+/// Every alert group is evaluated at `alerts.interval`; a release upgraded
+/// with `--reuse-values` from a chart without the value (0.1.0) gets the 30s
+/// the rules' timing assumes, not an empty `interval` (which Prometheus would
+/// read as its global one).
+#[test]
+fn alert_groups_evaluate_at_alerts_interval() {
+    let intervals = |sets: &[&str]| -> Vec<(String, Option<String>)> {
+        let docs = render(sets);
+        only(&docs, "PrometheusRule")["spec"]["groups"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|g| g["name"].as_str().unwrap().ends_with(".alerts"))
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap().to_owned(),
+                    g["interval"].as_str().map(str::to_owned),
+                )
+            })
+            .collect()
+    };
+    for (sets, want) in [
+        (&["alerts.interval=20s"][..], "20s"),
+        (&[][..], "30s"),
+        (&["alerts.interval=null"][..], "30s"),
+    ] {
+        let got = intervals(sets);
+        assert_eq!(got.len(), 3, "{sets:?}: {got:?}");
+        for (name, interval) in &got {
+            assert_eq!(interval.as_deref(), Some(want), "{sets:?}: group {name}");
+        }
+    }
+}
+
 fn rendered_rules(dir: &Path, sets: &[&str]) -> PathBuf {
     let docs = render(sets);
     let spec = &only(&docs, "PrometheusRule")["spec"];
