@@ -97,8 +97,9 @@ fn sends_and_matches(
         // 1075, in warm CI run w43 on 6.18): the kernel maps' drop counters
         // and the same count a second later.
         std::thread::sleep(Duration::from_secs(1));
-        let later = retransmits(&agent.scrape(), &sender);
-        let drops: Vec<&str> = s
+        let again = agent.scrape();
+        let later = retransmits(&again, &sender);
+        let drops: Vec<&str> = again
             .text
             .lines()
             .filter(|l| l.starts_with("podmeter_bpf_map_dropped_updates_total"))
@@ -108,10 +109,16 @@ fn sends_and_matches(
         let progs = std::process::Command::new("bpftool")
             .args(["prog", "show", "name", "pm_tcp_retransmit_err"])
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap_or_else(|e| format!("bpftool: {e}"));
         panic!(
-            "podmeter's retransmitted segments {got} (a second later {later}), against TCP_INFO {truth} with {failed} failed transmits; drops: {drops:?}; {progs}"
+            "podmeter's retransmitted segments {got} (a second later {later}), want {want}: TCP_INFO {truth} with {failed} failed transmits; drops: {drops:?}; bpftool: {progs}"
         );
     }
     // Its ACKs are not data: a pure receiver retransmits (nearly) nothing,
