@@ -7,8 +7,9 @@
 //!   ingress and egress attached at the cgroup2 root.
 //! * [`cfs`]: CFS bandwidth counters of every CPU-limited cgroup, by a
 //!   cgroup iterator the agent reads at each scrape (Linux 6.1).
-//! * [`tcp`]: TCP retransmits per socket cgroup id, from the
-//!   `tcp_retransmit_skb` tracepoint.
+//! * [`tcp`]: TCP retransmits per socket cgroup id, from the sockets' own
+//!   count at the `tcp_retransmit_skb` and `inet_sock_set_state`
+//!   tracepoints.
 //!
 //! Minimum kernel version: 5.8 (BPF_MAP_TYPE_PERCPU_HASH in all the
 //! contexts used, `bpf_skb_cgroup_id`, bpf_link for cgroups).

@@ -149,7 +149,7 @@ const SPECS: [Spec; 23] = [
     },
     Spec {
         suffix: "network_tcp_retransmits_total",
-        help: "TCP segments retransmitted by sockets of the cgroup (tcp_retransmit_skb, billed to the socket's cgroup).",
+        help: "TCP segments retransmitted by sockets of the cgroup (their tcpi_total_retrans, billed to the socket's cgroup).",
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.retransmits as f64),
         needs: Need::Retransmits,

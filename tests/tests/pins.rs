@@ -342,11 +342,11 @@ fn sigterm_keeps_counting_and_cleanup_removes_everything() {
         .collect();
     // Before 5.15 a perf event holds its program by ioctl, not by a link
     // that can be pinned: the tick goes with the process there.
-    let counting = if perf_links() { 5 } else { 4 };
+    let counting = if perf_links() { 6 } else { 5 };
     assert_eq!(
         left.len(),
         counting,
-        "sched_switch, tick (5.15+), ingress, egress, tcp_retransmit_skb should outlive a SIGTERM: {left:?} of {ours:?}"
+        "sched_switch, tick (5.15+), ingress, egress, tcp_retransmit_skb, inet_sock_set_state should outlive a SIGTERM: {left:?} of {ours:?}"
     );
     let pinned = pins.pins();
     assert!(

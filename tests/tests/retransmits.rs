@@ -7,9 +7,12 @@
 //! In the sender: an nftables drop on its output, which fails the transmit
 //! itself, as a full veth backlog or qdisc does. The kernel counts a
 //! retransmit whose transmit failed (in `tcpi_total_retrans` and in
-//! `TcpExt TCPRetransFail`); since Linux 6.17 podmeter does too, before it
-//! the tracepoint fires only for the ones that went out. Either way the
-//! count is exact: `tcpi_total_retrans`, less `TCPRetransFail` before 6.17.
+//! `TcpExt TCPRetransFail`), and so does podmeter, which adds up the
+//! sockets' own `total_retrans`: once the sender's socket is gone the count
+//! is exactly `tcpi_total_retrans`. Before Linux 6.17, where the tracepoint
+//! fires only for retransmits that went out, failed ones before the
+//! socket's first one sent are missed, so there the count lies between
+//! `tcpi_total_retrans` less `TCPRetransFail` and `tcpi_total_retrans`.
 
 use std::time::Duration;
 
@@ -39,6 +42,34 @@ fn tracepoint_reports_failures() -> bool {
         }
     }
     podmeter_test_support::kernel_version() >= (6, 17)
+}
+
+/// The full TCP sockets in `ns` connected to `port`: `/proc/net/tcp` and
+/// `tcp6` there, less TIME-WAIT entries (timer `03`, which only they have;
+/// their state column can say FIN-WAIT2), which are no longer full
+/// sockets: the socket they replaced has closed.
+fn live_sockets_to(ns: &NetNs, port: u16) -> usize {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "cat",
+            "/proc/net/tcp",
+            "/proc/net/tcp6",
+        ])
+        .output()
+        .expect("ip netns exec cat");
+    assert!(out.status.success(), "reading /proc/net/tcp in {}", ns.0);
+    let port = format!(":{port:04X}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            // sl, local_address, rem_address, st, queues, tr:when
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 5 && f[2].ends_with(&port) && !f[5].starts_with("03:")
+        })
+        .count()
 }
 
 /// What one transfer retransmitted, by the sockets' own count, and how
@@ -77,25 +108,41 @@ fn sends_and_matches(
     let failed = (tcp_ext(a, "TCPRetransFail") - failed_before) as f64;
 
     // The last retransmits went out before the sender read TCP_INFO; the
-    // socket's lingering close sends no data.
-    std::thread::sleep(Duration::from_millis(200));
+    // socket's lingering close sends no data. Retransmits not yet reported
+    // (before 6.17, failed ones after the last sent) are counted when the
+    // socket closes: wait for that.
+    let mut waited = 0;
+    while live_sockets_to(a, port) > 0 {
+        assert!(
+            waited < 100,
+            "the sender's socket to port {port} is still open 10 s after the transfer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
     let s = agent.scrape();
     let got = retransmits(&s, &sender);
     let receiver_got = retransmits(&s, &receiver);
     let sees_failures = tracepoint_reports_failures();
-    let want = if sees_failures { truth } else { truth - failed };
+    // Before 6.17 a failed retransmit before the socket's first one sent
+    // is never reported: up to all the failed ones can be missing.
+    let least = if sees_failures { truth } else { truth - failed };
     eprintln!(
-        "retransmitted segments under {LOSS_PERCENT} % loss ({what}): TCP_INFO {truth}, of which the transmit failed {failed}; podmeter {got} (want {want}: {}); the receiver {receiver_got}",
+        "retransmitted segments under {LOSS_PERCENT} % loss ({what}): TCP_INFO {truth}, of which the transmit failed {failed}; podmeter {got} (want {}: {}); the receiver {receiver_got}",
+        if least == truth {
+            format!("{truth}")
+        } else {
+            format!("{least} to {truth}")
+        },
         if sees_failures {
             "the tracepoint reports failed transmits"
         } else {
             "before 6.17 the tracepoint fires only for sent ones"
         }
     );
-    if got != want {
-        // What tells a lost count from a late one (seen once, 1074 of
-        // 1075, in warm CI run w43 on 6.18): the kernel maps' drop counters
-        // and the same count a second later.
+    if !(least..=truth).contains(&got) {
+        // What tells a lost count from a late one: the kernel maps' drop
+        // counters and the same count a second later.
         std::thread::sleep(Duration::from_secs(1));
         let again = agent.scrape();
         let later = retransmits(&again, &sender);
@@ -105,20 +152,31 @@ fn sends_and_matches(
             .filter(|l| l.starts_with("podmeter_bpf_map_dropped_updates_total"))
             .collect();
         // A nested run of the same program on one CPU is skipped, and
-        // counted in its recursion_misses.
+        // counted in its recursion_misses, on the line with its name.
         let progs = std::process::Command::new("bpftool")
-            .args(["prog", "show", "name", "pm_tcp_retransmit_err"])
+            .args(["prog", "show"])
             .output()
             .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
+                let out = String::from_utf8_lossy(&o.stdout);
+                let tcp: Vec<&str> = out.lines().filter(|l| l.contains("pm_tcp")).collect();
+                format!("{tcp:?} {}", String::from_utf8_lossy(&o.stderr).trim())
             })
             .unwrap_or_else(|e| format!("bpftool: {e}"));
         panic!(
-            "podmeter's retransmitted segments {got} (a second later {later}), want {want}: TCP_INFO {truth} with {failed} failed transmits; drops: {drops:?}; bpftool: {progs}"
+            "podmeter's retransmitted segments {got} (a second later {later}), want {least} to {truth}: TCP_INFO {truth} with {failed} failed transmits; drops: {drops:?}; bpftool: {progs}"
+        );
+    }
+    // Before 6.17 the failed retransmits after the socket's first one sent
+    // are counted when the socket retransmits again or closes. The kernel
+    // counts failures in segments and a failed skb can carry several, so
+    // the bar is well above one skb: 32 failed segments all before the
+    // first retransmit sent, with a fifth of the transmits failing at
+    // random, does not happen.
+    if !sees_failures && failed >= 32.0 {
+        assert!(
+            got > least,
+            "none of the {failed} failed retransmits was counted ({got} of {truth}): \
+             are the sockets' total_retrans read, and their closes?"
         );
     }
     // Its ACKs are not data: a pure receiver retransmits (nearly) nothing,

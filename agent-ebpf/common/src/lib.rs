@@ -102,8 +102,9 @@ pub struct NetCounters {
     pub tx_bytes: u64,
     /// Packets transmitted.
     pub tx_packets: u64,
-    /// TCP segments retransmitted (`tcp_retransmit_skb`, the segments of
-    /// each retransmitted skb: what `tcpi_total_retrans` counts).
+    /// TCP segments retransmitted by the cgroup's sockets: what their
+    /// `tcp_sock.total_retrans` (`tcpi_total_retrans`) grew by, added at
+    /// each `tcp_retransmit_skb` and when the socket closes.
     pub retransmits: u64,
 }
 
@@ -321,6 +322,27 @@ const _: () = assert!(core::mem::size_of::<TreeEvent>() == 16 + TREE_PATH_MAX);
 // An array element, with no padding: userspace reads the records in place.
 const _: () = assert!(core::mem::size_of::<CfsRecord>() == 24);
 
+/// How many retransmitting, not yet closed TCP sockets the retransmit
+/// program remembers (`PM_TCP_SEEN`, preallocated: about 1 MiB of kernel
+/// memory); beyond it a socket's retransmits are counted by their
+/// segments.
+pub const TCP_SOCKETS: u32 = 16_384;
+
+/// The retransmitted segments to add for a socket whose
+/// `tcp_sock.total_retrans` is now `total`, given its `total_retrans` when
+/// podmeter last counted it (`None`: never, or no room to remember), and
+/// the segments of the retransmit at hand, which count only when nothing
+/// was seen before (growth before it is history from before podmeter
+/// looked). A `last` above `total` cannot be this connection's (its close
+/// was missed, and an earlier socket at the same address left it): this
+/// one is new. The caller then remembers `total`.
+pub fn retransmits_added(last: Option<u64>, total: u64, segments: u64) -> u64 {
+    match last {
+        Some(last) if total >= last => total - last,
+        _ => segments,
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `repr(C)` integers with no padding; any bit pattern is valid.
@@ -347,5 +369,20 @@ mod tests {
             assert_eq!(wait_bucket(b + 1), i + 1);
         }
         assert_eq!(wait_bucket(u64::MAX), WAIT_BUCKETS - 1);
+    }
+
+    #[test]
+    fn retransmits_add_what_the_socket_s_own_count_grew_by() {
+        // First seen: the skb's segments, not the history before.
+        assert_eq!(retransmits_added(None, 7, 2), 2);
+        // Then the kernel's own growth, whatever the skb carries...
+        assert_eq!(retransmits_added(Some(7), 8, 5), 1);
+        // ...so a run that was skipped, or a failed transmit the old
+        // tracepoint did not report, is made up at the next one.
+        assert_eq!(retransmits_added(Some(8), 12, 1), 4);
+        // An attempt the kernel gave up on before counting adds nothing.
+        assert_eq!(retransmits_added(Some(12), 12, 1), 0);
+        // An entry left by an earlier socket at the same address.
+        assert_eq!(retransmits_added(Some(12), 3, 1), 1);
     }
 }

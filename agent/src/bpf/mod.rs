@@ -36,7 +36,8 @@ use aya::{
 };
 use crate::cgroup::Mounts;
 use podmeter_common::{
-    CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, TICK_PERIOD_NS, TREE_MKDIR,
+    CpuCounters, DROP_CPU, DROP_NET, DROP_TREE, NetCounters, TCP_SOCKETS, TICK_PERIOD_NS,
+    TREE_MKDIR,
     TREE_RMDIR, TreeEvent, WaitHistogram,
 };
 
@@ -628,7 +629,21 @@ fn attach_tree(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
 /// fires for retransmits given up before any transmit), else the one for
 /// the older two-argument tracepoint. The kernel refuses (`EINVAL`) to
 /// attach a program reading a third argument where there are two.
+///
+/// First the socket-close program, best-effort: it counts a socket's
+/// retransmits not yet counted when it closes, and frees its entry. First,
+/// so that no socket the retransmit program meets closes unseen.
 fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String> {
+    if let Err(e) = attach_raw(ebpf, "pm_tcp_close", "inet_sock_set_state")
+        .and_then(|id| pin_raw(ebpf, keep, id, "tcp-close"))
+    {
+        tracing::warn!(
+            "inet_sock_set_state tracepoint unavailable ({e}): a TCP socket's retransmits \
+             after its last one reported are counted only if it retransmits again, and once \
+             {TCP_SOCKETS} closed sockets have retransmitted, every retransmit is counted by \
+             the segments it carries"
+        );
+    }
     let id = match attach_raw(ebpf, "pm_tcp_retransmit_err", "tcp_retransmit_skb") {
         Ok(id) => {
             tracing::debug!("tcp_retransmit_skb has err: counting the retransmits with err 0");
@@ -641,10 +656,21 @@ fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String
             attach_raw(ebpf, "pm_tcp_retransmit", "tcp_retransmit_skb")?
         }
     };
+    pin_raw(ebpf, keep, id, "tcp-retransmit")
+}
+
+/// Pins the link of raw tracepoint program `id` as `pin`, where the agent
+/// pins.
+fn pin_raw(
+    ebpf: &mut Ebpf,
+    keep: &mut Keep<'_>,
+    id: (&str, RawTracePointLinkId),
+    pin: &str,
+) -> Result<(), String> {
     if keep.pinned().is_some() {
         let p = raw_program(ebpf, id.0)?;
         let link = p.take_link(id.1).map_err(|e| e.to_string())?;
-        keep.pin("tcp-retransmit".into(), link.into())
+        keep.pin(pin.into(), link.into())
             .map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -721,10 +747,11 @@ fn offsets_known(offsets: &[(&'static str, u64)], names: &[&str]) -> bool {
 const WAIT_OFFSETS: [&str; 2] = ["RUN_DELAY_OFFSET", "PCOUNT_OFFSET"];
 
 /// The members the TCP retransmit program reads.
-const TCP_OFFSETS: [&str; 5] = [
+const TCP_OFFSETS: [&str; 6] = [
     "SOCK_CGRP_DATA_OFFSET",
     "SKB_CB_OFFSET",
     "TCP_GSO_SEGS_OFFSET",
+    "TCP_TOTAL_RETRANS_OFFSET",
     "CGROUP_KN_OFFSET",
     "KERNFS_NODE_ID_OFFSET",
 ];
@@ -747,8 +774,8 @@ const TREE_OFFSETS: [&str; 4] = [
 ///
 /// Second: the offsets of the CFS iterator (see [`cfs`]), or why they are
 /// unknown.
-fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 13], Result<CfsOffsets, String>) {
-    const MEMBERS: [(&str, &str, &[&str]); 13] = [
+fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 14], Result<CfsOffsets, String>) {
+    const MEMBERS: [(&str, &str, &[&str]); 14] = [
         (
             "SUM_EXEC_RUNTIME_OFFSET",
             "task_struct",
@@ -770,6 +797,7 @@ fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 13], Result<CfsOffs
         ("SOCK_CGRP_DATA_OFFSET", "sock", &["sk_cgrp_data"]),
         ("SKB_CB_OFFSET", "sk_buff", &["cb"]),
         ("TCP_GSO_SEGS_OFFSET", "tcp_skb_cb", &["tcp_gso_segs"]),
+        ("TCP_TOTAL_RETRANS_OFFSET", "tcp_sock", &["total_retrans"]),
     ];
     const WALL_CLOCK: &str =
         "billing wall-clock time between switches, which includes steal time on VMs";
@@ -805,7 +833,10 @@ fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 13], Result<CfsOffs
                         "the cgroup tree is walked instead of followed by events"
                     }
                     "RUN_DELAY_OFFSET" | "PCOUNT_OFFSET" => "run-queue waits are not counted",
-                    "SOCK_CGRP_DATA_OFFSET" | "SKB_CB_OFFSET" | "TCP_GSO_SEGS_OFFSET" => {
+                    "SOCK_CGRP_DATA_OFFSET"
+                    | "SKB_CB_OFFSET"
+                    | "TCP_GSO_SEGS_OFFSET"
+                    | "TCP_TOTAL_RETRANS_OFFSET" => {
                         "TCP retransmits are not counted"
                     }
                     _ => "the switch program falls back to helpers",
