@@ -15,34 +15,44 @@ use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, podmeter_prog_i
 
 const CPU: &str = "cpu_usage_seconds_total";
 
-/// CPU seconds podmeter and `cpu.stat` give `cg` over 5 s of burning
-/// (each side read on both sides of the scrape, averaged).
-fn burn_5s(agent: &Agent, cg: &TestCgroup) -> (f64, f64) {
+/// CPU seconds podmeter gives `cg` over 5 s of burning, and the range
+/// `cpu.stat` allows for it: each scrape is bracketed by two readings of
+/// `cpu.stat`, so the kernel's count between the two snapshots lies between
+/// (second's first reading - first's last) and (second's last - first's
+/// first). A test descheduled between a scrape and its reading (seen under
+/// qemu's TCG with three VMs on two cores: 140 ms, 2.8 % of 5 s) widens the
+/// range instead of counting as podmeter's error.
+fn burn_5s(agent: &Agent, cg: &TestCgroup) -> (f64, (f64, f64)) {
     let _burner = cg.spawn(None, &["burn"]);
-    let s0 = agent.scrape_until(Duration::from_secs(15), "the burner's series", |s| {
+    agent.scrape_until(Duration::from_secs(15), "the burner's series", |s| {
         s.cgroup(CPU, &cg.path).is_some_and(|v| v > 0.2)
     });
-    let k0 = cg.cpu_stat_seconds();
+    let k0a = cg.cpu_stat_seconds();
+    let s0 = agent.scrape();
+    let k0b = cg.cpu_stat_seconds();
     sleep(Duration::from_secs(5));
     let k1a = cg.cpu_stat_seconds();
     let s1 = agent.scrape();
     let k1b = cg.cpu_stat_seconds();
     let pm = s1.cgroup(CPU, &cg.path).unwrap() - s0.cgroup(CPU, &cg.path).unwrap();
-    // The first reading is taken just after its scrape: credit the scrape's
-    // own few milliseconds to neither side.
-    (pm, (k1a + k1b) / 2.0 - k0)
+    (pm, (k1a - k0b, k1b - k0a))
 }
 
-fn assert_within(what: &str, pm: f64, kernel: f64, tolerance: f64) {
-    assert!(kernel > 2.0, "{what}: the burner ran only {kernel} s");
-    let err = (pm - kernel).abs() / kernel;
+/// `pm` within `tolerance` (relative) of the range `kernel` allows.
+fn assert_within(what: &str, pm: f64, (lo, hi): (f64, f64), tolerance: f64) {
+    assert!(lo > 2.0, "{what}: the burner ran only {lo} s");
+    let err = if pm < lo {
+        (lo - pm) / lo
+    } else {
+        (pm - hi).max(0.0) / hi
+    };
     eprintln!(
-        "{what}: podmeter {pm:.4} s, cpu.stat {kernel:.4} s, error {:.3} %",
+        "{what}: podmeter {pm:.4} s, cpu.stat {lo:.4} to {hi:.4} s, error {:.3} %",
         err * 100.0
     );
     assert!(
         err < tolerance,
-        "{what}: podmeter {pm} s vs cpu.stat {kernel} s ({:.2} %)",
+        "{what}: podmeter {pm} s vs cpu.stat {lo} to {hi} s ({:.2} %)",
         err * 100.0
     );
 }
@@ -58,15 +68,16 @@ fn raw_tracepoint_billing_matches_cpu_stat() {
         "{}",
         agent.log()
     );
-    // The raw program, not the tp_btf one, is what runs: three raw
-    // tracepoints (the switch and, always raw, tcp_retransmit_skb and the
-    // unattached CPU sync), and "tracing" programs only for cgroup mkdir
+    // The raw program, not the tp_btf one, is what runs: four raw
+    // tracepoints (the switch and, always raw, tcp_retransmit_skb,
+    // inet_sock_set_state and the unattached CPU sync), and "tracing"
+    // programs only for cgroup mkdir
     // and rmdir (tp_btf) and, where the kernel has cgroup iterators, the
     // CFS iterator.
     let types = new_program_types(&before);
     let count = |t: &str| types.iter().filter(|x| *x == t).count();
     let iterator = agent.log().contains("read by a cgroup iterator");
-    assert_eq!(count("raw_tracepoint"), 3, "{types:?}");
+    assert_eq!(count("raw_tracepoint"), 4, "{types:?}");
     assert_eq!(count("tracing"), 2 + usize::from(iterator), "{types:?}");
     let (pm, kernel) = burn_5s(&agent, &cg);
     // The same tolerance as the tp_btf path's test (tests/cpu.rs).

@@ -149,8 +149,8 @@ impl Prom {
 }
 
 /// Polls every 2 s: Prometheus moves in 15 s steps here, Alertmanager in
-/// 30 s ones (its group interval). Waits
-/// of 10 s or more are logged, so a slow run says where its time went.
+/// 30 s ones (its group interval). Waits of 10 s or more are logged, so a
+/// slow run says where its time went.
 fn until<T>(timeout: Duration, what: &str, ok: impl FnMut() -> Option<T>) -> T {
     let t = Instant::now();
     let v = podmeter_test_support::poll(timeout, Duration::from_secs(2), what, ok);
