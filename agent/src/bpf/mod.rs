@@ -639,9 +639,10 @@ fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String
     {
         tracing::warn!(
             "inet_sock_set_state tracepoint unavailable ({e}): a TCP socket's retransmits \
-             after its last one reported are counted only if it retransmits again, and once \
-             {TCP_SOCKETS} closed sockets have retransmitted, every retransmit is counted by \
-             the segments it carries"
+             after its last one reported are not counted, a new socket at a closed one's \
+             address is undercounted by the old one's count, and once {TCP_SOCKETS} closed \
+             sockets have retransmitted, new ones are counted by the segments each \
+             retransmit carries"
         );
     }
     let id = match attach_raw(ebpf, "pm_tcp_retransmit_err", "tcp_retransmit_skb") {
