@@ -10,8 +10,8 @@
 //! read cannot put back the floor of an id that was just forgotten, and the
 //! floor holds exactly the ids the map holds.
 
+use crate::ids::IdMap;
 use std::{
-    collections::HashMap,
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
@@ -27,12 +27,12 @@ use crate::{
 #[derive(Debug)]
 pub struct Reading {
     /// CPU time and switches by cgroup id, monotonic per id.
-    pub cpu: Result<HashMap<u64, CpuCounters>, String>,
+    pub cpu: Result<IdMap<CpuCounters>, String>,
     /// Run-queue waits by duration and cgroup id, monotonic per id and
     /// bucket (empty with the histogram off).
-    pub wait_hist: Result<HashMap<u64, WaitHistogram>, String>,
+    pub wait_hist: Result<IdMap<WaitHistogram>, String>,
     /// Traffic by socket cgroup id.
-    pub net: Result<HashMap<u64, NetCounters>, String>,
+    pub net: Result<IdMap<NetCounters>, String>,
     /// Updates lost to full maps, `[cpu, net]` (zeros if unreadable).
     pub dropped: [u64; 2],
 }
@@ -95,18 +95,18 @@ impl Monotonic for WaitHistogram {
 
 /// Keeps each id's counters from going down between reads.
 #[derive(Debug)]
-pub struct Floor<V>(HashMap<u64, V>);
+pub struct Floor<V>(IdMap<V>);
 
 impl<V> Default for Floor<V> {
     fn default() -> Self {
-        Self(HashMap::new())
+        Self(IdMap::default())
     }
 }
 
 impl<V: Monotonic> Floor<V> {
     /// Raises `read` to the floor and the floor to `read`; ids not in
     /// `read` leave the floor (the map no longer holds them).
-    pub fn apply(&mut self, read: &mut HashMap<u64, V>) {
+    pub fn apply(&mut self, read: &mut IdMap<V>) {
         self.0.retain(|id, _| read.contains_key(id));
         for (id, c) in read.iter_mut() {
             let last = self.0.entry(*id).or_default();
@@ -234,11 +234,11 @@ pub mod fake {
     #[derive(Debug, Default)]
     pub struct State {
         /// CPU counters by id (before the floor).
-        pub cpu: HashMap<u64, CpuCounters>,
+        pub cpu: IdMap<CpuCounters>,
         /// Wait histograms by id.
-        pub wait_hist: HashMap<u64, WaitHistogram>,
+        pub wait_hist: IdMap<WaitHistogram>,
         /// Traffic by id.
-        pub net: HashMap<u64, NetCounters>,
+        pub net: IdMap<NetCounters>,
         /// Makes the next reads of the CPU map fail.
         pub cpu_fails: bool,
         /// Ids forgotten so far.
@@ -345,7 +345,7 @@ mod tests {
     #[test]
     fn a_low_histogram_reading_keeps_each_bucket_at_its_last() {
         let mut floor = Floor::default();
-        let h = |c: [u64; 8]| HashMap::from([(1, WaitHistogram { counts: c })]);
+        let h = |c: [u64; 8]| IdMap::from_iter([(1, WaitHistogram { counts: c })]);
         let mut m = h([1, 5, 0, 0, 0, 0, 0, 2]);
         floor.apply(&mut m);
         // A CPU's pending waits missed this read: one bucket came out low.
@@ -357,12 +357,12 @@ mod tests {
     #[test]
     fn the_floor_holds_only_what_the_map_holds() {
         let mut floor = Floor::<CpuCounters>::default();
-        let mut m = HashMap::from([(1, cpu(1, 1)), (2, cpu(2, 2))]);
+        let mut m = IdMap::from_iter([(1, cpu(1, 1)), (2, cpu(2, 2))]);
         floor.apply(&mut m);
         assert_eq!(floor.len(), 2);
         // Id 2 left the map (retired): its floor goes too, so a cgroup id
         // the kernel reuses later starts from its own counts.
-        let mut m = HashMap::from([(1, cpu(3, 1))]);
+        let mut m = IdMap::from_iter([(1, cpu(3, 1))]);
         floor.apply(&mut m);
         assert_eq!(floor.len(), 1);
         floor.forget(&[1]);

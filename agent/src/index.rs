@@ -16,6 +16,7 @@
 //! had a series and died within the grace period, plus what died within one
 //! refresh interval: it follows the live count, not the churn.
 
+use crate::ids::IdMap;
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -104,15 +105,15 @@ pub enum TreeEvent {
 /// One published state of the index: what a scrape reads.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
-    live: HashMap<u64, Arc<Cgroup>>,
+    live: IdMap<Arc<Cgroup>>,
     /// Gone from the tree, with when that was noticed.
-    departed: HashMap<u64, (Arc<Cgroup>, Instant)>,
+    departed: IdMap<(Arc<Cgroup>, Instant)>,
     /// Counted by the kernel but never seen in the tree, with first sighting.
-    unresolved: HashMap<u64, Instant>,
+    unresolved: IdMap<Instant>,
     /// Memory and limit by id, for counted cgroups (departed: last read),
     /// and the subtree OOM kills of uncounted pod-level ones (departed:
     /// the last read, often at a container's rmdir).
-    stats: HashMap<u64, Stats>,
+    stats: IdMap<Stats>,
     /// Grows with each publication.
     pub generation: u64,
     /// Tree updates so far: `[mkdir events, rmdir events, walks]`.
@@ -269,7 +270,7 @@ impl Index {
 #[derive(Debug, Default, PartialEq)]
 pub struct ThrottlingRead {
     /// Throttling counters by cgroup id.
-    pub counters: HashMap<u64, Throttling>,
+    pub counters: IdMap<Throttling>,
     /// How many of them came from the walk.
     pub walked: usize,
     /// How many `cpu.stat` files were read (or tried).
@@ -299,7 +300,7 @@ impl ThrottlingRead {
 /// [`Index::throttling_beside`] of some cgroups' files, on this thread.
 fn read_throttling(cgroups: &[(u64, &cpu::Files)]) -> ThrottlingRead {
     let mut out = ThrottlingRead {
-        counters: HashMap::with_capacity(cgroups.len()),
+        counters: IdMap::with_capacity_and_hasher(cgroups.len(), Default::default()),
         files: cgroups.len(),
         ..ThrottlingRead::default()
     };
@@ -395,7 +396,7 @@ impl IndexState {
 
     /// A walk of the tree: every cgroup in `paths` (id → path) is live,
     /// every other live one departed. `Err` is remembered for readiness.
-    pub fn rescan(&mut self, paths: io::Result<HashMap<u64, String>>, now: Instant) -> Changes {
+    pub fn rescan(&mut self, paths: io::Result<IdMap<String>>, now: Instant) -> Changes {
         let paths = match paths {
             Ok(p) => {
                 self.index.rescan_error = None;
@@ -546,8 +547,8 @@ impl IndexState {
         // Looked up once per counted id: a set, not the list (thousands of
         // each after a churn peak).
         let departed_now: HashSet<u64> = retired.iter().copied().collect();
-        let mut unresolved = HashMap::new();
-        let mut stats = HashMap::with_capacity(counted.len());
+        let mut unresolved = IdMap::default();
+        let mut stats = IdMap::with_capacity_and_hasher(counted.len(), Default::default());
         let mut errors: [(usize, Option<String>); 2] = Default::default();
         for &id in counted {
             if let Some(cgroup) = index.live.get(&id) {

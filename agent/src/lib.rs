@@ -10,6 +10,7 @@
 pub mod btf;
 pub mod cgroup;
 pub mod flags;
+pub mod ids;
 
 /// The running agent's modules, which only the `agent` feature builds.
 macro_rules! agent_modules {

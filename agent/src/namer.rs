@@ -12,6 +12,7 @@
 //! The sticky names are pruned to the cgroups of the newest index a scrape
 //! brings, so they follow the index: a retired cgroup's names go with it.
 
+use crate::ids::IdMap;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -39,7 +40,7 @@ pub enum Naming {
 
 #[derive(Debug, Default)]
 struct Sticky {
-    names: HashMap<u64, Arc<Names>>,
+    names: IdMap<Arc<Names>>,
     /// The index generation the names were last pruned to.
     generation: u64,
 }

@@ -16,6 +16,7 @@
 //! to CPU usage and must be as fresh as the maps. They are read on a second
 //! thread beside the map reads.
 
+use crate::ids::IdMap;
 use std::{
     collections::HashMap,
     sync::{
@@ -145,8 +146,8 @@ pub struct Joined {
 /// Joins one counter reading with `index` and names: a row for each
 /// counted cgroup the index knows and that is not awaiting its names.
 pub fn join(index: &Index, reading: &Reading, names: &mut Session<'_>, now: Instant) -> Joined {
-    let no_cpu = HashMap::new();
-    let no_net = HashMap::new();
+    let no_cpu = IdMap::default();
+    let no_net = IdMap::default();
     let wait_hist = reading.wait_hist.as_ref().ok();
     let cpu = reading.cpu.as_ref().unwrap_or(&no_cpu);
     let net = reading.net.as_ref().unwrap_or(&no_net);
@@ -402,7 +403,7 @@ impl Tracker {
                 )),
             ),
             None => (
-                HashMap::new(),
+                IdMap::default(),
                 Err("reading throttling counters panicked".to_owned()),
             ),
         };

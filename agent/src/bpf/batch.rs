@@ -6,8 +6,8 @@
 //! for the two counter maps at every scrape, a quarter of its CPU. aya has
 //! no batch operations, so this makes the `bpf()` call itself.
 
+use crate::ids::IdMap;
 use std::{
-    collections::HashMap,
     io,
     mem::size_of,
     ops::AddAssign,
@@ -39,7 +39,7 @@ struct BatchAttr {
 ///
 /// Entries added or deleted while the read runs may or may not be in it;
 /// none is read twice (the kernel walks the buckets in order).
-pub fn sum_per_cpu<V>(fd: BorrowedFd<'_>, cpus: usize) -> io::Result<Option<HashMap<u64, V>>>
+pub fn sum_per_cpu<V>(fd: BorrowedFd<'_>, cpus: usize) -> io::Result<Option<IdMap<V>>>
 where
     V: aya::Pod + Default + AddAssign,
 {
@@ -54,7 +54,7 @@ where
     // The hash map's position token is a u32 bucket index; room for a u64.
     let (mut token_in, mut token_out) = (0u64, 0u64);
     let mut first = true;
-    let mut out = HashMap::new();
+    let mut out = IdMap::default();
     loop {
         let mut attr = BatchAttr {
             in_batch: if first {

@@ -14,8 +14,8 @@
 //! `BPF_LINK_CREATE`, and each walk's descriptor with `BPF_ITER_CREATE`.
 //! Cgroup iterators came with Linux 6.1, v1 hierarchies included.
 
+use crate::ids::IdMap;
 use std::{
-    collections::HashMap,
     fs::File,
     io::{self, Read as _},
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -175,7 +175,7 @@ impl CfsIter {
                 self.capacity
             )));
         }
-        let mut cgroups = HashMap::with_capacity(n);
+        let mut cgroups = IdMap::with_capacity_and_hasher(n, Default::default());
         for i in 0..n {
             // SAFETY: `i` < `capacity`, within the mapping. The program
             // wrote the records during the `read` above, in this task;

@@ -13,8 +13,8 @@ pub mod cfs;
 pub mod pins;
 mod sync;
 
+use crate::ids::IdMap;
 use std::{
-    collections::HashMap,
     fs::File,
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
@@ -231,11 +231,11 @@ impl AsRawFd for TreeEvents {
 #[derive(Debug, Default)]
 pub struct Reading {
     /// CPU time (including slices still running) and switches by cgroup id.
-    pub cpu: HashMap<u64, CpuCounters>,
+    pub cpu: IdMap<CpuCounters>,
     /// Run-queue waits by duration (empty with the histogram off).
-    pub wait_hist: HashMap<u64, WaitHistogram>,
+    pub wait_hist: IdMap<WaitHistogram>,
     /// Traffic by socket cgroup id.
-    pub net: HashMap<u64, NetCounters>,
+    pub net: IdMap<NetCounters>,
     /// Updates lost to full maps, `[cpu, net]`.
     pub dropped: [u64; 2],
 }
@@ -916,7 +916,7 @@ where
 /// lookup; any error it does return is a failed syscall (e.g. EPERM once
 /// capabilities are gone), which must fail the read rather than show up as
 /// a map with fewer cgroups.
-fn totals<V>(map: &PerCpuHashMap<MapData, u64, V>) -> Result<HashMap<u64, V>, MapError>
+fn totals<V>(map: &PerCpuHashMap<MapData, u64, V>) -> Result<IdMap<V>, MapError>
 where
     V: aya::Pod + Default + std::ops::AddAssign,
 {
@@ -940,7 +940,7 @@ impl Maps {
         &self,
         map: &PerCpuHashMap<MapData, u64, V>,
         which: usize,
-    ) -> Result<HashMap<u64, V>, MapError>
+    ) -> Result<IdMap<V>, MapError>
     where
         V: aya::Pod + Default + std::ops::AddAssign,
     {
@@ -985,7 +985,7 @@ impl Maps {
     /// CPU still shows up-to-date time. Without the sync (kernels before
     /// 5.10) the read lags each CPU by up to a tick period
     /// (`TICK_PERIOD_NS`).
-    pub fn read_cpu(&self) -> Result<HashMap<u64, CpuCounters>, MapError> {
+    pub fn read_cpu(&self) -> Result<IdMap<CpuCounters>, MapError> {
         if let Some(sync) = &self.sync {
             sync.run().map_err(MapError::IoError)?;
         }
@@ -995,9 +995,9 @@ impl Maps {
     /// Run-queue waits by duration and cgroup id, summed over CPUs (empty
     /// with the histogram off). Read right after [`Maps::read_cpu`], whose
     /// sync also brought each CPU's pending buckets into the map.
-    pub fn read_wait_hist(&self) -> Result<HashMap<u64, WaitHistogram>, MapError> {
+    pub fn read_wait_hist(&self) -> Result<IdMap<WaitHistogram>, MapError> {
         if !self.signals.wait_histogram {
-            return Ok(HashMap::new());
+            return Ok(IdMap::default());
         }
         self.totals(&self.wait_hist, 2)
     }
@@ -1005,7 +1005,7 @@ impl Maps {
     /// Traffic by socket cgroup id, summed over CPUs. Read right after
     /// [`Maps::read_cpu`], whose sync also brought each CPU's pending
     /// traffic into the map.
-    pub fn read_net(&self) -> Result<HashMap<u64, NetCounters>, MapError> {
+    pub fn read_net(&self) -> Result<IdMap<NetCounters>, MapError> {
         self.totals(&self.net, 1)
     }
 

@@ -29,7 +29,8 @@
 //! anything to report. The root cgroup cannot be limited and is skipped in
 //! both versions.
 
-use std::{collections::HashMap, io, path::Path, sync::OnceLock};
+use crate::ids::IdMap;
+use std::{io, path::Path, sync::OnceLock};
 
 use super::{Mounts, files::StatFile, memory::stat_value as value};
 
@@ -62,7 +63,7 @@ pub struct Cfs {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CfsWalk {
     /// Counters by cgroup id.
-    pub cgroups: HashMap<u64, Cfs>,
+    pub cgroups: IdMap<Cfs>,
     /// Whether the walk had room for every limited cgroup (if not, those
     /// left out are read from their files).
     pub complete: bool,
@@ -310,7 +311,7 @@ mod tests {
             throttled_ns: 1_234_567_891,
         };
         let walk = |id: u64| CfsWalk {
-            cgroups: [(id, cfs)].into(),
+            cgroups: [(id, cfs)].into_iter().collect(),
             complete: true,
         };
         let want = |seconds| {

@@ -4,7 +4,8 @@
 //! without a `stat`, so a walk of a node's few thousand cgroups costs a few
 //! milliseconds. It runs off the scrape path (see `tracker`).
 
-use std::{collections::HashMap, fs, io, os::unix::fs::MetadataExt as _, path::Path};
+use crate::ids::IdMap;
+use std::{fs, io, os::unix::fs::MetadataExt as _, path::Path};
 
 use nix::{
     dir::{Dir, Type},
@@ -27,15 +28,15 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
 ///
 /// Cgroups that disappear during the walk are skipped; only a failure to read
 /// `root` itself is an error.
-pub fn scan(root: &Path) -> io::Result<HashMap<u64, String>> {
-    let mut out = HashMap::new();
+pub fn scan(root: &Path) -> io::Result<IdMap<String>> {
+    let mut out = IdMap::default();
     out.insert(fs::metadata(root)?.ino(), "/".to_owned());
     let dir = Dir::open(root, DIR_FLAGS, Mode::empty()).map_err(io::Error::from)?;
     walk(dir, "", &mut out);
     Ok(out)
 }
 
-fn walk(mut dir: Dir, rel: &str, out: &mut HashMap<u64, String>) {
+fn walk(mut dir: Dir, rel: &str, out: &mut IdMap<String>) {
     let mut children = Vec::new();
     let mut unknown = Vec::new();
     for entry in dir.iter().flatten() {

@@ -146,12 +146,12 @@ fn a_walk_finds_what_events_missed() {
     let t0 = Instant::now();
     s.refresh(&[7], t0, true, memory(0));
     assert!(s.index().is_unresolved(7));
-    let paths = HashMap::from([(7, "/late".to_owned()), (1, "/".to_owned())]);
+    let paths = IdMap::from_iter([(7, "/late".to_owned()), (1, "/".to_owned())]);
     let c = s.rescan(Ok(paths), secs(t0, 1));
     assert_eq!((c.created, c.cgroups), (2, 2));
     assert!(s.index().is_live(7) && !s.index().is_unresolved(7));
     // A second walk without 7: it departed.
-    let c = s.rescan(Ok(HashMap::from([(1, "/".to_owned())])), secs(t0, 2));
+    let c = s.rescan(Ok(IdMap::from_iter([(1, "/".to_owned())])), secs(t0, 2));
     assert_eq!((c.created, c.departed), (0, 1));
     assert_eq!(s.index().tree_updates[2], 2);
 }
@@ -162,7 +162,7 @@ fn a_failed_walk_is_remembered_until_one_succeeds() {
     let t0 = Instant::now();
     s.rescan(Err(io::Error::other("EIO")), t0);
     assert_eq!(s.index().rescan_error.as_deref(), Some("EIO"));
-    s.rescan(Ok(HashMap::new()), t0);
+    s.rescan(Ok(IdMap::default()), t0);
     assert_eq!(s.index().rescan_error, None);
 }
 

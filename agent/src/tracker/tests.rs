@@ -42,8 +42,8 @@ fn created(id: u64, path: &str) -> TreeEvent {
 fn reading(cpu_ids: &[u64]) -> Reading {
     Reading {
         cpu: Ok(cpu_ids.iter().map(|&id| (id, cpu(id))).collect()),
-        wait_hist: Ok(HashMap::new()),
-        net: Ok(HashMap::new()),
+        wait_hist: Ok(IdMap::default()),
+        net: Ok(IdMap::default()),
         dropped: [0, 0],
     }
 }
@@ -137,7 +137,7 @@ fn an_unread_wait_histogram_is_none_and_a_missing_entry_zeros() {
         counts: [1, 2, 3, 4, 5, 6, 7, 8],
     };
     let mut r = reading(&[1, 2]);
-    r.wait_hist = Ok(HashMap::from([(1, h)]));
+    r.wait_hist = Ok(IdMap::from_iter([(1, h)]));
     let j = join(&idx, &r, &mut namer.session(&idx), t0);
     assert_eq!(j.rows[0].wait_hist, Some(h));
     assert_eq!(j.rows[1].wait_hist, Some(WaitHistogram::default()));
@@ -405,7 +405,7 @@ fn throttling_comes_from_the_walk_and_a_failed_walk_falls_back_to_the_files() {
         throttled_ns: 2_500_000_700,
     };
     counters.state().cfs = Some(Ok(CfsWalk {
-        cgroups: [(1, cfs), (2, cfs)].into(),
+        cgroups: [(1, cfs), (2, cfs)].into_iter().collect(),
         complete: true,
     }));
     let throttling_ok = COLLECTORS.iter().position(|c| *c == "throttling").unwrap();
