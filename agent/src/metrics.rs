@@ -13,6 +13,7 @@
 //! kernel's own per-cgroup numbers, which cover the cgroup's whole subtree.
 //! `podmeter_node_cpus` puts usage in proportion to the node.
 
+use crate::ids::IdMap;
 use podmeter_common::{WAIT_BUCKETS, wait_bucket_bound_ns};
 use prometheus::{
     Histogram, HistogramOpts, IntGauge, Opts, Registry,
@@ -56,6 +57,33 @@ impl Family {
 
 /// The last scrape's families by name: what the next may reuse.
 type Last = HashMap<String, Family>;
+
+/// A row's label block and sort key, as the last scrape wrote them, by
+/// cgroup id. They are the same while the row's cgroup and names are the
+/// same `Arc`s (a cgroup's path and identity never change, and names
+/// change by being replaced): at a thousand pods, escaping and writing
+/// them was a tenth of a scrape. An entry holds both `Arc`s, so neither
+/// can be freed and its address reused by another cgroup's while cached.
+#[derive(Default)]
+struct LabelCache(IdMap<Labels>);
+
+struct Labels {
+    cgroup: Arc<crate::index::Cgroup>,
+    names: Option<Arc<Names>>,
+    key: Arc<str>,
+    text: Arc<str>,
+}
+
+impl Labels {
+    fn fits(&self, row: &Row) -> bool {
+        Arc::ptr_eq(&self.cgroup, &row.cgroup)
+            && match (&self.names, &row.names) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
 
 /// How one per-cgroup metric is named, described and read from a [`Row`].
 struct Spec {
@@ -512,8 +540,8 @@ struct Labelled<'a> {
     /// value holds: names, uids and paths have none), at one `memcmp` per
     /// comparison instead of one per label. Sorting 1000 pods by their
     /// values took a quarter of a plain scrape's CPU.
-    key: String,
-    text: String,
+    key: Arc<str>,
+    text: Arc<str>,
     row: &'a Row,
 }
 
@@ -548,7 +576,38 @@ impl Cgroups {
         }
     }
 
-    fn labelled<'a>(&'a self, row: &'a Row, names: &[&str]) -> Labelled<'a> {
+    /// `row`'s labels: the last scrape's where they still fit (see
+    /// [`LabelCache`]), taken from `kept`, and put in `next` either way.
+    fn labelled<'a>(
+        &'a self,
+        row: &'a Row,
+        names: &[&str],
+        kept: &mut LabelCache,
+        next: &mut LabelCache,
+    ) -> Labelled<'a> {
+        let labels = match kept.0.remove(&row.id).filter(|l| l.fits(row)) {
+            Some(l) => l,
+            None => {
+                let (key, text) = self.label_text(row, names);
+                Labels {
+                    cgroup: row.cgroup.clone(),
+                    names: row.names.clone(),
+                    key: key.into(),
+                    text: text.into(),
+                }
+            }
+        };
+        let out = Labelled {
+            key: labels.key.clone(),
+            text: labels.text.clone(),
+            row,
+        };
+        next.0.insert(row.id, labels);
+        out
+    }
+
+    /// `row`'s sort key and label block (see [`Labelled`]).
+    fn label_text(&self, row: &Row, names: &[&str]) -> (String, String) {
         let values = self.label_values(row);
         let mut text = String::with_capacity(256);
         let mut key = String::with_capacity(160);
@@ -562,7 +621,7 @@ impl Cgroups {
             text.push('"');
         }
         text.push('}');
-        Labelled { key, text, row }
+        (key, text)
     }
 
     /// The per-cgroup families as exposition text, `(name, family)` each,
@@ -572,7 +631,13 @@ impl Cgroups {
     /// OOM kills, throttling of never-throttled containers, idle pressure)
     /// do not change from one scrape to the next, and writing their text
     /// was most of rendering.
-    fn cgroup_text(&self, snap: &Snapshot, last: &Last) -> Vec<(String, Family)> {
+    fn cgroup_text(
+        &self,
+        snap: &Snapshot,
+        last: &Last,
+        labels: &mut LabelCache,
+    ) -> Vec<(String, Family)> {
+        let mut kept = std::mem::take(labels);
         let container_names: Vec<&str> = CONTAINER_LABELS
             .iter()
             .copied()
@@ -581,8 +646,12 @@ impl Cgroups {
         let (mut pods, mut hosts) = (Vec::new(), Vec::new());
         for row in &snap.rows {
             match row.cgroup.identity {
-                Identity::Pod(_) => pods.push(self.labelled(row, &container_names)),
-                Identity::Host => hosts.push(self.labelled(row, &["node", "cgroup"])),
+                Identity::Pod(_) => {
+                    pods.push(self.labelled(row, &container_names, &mut kept, labels))
+                }
+                Identity::Host => {
+                    hosts.push(self.labelled(row, &["node", "cgroup"], &mut kept, labels))
+                }
             }
         }
         // Registry::gather's order: by label values, in label order.
@@ -760,6 +829,8 @@ pub struct Exporter {
     /// The last scrape's families, taken by a scrape and replaced by its
     /// own (a scrape beside another may find none, and renders all).
     last: Mutex<Option<Last>>,
+    /// The last scrape's label blocks, taken and replaced the same way.
+    labels: Mutex<Option<LabelCache>>,
 }
 
 impl Exporter {
@@ -813,6 +884,7 @@ impl Exporter {
             registry,
             scrape_duration,
             last: Mutex::new(None),
+            labels: Mutex::new(None),
         })
     }
 
@@ -830,14 +902,17 @@ impl Exporter {
         let timer = self.scrape_duration.start_timer();
         let snap = self.tracker.snapshot();
         let last = take(&self.last).unwrap_or_default();
+        let mut labels = take(&self.labels).unwrap_or_default();
         let out = families(
             &self.cgroups,
             &snap,
             node::online_cpus(),
             self.registry.gather(),
             &last,
+            &mut labels,
         );
         drop(last);
+        *self.labels.lock().unwrap_or_else(PoisonError::into_inner) = Some(labels);
         // Only what the next scrape may reuse: the others are small, or
         // written each time (the wait histogram).
         let next = out
@@ -874,8 +949,9 @@ fn families(
     cpus: Option<usize>,
     mut small: Vec<MetricFamily>,
     last: &Last,
+    labels: &mut LabelCache,
 ) -> Vec<(String, Family)> {
-    let mut parts = cgroups.cgroup_text(snap, last);
+    let mut parts = cgroups.cgroup_text(snap, last, labels);
     small.extend(cgroups.self_families(snap));
     if let Some(cpus) = cpus {
         small.push(cgroups.node_cpus(cpus));
@@ -1165,6 +1241,80 @@ mod tests {
     }
 
     #[test]
+    fn label_blocks_are_kept_only_for_the_same_cgroup_and_names() {
+        let cgroups = Cgroups {
+            node: "n".into(),
+            extra_labels: vec![],
+        };
+        let named = |pod: &str| Names {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            container: "app".into(),
+            extra: vec![],
+        };
+        let snap = |rows: Vec<Row>| Snapshot {
+            rows,
+            dropped: [0, 0],
+            entries: [3, 0],
+            capacity: 4096,
+            tracked: [3, 0, 0, 0],
+            tree_updates: [0, 0, 1],
+            kubernetes: Some((3, 0)),
+            signals: Signals {
+                run_queue: true,
+                retransmits: true,
+                wait_histogram: false,
+            },
+            collectors: [Some(Ok(())), None, None, None, None, None, None],
+        };
+        let text_of = |s: &Snapshot, labels: &mut LabelCache| {
+            text(&families(&cgroups, s, Some(2), Vec::new(), &Last::new(), labels))
+        };
+        let first = [
+            row("/kubepods/p1/c", pod("uid-1", Some("c1")), Some(named("web-1")), 1),
+            row("/kubepods/p2/c", pod("uid-2", Some("c2")), None, 2),
+            row("/h3", Identity::Host, None, 3),
+        ];
+        // A row of the same cgroup (the same Arc) with these names; its
+        // values are those of its id.
+        let again = |r: &Row, names: Option<Arc<Names>>| Row {
+            cgroup: r.cgroup.clone(),
+            names,
+            ..row("/unused", Identity::Host, None, r.id)
+        };
+        let same = || first.iter().map(|r| again(r, r.names.clone())).collect();
+        let mut labels = LabelCache::default();
+        let before = text_of(&snap(same()), &mut labels);
+        assert_eq!(labels.0.len(), 3);
+        let kept = |labels: &LabelCache, id: u64| labels.0[&id].text.clone();
+        let (one, two, three) = (kept(&labels, 1), kept(&labels, 2), kept(&labels, 3));
+
+        // The same rows again: every block is the one kept, and the text
+        // the same.
+        assert_eq!(text_of(&snap(same()), &mut labels), before);
+        assert!(Arc::ptr_eq(&kept(&labels, 1), &one));
+        assert!(Arc::ptr_eq(&kept(&labels, 3), &three));
+
+        // Row 2 gets its names (a new Arc), row 3 is a new cgroup at the
+        // same id, row 1 is gone: each new block is written afresh, and the
+        // text is what a render without the cache gives.
+        let second = || {
+            vec![
+                again(&first[1], Some(Arc::new(named("api-2")))),
+                row("/h3-again", Identity::Host, None, 3),
+            ]
+        };
+        let got = text_of(&snap(second()), &mut labels);
+        assert_eq!(got, text_of(&snap(second()), &mut LabelCache::default()));
+        assert!(got.contains("pod=\"api-2\""), "{got}");
+        assert!(got.contains("cgroup=\"/h3-again\""), "{got}");
+        assert!(!got.contains("uid-1"), "{got}");
+        assert!(!Arc::ptr_eq(&kept(&labels, 2), &two));
+        assert!(!Arc::ptr_eq(&kept(&labels, 3), &three));
+        assert!(!labels.0.contains_key(&1), "a gone row's block is dropped");
+    }
+
+    #[test]
     fn families_reuse_the_last_text_only_when_nothing_in_it_changed() {
         let cgroups = Cgroups {
             node: "n".into(),
@@ -1204,7 +1354,9 @@ mod tests {
             },
             collectors: [Some(Ok(())), None, None, None, None, None, None],
         };
-        let render = |s: &Snapshot, last: &Last| families(&cgroups, s, Some(2), Vec::new(), last);
+        let render = |s: &Snapshot, last: &Last| {
+            families(&cgroups, s, Some(2), Vec::new(), last, &mut LabelCache::default())
+        };
         let keep = |f: &[(String, Family)]| -> Last { f.iter().cloned().collect() };
         let same = |a: &Family, b: &Family| a.text.as_ptr() == b.text.as_ptr();
         let by_name = |f: &[(String, Family)], name: &str| {
@@ -1354,7 +1506,7 @@ mod tests {
         others.register(Box::new(h)).unwrap();
 
         let want = reference(&cgroups, &snap, &others);
-        let got = text(&families(&cgroups, &snap, Some(2), others.gather(), &Last::new()));
+        let got = text(&families(&cgroups, &snap, Some(2), others.gather(), &Last::new(), &mut LabelCache::default()));
         assert!(want.contains("podmeter_container_cpu_limit_cores{"));
         assert!(want.contains("podmeter_cgroup_network_receive_bytes_total{"));
         assert!(want.contains("podmeter_container_oom_kills_total{"));
@@ -1406,7 +1558,7 @@ mod tests {
             collectors: snap.collectors.clone(),
             ..snap
         };
-        let got = text(&families(&cgroups, &blind, Some(2), others.gather(), &Last::new()));
+        let got = text(&families(&cgroups, &blind, Some(2), others.gather(), &Last::new(), &mut LabelCache::default()));
         assert_eq!(got, reference(&cgroups, &blind, &others));
         assert!(!got.contains("_cpu_wait_seconds_total"), "{got}");
         assert!(!got.contains("_cpu_waits_total"), "{got}");
@@ -1421,7 +1573,7 @@ mod tests {
             ..blind
         };
         let want = reference(&cgroups, &no_kube, &others);
-        let got = text(&families(&cgroups, &no_kube, Some(2), others.gather(), &Last::new()));
+        let got = text(&families(&cgroups, &no_kube, Some(2), others.gather(), &Last::new(), &mut LabelCache::default()));
         assert_eq!(got, want);
     }
 }
