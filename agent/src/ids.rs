@@ -6,6 +6,6 @@ use std::collections::HashMap;
 /// pods looks ids up in several maps of thousands of entries (counters,
 /// the index, the throttling walk), and std's SipHash, built to resist keys
 /// chosen to collide, was about a twentieth of its CPU. Ids are numbers the
-/// kernel hands out, not chosen by anyone; foldhash is still seeded per
-/// process.
+/// kernel hands out; a workload allowed to make cgroups can pick which of
+/// them stay alive, but not see foldhash's seed, random per process.
 pub type IdMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;

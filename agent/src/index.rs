@@ -474,7 +474,12 @@ impl IndexState {
                     self.index.departed.remove(id);
                     self.index.unresolved.remove(id);
                     let cgroup = self.cgroup(path.clone(), now);
-                    self.index.live.insert(*id, cgroup);
+                    if let Some(old) = self.index.live.insert(*id, cgroup) {
+                        // Same id, new path (a rename): its files are
+                        // closed here, not whenever the last scrape that
+                        // holds it lets go.
+                        old.files.close();
+                    }
                     changes.created += 1;
                 }
                 TreeEvent::Removed { id } => {

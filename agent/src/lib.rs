@@ -3,7 +3,8 @@
 //! this crate.
 //!
 //! Without the default `agent` feature only those parsers build (cgroupfs
-//! files, mountinfo, cgroup paths, kernel BTF, flag values): no eBPF object,
+//! files, mountinfo, cgroup paths, kernel BTF, flag values, and the id map
+//! type they return): no eBPF object,
 //! no Kubernetes client, no HTTP server. The fuzz targets build that way, so
 //! their instrumented build takes a minute rather than twenty.
 

@@ -59,11 +59,13 @@ impl Family {
 type Last = HashMap<String, Family>;
 
 /// A row's label block and sort key, as the last scrape wrote them, by
-/// cgroup id. They are the same while the row's cgroup and names are the
-/// same `Arc`s (a cgroup's path and identity never change, and names
-/// change by being replaced): at a thousand pods, escaping and writing
+/// cgroup id. They are the same while the row's cgroup is the same `Arc`
+/// (a cgroup's path and identity never change) and its names are the same
+/// `Arc` or equal ones (names change by being replaced): at a thousand
+/// pods, escaping and writing
 /// them was a tenth of a scrape. An entry holds both `Arc`s, so neither
-/// can be freed and its address reused by another cgroup's while cached.
+/// can be freed and its address reused by another cgroup's while cached
+/// (until the next scrape: a departed cgroup's files are closed already).
 #[derive(Default)]
 struct LabelCache(IdMap<Labels>);
 
@@ -78,7 +80,10 @@ impl Labels {
     fn fits(&self, row: &Row) -> bool {
         Arc::ptr_eq(&self.cgroup, &row.cgroup)
             && match (&self.names, &row.names) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                // Names not yet final (a pod sandbox's, which never has a
+                // container name) come in a new Arc at every scrape: equal
+                // values are the same labels.
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
                 (None, None) => true,
                 _ => false,
             }
@@ -638,6 +643,7 @@ impl Cgroups {
         labels: &mut LabelCache,
     ) -> Vec<(String, Family)> {
         let mut kept = std::mem::take(labels);
+        labels.0.reserve(snap.rows.len());
         let container_names: Vec<&str> = CONTAINER_LABELS
             .iter()
             .copied()
@@ -1295,23 +1301,39 @@ mod tests {
         assert!(Arc::ptr_eq(&kept(&labels, 1), &one));
         assert!(Arc::ptr_eq(&kept(&labels, 3), &three));
 
-        // Row 2 gets its names (a new Arc), row 3 is a new cgroup at the
-        // same id, row 1 is gone: each new block is written afresh, and the
-        // text is what a render without the cache gives.
+        // Equal names in a new Arc (a pod sandbox's, made at each scrape)
+        // are the same labels.
+        let equal = first
+            .iter()
+            .map(|r| again(r, r.names.as_deref().cloned().map(Arc::new)))
+            .collect();
+        assert_eq!(text_of(&snap(equal), &mut labels), before);
+        assert!(Arc::ptr_eq(&kept(&labels, 1), &one));
+        assert!(Arc::ptr_eq(&kept(&labels, 2), &two));
+
+        // Row 1 gets other names, row 2 gets its first (each a new Arc),
+        // row 3 is a new cgroup at the same id: each new block is written
+        // afresh, and the text is what a render without the cache gives.
         let second = || {
             vec![
+                again(&first[0], Some(Arc::new(named("web-1b")))),
                 again(&first[1], Some(Arc::new(named("api-2")))),
                 row("/h3-again", Identity::Host, None, 3),
             ]
         };
         let got = text_of(&snap(second()), &mut labels);
         assert_eq!(got, text_of(&snap(second()), &mut LabelCache::default()));
+        assert!(got.contains("pod=\"web-1b\""), "{got}");
+        assert!(!got.contains("pod=\"web-1\""), "{got}");
         assert!(got.contains("pod=\"api-2\""), "{got}");
         assert!(got.contains("cgroup=\"/h3-again\""), "{got}");
-        assert!(!got.contains("uid-1"), "{got}");
+        assert!(!Arc::ptr_eq(&kept(&labels, 1), &one));
         assert!(!Arc::ptr_eq(&kept(&labels, 2), &two));
         assert!(!Arc::ptr_eq(&kept(&labels, 3), &three));
-        assert!(!labels.0.contains_key(&1), "a gone row's block is dropped");
+
+        // Row 3 gone: its block is dropped.
+        text_of(&snap(second().into_iter().take(2).collect()), &mut labels);
+        assert!(!labels.0.contains_key(&3), "a gone row's block is kept");
     }
 
     #[test]
