@@ -316,6 +316,14 @@ impl TestCgroup {
         usec as f64 / 1e6
     }
 
+    /// `cpu_stat_seconds` just before and just after `f`: the kernel's count
+    /// at the moment `f` looked lies between the two.
+    pub fn cpu_stat_around<T>(&self, f: impl FnOnce() -> T) -> (T, (f64, f64)) {
+        let before = self.cpu_stat_seconds();
+        let out = f();
+        (out, (before, self.cpu_stat_seconds()))
+    }
+
     /// The directory holding its CPU bandwidth files (a [`TestTree::with_cpu`] tree).
     pub fn cpu_dir(&self) -> &Path {
         self.cpu_dir
@@ -395,5 +403,25 @@ impl TestCgroup {
         for d in self.dirs.iter().rev() {
             remove_tree(d);
         }
+    }
+}
+
+/// The kernel's CPU seconds between two scrapes, each bracketed by
+/// `cpu.stat` readings (`(before, after)`, see
+/// [`TestCgroup::cpu_stat_around`]): from the second's first reading less
+/// the first's last, to the second's last less the first's first. A test
+/// descheduled between a scrape and a reading widens the range instead of
+/// counting as podmeter's error.
+pub fn cpu_between((b0, a0): (f64, f64), (b1, a1): (f64, f64)) -> (f64, f64) {
+    (b1 - a0, a1 - b0)
+}
+
+/// How far `value` lies outside `[lo, hi]`, relative to the end it
+/// passed; 0 inside.
+pub fn range_error(value: f64, (lo, hi): (f64, f64)) -> f64 {
+    if value < lo {
+        (lo - value) / lo
+    } else {
+        (value - hi).max(0.0) / hi
     }
 }

@@ -11,7 +11,9 @@
 
 use std::{thread::sleep, time::Duration};
 
-use podmeter_test_support::{Agent, Scrape, TestCgroup, TestTree, podmeter_prog_ids};
+use podmeter_test_support::{
+    Agent, Scrape, TestCgroup, TestTree, cpu_between, podmeter_prog_ids, range_error,
+};
 
 const CPU: &str = "cpu_usage_seconds_total";
 
@@ -27,25 +29,17 @@ fn burn_5s(agent: &Agent, cg: &TestCgroup) -> (f64, (f64, f64)) {
     agent.scrape_until(Duration::from_secs(15), "the burner's series", |s| {
         s.cgroup(CPU, &cg.path).is_some_and(|v| v > 0.2)
     });
-    let k0a = cg.cpu_stat_seconds();
-    let s0 = agent.scrape();
-    let k0b = cg.cpu_stat_seconds();
+    let (s0, k0) = cg.cpu_stat_around(|| agent.scrape());
     sleep(Duration::from_secs(5));
-    let k1a = cg.cpu_stat_seconds();
-    let s1 = agent.scrape();
-    let k1b = cg.cpu_stat_seconds();
+    let (s1, k1) = cg.cpu_stat_around(|| agent.scrape());
     let pm = s1.cgroup(CPU, &cg.path).unwrap() - s0.cgroup(CPU, &cg.path).unwrap();
-    (pm, (k1a - k0b, k1b - k0a))
+    (pm, cpu_between(k0, k1))
 }
 
 /// `pm` within `tolerance` (relative) of the range `kernel` allows.
 fn assert_within(what: &str, pm: f64, (lo, hi): (f64, f64), tolerance: f64) {
     assert!(lo > 2.0, "{what}: the burner ran only {lo} s");
-    let err = if pm < lo {
-        (lo - pm) / lo
-    } else {
-        (pm - hi).max(0.0) / hi
-    };
+    let err = range_error(pm, (lo, hi));
     eprintln!(
         "{what}: podmeter {pm:.4} s, cpu.stat {lo:.4} to {hi:.4} s, error {:.3} %",
         err * 100.0
