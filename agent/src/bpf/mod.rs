@@ -138,6 +138,14 @@ impl Keep<'_> {
         Ok(())
     }
 
+    /// Gives up a link pinned as `name`: its pin is removed with those of
+    /// earlier agents this one does not keep.
+    fn forget(&mut self, name: &str) {
+        if let Keep::Pinned { names, .. } = self {
+            names.retain(|n| n != name);
+        }
+    }
+
     fn pinned(&self) -> Option<&pins::Pins> {
         match self {
             Keep::Pinned { pins, .. } => Some(pins),
@@ -633,10 +641,13 @@ fn attach_tree(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
 /// First the socket-close program, best-effort: it counts a socket's
 /// retransmits not yet counted when it closes, and frees its entry. First,
 /// so that no socket the retransmit program meets closes unseen.
+///
+/// Where the retransmit program cannot be attached, the close program goes
+/// too: it would have nothing to settle.
 fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String> {
-    if let Err(e) = attach_raw(ebpf, "pm_tcp_close", "inet_sock_set_state")
-        .and_then(|id| pin_raw(ebpf, keep, id, "tcp-close"))
-    {
+    let closing = attach_raw(ebpf, "pm_tcp_close", "inet_sock_set_state")
+        .and_then(|id| pin_raw(ebpf, keep, id, "tcp-close"));
+    if let Err(e) = &closing {
         tracing::warn!(
             "inet_sock_set_state tracepoint unavailable ({e}): a TCP socket's retransmits \
              after its last one reported are not counted, a new socket at a closed one's \
@@ -645,6 +656,20 @@ fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String
              retransmit carries"
         );
     }
+    let counting = attach_retransmit(ebpf, keep);
+    if counting.is_err() && closing.is_ok() {
+        // Unpinned with the others this agent does not keep (the pin goes
+        // once attaching is over), or detached here where nothing is pinned.
+        keep.forget("tcp-close");
+        if let Ok(p) = raw_program(ebpf, "pm_tcp_close") {
+            let _ = p.unload();
+        }
+    }
+    counting
+}
+
+/// The retransmit program of [`attach_retransmits`], attached and pinned.
+fn attach_retransmit(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String> {
     let id = match attach_raw(ebpf, "pm_tcp_retransmit_err", "tcp_retransmit_skb") {
         Ok(id) => {
             tracing::debug!("tcp_retransmit_skb has err: counting the retransmits with err 0");
