@@ -80,12 +80,17 @@ impl CgroupFiles {
     }
 }
 
-/// One cgroupfs file, opened on first use and re-read with `pread`.
+/// One cgroupfs file, opened on first use and re-read with `pread`, until
+/// it is closed for good.
 #[derive(Debug)]
 pub struct StatFile {
     root: PathBuf,
     rel: String,
     file: Mutex<Option<File>>,
+    /// Set by [`StatFile::close`], under the `file` lock: the cgroup is
+    /// gone, and a later cgroup at the same path is another one, which a
+    /// read through this file must not open (nor hold open).
+    closed: AtomicBool,
 }
 
 /// Warned once: a node out of descriptors would otherwise log every read.
@@ -150,12 +155,17 @@ impl StatFile {
             root: root.to_owned(),
             rel,
             file: Mutex::new(None),
+            closed: AtomicBool::new(false),
         }
     }
 
     /// The file's current contents.
     pub fn read(&self) -> io::Result<String> {
         let mut guard = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Relaxed) {
+            // Read as a removed cgroup's file reads.
+            return Err(io::Error::from_raw_os_error(Errno::ENODEV as i32));
+        }
         if guard.is_none() {
             if !BUDGET.take() {
                 return read_small(&self.root, &self.rel);
@@ -201,14 +211,14 @@ impl StatFile {
         Ok(std::fs::metadata(dir)?.ino())
     }
 
-    /// Closes the file (its cgroup is gone: an open file would keep the
-    /// dead cgroup's kernel state around).
+    /// Closes the file for good (its cgroup is gone: an open file would
+    /// keep the dead cgroup's kernel state around). Later reads fail as a
+    /// removed cgroup's do.
     pub fn close(&self) {
-        let file = self
-            .file
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let mut guard = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        self.closed.store(true, Ordering::Relaxed);
+        let file = guard.take();
+        drop(guard);
         if file.is_some() {
             BUDGET.give();
         }
@@ -341,9 +351,13 @@ mod tests {
         fs::write(dir.join("stat"), "b 2\n").unwrap();
         assert_eq!(f.read().unwrap(), "b 2\n");
 
+        // Closed for good: a read fails as a removed cgroup's, and opens
+        // nothing, though the file is still there.
         f.close();
         assert!(!f.is_open());
-        assert_eq!(f.read().unwrap(), "b 2\n");
+        let e = f.read().unwrap_err();
+        assert!(is_gone(&e), "{e}");
+        assert!(!f.is_open());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -474,7 +474,7 @@ fn a_containers_rmdir_reads_its_pods_oom_kills_which_outlive_the_pod_for_the_gra
     // meets it gone before its rmdir arrives keeps what was read.
     std::fs::remove_file(pod_dir.join("memory.events")).unwrap();
     // An open file of a removed cgroup fails (ENODEV), a removed regular
-    // file's does not: closed, it is opened again by path, and is gone.
+    // file's does not: closed for good, it fails as the cgroup's would.
     s.index().get(2).unwrap().files.close();
     let c = s.refresh(&[3], secs(t0, 2), true, memory(5));
     assert_eq!(pod_kills(&s), [(2, 1)], "a refresh after the pod went");
