@@ -658,6 +658,10 @@ fn attach_retransmits(ebpf: &mut Ebpf, keep: &mut Keep<'_>) -> Result<(), String
     }
     let counting = attach_retransmit(ebpf, keep);
     if counting.is_err() && closing.is_ok() {
+        tracing::info!(
+            "the socket-close program is detached too: without the retransmit program it has \
+             nothing to settle"
+        );
         // Unpinned with the others this agent does not keep (the pin goes
         // once attaching is over), or detached here where nothing is pinned.
         keep.forget("tcp-close");
