@@ -1239,6 +1239,45 @@ mod tests {
         }
     }
 
+    /// Node `n`, no extra labels.
+    fn plain_cgroups() -> Cgroups {
+        Cgroups {
+            node: "n".into(),
+            extra_labels: vec![],
+        }
+    }
+
+    /// Complete names of container `app` in pod `pod` of namespace `ns`.
+    fn named(pod: &str) -> Names {
+        Names {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            container: "app".into(),
+            extra: vec![],
+        }
+    }
+
+    /// A snapshot of `rows`, every signal on but the wait histogram's
+    /// (`wait_histogram`).
+    fn snapshot(rows: Vec<Row>, wait_histogram: bool) -> Snapshot {
+        let n = rows.len();
+        Snapshot {
+            rows,
+            dropped: [0, 0],
+            entries: [n, 0],
+            capacity: 4096,
+            tracked: [n, 0, 0, 0],
+            tree_updates: [0, 0, 1],
+            kubernetes: Some((n, 0)),
+            signals: Signals {
+                run_queue: true,
+                retransmits: true,
+                wait_histogram,
+            },
+            collectors: [Some(Ok(())), None, None, None, None, None, None],
+        }
+    }
+
     fn text(families: &[(String, Family)]) -> String {
         families
             .iter()
@@ -1248,31 +1287,8 @@ mod tests {
 
     #[test]
     fn label_blocks_are_kept_only_for_the_same_cgroup_and_names() {
-        let cgroups = Cgroups {
-            node: "n".into(),
-            extra_labels: vec![],
-        };
-        let named = |pod: &str| Names {
-            namespace: "ns".into(),
-            pod: pod.into(),
-            container: "app".into(),
-            extra: vec![],
-        };
-        let snap = |rows: Vec<Row>| Snapshot {
-            rows,
-            dropped: [0, 0],
-            entries: [3, 0],
-            capacity: 4096,
-            tracked: [3, 0, 0, 0],
-            tree_updates: [0, 0, 1],
-            kubernetes: Some((3, 0)),
-            signals: Signals {
-                run_queue: true,
-                retransmits: true,
-                wait_histogram: false,
-            },
-            collectors: [Some(Ok(())), None, None, None, None, None, None],
-        };
+        let cgroups = plain_cgroups();
+        let snap = |rows: Vec<Row>| snapshot(rows, false);
         let text_of = |s: &Snapshot, labels: &mut LabelCache| {
             text(&families(&cgroups, s, Some(2), Vec::new(), &Last::new(), labels))
         };
@@ -1338,16 +1354,7 @@ mod tests {
 
     #[test]
     fn families_reuse_the_last_text_only_when_nothing_in_it_changed() {
-        let cgroups = Cgroups {
-            node: "n".into(),
-            extra_labels: vec![],
-        };
-        let named = |pod: &str| Names {
-            namespace: "ns".into(),
-            pod: pod.into(),
-            container: "app".into(),
-            extra: vec![],
-        };
+        let cgroups = plain_cgroups();
         let rows = || -> Vec<Row> {
             (1..=12)
                 .map(|k| match k % 3 {
@@ -1361,21 +1368,7 @@ mod tests {
                 })
                 .collect()
         };
-        let snap = |rows: Vec<Row>| Snapshot {
-            rows,
-            dropped: [0, 0],
-            entries: [12, 4],
-            capacity: 4096,
-            tracked: [12, 0, 0, 0],
-            tree_updates: [0, 0, 1],
-            kubernetes: Some((8, 0)),
-            signals: Signals {
-                run_queue: true,
-                retransmits: true,
-                wait_histogram: true,
-            },
-            collectors: [Some(Ok(())), None, None, None, None, None, None],
-        };
+        let snap = |rows: Vec<Row>| snapshot(rows, true);
         let render = |s: &Snapshot, last: &Last| {
             families(&cgroups, s, Some(2), Vec::new(), last, &mut LabelCache::default())
         };
