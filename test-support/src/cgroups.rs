@@ -425,3 +425,32 @@ pub fn range_error(value: f64, (lo, hi): (f64, f64)) -> f64 {
         (value - hi).max(0.0) / hi
     }
 }
+
+/// The widest range [`assert_in_range`] takes, relative to its low end: a
+/// wider one would let a podmeter that is wrong by more than the tolerance
+/// pass.
+pub const MAX_RANGE: f64 = 0.10;
+
+/// Asserts that podmeter's `value` for `what` lies within `tolerance`
+/// (relative) of the range `[lo, hi]` the kernel's readings allow, and that
+/// the range is narrow enough (at most [`MAX_RANGE`]) for that to hold
+/// podmeter to anything.
+pub fn assert_in_range(what: &str, value: f64, (lo, hi): (f64, f64), tolerance: f64) {
+    let err = range_error(value, (lo, hi));
+    let width = (hi - lo) / lo;
+    eprintln!(
+        "{what}: podmeter {value:.4} s, cpu.stat {lo:.4} to {hi:.4} s ({:.2} % wide), error {:.3} %",
+        width * 100.0,
+        err * 100.0
+    );
+    assert!(
+        width <= MAX_RANGE,
+        "{what}: the cpu.stat readings around the scrapes allow {lo} to {hi} s, too wide a range \
+         to hold podmeter ({value} s) to anything (the test stalled between a scrape and a reading)"
+    );
+    assert!(
+        err < tolerance,
+        "{what}: podmeter {value} s vs cpu.stat {lo} to {hi} s ({:.2} %)",
+        err * 100.0
+    );
+}

@@ -25,8 +25,8 @@ use std::{
 
 pub use agent::{Agent, curl, free_port, podmeter_bin, podmeter_prog_ids};
 pub use cgroups::{
-    CpuController, TestCgroup, TestTree, Throttling, cpu_between, cpu_in_unified, cpu_v1_root,
-    memory_v1_root, range_error, unified_root,
+    CpuController, TestCgroup, TestTree, Throttling, assert_in_range, cpu_between, cpu_in_unified,
+    cpu_v1_root, memory_v1_root, unified_root,
 };
 pub use helm::Helm;
 pub use kube::{Kube, Namespace};

@@ -12,7 +12,7 @@
 use std::{thread::sleep, time::Duration};
 
 use podmeter_test_support::{
-    Agent, Scrape, TestCgroup, TestTree, cpu_between, podmeter_prog_ids, range_error,
+    Agent, Scrape, TestCgroup, TestTree, assert_in_range, cpu_between, podmeter_prog_ids,
 };
 
 const CPU: &str = "cpu_usage_seconds_total";
@@ -39,16 +39,7 @@ fn burn_5s(agent: &Agent, cg: &TestCgroup) -> (f64, (f64, f64)) {
 /// `pm` within `tolerance` (relative) of the range `kernel` allows.
 fn assert_within(what: &str, pm: f64, (lo, hi): (f64, f64), tolerance: f64) {
     assert!(lo > 2.0, "{what}: the burner ran only {lo} s");
-    let err = range_error(pm, (lo, hi));
-    eprintln!(
-        "{what}: podmeter {pm:.4} s, cpu.stat {lo:.4} to {hi:.4} s, error {:.3} %",
-        err * 100.0
-    );
-    assert!(
-        err < tolerance,
-        "{what}: podmeter {pm} s vs cpu.stat {lo} to {hi} s ({:.2} %)",
-        err * 100.0
-    );
+    assert_in_range(what, pm, (lo, hi), tolerance);
 }
 
 #[test]
