@@ -256,7 +256,8 @@ fn compress(families: &[Family]) -> Piece {
     for f in families {
         crc.update(&f.text);
     }
-    deflate::piece(families.iter().map(|f| &f.text[..]), &mut out);
+    let texts: Vec<&[u8]> = families.iter().map(|f| &f.text[..]).collect();
+    deflate::piece(&texts, &mut out);
     Piece {
         deflated: out,
         crc,

@@ -303,12 +303,14 @@ enum Token<'t> {
 /// Appends `texts`, concatenated, to `out` as one deflate block (not the
 /// last), then an empty stored block (a sync flush) to end on a byte: so
 /// that another such piece, or a final block, can follow.
-pub fn piece<'t>(texts: impl IntoIterator<Item = &'t [u8]>, out: &mut Vec<u8>) {
-    let mut tokens = Vec::new();
+pub fn piece(texts: &[&[u8]], out: &mut Vec<u8>) {
+    // About six tokens a line of some hundred bytes.
+    let len: usize = texts.iter().map(|t| t.len()).sum();
+    let mut tokens = Vec::with_capacity(len / 16);
     let mut prev = Line { text: &[], at: 0, ends: Vec::new() };
     let mut cur = Line { text: &[], at: 0, ends: Vec::new() };
     let mut at = 0;
-    for text in texts {
+    for &text in texts {
         // A span ends after each double quote, and a line after each
         // newline, or at the text's end.
         let mut line = 0;
@@ -480,7 +482,7 @@ mod tests {
 
     fn roundtrip(texts: &[&[u8]]) -> usize {
         let mut z = Vec::new();
-        piece(texts.iter().copied(), &mut z);
+        piece(texts, &mut z);
         assert_eq!(inflate(&z), texts.concat(), "{texts:?}");
         z.len()
     }
@@ -516,16 +518,21 @@ mod tests {
     }
 
     #[test]
-    fn codes_are_complete_and_fit_fifteen_bits() {
+    fn codes_are_complete_clean_and_fit_fifteen_bits() {
         let mut counts = Counts {
             litlen: [0; LITLEN],
             distance: [0; DISTANCES],
         };
-        // Hex digits by the million, one 'x', nothing else.
+        // Hex digits by the million, then counts falling as Fibonacci's
+        // rise, whose optimal code is far deeper than 15 bits.
         for b in b"0123456789abcdef" {
             counts.litlen[*b as usize] = 1_000_000;
         }
-        counts.litlen[b'x' as usize] = 1;
+        let (mut a, mut b) = (1u64, 1u64);
+        for s in (b'g'..=b'z').chain(b'A'..=b'Z') {
+            counts.litlen[s as usize] = a;
+            (a, b) = (b, a + b);
+        }
         counts.distance[3] = 1;
         let c = Codes::new(&counts);
         for lengths in [&c.litlen_lengths, &c.distance_lengths] {
@@ -533,9 +540,21 @@ mod tests {
             let kraft: u64 = lengths.iter().map(|&l| 1u64 << (15 - l)).sum();
             assert_eq!(kraft, 1 << 15, "not a complete code: {lengths:?}");
         }
+        // The heavier, the shorter (or as long).
         let l = &c.litlen_lengths;
-        assert!(l[b'7' as usize] <= 5 && l[b'7' as usize] < l[b'x' as usize], "{l:?}");
-        assert!(l[b'x' as usize] <= l[0x80], "{l:?}");
+        let by = |b: u8| l[b as usize];
+        assert!(by(b'Z') <= by(b'7') && by(b'7') <= by(b'g') && by(b'g') <= by(0x80), "{l:?}");
+        assert!(by(b'Z') < by(0x80), "{l:?}");
+        // `Bits::put` takes no bits above a code's length (only checked in
+        // debug builds there).
+        let all = c.literal.iter().chain(&c.length[MIN_MATCH..]).chain(&c.distance);
+        for code in all.chain([&c.end]) {
+            assert!(code.len <= 28 && code.bits >> code.len == 0, "{code:?}");
+        }
+        for d in [1, 4, 5, 24577, WINDOW] {
+            let code = distance_code(&c, d);
+            assert!(code.len <= 28 && code.bits >> code.len == 0, "{d}: {code:?}");
+        }
     }
 
     #[test]
@@ -545,7 +564,17 @@ mod tests {
         while fib.len() < 40 {
             fib.push(fib[fib.len() - 1] + fib[fib.len() - 2]);
         }
-        for (weights, max) in [(fib.clone(), 15), (fib, 7), (vec![5, 5], 15), (vec![1; 32768], 15)] {
+        let cases = [
+            (fib.clone(), 15),
+            (fib.clone(), 7),
+            // As many symbols as codes of the longest length: all of them
+            // end at it.
+            (fib[..32].to_vec(), 5),
+            (fib[..8].to_vec(), 3),
+            (vec![5, 5], 15),
+            (vec![1; 32768], 15),
+        ];
+        for (weights, max) in cases {
             let l = lengths(&weights, max);
             assert!(l.iter().all(|&l| l >= 1 && u32::from(l) <= max));
             let kraft: u64 = l.iter().map(|&l| 1u64 << (max - u32::from(l))).sum();
@@ -567,8 +596,10 @@ mod tests {
             b"\"".to_vec(),
             b"no newline at the end".to_vec(),
             b"a\"b\"\na\"b\"\na\"b\"\n".to_vec(),
-            // Spans of one or two bytes that match: too short to copy alone.
+            // Spans of one byte that match, which together make a copy.
             b"\"\"\"\n\"\"\"\n".to_vec(),
+            // A match of two bytes between others: too short to copy.
+            b"a\"b\"x\nc\"b\"y\n".to_vec(),
             // Equal lines longer than one copy can take.
             ("m{a=\"b\"} 1\n".repeat(3) + &"y".repeat(300) + "\n" + &"y".repeat(300) + "\n").into(),
             // Equal lines longer than the window: literals.
@@ -581,6 +612,14 @@ mod tests {
         }
         // Texts that split lines between them.
         roundtrip(&[b"m{a=\"", b"b\"} 1\nm{a=", b"\"b\"} 2\n", b"", b"m{a=\"b\"} 3"]);
+        // Lines as far back as a copy may reach are copied; one byte
+        // farther, written as literals.
+        let far = |len: usize| {
+            let line = format!("\"{}\"\n", "z".repeat(len - 3));
+            roundtrip(&[line.repeat(3).as_bytes()])
+        };
+        let (at, beyond) = (far(WINDOW), far(WINDOW + 1));
+        assert!(at * 2 < beyond, "{at} bytes at the window, {beyond} beyond");
         // Every remainder a run of copies can leave.
         for n in 250..=520 {
             let line = format!("\"{}\"\n", "z".repeat(n));
