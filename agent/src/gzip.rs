@@ -24,13 +24,14 @@
 //! decoding with two independent inflaters (flate2's `GzDecoder`, which
 //! checks the CRC and the length, and gzip(1)).
 
-mod deflate;
-
 use std::{collections::HashMap, io, sync::Mutex};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::metrics::{Family, take};
+use crate::{
+    deflate,
+    metrics::{Family, take},
+};
 
 /// A family smaller than this shares its piece with its neighbours: every
 /// piece costs a compressor reset and a few bytes of flush.

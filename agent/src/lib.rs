@@ -4,12 +4,13 @@
 //!
 //! Without the default `agent` feature only those parsers build (cgroupfs
 //! files, mountinfo, cgroup paths, kernel BTF, flag values, and the id map
-//! type they return): no eBPF object,
+//! type they return), and the scrape's deflate encoder: no eBPF object,
 //! no Kubernetes client, no HTTP server. The fuzz targets build that way, so
 //! their instrumented build takes a minute rather than twenty.
 
 pub mod btf;
 pub mod cgroup;
+pub mod deflate;
 pub mod flags;
 pub mod ids;
 

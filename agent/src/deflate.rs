@@ -21,7 +21,9 @@
 //! are always complete.
 //!
 //! Written by hand, so fenced off here; the tests decode it with flate2's
-//! inflater, and the gzip tests with gzip(1) as well.
+//! inflater, the gzip tests with gzip(1) as well, and the `deflate` fuzz
+//! target any texts, cut anywhere. It builds without the `agent` feature
+//! for that target.
 
 use std::cmp::Reverse;
 
@@ -50,7 +52,8 @@ const DISTANCE_BASE: [u16; DISTANCES] = [
     2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
 ];
 const DISTANCE_EXTRA: [u8; DISTANCES] = [
-    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13,
+    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
+    13,
 ];
 
 /// The order in which a dynamic header gives the code length code's lengths.
@@ -119,15 +122,30 @@ impl Codes {
     /// complete code) and has no run-length symbols: 316 lengths at four
     /// bits, 158 bytes, little beside a piece.
     fn header(&self, w: &mut Bits<'_>) {
-        w.put(Code { bits: (LITLEN - 257) as u32, len: 5 });
-        w.put(Code { bits: (DISTANCES - 1) as u32, len: 5 });
-        w.put(Code { bits: 19 - 4, len: 4 });
+        w.put(Code {
+            bits: (LITLEN - 257) as u32,
+            len: 5,
+        });
+        w.put(Code {
+            bits: (DISTANCES - 1) as u32,
+            len: 5,
+        });
+        w.put(Code {
+            bits: 19 - 4,
+            len: 4,
+        });
         for &s in &CODE_LENGTH_ORDER {
-            w.put(Code { bits: if s < 16 { 4 } else { 0 }, len: 3 });
+            w.put(Code {
+                bits: if s < 16 { 4 } else { 0 },
+                len: 3,
+            });
         }
         for &l in self.litlen_lengths.iter().chain(&self.distance_lengths) {
             // Length l's code is l itself, four bits.
-            w.put(Code { bits: reverse(u32::from(l), 4), len: 4 });
+            w.put(Code {
+                bits: reverse(u32::from(l), 4),
+                len: 4,
+            });
         }
     }
 }
@@ -187,7 +205,10 @@ fn lengths(weights: &[u64], max: u32) -> Vec<u8> {
     let mut kraft: u64 = (1..=max).map(|d| count[d] << (max - d)).sum();
     while kraft > 1 << max {
         count[max] -= 1;
-        let d = (1..max).rev().find(|&d| count[d] > 0).expect("a shorter code");
+        let d = (1..max)
+            .rev()
+            .find(|&d| count[d] > 0)
+            .expect("a shorter code");
         count[d] -= 1;
         count[d + 1] += 2;
         kraft -= 1;
@@ -307,8 +328,16 @@ pub fn piece(texts: &[&[u8]], out: &mut Vec<u8>) {
     // About six tokens a line of some hundred bytes.
     let len: usize = texts.iter().map(|t| t.len()).sum();
     let mut tokens = Vec::with_capacity(len / 16);
-    let mut prev = Line { text: &[], at: 0, ends: Vec::new() };
-    let mut cur = Line { text: &[], at: 0, ends: Vec::new() };
+    let mut prev = Line {
+        text: &[],
+        at: 0,
+        ends: Vec::new(),
+    };
+    let mut cur = Line {
+        text: &[],
+        at: 0,
+        ends: Vec::new(),
+    };
     let mut at = 0;
     for &text in texts {
         // A span ends after each double quote, and a line after each
@@ -364,7 +393,10 @@ pub fn piece(texts: &[&[u8]], out: &mut Vec<u8>) {
 
     let mut w = Bits { out, buf: 0, n: 0 };
     // BFINAL 0, BTYPE 10 (dynamic codes).
-    w.put(Code { bits: 0b100, len: 3 });
+    w.put(Code {
+        bits: 0b100,
+        len: 3,
+    });
     c.header(&mut w);
     for t in &tokens {
         match *t {
@@ -395,7 +427,9 @@ fn cut<'t>(cur: &Line<'t>, prev: &Line<'_>, tokens: &mut Vec<Token<'t>>) {
         if j < prev.ends.len() {
             let (ps, pe) = prev.span(j);
             let distance = (cur.at + start) - (prev.at + ps);
-            if end - start == pe - ps && distance <= WINDOW && cur.text[start..end] == prev.text[ps..pe]
+            if end - start == pe - ps
+                && distance <= WINDOW
+                && cur.text[start..end] == prev.text[ps..pe]
             {
                 match run {
                     Some((_, d)) if d == distance && run_end == start => {}
@@ -416,7 +450,12 @@ fn cut<'t>(cur: &Line<'t>, prev: &Line<'_>, tokens: &mut Vec<Token<'t>>) {
 
 /// A pending back-reference as copies of at most 258 bytes, and as literals
 /// where fewer than three bytes are left.
-fn copies<'t>(cur: &Line<'t>, run: Option<(usize, usize)>, end: usize, tokens: &mut Vec<Token<'t>>) {
+fn copies<'t>(
+    cur: &Line<'t>,
+    run: Option<(usize, usize)>,
+    end: usize,
+    tokens: &mut Vec<Token<'t>>,
+) {
     let Some((mut start, distance)) = run else {
         return;
     };
@@ -536,24 +575,37 @@ mod tests {
         counts.distance[3] = 1;
         let c = Codes::new(&counts);
         for lengths in [&c.litlen_lengths, &c.distance_lengths] {
-            assert!(lengths.iter().all(|&l| (1..=15).contains(&l)), "{lengths:?}");
+            assert!(
+                lengths.iter().all(|&l| (1..=15).contains(&l)),
+                "{lengths:?}"
+            );
             let kraft: u64 = lengths.iter().map(|&l| 1u64 << (15 - l)).sum();
             assert_eq!(kraft, 1 << 15, "not a complete code: {lengths:?}");
         }
         // The heavier, the shorter (or as long).
         let l = &c.litlen_lengths;
         let by = |b: u8| l[b as usize];
-        assert!(by(b'Z') <= by(b'7') && by(b'7') <= by(b'g') && by(b'g') <= by(0x80), "{l:?}");
+        assert!(
+            by(b'Z') <= by(b'7') && by(b'7') <= by(b'g') && by(b'g') <= by(0x80),
+            "{l:?}"
+        );
         assert!(by(b'Z') < by(0x80), "{l:?}");
         // `Bits::put` takes no bits above a code's length (only checked in
         // debug builds there).
-        let all = c.literal.iter().chain(&c.length[MIN_MATCH..]).chain(&c.distance);
+        let all = c
+            .literal
+            .iter()
+            .chain(&c.length[MIN_MATCH..])
+            .chain(&c.distance);
         for code in all.chain([&c.end]) {
             assert!(code.len <= 28 && code.bits >> code.len == 0, "{code:?}");
         }
         for d in [1, 4, 5, 24577, WINDOW] {
             let code = distance_code(&c, d);
-            assert!(code.len <= 28 && code.bits >> code.len == 0, "{d}: {code:?}");
+            assert!(
+                code.len <= 28 && code.bits >> code.len == 0,
+                "{d}: {code:?}"
+            );
         }
     }
 
@@ -582,7 +634,11 @@ mod tests {
             // Heavier symbols never get longer codes.
             let mut by_weight: Vec<_> = weights.iter().zip(&l).collect();
             by_weight.sort();
-            assert!(by_weight.windows(2).all(|p| p[0].0 == p[1].0 || p[0].1 >= p[1].1));
+            assert!(
+                by_weight
+                    .windows(2)
+                    .all(|p| p[0].0 == p[1].0 || p[0].1 >= p[1].1)
+            );
         }
     }
 
@@ -611,7 +667,13 @@ mod tests {
             roundtrip(&[t]);
         }
         // Texts that split lines between them.
-        roundtrip(&[b"m{a=\"", b"b\"} 1\nm{a=", b"\"b\"} 2\n", b"", b"m{a=\"b\"} 3"]);
+        roundtrip(&[
+            b"m{a=\"",
+            b"b\"} 1\nm{a=",
+            b"\"b\"} 2\n",
+            b"",
+            b"m{a=\"b\"} 3",
+        ]);
         // Lines as far back as a copy may reach are copied; one byte
         // farther, written as literals.
         let far = |len: usize| {
@@ -629,14 +691,24 @@ mod tests {
 
     #[test]
     fn exposition_shrinks_as_much_as_with_a_general_deflater() {
-        let text: String = (0..4).map(|f| family(&format!("podmeter_f{f}"), 1000, f)).collect();
+        let text: String = (0..4)
+            .map(|f| family(&format!("podmeter_f{f}"), 1000, f))
+            .collect();
         let ours = roundtrip(&[text.as_bytes()]);
         let mut z = flate2::Compress::new(flate2::Compression::fast(), false);
         let mut general = Vec::with_capacity(text.len());
         z.compress_vec(text.as_bytes(), &mut general, flate2::FlushCompress::Sync)
             .unwrap();
-        println!("{} bytes: ours {ours}, miniz level 1 {}", text.len(), general.len());
+        println!(
+            "{} bytes: ours {ours}, miniz level 1 {}",
+            text.len(),
+            general.len()
+        );
         assert!(ours * 3 < text.len(), "{ours} of {}", text.len());
-        assert!(ours * 100 <= general.len() * 110, "ours {ours}, miniz {}", general.len());
+        assert!(
+            ours * 100 <= general.len() * 110,
+            "ours {ours}, miniz {}",
+            general.len()
+        );
     }
 }
