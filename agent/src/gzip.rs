@@ -34,7 +34,8 @@ use crate::{
 };
 
 /// A family smaller than this shares its piece with its neighbours: every
-/// piece costs a compressor reset and a few bytes of flush.
+/// piece carries its own Huffman codes (about 170 bytes of header) and a
+/// sync flush, and matches nothing in the pieces before it.
 const MIN_PIECE: usize = 16 * 1024;
 
 /// Below this many bytes to deflate, one thread does it all: a thread's
@@ -96,7 +97,8 @@ impl Gzip {
         }
     }
 
-    /// The gzip member of the concatenation of `families`.
+    /// The gzip member of the concatenation of `families`. Fails only if a
+    /// gzip thread panicked.
     pub fn compress(&self, families: &[Family]) -> io::Result<Vec<u8>> {
         self.compress_made(families).map(|(z, _)| z)
     }
@@ -118,8 +120,8 @@ impl Gzip {
 
         let mut last = take(&self.last);
         // Until this scrape's pieces replace them, an empty cache goes
-        // back if it fails (an error or a panic): otherwise the slot would
-        // stay taken, and no later scrape would reuse anything.
+        // back if it fails (a panic, here or in a gzip thread): otherwise the
+        // slot would stay taken, and no later scrape would reuse anything.
         let mut refill = last.is_some().then(|| Refill(&self.last));
         let mut pieces: Vec<Option<Piece>> = hashes
             .iter()

@@ -1,6 +1,6 @@
 //! podmeter's agent as a library: the binary (`main.rs`) is its command
-//! line, and the fuzz targets reach the parsers of outside input through
-//! this crate.
+//! line, and the fuzz targets reach the parsers of outside input and the
+//! scrape's deflate encoder through this crate.
 //!
 //! Without the default `agent` feature only those parsers build (cgroupfs
 //! files, mountinfo, cgroup paths, kernel BTF, flag values, and the id map

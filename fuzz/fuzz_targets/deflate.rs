@@ -1,5 +1,8 @@
-//! The scrape's deflate encoder: any texts, cut anywhere, inflate (flate2)
-//! to themselves.
+//! The scrape's deflate encoder: any text, cut into texts every n bytes (n
+//! the first byte; 0, not cut), must inflate (flate2) to itself. Its second
+//! half is a piece of its own, joined after the first half's as a scrape
+//! joins them, and after another text's too, as a reused piece is: so a
+//! piece that reached back into the one before it would inflate wrong.
 #![no_main]
 
 use std::io::Read as _;
@@ -8,8 +11,6 @@ use libfuzzer_sys::fuzz_target;
 use podmeter::deflate;
 
 fuzz_target!(|data: &[u8]| {
-    // The first byte says where the rest is cut into texts: every n bytes,
-    // or not at all (0). Lines then also run from one text into the next.
     let Some((&n, rest)) = data.split_first() else {
         return;
     };
@@ -17,14 +18,20 @@ fuzz_target!(|data: &[u8]| {
         0 => vec![rest],
         n => rest.chunks(n as usize).collect(),
     };
-    let mut z = Vec::new();
-    deflate::piece(&texts, &mut z);
-    // Twice, as a scrape joins pieces, then a final empty block.
-    deflate::piece(&texts, &mut z);
-    z.extend_from_slice(&[0x03, 0x00]);
-    let mut out = Vec::new();
-    flate2::read::DeflateDecoder::new(&z[..])
-        .read_to_end(&mut out)
-        .expect("podmeter's deflate made a stream flate2 cannot inflate");
-    assert_eq!(out, [rest, rest].concat(), "inflated to other bytes");
+    let (first, second) = texts.split_at(texts.len() / 2);
+    let mut tail = Vec::new();
+    deflate::piece(second, &mut tail);
+    // Another first half: every byte differs from this one's.
+    let other: Vec<u8> = first.concat().iter().map(|b| b.wrapping_add(1)).collect();
+    for before in [first, &[&other[..]]] {
+        let mut z = Vec::new();
+        deflate::piece(before, &mut z);
+        z.extend_from_slice(&tail);
+        z.extend_from_slice(&[0x03, 0x00]);
+        let mut out = Vec::new();
+        flate2::read::DeflateDecoder::new(&z[..])
+            .read_to_end(&mut out)
+            .expect("podmeter's deflate made a stream flate2 cannot inflate");
+        assert_eq!(out, [before.concat(), second.concat()].concat(), "inflated to other bytes");
+    }
 });

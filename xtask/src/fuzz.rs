@@ -1,8 +1,8 @@
 //! `cargo xtask fuzz`: runs the fuzz targets of `fuzz/` (every parser of
 //! outside input: mountinfo, cgroup paths, cgroupfs files, kernel BTF,
-//! command-line values; and the scrape's deflate encoder) with cargo-fuzz and the pinned nightly, each for a
-//! bounded time. A crash fails the command, naming the target and the input
-//! libFuzzer saved.
+//! command-line values; and the scrape's deflate encoder) with cargo-fuzz
+//! and the pinned nightly, each for a bounded time. A crash fails the
+//! command, naming the target and the input libFuzzer saved.
 //!
 //! The committed seeds in `fuzz/corpus/<target>/` are only read: what the
 //! fuzzer learns goes to `fuzz/target/corpus/<target>/` (kept between runs,
