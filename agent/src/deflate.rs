@@ -762,8 +762,8 @@ mod tests {
         // must be as small. A small one: each row's ids come back in every
         // family within the window, and are copied from there; miniz also
         // matches parts of words and values, which ours does not, so ours
-        // may be larger by half (without the lookup of earlier spans it
-        // was 2.4 times as large).
+        // may be larger by half (before copies went on from their source,
+        // it was 2.4 times as large).
         for (families, rows, percent) in [(4, 1000, 110), (16, 10, 150)] {
             let text: String = (0..families)
                 .map(|f| family(&format!("podmeter_f{f}"), rows, f))
