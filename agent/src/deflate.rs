@@ -8,13 +8,15 @@
 //! nearby: at a thousand pods deflate was about half of a gzipped scrape's
 //! CPU, most of it in that search, for nothing.
 //!
-//! So each line is compared only with the line before it, span by span,
-//! a span ending after each double quote or space (label values are
-//! quoted; HELP text is words): a span equal to the one in the same
-//! place of the line before is a back-reference to it. Any other is looked
-//! up once among the spans the piece wrote before (a small node's ids come
-//! back in every family, within reach), and else written as literals.
-//! There is no search at every byte; what is left is coding the literals.
+//! So each line is cut into spans, a span ending after each double quote
+//! or space (label values are quoted; HELP text is words). A span is a
+//! back-reference where it goes on from where the copy before it came from
+//! (so that a row copied from the family before runs on over its whole
+//! label set), or equals the span in the same place of the line before, or
+//! else one of the spans the piece wrote before, looked up once (a small
+//! node's ids come back in every family, within reach). Any other span is
+//! literals. There is no search at every byte; what is left is coding the
+//! literals.
 //!
 //! The Huffman codes are each piece's own: the lines are first cut into
 //! literals and back-references, whose symbols are counted, and the codes
@@ -337,7 +339,7 @@ pub fn piece(texts: &[&[u8]], out: &mut Vec<u8>) {
             &joined
         }
     };
-    // About six tokens a line of some 250 bytes.
+    // Room for eight tokens a line of some 250 bytes.
     let mut tokens = Vec::with_capacity(text.len() / 32);
     let mut seen = Seen::new();
     let mut prev = Line {
@@ -433,8 +435,8 @@ fn cut<'t>(
     seen: &mut Seen<'t>,
     tokens: &mut Vec<Token<'t>>,
 ) {
-    // A pending back-reference: the start of what it copies, in `cur`, and
-    // its distance; it runs to the end of the last span that matched.
+    // A pending back-reference: where its output starts in `cur`, and its
+    // distance; it runs to the end of the last span that matched.
     let mut run: Option<(usize, usize)> = None;
     let mut run_end = 0;
     for j in 0..cur.ends.len() {
@@ -476,8 +478,10 @@ fn cut<'t>(
     copies(cur, run, run_end, tokens);
 }
 
-/// The spans a piece wrote that the line after did not repeat, by a hash of
-/// their first bytes and length, the last one in each slot. On a small node
+/// Spans of three bytes or more that the piece wrote and that neither went
+/// on from a copy's source nor equalled the span in the same place of the
+/// line before, by a hash of their first bytes and length, the last one in
+/// each slot. On a small node
 /// the same ids come back in each family within the window, as they do not
 /// on a large one, where a span costs one probe that finds nothing.
 struct Seen<'t> {

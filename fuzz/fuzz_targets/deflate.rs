@@ -1,8 +1,9 @@
 //! The scrape's deflate encoder: any text, cut into texts every n bytes (n
-//! the first byte; 0, not cut), must inflate (flate2) to itself. Its second
-//! half is a piece of its own, joined after the first half's as a scrape
-//! joins them, and after another text's too, as a reused piece is: so a
-//! piece that reached back into the one before it would inflate wrong.
+//! the first byte; 0, cut in the middle), must inflate (flate2) to itself.
+//! The second half of its texts is a piece of its own, joined after the
+//! first half's as a scrape joins them, and after another text's too, as a
+//! reused piece is: so a piece that reached back into the one before it
+//! would inflate wrong.
 #![no_main]
 
 use std::io::Read as _;
@@ -15,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let texts: Vec<&[u8]> = match n {
-        0 => vec![rest],
+        0 => {
+            let (a, b) = rest.split_at(rest.len() / 2);
+            vec![a, b]
+        }
         n => rest.chunks(n as usize).collect(),
     };
     let (first, second) = texts.split_at(texts.len() / 2);
@@ -32,6 +36,10 @@ fuzz_target!(|data: &[u8]| {
         flate2::read::DeflateDecoder::new(&z[..])
             .read_to_end(&mut out)
             .expect("podmeter's deflate made a stream flate2 cannot inflate");
-        assert_eq!(out, [before.concat(), second.concat()].concat(), "inflated to other bytes");
+        assert_eq!(
+            out,
+            [before.concat(), second.concat()].concat(),
+            "inflated to other bytes"
+        );
     }
 });
