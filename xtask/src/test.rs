@@ -98,6 +98,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 file_timeout_seconds: 300,
                 crash_after: None,
                 freeze_after: None,
+                lockup_after: None,
             })
         })?;
     }

@@ -90,9 +90,10 @@ const PROGRAMS: &[&str] = &[
 /// The line a guest prints every [`BEAT_SECONDS`] while a test file runs.
 const BEAT: &str = "PM-BEAT";
 const BEAT_SECONDS: u64 = 5;
-/// A guest that has beaten once and then prints nothing for this long is
-/// frozen. Twelve beats: a live guest's beat is late by scheduling, not by
-/// a minute, even with three guests on two host cores.
+/// A guest that has beaten once and then prints nothing from its user
+/// space for this long is frozen (its kernel may still print: see
+/// [`is_kernel_line`]). Twelve beats: a live guest's beat is late by
+/// scheduling, not by a minute, even with three guests on two host cores.
 const FROZEN_AFTER_SECONDS: u64 = 60;
 
 /// Kernel modules the tests load (veth pairs, netem and nftables random
@@ -171,6 +172,13 @@ pub struct Options {
     /// without a heartbeat and the second boot runs the files after it.
     #[arg(long, hide = true)]
     pub freeze_after: Option<String>,
+    /// Stop the guest's tests right after this test file while its kernel
+    /// goes on printing (an error line every 10 s, as a soft-locked-up
+    /// guest's watchdog does), to exercise that kernel messages alone do
+    /// not keep a guest alive: qemu is killed after 60 s without a
+    /// heartbeat and the second boot runs the files after it.
+    #[arg(long, hide = true)]
+    pub lockup_after: Option<String>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -629,8 +637,21 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let _ = fs::remove_file(&monitor);
     let freeze_log = work.join(format!("{}.freeze.log", kernel.release));
     let started = Instant::now();
-    let (qemu, machine, cpu, console) = match kernel.arch {
-        Arch::Amd64 => ("qemu-system-x86_64", "q35", "max", "ttyS0"),
+    // x86 guests run their vCPUs on one host thread (`thread=single`):
+    // with a thread each (qemu's default), a vCPU may run code another has
+    // just patched (the kernel patches its text with int3 traps whenever a
+    // tracepoint is attached or detached) from a stale translation, and the
+    // guest kernel traps on an int3 that is no longer there (6.12: an
+    // oops in `__schedule` as podmeter detached) or locks up (6.1: a
+    // soft lockup in podmeter's detach, its tests stopped for good).
+    let (qemu, machine, cpu, console, accel) = match kernel.arch {
+        Arch::Amd64 => (
+            "qemu-system-x86_64",
+            "q35",
+            "max",
+            "ttyS0",
+            "tcg,thread=single",
+        ),
         // `max` with the architected pointer authentication is several
         // times slower under TCG; the implementation-defined one is not.
         Arch::Arm64 => (
@@ -638,6 +659,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             "virt",
             "max,pauth-impdef=on",
             "ttyAMA0",
+            "tcg",
         ),
     };
     // Made before qemu starts: nothing between its start and its end
@@ -645,7 +667,8 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     // this thread).
     let mut log = fs::File::create(&log_path)?;
     let mut child = crate::cmd::dies_with_xtask(&mut Command::new(qemu))
-        .args(["-machine", machine, "-cpu", cpu, "-nographic", "-no-reboot"])
+        .args(["-machine", machine, "-accel", accel, "-cpu", cpu])
+        .args(["-nographic", "-no-reboot"])
         .args(["-m", &opts.memory_mib.to_string()])
         .args(["-smp", &opts.cpus.to_string()])
         .arg("-kernel")
@@ -682,8 +705,14 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         })
     };
     let start = Instant::now();
-    // Milliseconds from `start` to the last console line.
+    // Milliseconds from `start` to the last console line, and to the last
+    // one the guest's user space printed (a beat, a test's output). Once
+    // the guest beats, only the second counts: a guest whose user space
+    // has stopped may go on printing kernel messages (6.1 under TCG: a
+    // soft lockup reported every 28 s for 25 minutes, until the overall
+    // deadline), and those are no sign that its tests still run.
     let last_line = Arc::new(AtomicU64::new(0));
+    let last_life = Arc::new(AtomicU64::new(0));
     let beating = Arc::new(AtomicBool::new(false));
     let froze = Arc::new(AtomicBool::new(false));
     let exited = Arc::new(AtomicBool::new(false));
@@ -691,7 +720,8 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     // prints, or when the guest has been silent for `silence`.
     let pid = child.id();
     let watchdog = {
-        let (last_line, froze, exited) = (last_line.clone(), froze.clone(), exited.clone());
+        let (last_line, last_life) = (last_line.clone(), last_life.clone());
+        let (froze, exited) = (froze.clone(), exited.clone());
         let (monitor, freeze_log) = (monitor.clone(), freeze_log.clone());
         let release = kernel.release.clone();
         let beating = beating.clone();
@@ -702,16 +732,16 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                 if exited.load(Ordering::Relaxed) || !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
                 }
+                let (since, silence) = if beating.load(Ordering::Relaxed) {
+                    (&last_life, late)
+                } else {
+                    (&last_line, early)
+                };
                 // Saturating: the reader may store a line's time just after
                 // this thread read the clock.
                 let quiet = start
                     .elapsed()
-                    .saturating_sub(Duration::from_millis(last_line.load(Ordering::Relaxed)));
-                let silence = if beating.load(Ordering::Relaxed) {
-                    late
-                } else {
-                    early
-                };
+                    .saturating_sub(Duration::from_millis(since.load(Ordering::Relaxed)));
                 if quiet > silence {
                     froze.store(true, Ordering::Relaxed);
                     let diagnosis = monitor::diagnose(&monitor);
@@ -746,8 +776,10 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     let mut before_beat = String::new();
     let (mut last_beat, mut longest_beat_gap) = (None::<Instant>, 0.0_f64);
     for line in BufReader::new(stdout).lines() {
-        last_line.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let now = start.elapsed().as_millis() as u64;
+        last_line.store(now, Ordering::Relaxed);
         let Some(line) = without_beat(line.unwrap_or_default(), &mut before_beat) else {
+            last_life.store(now, Ordering::Relaxed);
             beating.store(true, Ordering::Relaxed);
             // How late a live guest's beat gets: the margin the frozen
             // bound has, in the table.
@@ -765,6 +797,9 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             log_error.get_or_insert(e);
         }
         let clean = line.trim();
+        if !is_kernel_line(clean) {
+            last_life.store(now, Ordering::Relaxed);
+        }
         // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`
         // (arm64: `Internal error: ...`, then `pc : enqueue_entity+0x...`).
         let kmsg = clean.split_once("] ").map_or(clean, |(_, m)| m);
@@ -866,8 +901,8 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             (None, None) => "before the first file".to_owned(),
         };
         guest_crash = Some(format!(
-            "the guest froze: no heartbeat or other console output for {} s {when}, qemu killed \
-             (its vCPUs' registers: {})",
+            "the guest froze: no heartbeat or other output from its user space for {} s {when}, \
+             qemu killed (its vCPUs' registers: {})",
             silence.as_secs(),
             freeze_log.display()
         ));
@@ -1061,6 +1096,12 @@ fn stage_root(stage: &Path, kernel: &Kernel, payload: &Payload, opts: &Options) 
         if opts.freeze_after.as_deref() == Some(name) {
             init.push_str("exec sleep 100000\n");
         }
+        if opts.lockup_after.as_deref() == Some(name) {
+            // `<3>`: an error, which the `quiet` console still shows.
+            init.push_str(
+                "while :; do echo '<3>vm-test: --lockup-after' > /dev/kmsg; sleep 10; done\n",
+            );
+        }
     }
     init.push_str(V1_ONLY);
     init.push_str("echo PM-DONE\npoweroff -f\n");
@@ -1185,6 +1226,17 @@ fn pack(stage: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether a console line is a kernel message (`[ 318.759643] rcu: ...`),
+/// which the kernel prints even when user space no longer runs.
+fn is_kernel_line(line: &str) -> bool {
+    line.strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim_start();
+            !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        })
+}
+
 /// A console line with the heartbeat taken out: `None` for a line that
 /// ended in one (what came before it is kept in `before_beat`), else the
 /// line with whatever a beat had cut off in front of it.
@@ -1272,6 +1324,20 @@ mod tests {
         assert_eq!(count(s, "passed"), 9);
         assert_eq!(count(s, "failed"), 1);
         assert_eq!(count(s, "ignored"), 0);
+    }
+
+    #[test]
+    fn kernel_messages_are_told_from_user_space_output() {
+        assert!(is_kernel_line(
+            "[  345.315420] watchdog: BUG: soft lockup - CPU#1 stuck for 45s! [podmeter:953]"
+        ));
+        assert!(is_kernel_line("[0.000000] Linux version 6.1.0"));
+        assert!(!is_kernel_line("test a ... ok"));
+        assert!(!is_kernel_line("PM-END cpu 0 27"));
+        // A test's own brackets are not a kernel timestamp.
+        assert!(!is_kernel_line("[a] b"));
+        assert!(!is_kernel_line("[] b"));
+        assert!(!is_kernel_line("[12"));
     }
 
     #[test]
