@@ -799,18 +799,26 @@ const TREE_OFFSETS: [&str; 4] = [
 /// `sum_exec_runtime` is where the kernel keeps a task's accounted CPU time,
 /// so the programs bill exactly what `cpu.stat` counts; without it (0) they
 /// bill wall-clock time between events, which includes a VM's steal time.
+/// `prev_sum_exec_runtime` and `policy` give where a fair-class task's
+/// slice began, for a slice whose start the switch program did not see.
 /// The others let the switch program find the task's cgroup id itself. An
 /// offset BTF cannot tell is 0.
 ///
 /// Second: the offsets of the CFS iterator (see [`cfs`]), or why they are
 /// unknown.
-fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 14], Result<CfsOffsets, String>) {
-    const MEMBERS: [(&str, &str, &[&str]); 14] = [
+fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 16], Result<CfsOffsets, String>) {
+    const MEMBERS: [(&str, &str, &[&str]); 16] = [
         (
             "SUM_EXEC_RUNTIME_OFFSET",
             "task_struct",
             &["se", "sum_exec_runtime"],
         ),
+        (
+            "PREV_SUM_EXEC_RUNTIME_OFFSET",
+            "task_struct",
+            &["se", "prev_sum_exec_runtime"],
+        ),
+        ("TASK_POLICY_OFFSET", "task_struct", &["policy"]),
         ("TASK_PID_OFFSET", "task_struct", &["pid"]),
         ("TASK_CGROUPS_OFFSET", "task_struct", &["cgroups"]),
         ("CSS_SET_DFL_CGRP_OFFSET", "css_set", &["dfl_cgrp"]),
@@ -863,6 +871,9 @@ fn kernel_offsets(btf_path: &Path) -> ([(&'static str, u64); 14], Result<CfsOffs
                         "the cgroup tree is walked instead of followed by events"
                     }
                     "RUN_DELAY_OFFSET" | "PCOUNT_OFFSET" => "run-queue waits are not counted",
+                    "PREV_SUM_EXEC_RUNTIME_OFFSET" | "TASK_POLICY_OFFSET" => {
+                        "a slice whose start the switch program did not see is not billed"
+                    }
                     "SOCK_CGRP_DATA_OFFSET"
                     | "SKB_CB_OFFSET"
                     | "TCP_GSO_SEGS_OFFSET"
