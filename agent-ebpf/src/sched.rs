@@ -31,9 +31,10 @@
 //! [`OnCpu`] slot (no cross-CPU ordering to get right on arm64).
 //!
 //! A task that leaves the CPU when the CPU has not seen it come on (the
-//! agent just started, or the kernel switched without the tracepoint) is
-//! billed from where the scheduler picked it (`se.prev_sum_exec_runtime`,
-//! fair class only): see `Update::slice`.
+//! kernel switched without the tracepoint) is billed from where the
+//! scheduler picked it (`se.prev_sum_exec_runtime`, fair-class policies,
+//! at most two tick periods); right after the agent starts, such a slice is
+//! not billed: see `Update::slice`.
 //!
 //! Without the `sum_exec_runtime` offset (0; the agent then loads only the
 //! fallback), wall-clock time between events is billed instead.
@@ -68,7 +69,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, perf_event, raw_tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
-use podmeter_common::{DROP_CPU, OnCpu, PENDING_SLOTS, SYNC_BUSY, WAIT_BUCKETS, wait_bucket};
+use podmeter_common::{
+    DROP_CPU, OnCpu, PENDING_SLOTS, SYNC_BUSY, TICK_PERIOD_NS, WAIT_BUCKETS, wait_bucket,
+};
 
 use crate::maps::{PM_CPU, PM_ONCPU, PM_WAIT_HIST, count_drops, retry_later, slot, try_slot};
 
@@ -125,14 +128,18 @@ pub fn pm_sched_switch(ctx: BtfTracePointContext) -> i32 {
     };
     // SAFETY (all `field` calls): `prev` and `next` are BTF-typed task
     // pointers, the offsets their members' in this kernel's BTF.
+    let next_rt = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
+    if cpu.handled(next as u64, next_rt) {
+        cpu.commit();
+        return 0;
+    }
     if unsafe { field::<i32>(prev, &TASK_PID_OFFSET) } != 0 {
         let rt = unsafe { field::<u64>(prev, &SUM_EXEC_RUNTIME_OFFSET) };
-        let time = cpu.slice(prev as u64, Some(rt), 0, unsafe { picked(prev) });
+        let time = cpu.slice(prev as u64, Some(rt), 0, || unsafe { picked(prev) });
         let wait = cpu.waited(prev as u64, unsafe { delays(prev) });
         cpu.bill(unsafe { task_cgroup_id(prev) }, time, 1, wait);
     }
-    let rt = unsafe { field::<u64>(next, &SUM_EXEC_RUNTIME_OFFSET) };
-    cpu.running(next as u64, rt, unsafe { delays(next) });
+    cpu.running(next as u64, next_rt, unsafe { delays(next) });
     cpu.commit();
     0
 }
@@ -155,13 +162,20 @@ pub fn pm_sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     } else {
         0
     };
+    let next_rt = runtime(next);
+    if let Some(rt) = next_rt
+        && cpu.handled(next, rt)
+    {
+        cpu.commit();
+        return 0;
+    }
     if bpf_get_current_pid_tgid() as u32 != 0 {
-        let time = cpu.slice(prev, runtime(prev), now, read_picked(prev));
+        let time = cpu.slice(prev, runtime(prev), now, || read_picked(prev));
         let wait = cpu.waited(prev, read_delays(prev));
         // SAFETY: helper without preconditions.
         cpu.bill(unsafe { bpf_get_current_cgroup_id() }, time, 1, wait);
     }
-    cpu.running(next, runtime(next).unwrap_or(0), read_delays(next));
+    cpu.running(next, next_rt.unwrap_or(0), read_delays(next));
     if wall_clock {
         cpu.since(now);
     }
@@ -212,7 +226,7 @@ fn sample() -> bool {
     if bpf_get_current_pid_tgid() as u32 != 0 {
         // SAFETY: helper without preconditions.
         let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        let time = cpu.slice(task, rt, now, read_picked(task));
+        let time = cpu.slice(task, rt, now, || read_picked(task));
         let wait = cpu.waited(task, delays);
         cpu.bill(cgroup_id, time, 0, wait);
     }
@@ -417,24 +431,49 @@ impl Update {
         Some(Self { cpu })
     }
 
-    /// Time the CPU ran `task` (whose runtime is `rt`, if known, and was
-    /// `picked` when the scheduler last picked it, see [`picked_at`]) since
-    /// its last event.
+    /// Whether another copy of the switch program has handled this switch
+    /// already: the slot shows `next` running, at the runtime it has now.
+    /// Two copies run side by side for a moment when a restarted agent
+    /// takes over the pinned maps (it attaches its own before the old one
+    /// is gone); the second must bill nothing, or `prev`'s slice, which
+    /// it would take for one it did not see start, is billed twice.
     #[inline(always)]
-    fn slice(&self, task: u64, rt: Option<u64>, now: u64, picked: Option<u64>) -> u64 {
+    fn handled(&self, next: u64, next_rt: u64) -> bool {
+        // SAFETY: see `begin`.
+        let s = unsafe { &*self.cpu };
+        s.task == next && s.runtime_ns == next_rt
+    }
+
+    /// Time the CPU ran `task` (whose runtime is `rt`, if known; `picked`
+    /// gives its runtime when the scheduler last picked it, see
+    /// [`picked_at`]) since its last event.
+    #[inline(always)]
+    fn slice(
+        &self,
+        task: u64,
+        rt: Option<u64>,
+        now: u64,
+        picked: impl FnOnce() -> Option<u64>,
+    ) -> u64 {
         // SAFETY: see `begin`.
         let s = unsafe { &*self.cpu };
         match rt {
             // Same task as recorded: the kernel's own runtime delta.
             Some(rt) if s.task == task => rt.saturating_sub(s.runtime_ns),
-            // Not the task this CPU last saw come on: the agent just
-            // started, or the task came on in a switch the tracepoint did
-            // not show (on 6.18 in a Firecracker VM, about one switch in a
-            // hundred: a task leaves the CPU unseen). Nothing of this slice
-            // was billed yet: bill it from where the scheduler picked the
-            // task; for a class that does not keep that, nothing rather
-            // than a guess.
-            Some(rt) => picked.map_or(0, |p| rt.saturating_sub(p)),
+            // Nothing recorded on this CPU yet: the agent has just started,
+            // and the slice began before its counters did.
+            Some(_) if s.task == 0 => 0,
+            // Not the task this CPU last saw: it came on in a switch the
+            // tracepoint did not show (on 6.18 in a Firecracker VM, about
+            // one switch in a hundred: a task leaves the CPU unseen).
+            // Nothing of this slice was billed yet: bill it from where the
+            // scheduler picked the task, for a fair-class policy (others
+            // keep no such mark: nothing rather than a guess). The slice
+            // began after this CPU's last event, and the tick makes one
+            // every period: at most two periods, so that a mark gone stale
+            // (a fair-policy task running in another class, under
+            // sched_ext or boosted by priority inheritance) costs little.
+            Some(rt) => picked().map_or(0, |p| rt.saturating_sub(p).min(2 * TICK_PERIOD_NS)),
             None if s.since_ns != 0 => now.saturating_sub(s.since_ns),
             None => 0,
         }

@@ -705,13 +705,11 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
         })
     };
     let start = Instant::now();
-    // Milliseconds from `start` to the last console line, and to the last
-    // one the guest's user space printed (a beat, a test's output). Once
-    // the guest beats, only the second counts: a guest whose user space
-    // has stopped may go on printing kernel messages (6.1 under TCG: a
-    // soft lockup reported every 28 s for 25 minutes, until the overall
-    // deadline), and those are no sign that its tests still run.
-    let last_line = Arc::new(AtomicU64::new(0));
+    // Milliseconds from `start` to the last line the guest's user space
+    // printed (a beat, a test's output). Kernel messages do not count: a
+    // guest whose user space has stopped may go on printing them (6.1
+    // under TCG: a soft lockup reported every 28 s for 25 minutes, until
+    // the overall deadline), and they are no sign that its tests still run.
     let last_life = Arc::new(AtomicU64::new(0));
     let beating = Arc::new(AtomicBool::new(false));
     let froze = Arc::new(AtomicBool::new(false));
@@ -720,8 +718,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     // prints, or when the guest has been silent for `silence`.
     let pid = child.id();
     let watchdog = {
-        let (last_line, last_life) = (last_line.clone(), last_life.clone());
-        let (froze, exited) = (froze.clone(), exited.clone());
+        let (last_life, froze, exited) = (last_life.clone(), froze.clone(), exited.clone());
         let (monitor, freeze_log) = (monitor.clone(), freeze_log.clone());
         let release = kernel.release.clone();
         let beating = beating.clone();
@@ -732,16 +729,16 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
                 if exited.load(Ordering::Relaxed) || !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
                 }
-                let (since, silence) = if beating.load(Ordering::Relaxed) {
-                    (&last_life, late)
+                let silence = if beating.load(Ordering::Relaxed) {
+                    late
                 } else {
-                    (&last_line, early)
+                    early
                 };
                 // Saturating: the reader may store a line's time just after
                 // this thread read the clock.
                 let quiet = start
                     .elapsed()
-                    .saturating_sub(Duration::from_millis(since.load(Ordering::Relaxed)));
+                    .saturating_sub(Duration::from_millis(last_life.load(Ordering::Relaxed)));
                 if quiet > silence {
                     froze.store(true, Ordering::Relaxed);
                     let diagnosis = monitor::diagnose(&monitor);
@@ -775,12 +772,18 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     // is whole again once the beat is taken out.
     let mut before_beat = String::new();
     let (mut last_beat, mut longest_beat_gap) = (None::<Instant>, 0.0_f64);
+    // Between a file's PM-HUNG and the next PM-START: beats the guest
+    // printed before its watchdog killed them must not bring back the
+    // short bound while the killed tasks die, or a slow death would pass
+    // for a frozen guest and the hung file would be run again.
+    let mut hung_file = false;
     for line in BufReader::new(stdout).lines() {
         let now = start.elapsed().as_millis() as u64;
-        last_line.store(now, Ordering::Relaxed);
         let Some(line) = without_beat(line.unwrap_or_default(), &mut before_beat) else {
             last_life.store(now, Ordering::Relaxed);
-            beating.store(true, Ordering::Relaxed);
+            if !hung_file {
+                beating.store(true, Ordering::Relaxed);
+            }
             // How late a live guest's beat gets: the margin the frozen
             // bound has, in the table.
             if let Some(last) = last_beat.replace(Instant::now()) {
@@ -828,6 +831,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             // hung task may take long to die: that is a HUNG file, not a
             // frozen guest, so the long bound holds until the next beat.
             beating.store(false, Ordering::Relaxed);
+            hung_file = true;
             last_beat = None;
             eprintln!(
                 "vm: {}: {rest} s without finishing: where each task was blocked, then all killed",
@@ -838,6 +842,7 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             eprintln!("vm: {}: {clean}", kernel.release);
         }
         if let Some(rest) = clean.strip_prefix("PM-START ") {
+            hung_file = false;
             eprintln!("vm: {}: {rest} ...", kernel.release);
             current = Some((rest.to_owned(), 0, 0));
         } else if let Some(rest) = clean.strip_prefix("test result: ") {

@@ -13,8 +13,10 @@
 //!   link by link (`cgroup_skb` atomically, by `BPF_LINK_UPDATE`, so no
 //!   packet is counted twice or missed; `sched_switch` and the tick by
 //!   attaching the new link before unpinning the old, which can at worst
-//!   count one context switch twice per CPU and never bills time twice,
-//!   because both read and advance the same per-CPU state).
+//!   count a context switch twice while both run and never bills time
+//!   twice: both read and advance the same per-CPU state, and a switch
+//!   program that finds a switch handled already (the state shows `next`
+//!   running, at its runtime now) leaves it alone).
 //! * **Reset.** Pins of another layout cannot be read by this agent: they
 //!   are removed (which detaches their programs) and counting starts again
 //!   from zero, said in the log at warning level and in
