@@ -791,17 +791,17 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
             }
             continue;
         };
-        if let Some(sym) = line.trim().strip_prefix("PM-SYM ") {
+        let clean = line.trim();
+        if !is_kernel_line(clean) {
+            last_life.store(now, Ordering::Relaxed);
+        }
+        if let Some(sym) = clean.strip_prefix("PM-SYM ") {
             kallsyms.push_str(sym);
             kallsyms.push('\n');
             continue;
         }
         if let Err(e) = writeln!(log, "{line}") {
             log_error.get_or_insert(e);
-        }
-        let clean = line.trim();
-        if !is_kernel_line(clean) {
-            last_life.store(now, Ordering::Relaxed);
         }
         // `[   66.6] Oops: int3: ...`, then `RIP: 0010:enqueue_entity+0x127/0x520`
         // (arm64: `Internal error: ...`, then `pc : enqueue_entity+0x...`).
@@ -897,7 +897,23 @@ fn boot(kernel: &Kernel, payload: &Payload, opts: &Options) -> Result<Outcome> {
     if !kallsyms.is_empty() {
         fs::write(work.join(format!("{}.kallsyms", kernel.release)), &kallsyms)?;
     }
-    if froze.load(Ordering::Relaxed) && guest_crash.is_none() {
+    if froze.load(Ordering::Relaxed)
+        && guest_crash.is_none()
+        && hung_file
+        && let Some((name, passed, failed)) = current.take()
+    {
+        // The hung file's tasks never died after its watchdog killed them
+        // (one stuck in the kernel): a hang, which fails, and which a
+        // second boot must not run again and hide.
+        files.push(FileResult {
+            hung: true,
+            name,
+            code: -1,
+            passed,
+            failed,
+            secs: 0.0,
+        });
+    } else if froze.load(Ordering::Relaxed) && guest_crash.is_none() {
         let silence = silence(beating.load(Ordering::Relaxed));
         let when = match (&current, files.last()) {
             (Some((name, _, _)), _) if !cut.is_empty() => format!("during {name} ({cut})"),
