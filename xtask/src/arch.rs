@@ -69,10 +69,9 @@ impl Arch {
 
     /// Where cargo puts release binaries built for it.
     pub fn release_dir(self) -> PathBuf {
-        let target = crate::cmd::target_dir();
         match self.rust_target() {
-            None => target.join("release"),
-            Some(t) => target.join(t).join("release"),
+            None => crate::cmd::target_dir().join("release"),
+            Some(t) => cross_target_dir().join(t).join("release"),
         }
     }
 
@@ -87,6 +86,7 @@ impl Arch {
         let env_target = target.replace('-', "_");
         cargo
             .args(["--target", target])
+            .env("CARGO_TARGET_DIR", cross_target_dir())
             .env(
                 format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase()),
                 &gcc,
@@ -99,6 +99,14 @@ impl Arch {
             );
         Ok(())
     }
+}
+
+/// Where cross builds go: a target directory of their own. A cross build
+/// also locks the host's `release/` (its build scripts and proc macros go
+/// there), so in the workspace's one, CI's background prebuild of the arm64
+/// agent would make every host build of the test phases wait for it.
+fn cross_target_dir() -> PathBuf {
+    crate::cmd::target_dir().join("cross")
 }
 
 /// The GNU triplet's first part.
@@ -117,6 +125,7 @@ fn cross_toolchain(arch: Arch) -> Result<()> {
     };
     setup::apt(&[gcc, libc])?;
     let target = arch.rust_target().expect("a foreign architecture");
+    let _rustup = setup::lock("rustup")?;
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -184,10 +193,17 @@ pub fn userland(arch: Arch) -> Result<PathBuf> {
     // The package list it was made from: a changed list makes it again.
     let marker = dir.join("packages");
     let contents = dir.join(CONTENTS);
-    if fs::read_to_string(&marker).is_ok_and(|m| m == USERLAND.join(" "))
-        && root.exists()
-        && contents.exists()
-    {
+    let made = || {
+        fs::read_to_string(&marker).is_ok_and(|m| m == USERLAND.join(" "))
+            && root.exists()
+            && contents.exists()
+    };
+    if made() {
+        return Ok(root);
+    }
+    // CI's background prebuild may be fetching it: wait, then use it.
+    let _lock = setup::lock(&format!("userland-{}", arch.name()))?;
+    if made() {
         return Ok(root);
     }
     let _ = fs::remove_dir_all(&root);

@@ -104,6 +104,12 @@ pub fn kubectl() -> Command {
 /// Builds etcd and the Kubernetes binaries from their Go modules, unless
 /// this version is cached already.
 pub fn binaries() -> Result<()> {
+    let cached = || K8S_BINARIES.iter().all(|b| k8s_bin(b).exists()) && etcd_bin().exists();
+    if cached() {
+        return Ok(());
+    }
+    // CI's background prebuild may be building them: wait, then use them.
+    let _lock = setup::lock(&format!("kubernetes-{KUBERNETES}"))?;
     let missing: Vec<&str> = K8S_BINARIES
         .iter()
         .copied()

@@ -13,6 +13,7 @@ mod fuzz;
 mod image;
 mod lint;
 mod phases;
+mod prebuild;
 mod registry;
 mod release;
 mod run;
@@ -88,6 +89,11 @@ enum Task {
     /// per kernel. `--arch arm64`: Debian's arm64 6.1 and 6.12 in
     /// qemu-system-aarch64, with podmeter and the tests cross-built.
     VmTest(vm::Options),
+    /// Build, at idle priority, what the later phases of `.ci/run` build on
+    /// a cold cache (Go tools, Kubernetes, cargo-cyclonedx, the arm64 agent
+    /// and userland), under the locks those phases wait on; `.ci/run` runs
+    /// it in the background to fill the CPU time the tests leave idle.
+    Prebuild(prebuild::Options),
     /// Build podmeter's OCI images without Docker: this host's
     /// (target/podmeter.oci.tar, imported into the local cluster's
     /// containerd if it is up) and a multi-architecture index of amd64 and
@@ -143,6 +149,7 @@ fn main() -> std::process::ExitCode {
         Task::Image(o) => image::run(o),
         Task::VmTest(o) => vm::run(o),
         Task::Release(o) => release::run(o),
+        Task::Prebuild(o) => prebuild::run(o),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

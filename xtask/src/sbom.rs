@@ -33,11 +33,16 @@ use crate::{
 /// cargo-cyclonedx release, built from crates.io into the cache once.
 const CARGO_CYCLONEDX: &str = "0.5.9";
 
+/// cargo-cyclonedx, installed into the cache on first use.
+pub fn cargo_cyclonedx() -> Result<PathBuf> {
+    setup::cargo_tool("cargo-cyclonedx", CARGO_CYCLONEDX)
+}
+
 /// Writes the bill of materials of the image of `arch` to `out`. `files`
 /// are the image's files as `(file on this host, path in the image)`, the
 /// agent first and then its shared libraries.
 pub fn write(arch: Arch, files: &[(PathBuf, String)], out: &Path) -> Result<()> {
-    let tool = setup::cargo_tool("cargo-cyclonedx", CARGO_CYCLONEDX)?;
+    let tool = cargo_cyclonedx()?;
     let copy = workspace_copy()?;
     // One run per target: it writes `<name>.json` next to every member.
     let run = |target: &str, name: &str, member: &str| -> Result<Value> {

@@ -101,8 +101,45 @@ fn ok(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)
 }
 
+/// An exclusive lock on `<cache>/locks/<name>.lock`, held until the file
+/// is dropped. Two xtask processes (CI's background `prebuild` and the
+/// phase that needs the same thing) then never build, install or fetch one
+/// thing at once: the later one waits, and finds it done. Never held while
+/// taking another.
+pub fn lock(name: &str) -> Result<fs::File> {
+    lock_in(&cache_dir().join("locks"), name)
+}
+
+fn lock_in(dir: &Path, name: &str) -> Result<fs::File> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "setup: waiting for {name}: another xtask (CI's background prebuild?) holds {}",
+                path.display()
+            );
+            file.lock()
+                .with_context(|| format!("locking {}", path.display()))?;
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    Ok(file)
+}
+
 /// Installs the Debian `packages` that are missing.
 pub fn apt(packages: &[&str]) -> Result<()> {
+    // dpkg's own lock fails a second apt-get at once instead of waiting.
+    let _apt = lock("apt")?;
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -137,6 +174,8 @@ pub fn nightly() -> Result<()> {
     if has_src {
         return Ok(());
     }
+    // rustup has no lock of its own (CI's prebuild adds a cross target).
+    let _rustup = lock("rustup")?;
     eprintln!("setup: installing Rust {tc} with rust-src and clippy (for the eBPF crate)");
     sh(Command::new("rustup").args([
         "toolchain",
@@ -156,17 +195,25 @@ pub fn nightly() -> Result<()> {
 pub fn cargo_tool(krate: &str, version: &str) -> Result<PathBuf> {
     let dir = cache_dir().join(format!("{krate}-{version}"));
     let bin = dir.join("bin").join(krate);
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let _lock = lock(&format!("{krate}-{version}"))?;
     if !bin.exists() {
         eprintln!(
             "setup: building {krate} {version} into {} (once)",
             dir.display()
         );
         sh(&mut cargo_install(krate, version, &dir))?;
+        cargo_install_done(&dir);
     }
     Ok(bin)
 }
 
-/// `cargo install --locked --force <krate>@<version> --root <dir>`.
+/// `cargo install --locked --force <krate>@<version> --root <dir>`, built
+/// in a target directory of its own: in the workspace's, it would hold
+/// cargo's lock on `release/` for minutes, and a `cargo build --release`
+/// running at the same time (CI's background prebuild) would wait.
 fn cargo_install(krate: &str, version: &str, dir: &Path) -> Command {
     let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.args([
@@ -176,14 +223,25 @@ fn cargo_install(krate: &str, version: &str, dir: &Path) -> Command {
         &format!("{krate}@{version}"),
     ])
     .arg("--root")
-    .arg(dir);
+    .arg(dir)
+    .env("CARGO_TARGET_DIR", dir.join("build"));
     c
+}
+
+/// Removes what [`cargo_install`] built from once the binary is installed.
+fn cargo_install_done(dir: &Path) {
+    let _ = fs::remove_dir_all(dir.join("build"));
 }
 
 fn bpf_linker() -> Result<()> {
     let dir = bpf_linker_dir();
     let bin = dir.join("bin/bpf-linker");
-    if !ok(Command::new(&bin).arg("--version")) {
+    let guard = if ok(Command::new(&bin).arg("--version")) {
+        None
+    } else {
+        Some(lock(&format!("bpf-linker-{BPF_LINKER}"))?)
+    };
+    if guard.is_some() && !ok(Command::new(&bin).arg("--version")) {
         eprintln!(
             "setup: building bpf-linker {BPF_LINKER} against LLVM {LLVM_MAJOR} into {} (a few minutes, once)",
             dir.display()
@@ -201,7 +259,9 @@ fn bpf_linker() -> Result<()> {
                 &format!("llvm-{LLVM_MAJOR}"),
             ])
             .env("LLVM_PREFIX", &llvm))?;
+        cargo_install_done(&dir);
     }
+    drop(guard);
     // Make it visible to a plain `cargo build` too (rustc calls `bpf-linker`).
     let cargo_home = env::var_os("CARGO_HOME").map_or_else(
         || PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"),
@@ -218,4 +278,37 @@ fn bpf_linker() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, thread, time::Duration};
+
+    use super::*;
+
+    #[test]
+    fn a_held_lock_makes_the_second_taker_wait_until_it_is_dropped() {
+        let dir = env::temp_dir().join(format!("xtask-lock-test-{}", std::process::id()));
+        let first = lock_in(&dir, "tool").unwrap();
+        let (tx, rx) = mpsc::channel();
+        let waiter = {
+            let dir = dir.clone();
+            thread::spawn(move || {
+                let second = lock_in(&dir, "tool").unwrap();
+                tx.send(()).unwrap();
+                drop(second);
+            })
+        };
+        // Another name is not held.
+        drop(lock_in(&dir, "other").unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the second taker got the lock while the first held it"
+        );
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the second taker never got the lock after the first let go");
+        waiter.join().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -121,7 +121,13 @@ impl GoTool {
 
     /// Builds the binaries unless this version is cached.
     pub fn ensure(&self) -> Result<()> {
-        if self.bins().all(|b| self.bin(b).exists()) {
+        let cached = || self.bins().all(|b| self.bin(b).exists());
+        if cached() {
+            return Ok(());
+        }
+        // CI's background prebuild may be building it: wait, then use it.
+        let _lock = setup::lock(&format!("{}-{}", self.name, self.version))?;
+        if cached() {
             return Ok(());
         }
         eprintln!(
@@ -182,19 +188,29 @@ pub fn test_env(c: &mut Command) {
         .env("PODMETER_PROMTOOL", PROMETHEUS.bin("promtool"));
 }
 
-/// Every tool above, built (or found in the cache).
+/// What the integration tests run: helm (the chart tests) and promtool
+/// (the alert rules' tests).
+pub const FOR_INTEGRATION: [&GoTool; 2] = [&HELM, &PROMETHEUS];
+
+/// What the end-to-end tests add to [`FOR_INTEGRATION`]: the monitoring
+/// stack in the cluster, and the generator of its CRDs.
+pub const FOR_E2E: [&GoTool; 4] = [
+    &CONTROLLER_GEN,
+    &PROMETHEUS_OPERATOR,
+    &ALERTMANAGER,
+    &PROMETHEUS_ADAPTER,
+];
+
+/// Builds (or finds in the cache) each of `tools`.
+pub fn ensure(tools: &[&GoTool]) -> Result<()> {
+    tools.iter().try_for_each(|t| t.ensure())
+}
+
+/// Every tool above but the release's registry, built (or found in the
+/// cache).
 pub fn all() -> Result<()> {
-    for tool in [
-        &HELM,
-        &CONTROLLER_GEN,
-        &PROMETHEUS_OPERATOR,
-        &PROMETHEUS,
-        &ALERTMANAGER,
-        &PROMETHEUS_ADAPTER,
-    ] {
-        tool.ensure()?;
-    }
-    Ok(())
+    ensure(&FOR_INTEGRATION)?;
+    ensure(&FOR_E2E)
 }
 
 /// Prometheus Operator's CRDs, generated from its Go API types (v1 and

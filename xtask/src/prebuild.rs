@@ -1,0 +1,92 @@
+//! `cargo xtask prebuild`: builds, at idle CPU and I/O priority, what the
+//! later phases of `.ci/run` build when the cache is cold, in the order
+//! they need it: the integration tests' tools, the test cluster's
+//! Kubernetes, the monitoring stack, then the release's registry,
+//! cargo-cyclonedx, the arm64 agent and the arm64 userland.
+//!
+//! `.ci/run` starts it in the background after lint. A cold run is mostly
+//! compiling on 2 CPUs, but the integration and end-to-end tests spend
+//! much of their time waiting (scrape windows, rollouts, alerts' `for`):
+//! the idle priority gives this process only the CPU those leave unused,
+//! so the tests run as they would alone. Every item is built under the
+//! same lock (`setup::lock`) as the phase that needs it takes: that phase
+//! waits for an item under way, or builds it itself if this failed. On a
+//! warm cache it finds everything built and exits in a second.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::{arch::Arch, build, cluster, sbom, tools};
+
+/// `cargo xtask prebuild`'s options (none).
+#[derive(clap::Args)]
+pub struct Options {}
+
+/// One thing a later phase builds, and how.
+type Item = (&'static str, fn() -> Result<()>);
+
+/// What the later phases build, in the order they need it.
+const ITEMS: [Item; 7] = [
+    ("helm and promtool (integration tests)", || {
+        tools::ensure(&tools::FOR_INTEGRATION)
+    }),
+    ("Kubernetes and etcd (cluster up)", cluster::binaries),
+    ("the monitoring stack (e2e images)", || {
+        tools::ensure(&tools::FOR_E2E)
+    }),
+    ("the local registry (release)", || tools::REGISTRY.ensure()),
+    ("cargo-cyclonedx (release SBOMs)", || {
+        sbom::cargo_cyclonedx().map(drop)
+    }),
+    ("the arm64 agent (release image)", || {
+        build::agent_for(Arch::Arm64)
+    }),
+    ("the arm64 userland (release image)", || {
+        crate::arch::userland(Arch::Arm64).map(drop)
+    }),
+];
+
+pub fn run(_: &Options) -> Result<()> {
+    idle_priority();
+    let started = Instant::now();
+    let mut failed = 0;
+    for (what, build) in ITEMS {
+        let t = Instant::now();
+        match build() {
+            Ok(()) => eprintln!("prebuild: {what}: ready after {} s", t.elapsed().as_secs()),
+            Err(e) => {
+                // Not fatal: the phase that needs it builds it and fails
+                // there, in the run's own log, if it fails again.
+                failed += 1;
+                eprintln!("prebuild: {what}: FAILED ({e:#}); the phase that needs it builds it");
+            }
+        }
+    }
+    eprintln!(
+        "prebuild: done in {} s, {failed} of {} items failed",
+        started.elapsed().as_secs(),
+        ITEMS.len()
+    );
+    Ok(())
+}
+
+/// SCHED_IDLE and the idle I/O class, for this process and every child (both
+/// are inherited): the CPU and disk time nothing else wants.
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain system calls on this process with a valid argument.
+    let (cpu, io) = unsafe {
+        (
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param),
+            // IOPRIO_WHO_PROCESS, this process, IOPRIO_CLASS_IDLE << 13.
+            libc::syscall(libc::SYS_ioprio_set, 1, 0, 3 << 13),
+        )
+    };
+    if cpu != 0 || io != 0 {
+        eprintln!(
+            "prebuild: note: could not lower this process's priority ({}); it competes with the tests",
+            std::io::Error::last_os_error()
+        );
+    }
+}
