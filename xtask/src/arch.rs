@@ -134,7 +134,9 @@ fn cross_toolchain(arch: Arch) -> Result<()> {
         .lines()
         .any(|l| l.trim() == target)
     {
-        sh(Command::new("rustup").args(["target", "add", target]))?;
+        sh(setup::uninterrupted(
+            Command::new("rustup").args(["target", "add", target]),
+        ))?;
     }
     Ok(())
 }

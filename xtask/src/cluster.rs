@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{image, root, setup, sh};
+use crate::{image, root, setup, sh, tools};
 
 /// Kubernetes release and the etcd it is tested with.
 pub const KUBERNETES: &str = "v1.34.4";
@@ -130,23 +130,28 @@ pub fn binaries() -> Result<()> {
                 " -X {pkg}.gitVersion={KUBERNETES} -X {pkg}.gitMajor=1 -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
             );
         }
-        let out = k8s_bin("x");
+        let dir = k8s_bin("x").parent().unwrap().to_owned();
+        let staging = tools::staging_dir(&dir)?;
         sh(Command::new("go")
             .current_dir(root().join("xtask/go/kubernetes"))
             .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
-            .arg(format!("{}/", out.parent().unwrap().display()))
+            .arg(format!("{}/", staging.display()))
             .args(missing.iter().map(|b| format!("k8s.io/kubernetes/cmd/{b}")))
             .env("GOFLAGS", "-mod=mod"))
         .context("building Kubernetes (needs Go and the Go module proxy)")?;
+        tools::publish(&staging, &dir, missing)?;
     }
     if !etcd_bin().exists() {
         eprintln!("cluster: building etcd {ETCD} from its Go module; cached afterwards");
+        let dir = etcd_bin().parent().unwrap().to_owned();
+        let staging = tools::staging_dir(&dir)?;
         sh(Command::new("go")
             .current_dir(root().join("xtask/go/etcd"))
             .args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
-            .arg(etcd_bin())
+            .arg(staging.join("etcd"))
             .arg(".")
             .env("GOFLAGS", "-mod=mod"))?;
+        tools::publish(&staging, &dir, ["etcd"])?;
     }
     Ok(())
 }

@@ -19,9 +19,15 @@ use anyhow::Result;
 
 use crate::{arch::Arch, build, cluster, sbom, tools};
 
-/// `cargo xtask prebuild`'s options (none).
+/// `cargo xtask prebuild`'s options.
 #[derive(clap::Args)]
-pub struct Options {}
+pub struct Options {
+    /// Stop, with everything this started, once the process PID is gone:
+    /// `.ci/run` passes its own, so a run killed outright (a CI timeout)
+    /// leaves no build behind holding the cache's locks.
+    #[arg(long, value_name = "PID")]
+    pub while_pid: Option<u32>,
+}
 
 /// One thing a later phase builds, and how.
 type Item = (&'static str, fn() -> Result<()>);
@@ -36,24 +42,28 @@ const ITEMS: [Item; 7] = [
         tools::ensure(&tools::FOR_E2E)
     }),
     ("the local registry (release)", || tools::REGISTRY.ensure()),
-    ("cargo-cyclonedx (release SBOMs)", || {
-        sbom::cargo_cyclonedx().map(drop)
-    }),
     ("the arm64 agent (release image)", || {
         build::agent_for(Arch::Arm64)
     }),
     ("the arm64 userland (release image)", || {
         crate::arch::userland(Arch::Arm64).map(drop)
     }),
+    ("cargo-cyclonedx (release SBOMs)", || {
+        sbom::cargo_cyclonedx().map(drop)
+    }),
 ];
 
-pub fn run(_: &Options) -> Result<()> {
+pub fn run(opts: &Options) -> Result<()> {
     idle_priority();
+    if let Some(pid) = opts.while_pid {
+        std::thread::spawn(move || watch(pid));
+    }
     let started = Instant::now();
     let mut failed = 0;
     for (what, build) in ITEMS {
         let t = Instant::now();
         match build() {
+            // 0 s: it was in the cache already.
             Ok(()) => eprintln!("prebuild: {what}: ready after {} s", t.elapsed().as_secs()),
             Err(e) => {
                 // Not fatal: the phase that needs it builds it and fails
@@ -89,4 +99,17 @@ fn idle_priority() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Ends this process's group (this process, the builds it runs, not the
+/// apt and rustup installs, which have groups of their own) once `pid` is
+/// gone.
+fn watch(pid: u32) {
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    while proc.exists() {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    eprintln!("prebuild: process {pid} is gone: stopping");
+    // SAFETY: a signal to this process's own group.
+    unsafe { libc::kill(0, libc::SIGTERM) };
 }

@@ -138,26 +138,46 @@ fn lock_in(dir: &Path, name: &str) -> Result<fs::File> {
 
 /// Installs the Debian `packages` that are missing.
 pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing = || -> Vec<&str> {
+        packages
+            .iter()
+            .copied()
+            .filter(|p| {
+                let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+                !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+            })
+            .collect()
+    };
+    if missing().is_empty() {
+        return Ok(());
+    }
     // dpkg's own lock fails a second apt-get at once instead of waiting.
     let _apt = lock("apt")?;
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect();
+    let missing = missing();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    sh(Command::new("apt-get").args(["update", "-qq"]))
-        .context("apt-get update failed; setup needs root and Debian's package servers")?;
-    sh(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    sh(uninterrupted(
+        Command::new("apt-get").args(["update", "-qq"]),
+    ))
+    .context("apt-get update failed; setup needs root and Debian's package servers")?;
+    sh(uninterrupted(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    ))
+}
+
+/// `cmd` in a process group of its own, so a signal to the caller's
+/// group (Ctrl-C, or `.ci/run` stopping its background prebuild) does not
+/// cut it short: a dpkg or rustup killed mid-install leaves the machine
+/// for the next run to repair by hand. If xtask is killed meanwhile, the
+/// command runs to its end on its own.
+pub fn uninterrupted(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    cmd.process_group(0)
 }
 
 /// Installs the pinned nightly (with rust-src and clippy) if missing.
@@ -177,7 +197,7 @@ pub fn nightly() -> Result<()> {
     // rustup has no lock of its own (CI's prebuild adds a cross target).
     let _rustup = lock("rustup")?;
     eprintln!("setup: installing Rust {tc} with rust-src and clippy (for the eBPF crate)");
-    sh(Command::new("rustup").args([
+    sh(uninterrupted(Command::new("rustup").args([
         "toolchain",
         "install",
         &tc,
@@ -187,7 +207,7 @@ pub fn nightly() -> Result<()> {
         "rust-src",
         "--component",
         "clippy",
-    ]))
+    ])))
 }
 
 /// The binary of a tool installed from crates.io with `cargo install

@@ -136,18 +136,45 @@ impl GoTool {
             self.version,
             self.dir().display()
         );
-        std::fs::create_dir_all(self.dir())?;
+        let staging = staging_dir(&self.dir())?;
         sh(Command::new("go")
             .current_dir(root().join("xtask/go").join(self.name))
             .args(["build", "-trimpath", "-ldflags"])
             .arg(format!("-s -w {}", self.ldflags))
             .arg("-o")
-            .arg(format!("{}/", self.dir().display()))
+            .arg(format!("{}/", staging.display()))
             .args(self.packages)
             .env("CGO_ENABLED", "0")
             .env("GOFLAGS", "-mod=mod"))
-        .with_context(|| format!("building {} (needs Go and the Go module proxy)", self.name))
+        .with_context(|| format!("building {} (needs Go and the Go module proxy)", self.name))?;
+        publish(&staging, &self.dir(), self.bins())
     }
+}
+
+/// An empty `<dir>.partial` to build into. The cache's "is it built" checks
+/// look for the binaries without a lock, so a binary must never be seen
+/// half-written there: `go build -o` copies rather than renames when its
+/// work directory is on another file system (a tmpfs `/tmp`).
+pub fn staging_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    Ok(staging)
+}
+
+/// Moves the built `bins` from `staging` into `dir`, each in one rename.
+pub fn publish<'a>(
+    staging: &std::path::Path,
+    dir: &std::path::Path,
+    bins: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for bin in bins {
+        std::fs::rename(staging.join(bin), dir.join(bin))
+            .with_context(|| format!("moving {bin} into {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(staging);
+    Ok(())
 }
 
 /// `cargo xtask tools`'s options.
