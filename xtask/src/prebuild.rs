@@ -1,14 +1,15 @@
 //! `cargo xtask prebuild`: builds, at idle CPU and I/O priority, what the
 //! later phases of `.ci/run` build when the cache is cold, in the order
 //! they need it: the integration tests' tools, the test cluster's
-//! Kubernetes, the monitoring stack, then the release's registry,
-//! cargo-cyclonedx, the arm64 agent and the arm64 userland.
+//! Kubernetes, the monitoring stack, then the release's registry, the
+//! arm64 agent, the arm64 userland and cargo-cyclonedx.
 //!
 //! `.ci/run` starts it in the background after lint. A cold run is mostly
 //! compiling on 2 CPUs, but the integration and end-to-end tests spend
 //! much of their time waiting (scrape windows, rollouts, alerts' `for`):
-//! the idle priority gives this process only the CPU those leave unused,
-//! so the tests run as they would alone. Every item is built under the
+//! at idle priority (SCHED_IDLE, and its session's autogroup at nice 19)
+//! this process gets the CPU the tests leave unused, and the tests get it
+//! first whenever they want it. Every item is built under the
 //! same lock (`setup::lock`) as the phase that needs it takes: that phase
 //! waits for an item under way, or builds it itself if this failed. On a
 //! warm cache it finds everything built and exits in a second.
