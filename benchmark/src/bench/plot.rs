@@ -336,6 +336,8 @@ pub fn plots(r: &BenchResults) -> Vec<(&'static str, String, String)> {
                 "pods (log scale)",
                 "ms",
                 &[
+                    series("max gzip, 15 s apart", &|a| a.spaced.as_ref()?.max_ms),
+                    series("p50 gzip, 15 s apart", &|a| a.spaced.as_ref()?.p50_ms),
                     series("p50 gzip", &|a| a.scrape.p50_ms),
                     series("p99 gzip", &|a| a.scrape.p99_ms),
                     series("p50 plain", &|a| a.plain.as_ref()?.scrape.p50_ms),
@@ -349,9 +351,14 @@ pub fn plots(r: &BenchResults) -> Vec<(&'static str, String, String)> {
         ));
     }
     if let Some(o) = r.overhead() {
-        let title = "Throughput lost with podmeter attached (median)";
+        let title = "Throughput lost with podmeter attached (median of the rounds' own losses)";
         let names: Vec<String> = o.workloads.iter().map(|w| w.name.clone()).collect();
-        let arm = |stats: bool| o.workloads.iter().map(|w| w.loss_pct(stats)).collect();
+        let arm = |stats: bool| {
+            o.workloads
+                .iter()
+                .map(|w| w.round_median_loss_pct(stats))
+                .collect()
+        };
         out.push((
             "overhead",
             title.to_owned(),
@@ -364,7 +371,7 @@ pub fn plots(r: &BenchResults) -> Vec<(&'static str, String, String)> {
                         "empty programs only (no agent)".into(),
                         o.workloads
                             .iter()
-                            .map(AbWorkload::empty_programs_loss_pct)
+                            .map(AbWorkload::round_median_empty_programs_loss_pct)
                             .collect(),
                     ),
                     ("BPF statistics off".into(), arm(false)),

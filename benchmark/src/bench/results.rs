@@ -140,6 +140,18 @@ pub struct AbWorkload {
 
 /// The median of the figures there are (the mean of the middle two for an
 /// even count).
+/// Each round's loss of `with` against `without`, in %, where both ran.
+fn paired(without: &[Option<f64>], with: &[Option<f64>]) -> Vec<f64> {
+    without
+        .iter()
+        .zip(with)
+        .filter_map(|(d, a)| {
+            let d = d.filter(|d| *d > 0.0)?;
+            Some((d - (*a)?) / d * 100.0)
+        })
+        .collect()
+}
+
 pub fn median(v: &[Option<f64>]) -> Option<f64> {
     let mut x: Vec<f64> = v.iter().flatten().copied().collect();
     if x.is_empty() {
@@ -174,16 +186,35 @@ impl AbWorkload {
         Some((base - median(&self.empty_programs)?) / base * 100.0)
     }
 
-    /// Each round's own loss (statistics off), in %: the spread.
-    pub fn round_losses(&self) -> Vec<f64> {
-        self.detached
-            .iter()
-            .zip(&self.attached)
-            .filter_map(|(d, a)| {
-                let d = d.filter(|d| *d > 0.0)?;
-                Some((d - (*a)?) / d * 100.0)
-            })
-            .collect()
+    /// Each round's own loss (statistics on with `stats`), in %: the
+    /// spread.
+    pub fn round_losses(&self, stats: bool) -> Vec<f64> {
+        let with = if stats {
+            &self.attached_stats
+        } else {
+            &self.attached
+        };
+        paired(&self.detached, with)
+    }
+
+    /// The median of the rounds' own losses: each compares runs made
+    /// minutes apart at most, so a machine whose speed drifts over the
+    /// scenario (a VM's neighbours) weighs on it less than on the medians'
+    /// difference. The targets are judged on it.
+    pub fn round_median_loss_pct(&self, stats: bool) -> Option<f64> {
+        let v: Vec<Option<f64>> = self.round_losses(stats).into_iter().map(Some).collect();
+        median(&v)
+    }
+
+    /// Each round's own loss with the empty programs alone, in %.
+    pub fn round_floor_losses(&self) -> Vec<f64> {
+        paired(&self.detached, &self.empty_programs)
+    }
+
+    /// The median of [`AbWorkload::round_floor_losses`].
+    pub fn round_median_empty_programs_loss_pct(&self) -> Option<f64> {
+        let v: Vec<Option<f64>> = self.round_floor_losses().into_iter().map(Some).collect();
+        median(&v)
     }
 
     /// The per-event cost of `program` during the statistics-on runs.
@@ -316,7 +347,14 @@ pub struct AtPods {
     pub proc_stat_cpu_secs_per_min: f64,
     pub peak_rss_mib: f64,
     pub rss_mib: f64,
+    /// The window's scrapes but its first and last, in order: since
+    /// `spaced` was added, timed as the burst's (body not decoded); before,
+    /// with curl decoding the body.
     pub window_scrape_ms: Vec<f64>,
+    /// The same scrapes, summed up: latency as Prometheus sees it, each 15 s
+    /// after the one before (runs before it have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spaced: Option<BurstSummary>,
     /// The burst of back-to-back scrapes.
     pub scrape: BurstSummary,
     pub cpu_ms_per_scrape: f64,
