@@ -15,7 +15,9 @@ const L: f64 = 70.0;
 const T: f64 = 40.0;
 const R: f64 = 160.0;
 const B: f64 = 50.0;
-const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
+];
 
 /// One line of a line chart.
 pub struct Series {

@@ -138,9 +138,50 @@ pub struct AbWorkload {
     pub programs: Vec<ProgramCost>,
 }
 
-/// The median of the figures there are (the mean of the middle two for an
-/// even count).
-/// Each round's loss of `with` against `without`, in %, where both ran.
+/// A range that holds the median of what was sampled with at least the
+/// given confidence.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    pub lo: f64,
+    pub hi: f64,
+    /// The chance that such a range holds the median, 0 to 1.
+    pub confidence: f64,
+}
+
+/// The confidence [`median_interval`] asks for.
+pub const INTERVAL_CONFIDENCE: f64 = 0.9;
+
+/// The narrowest interval between order statistics, `x(k)` to
+/// `x(n+1-k)`, that holds the median of independent draws with a chance of
+/// at least [`INTERVAL_CONFIDENCE`], whatever their distribution: each draw
+/// falls below the median with probability one half, so the chance is
+/// `1 - 2 P(Binomial(n, 1/2) < k)`. `None` below 5 figures, too few for
+/// any such interval.
+pub fn median_interval(v: &[f64]) -> Option<Interval> {
+    let mut x = v.to_vec();
+    x.sort_by(f64::total_cmp);
+    let n = x.len();
+    // P(Binomial(n, 1/2) <= j) for j = 0, 1, ...
+    let mut below = Vec::with_capacity(n);
+    let (mut choose, mut sum) = (1.0_f64, 0.0);
+    for j in 0..n {
+        sum += choose;
+        below.push(sum / 2f64.powi(n as i32));
+        choose = choose * (n - j) as f64 / (j + 1) as f64;
+    }
+    // The largest k whose interval still has the confidence.
+    let k = (1..=n / 2)
+        .take_while(|&k| 1.0 - 2.0 * below[k - 1] >= INTERVAL_CONFIDENCE)
+        .last()?;
+    Some(Interval {
+        lo: x[k - 1],
+        hi: x[n - k],
+        confidence: 1.0 - 2.0 * below[k - 1],
+    })
+}
+
+/// Each round's loss of `with` against `without`, in %, where both ran
+/// (positive: slower with).
 fn paired(without: &[Option<f64>], with: &[Option<f64>]) -> Vec<f64> {
     without
         .iter()
@@ -152,6 +193,8 @@ fn paired(without: &[Option<f64>], with: &[Option<f64>]) -> Vec<f64> {
         .collect()
 }
 
+/// The median of the figures there are (the mean of the middle two for an
+/// even count).
 pub fn median(v: &[Option<f64>]) -> Option<f64> {
     let mut x: Vec<f64> = v.iter().flatten().copied().collect();
     if x.is_empty() {
@@ -204,6 +247,12 @@ impl AbWorkload {
     pub fn round_median_loss_pct(&self, stats: bool) -> Option<f64> {
         let v: Vec<Option<f64>> = self.round_losses(stats).into_iter().map(Some).collect();
         median(&v)
+    }
+
+    /// A distribution-free interval for [`AbWorkload::round_median_loss_pct`]
+    /// (see [`median_interval`]).
+    pub fn round_loss_interval(&self, stats: bool) -> Option<Interval> {
+        median_interval(&self.round_losses(stats))
     }
 
     /// Each round's own loss with the empty programs alone, in %.
@@ -347,9 +396,9 @@ pub struct AtPods {
     pub proc_stat_cpu_secs_per_min: f64,
     pub peak_rss_mib: f64,
     pub rss_mib: f64,
-    /// The window's scrapes but its first and last, in order: since
-    /// `spaced` was added, timed as the burst's (body not decoded); before,
-    /// with curl decoding the body.
+    /// Schema 3: the window's scrapes between its first and last, in order,
+    /// timed as the burst's (body not decoded). Schema 2 and before: the
+    /// first scrape too, all timed with curl decoding the body.
     pub window_scrape_ms: Vec<f64>,
     /// The same scrapes, summed up: latency as Prometheus sees it, each 15 s
     /// after the one before (runs before it have none).
@@ -590,5 +639,26 @@ impl BenchResults {
             .exposers
             .iter()
             .find(|e| e.exposer == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_interval_is_between_order_statistics() {
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        let i = median_interval(&ten).unwrap();
+        // 1 - 2 (1 + 10) / 1024: the 2nd and 9th of 10.
+        assert_eq!((i.lo, i.hi), (2.0, 9.0));
+        assert!((i.confidence - (1.0 - 22.0 / 1024.0)).abs() < 1e-12);
+        let five = [5.0, 1.0, 3.0, 2.0, 4.0];
+        let i = median_interval(&five).unwrap();
+        assert_eq!((i.lo, i.hi, i.confidence), (1.0, 5.0, 1.0 - 2.0 / 32.0));
+        // Four draws: even their whole range holds the median only 87.5 %
+        // of the time.
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0]), None);
+        assert_eq!(median_interval(&[]), None);
     }
 }

@@ -5,10 +5,10 @@
 //! size, so its peak RSS is that size's.
 //!
 //! Per size: an idle window (no scrapes: background cost), a window scraped
-//! every 15 s (the headline CPU seconds per minute), then a burst of
-//! back-to-back scrapes (latency percentiles, CPU per scrape). The first
-//! and last scrape of the 15 s window are compared with every container's
-//! `cpu.stat`.
+//! every 15 s (the headline CPU seconds per minute, and the latency of
+//! scrapes as Prometheus makes them), then a burst of back-to-back scrapes
+//! (latency percentiles, CPU per scrape). The first and last scrape of the
+//! 15 s window are compared with every container's `cpu.stat`.
 
 use std::{
     collections::HashMap,
@@ -250,7 +250,9 @@ fn one(b: &Bench, n: usize) -> Result<AtPods> {
         all_seen_after_secs: round(seen_secs, 1),
         background_cpu_pct: round(background * 100.0, 3),
         window_secs: round(secs, 1),
-        window_scrapes: spaced.len() as u64 + 2,
+        // The first and the ones between: the last comes after the window's
+        // CPU was read.
+        window_scrapes: spaced.len() as u64 + 1,
         cpu_secs_per_min: round(cpu / secs * 60.0, 3),
         cpu_pct_of_one_core: round(cpu / secs * 100.0, 3),
         proc_stat_cpu_secs_per_min: round(proc_cpu / secs * 60.0, 3),
