@@ -57,11 +57,11 @@ fn measure(b: &Bench, name: &str, port: u16, secs: u64) -> Result<Option<f64>> {
     Ok(match name {
         "switch" => stress_switch(b, secs)?.bogo_ops_per_sec,
         "udp" => {
-            // Not pinned: client and server pinned to one CPU varied less
-            // run to run alone (±2 % against ±10 %), but not within the
-            // rounds (-11 to +11 %), and they then took turns on the CPU:
-            // 100k switches a second, not 30k, so the switch program's cost
-            // would weigh on the packet target.
+            // Not pinned: client and server pinned to one CPU varied less,
+            // but took turns on it, which changes the workload: 100k
+            // switches a second against 55k unpinned on the same VM, and a
+            // third fewer packets, so the switch program's cost would weigh
+            // on the packet target.
             let v = iperf3_client(port, &["-u", "-b", "0", "-l", "64"], secs)?;
             let sum = &v["end"]["sum"];
             sum["packets"]

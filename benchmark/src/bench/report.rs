@@ -16,8 +16,9 @@ fn worst(rows: impl IntoIterator<Item = (Option<f64>, String)>) -> Option<(f64, 
         .reduce(|a, b| if b.0 > a.0 { b } else { a })
 }
 
-/// Each target: what was measured and whether it is met (`None` when the
-/// scenario did not produce the figure).
+/// Each target: what was measured and whether it is met. `met` is `None`
+/// when the scenario did not produce the figure (no `measured`), or, for
+/// the A/B losses, when the rounds cannot tell (a figure beside it).
 pub fn targets(r: &BenchResults) -> Vec<Target> {
     let mut out = Vec::new();
     let add = |target: &str, measured: Option<f64>, unit: &str, limit: f64| Target {
@@ -121,10 +122,10 @@ pub fn targets(r: &BenchResults) -> Vec<Target> {
         measured: x.map(|x| format!("{x:.3} %")),
         met: x.map(|x| x <= limit),
     };
-    // An A/B loss: the median of the rounds' own, judged on its interval
-    // where there are rounds enough for one. A limit inside the interval
-    // is neither met nor missed: the rounds cannot tell (`met` stays
-    // `None` beside a figure).
+    // An A/B loss: the median of the rounds' own, judged on its interval.
+    // A limit inside the interval is neither met nor missed, and neither
+    // is one judged on too few rounds for an interval (a quick run's 2):
+    // the rounds cannot tell (`met` stays `None` beside a figure).
     let ab = |target: String, name: &str, limit: f64| {
         let w = r.workload(name);
         let m = w.and_then(|w| w.round_median_loss_pct(false));
@@ -133,19 +134,18 @@ pub fn targets(r: &BenchResults) -> Vec<Target> {
             target,
             measured: m.map(|m| match i {
                 Some(i) => format!(
-                    "{m:.3} % ({:.0} % interval {:.1} to {:.1} %)",
+                    "{m:.3} % ({:.1} % interval {:.1} to {:.1} %)",
                     i.confidence * 100.0,
                     i.lo,
                     i.hi
                 ),
-                None => format!("{m:.3} %"),
+                None => format!("{m:.3} % (too few rounds for an interval)"),
             }),
             met: match (m, i) {
                 (Some(_), Some(i)) if i.hi <= limit => Some(true),
                 (Some(_), Some(i)) if i.lo > limit => Some(false),
                 (Some(_), Some(_)) => None,
-                (m, None) => m.map(|m| m <= limit),
-                (None, Some(_)) => None,
+                _ => None,
             },
         }
     };
@@ -248,8 +248,10 @@ fn overhead(r: &BenchResults) -> String {
          reversed every other round. Medians, with the range over the rounds; \"lost\" compares \
          the medians; \"each round\" gives the median and the range of each round's own \
          loss against the same round's run without podmeter (the targets are judged on that \
-         median: it compares runs made close together, so a drift in the machine's speed weighs \
-         on it less).\n",
+         median, which compares runs made close together, so a drift in the machine's speed \
+         weighs on it less: on a distribution-free interval for it, from the rounds' order \
+         statistics, the narrowest with at least 90 % confidence; a limit inside it, or too few \
+         rounds for one, is \"cannot tell\").\n",
         o.rounds, o.run_secs
     );
     let _ = writeln!(
@@ -858,7 +860,7 @@ mod tests {
         assert!(
             md.lines()
                 .any(|l| l.starts_with("| stress-ng --switch throughput lost")
-                    && l.ends_with("| 6.771 % | **no** |")),
+                    && l.ends_with("| 6.771 % (too few rounds for an interval) | cannot tell |")),
             "{md}"
         );
     }
@@ -977,12 +979,12 @@ mod tests {
         let sw = find("stress-ng --switch throughput lost");
         assert_eq!(
             (sw.measured.as_deref(), sw.met),
-            (Some("1.500 % (98 % interval -4.0 to 9.0 %)"), None)
+            (Some("1.500 % (97.9 % interval -4.0 to 9.0 %)"), None)
         );
         let udp = find("small-packet UDP");
         assert_eq!(
             (udp.measured.as_deref(), udp.met),
-            (Some("5.000 % (98 % interval 3.5 to 7.0 %)"), Some(false))
+            (Some("5.000 % (97.9 % interval 3.5 to 7.0 %)"), Some(false))
         );
         r.targets = t;
         let md = rendered(r);
@@ -1204,14 +1206,18 @@ mod tests {
         let sw = find("stress-ng --switch throughput lost");
         assert_eq!(
             sw.measured.as_deref(),
-            Some("1.010 % (empty programs alone: 1.000 %)")
+            Some("1.010 % (too few rounds for an interval) (empty programs alone: 1.000 %)")
         );
-        assert_eq!(sw.met, Some(true));
+        // Three rounds are too few to judge on.
+        assert_eq!(sw.met, None);
         assert!(sw.target.contains("median of 3"), "{}", sw.target);
         let udp = find("small-packet UDP");
         assert_eq!(
             (udp.measured.as_deref(), udp.met),
-            (Some("5.000 % (empty programs alone: 1.000 %)"), Some(false))
+            (
+                Some("5.000 % (too few rounds for an interval) (empty programs alone: 1.000 %)"),
+                None
+            )
         );
         let packet = find("packet programs ≤ 80 ns");
         assert_eq!(

@@ -579,8 +579,10 @@ pub struct PodNetwork {
 // ---------------------------------------------------------------------------
 // Targets
 
-/// One target of issue 5: what was measured, and whether it is met (None
-/// when the run did not produce the figure).
+/// One target: what was measured, and whether it is met. `met` is `None`
+/// when the run did not produce the figure (`measured` is `None` too), or,
+/// beside a figure, when the A/B rounds cannot tell (see
+/// [`median_interval`]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Target {
     pub target: String,
