@@ -15,8 +15,9 @@
 //! Rounds are many and short rather than few and long for the same reason:
 //! each round's own loss compares runs close together, and the targets are
 //! judged on the median of those (the medians' difference is shown too),
-//! with a distribution-free interval: a target the interval spans is
-//! "cannot tell", not met or missed by noise.
+//! with a distribution-free interval: a target the interval spans, or one
+//! with too few rounds for an interval, is "cannot tell", not met or missed
+//! by noise.
 //!
 //! [`floor`]: podmeter_test_support::empty_programs
 
