@@ -18,13 +18,14 @@
 //! streams follow one another, and no piece refers back into another. An
 //! empty final block ends the stream. A piece whose families have the
 //! fingerprints (128-bit xxh3, [`Family`]) of one of the last scrape's
-//! pieces is that piece's bytes again: the text itself is not hashed.
+//! pieces, or of one deflated ahead after a refresh ([`Gzip::warm`]), is
+//! that piece's bytes again: the text itself is not hashed.
 //!
 //! The framing is written by hand, so it is fenced off here, and checked by
 //! decoding with two independent inflaters (flate2's `GzDecoder`, which
 //! checks the CRC and the length, and gzip(1)).
 
-use std::{collections::HashMap, io, sync::Mutex};
+use std::{collections::HashMap, io, sync::Mutex, time::Instant};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -65,8 +66,10 @@ struct Piece {
 pub struct Made {
     /// Pieces in the body.
     pub pieces: usize,
-    /// Of them, taken from the last scrape.
+    /// Of them, taken from the last scrape or deflated ahead.
     pub reused: usize,
+    /// Of those, deflated ahead ([`Gzip::warm`]).
+    pub ahead: usize,
     /// Threads that deflated, the caller's included.
     pub threads: usize,
 }
@@ -77,7 +80,14 @@ pub struct Gzip {
     /// scrape that finds it taken (another one at the same moment)
     /// deflates everything, and its pieces are not kept.
     last: Mutex<Option<HashMap<u128, Piece>>>,
+    /// Pieces deflated since the last scrape, after a refresh: replaced
+    /// whole by each [`Gzip::warm`] and emptied by each scrape, so it
+    /// holds at most one refresh's pieces.
+    ahead: Mutex<HashMap<u128, Piece>>,
     threads: usize,
+    /// When a scrape last asked for gzip: families are deflated between
+    /// scrapes ([`Gzip::warm`]) only for an agent scraped with gzip.
+    asked: Mutex<Option<Instant>>,
 }
 
 impl Default for Gzip {
@@ -93,7 +103,9 @@ impl Gzip {
     pub fn with_threads(threads: usize) -> Self {
         Self {
             last: Mutex::new(Some(HashMap::new())),
+            ahead: Mutex::new(HashMap::new()),
             threads: threads.clamp(1, MAX_THREADS),
+            asked: Mutex::new(None),
         }
     }
 
@@ -105,6 +117,7 @@ impl Gzip {
 
     /// [`Gzip::compress`], and what it did.
     pub fn compress_made(&self, families: &[Family]) -> io::Result<(Vec<u8>, Made)> {
+        *self.asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let groups = group(families);
         let hashes: Vec<u128> = groups
             .iter()
@@ -128,6 +141,13 @@ impl Gzip {
             .map(|h| last.as_mut().and_then(|l| l.remove(h)))
             .collect();
         drop(last);
+        let mut ahead = std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut from_ahead = 0;
+        for (p, h) in pieces.iter_mut().zip(&hashes).filter(|(p, _)| p.is_none()) {
+            *p = ahead.remove(h);
+            from_ahead += usize::from(p.is_some());
+        }
+        drop(ahead);
         let reused = pieces.iter().filter(|p| p.is_some()).count();
 
         let todo: Vec<usize> = (0..groups.len()).filter(|&i| pieces[i].is_none()).collect();
@@ -154,6 +174,7 @@ impl Gzip {
         let made = Made {
             pieces: pieces.len(),
             reused,
+            ahead: from_ahead,
             threads,
         };
         if let Some(r) = refill.take() {
@@ -218,6 +239,51 @@ impl Gzip {
     }
 }
 
+impl Gzip {
+    /// When a scrape last asked for gzip, if one did.
+    pub fn last_asked(&self) -> Option<Instant> {
+        *self.asked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deflates ahead, on the calling thread, those of `families` that a
+    /// scrape sends as a piece of their own (the big ones: a small one's
+    /// piece depends on its neighbours) and the last scrape's pieces lack,
+    /// for the next scrape to take (see [`crate::prerender`]). They
+    /// replace what an earlier call deflated (what it deflated for the
+    /// same text is kept, not deflated again). Returns the positions in
+    /// `families` of those deflated now.
+    pub fn warm(&self, families: &[Family]) -> Vec<usize> {
+        let todo: Vec<usize> = {
+            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            (0..families.len())
+                .filter(|&i| alone(&families[i]))
+                .filter(|&i| last.as_ref().is_none_or(|l| !l.contains_key(&families[i].fingerprint)))
+                .collect()
+        };
+        let mut earlier = std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|e| e.into_inner()));
+        // Deflated with no lock held: a scrape meanwhile takes the pieces
+        // as they are.
+        let mut next = HashMap::with_capacity(todo.len());
+        let mut deflated = Vec::new();
+        for i in todo {
+            let f = &families[i];
+            let piece = earlier.remove(&f.fingerprint).unwrap_or_else(|| {
+                deflated.push(i);
+                compress(std::slice::from_ref(f))
+            });
+            next.insert(f.fingerprint, piece);
+        }
+        *self.ahead.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        deflated
+    }
+}
+
+/// Whether `f` is a piece of its own in any scrape ([`group`]), whose key is
+/// then its fingerprint.
+fn alone(f: &Family) -> bool {
+    f.text.len() >= MIN_PIECE
+}
+
 /// Puts an empty cache back into the slot when dropped.
 struct Refill<'a>(&'a Mutex<Option<HashMap<u128, Piece>>>);
 
@@ -233,7 +299,7 @@ fn group(families: &[Family]) -> Vec<&[Family]> {
     let mut groups = Vec::new();
     let (mut start, mut size) = (0, 0);
     for (i, f) in families.iter().enumerate() {
-        if f.text.len() >= MIN_PIECE && size > 0 {
+        if alone(f) && size > 0 {
             groups.push(&families[start..i]);
             (start, size) = (i, 0);
         }
@@ -365,6 +431,43 @@ mod tests {
         assert!(take(&gz.last).is_none(), "a scrape without the pieces put some back");
         *gz.last.lock().unwrap() = held;
         assert_eq!(gz.compress_made(&fams).unwrap().1.reused, 2);
+    }
+
+    #[test]
+    fn families_deflated_ahead_are_taken_by_the_next_scrape() {
+        let gz = Gzip::with_threads(2);
+        assert!(gz.last_asked().is_none());
+        let sizes = [4000, 4000, 1, 2, 4000];
+        let first = families(&sizes, 0);
+        gz.compress(&first).unwrap();
+        assert!(gz.last_asked().is_some());
+        // A refresh changed families 1 and 2, which are rendered ahead with
+        // family 0, unchanged: only the big changed one is deflated (the
+        // small one's piece depends on its neighbours; 0's is kept).
+        let next = families(&sizes, 1);
+        let refreshed = [first[0].clone(), next[1].clone(), next[2].clone()];
+        assert_eq!(gz.warm(&refreshed), [1]);
+        // The same again (a second refresh that changed nothing): kept, not
+        // deflated again.
+        assert_eq!(gz.warm(&refreshed), [] as [usize; 0]);
+        let mut scraped = first.clone();
+        scraped[1] = next[1].clone();
+        scraped[2] = next[2].clone();
+        let (z, m) = gz.compress_made(&scraped).unwrap();
+        assert_eq!((m.pieces, m.reused, m.ahead), (4, 3, 1));
+        assert_eq!(gunzip(&z), concat(&scraped));
+        assert!(gz.ahead.lock().unwrap().is_empty(), "a scrape left pieces ahead");
+
+        // What a refresh deflated is replaced by the next refresh's, not
+        // kept beside it: at most one refresh's pieces wait.
+        assert_eq!(gz.warm(&[next[4].clone()]), [0]);
+        let later = families(&sizes, 2);
+        assert_eq!(gz.warm(&[later[4].clone()]), [0]);
+        let ahead: Vec<u128> = gz.ahead.lock().unwrap().keys().copied().collect();
+        assert_eq!(ahead, [later[4].fingerprint]);
+        let (z, m) = gz.compress_made(&next).unwrap();
+        assert_eq!(m.ahead, 0, "a piece of an earlier refresh was taken");
+        assert_eq!(gunzip(&z), concat(&next));
     }
 
     #[test]

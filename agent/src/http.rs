@@ -669,10 +669,19 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
     // Map reads are syscalls, and compression is CPU work: keep both off
     // the async workers.
     let (exporter, compressor) = (app.exporter.clone(), app.gzip.clone());
-    let body = tokio::task::spawn_blocking(move || {
+    let body = tokio::task::spawn_blocking(move || -> io::Result<Body> {
         let families = exporter.render();
         if gzip {
-            compressor.compress(&families).map(Body::Gzip)
+            let (zipped, made) = compressor.compress_made(&families)?;
+            tracing::debug!(
+                pieces = made.pieces,
+                reused = made.reused,
+                ahead = made.ahead,
+                threads = made.threads,
+                bytes = zipped.len(),
+                "gzip body made (reused: pieces kept from the last scrape or deflated ahead)"
+            );
+            Ok(Body::Gzip(zipped))
         } else {
             Ok(Body::Text(families))
         }

@@ -23,5 +23,5 @@ macro_rules! agent_modules {
 
 agent_modules!(
     access, bpf, counters, gzip, health, http, index, kube, metrics, namer, node, preflight,
-    privileges, probe, refresher, tracker, web,
+    prerender, privileges, probe, refresher, tracker, web,
 );

@@ -21,12 +21,13 @@ use podmeter::{
     cgroup::Mounts,
     counters::{CounterSource, KernelCounters},
     flags,
+    gzip::Gzip,
     health::Health,
     http,
     index::IndexState,
     kube, metrics,
     namer::Namer,
-    preflight, privileges, refresher,
+    preflight, prerender, privileges, refresher,
     refresher::Refresher,
     tracker::Tracker,
 };
@@ -655,11 +656,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         };
         info!("serving {scheme}://{}/metrics{auth}", cli.listen);
 
+        let gzip = Arc::new(Gzip::default());
+        tokio::spawn(prerender::run(
+            tracker.clone(),
+            exporter.clone(),
+            gzip.clone(),
+        ));
         let app = http::App {
             exporter,
             tracker,
             max_scan_age: (cli.refresh_interval * 3).max(Duration::from_secs(30)),
-            gzip: Default::default(),
+            gzip,
         };
         http::serve(listener, app, guard, shutdown_signal()).await?;
         // Asked here, while the runtime runs; the pins go after the

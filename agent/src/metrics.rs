@@ -30,6 +30,7 @@ use crate::{
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -66,9 +67,10 @@ type Last = HashMap<String, Family>;
 /// them was a tenth of a scrape. An entry holds both `Arc`s, so neither
 /// can be freed and its address reused by another cgroup's while cached
 /// (until the next scrape: a departed cgroup's files are closed already).
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct LabelCache(IdMap<Labels>);
 
+#[derive(Clone)]
 struct Labels {
     cgroup: Arc<crate::index::Cgroup>,
     names: Option<Arc<Names>>,
@@ -99,6 +101,12 @@ struct Spec {
     /// What the kernel must count for the family to go out at all: a
     /// family the programs cannot count is left out, not exported as zeros.
     needs: Need,
+    /// Whether the value is one the refresher reads (memory, limits, OOM
+    /// kills, pressure): it changes only when the index is published
+    /// again, so its family can be rendered between scrapes
+    /// ([`Exporter::prerender`]). The others come from the maps and
+    /// `cpu.stat`, read by each scrape.
+    refreshed: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -130,6 +138,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.cpu.map(|c| c.time_ns as f64 / NS_PER_S),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "context_switches_total",
@@ -137,6 +146,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.cpu.map(|c| c.switches as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "cpu_wait_seconds_total",
@@ -144,6 +154,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.cpu.map(|c| c.wait_ns as f64 / NS_PER_S),
         needs: Need::RunQueue,
+        refreshed: false,
     },
     Spec {
         suffix: "cpu_waits_total",
@@ -151,6 +162,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.cpu.map(|c| c.waits as f64),
         needs: Need::RunQueue,
+        refreshed: false,
     },
     Spec {
         suffix: "network_receive_bytes_total",
@@ -158,6 +170,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.rx_bytes as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "network_receive_packets_total",
@@ -165,6 +178,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.rx_packets as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "network_transmit_bytes_total",
@@ -172,6 +186,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.tx_bytes as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "network_transmit_packets_total",
@@ -179,6 +194,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.tx_packets as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "network_tcp_retransmits_total",
@@ -186,6 +202,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.net.map(|n| n.retransmits as f64),
         needs: Need::Retransmits,
+        refreshed: false,
     },
     Spec {
         suffix: "memory_working_set_bytes",
@@ -193,6 +210,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::GAUGE,
         value: |r| r.memory.map(|m| m as f64),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "memory_limit_bytes",
@@ -200,6 +218,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::GAUGE,
         value: |r| r.memory_limit.map(|m| m as f64),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "oom_kills_total",
@@ -207,6 +226,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.oom_kills.map(|n| n as f64),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "subtree_oom_kills_total",
@@ -214,6 +234,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| r.subtree_oom_kills.map(|n| n as f64),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "pressure_cpu_waiting_seconds_total",
@@ -221,6 +242,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| some(r.pressure.cpu),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "pressure_cpu_stalled_seconds_total",
@@ -228,6 +250,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| full(r.pressure.cpu),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "pressure_memory_waiting_seconds_total",
@@ -235,6 +258,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| some(r.pressure.memory),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "pressure_memory_stalled_seconds_total",
@@ -242,6 +266,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| full(r.pressure.memory),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "pressure_io_waiting_seconds_total",
@@ -249,6 +274,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| some(r.pressure.io),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "pressure_io_stalled_seconds_total",
@@ -256,6 +282,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| full(r.pressure.io),
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "cpu_limit_cores",
@@ -263,6 +290,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::GAUGE,
         value: |r| r.cpu_limit,
         needs: Need::Nothing,
+        refreshed: true,
     },
     Spec {
         suffix: "cpu_periods_total",
@@ -270,6 +298,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| throttling(r).map(|t| t.periods as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "cpu_throttled_periods_total",
@@ -277,6 +306,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| throttling(r).map(|t| t.throttled_periods as f64),
         needs: Need::Nothing,
+        refreshed: false,
     },
     Spec {
         suffix: "cpu_throttled_seconds_total",
@@ -284,6 +314,7 @@ const SPECS: [Spec; 23] = [
         kind: MetricType::COUNTER,
         value: |r| throttling(r).map(|t| t.throttled_seconds),
         needs: Need::Nothing,
+        refreshed: false,
     },
 ];
 
@@ -636,11 +667,15 @@ impl Cgroups {
     /// OOM kills, throttling of never-throttled containers, idle pressure)
     /// do not change from one scrape to the next, and writing their text
     /// was most of rendering.
+    ///
+    /// `refreshed_only`: only the families of [`Spec::refreshed`] values
+    /// (what a render between scrapes makes).
     fn cgroup_text(
         &self,
         snap: &Snapshot,
         last: &Last,
         labels: &mut LabelCache,
+        refreshed_only: bool,
     ) -> Vec<(String, Family)> {
         let mut kept = std::mem::take(labels);
         labels.0.reserve(snap.rows.len());
@@ -682,7 +717,8 @@ impl Cgroups {
         let mut made = Vec::new();
         // Each row's value, found once for the fingerprint and the text.
         let mut values: Vec<Option<f64>> = Vec::new();
-        for spec in SPECS.iter().filter(|s| s.needs.met(snap.signals)) {
+        let wanted = |s: &&Spec| s.needs.met(snap.signals) && (s.refreshed || !refreshed_only);
+        for spec in SPECS.iter().filter(wanted) {
             for (prefix, group, blocks) in &groups {
                 let name = format!("{prefix}{}", spec.suffix);
                 // The name (which fixes help and type), the label blocks,
@@ -742,7 +778,7 @@ impl Cgroups {
                 }
             }
         }
-        if snap.signals.wait_histogram {
+        if snap.signals.wait_histogram && !refreshed_only {
             for (prefix, group) in [(CONTAINER_PREFIX, &pods), (CGROUP_PREFIX, &hosts)] {
                 let name = format!("{prefix}{}", WAIT_HIST.0);
                 let text = histogram_text(&name, WAIT_HIST.1, group);
@@ -837,6 +873,9 @@ pub struct Exporter {
     last: Mutex<Option<Last>>,
     /// The last scrape's label blocks, taken and replaced the same way.
     labels: Mutex<Option<LabelCache>>,
+    /// When the last scrape started: renders between scrapes are made
+    /// only for an agent that is scraped.
+    scraped: Mutex<Option<Instant>>,
 }
 
 impl Exporter {
@@ -891,6 +930,7 @@ impl Exporter {
             scrape_duration,
             last: Mutex::new(None),
             labels: Mutex::new(None),
+            scraped: Mutex::new(None),
         })
     }
 
@@ -906,6 +946,7 @@ impl Exporter {
     /// values did not change.
     pub fn render(&self) -> Vec<Family> {
         let timer = self.scrape_duration.start_timer();
+        *self.scraped.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         let snap = self.tracker.snapshot();
         let last = take(&self.last).unwrap_or_default();
         let mut labels = take(&self.labels).unwrap_or_default();
@@ -929,6 +970,47 @@ impl Exporter {
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(next);
         timer.observe_duration();
         out.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// When the last scrape started, if there was one.
+    pub fn last_scrape(&self) -> Option<Instant> {
+        *self.scraped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Renders, between scrapes, the families of values the refresher
+    /// reads ([`Spec::refreshed`]), from the rows a scrape would have now,
+    /// and puts them beside the last scrape's families, for the next
+    /// scrape to take each whose rows and values are still the same
+    /// instead of writing it (see [`crate::prerender`]). Returns them in
+    /// name order, with their names, for gzip to deflate ahead. Not a
+    /// scrape: not timed as one.
+    ///
+    /// It works on copies of the caches (a few dozen families, a block
+    /// per row: `Arc`s), so a scrape meanwhile finds them as they were;
+    /// and while a scrape holds them it does nothing (that scrape renders
+    /// everything itself).
+    pub fn prerender(&self) -> Vec<(String, Family)> {
+        let Some(last) = self.last.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
+            return Vec::new();
+        };
+        let snap = self.tracker.snapshot_between_scrapes();
+        let mut labels = self
+            .labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        let mut out = self.cgroups.cgroup_text(&snap, &last, &mut labels, true);
+        drop(last);
+        // Into the scrape's families as they are now; the label blocks are
+        // left as the last scrape wrote them (this render's new ones, for
+        // cgroups counted since, are written again by the next scrape).
+        match &mut *self.last.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(kept) => kept.extend(out.iter().cloned()),
+            None => return Vec::new(),
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }
 
@@ -957,7 +1039,7 @@ fn families(
     last: &Last,
     labels: &mut LabelCache,
 ) -> Vec<(String, Family)> {
-    let mut parts = cgroups.cgroup_text(snap, last, labels);
+    let mut parts = cgroups.cgroup_text(snap, last, labels, false);
     small.extend(cgroups.self_families(snap));
     if let Some(cpus) = cpus {
         small.push(cgroups.node_cpus(cpus));
@@ -1426,6 +1508,122 @@ mod tests {
         for (name, f) in next.iter().filter(|(n, _)| n.starts_with("podmeter_container_")) {
             assert!(!same(f, &by_name(&again, name)), "{name} kept the old name");
         }
+    }
+
+    /// A refresh between two scrapes, as the agent runs it: the exporter
+    /// over a tracker over a fake counter source and a fed index (no
+    /// kernel).
+    #[test]
+    fn a_render_between_scrapes_leaves_the_next_scrape_only_what_changed_since() {
+        use crate::{
+            cgroup::Mounts,
+            counters::fake::FakeCounters,
+            health::Health,
+            index::{IndexState, Read, Stats, TreeEvent},
+            namer::Namer,
+        };
+        use std::time::Duration;
+        let mounts = Mounts {
+            unified: "/nonexistent".into(),
+            memory_v1: None,
+            cpu_v1: None,
+            unified_shows: Some("/".into()),
+            psi: false,
+            memory_local_events: false,
+        };
+        let ids: Vec<u64> = (1..=30).collect();
+        let counters = Arc::new(FakeCounters::default());
+        let (publish, index) = tokio::sync::watch::channel(Arc::new(crate::index::Index::default()));
+        let (wants, _wanted) = tokio::sync::mpsc::channel(4);
+        let health = Arc::new(Health::new(
+            Duration::from_secs(15),
+            Duration::from_secs(60),
+            Instant::now(),
+        ));
+        let tracker = Arc::new(Tracker::new(
+            index,
+            counters.clone(),
+            Namer::new(None, 0, Duration::ZERO),
+            wants,
+            health,
+        ));
+        let exporter = Exporter::new(tracker.clone(), "n1".into(), "k", vec![], "created").unwrap();
+        let mut state = IndexState::new(mounts, Duration::from_secs(90));
+        let events: Vec<TreeEvent> = ids
+            .iter()
+            .map(|&id| TreeEvent::Created {
+                id,
+                path: format!("/c{id}"),
+            })
+            .collect();
+        state.apply(&events, Instant::now());
+        // Counters move at every scrape; memory at every refresh.
+        let scrape = |k: u64| {
+            let mut s = counters.state();
+            for &id in &ids {
+                s.cpu.insert(
+                    id,
+                    CpuCounters {
+                        time_ns: 1000 * id + k,
+                        switches: k,
+                        ..CpuCounters::default()
+                    },
+                );
+            }
+        };
+        let refresh = |state: &mut IndexState, k: u64| {
+            state.refresh(&ids, Instant::now(), true, |c| Read {
+                stats: Stats {
+                    memory: Some(c.path.len() as u64 * 4096 + k),
+                    memory_limit: Some(1 << 30),
+                    ..Stats::default()
+                },
+                errors: [None, None],
+            });
+            publish.send_replace(state.snapshot());
+        };
+        let texts = |f: &[Family]| -> Vec<String> {
+            f.iter()
+                .map(|f| String::from_utf8(f.text.to_vec()).unwrap())
+                .filter(|t| !t.contains("podmeter_scrape_duration_seconds"))
+                .collect()
+        };
+        let memory = "podmeter_cgroup_memory_working_set_bytes";
+
+        scrape(1);
+        refresh(&mut state, 1);
+        exporter.render();
+        assert!(exporter.last_scrape().is_some());
+        refresh(&mut state, 2);
+        let (names, ahead): (Vec<String>, Vec<Family>) = exporter.prerender().into_iter().unzip();
+        // Only the refreshed families, in name order: the memory limit and
+        // memory.
+        assert_eq!(names, ["podmeter_cgroup_memory_limit_bytes", memory]);
+        assert!(texts(&ahead)[0].starts_with("# HELP podmeter_cgroup_memory_limit_bytes "));
+        assert!(texts(&ahead)[1].contains(&format!("{memory}{{node=\"n1\",cgroup=\"/c7\"}} 12290\n")));
+
+        scrape(2);
+        let next = exporter.render();
+        // What a scrape without the render ahead sends.
+        let fresh = Exporter::new(tracker, "n1".into(), "k", vec![], "created").unwrap();
+        assert_eq!(texts(&next), texts(&fresh.render()));
+        // The families rendered ahead are taken as they are; the CPU
+        // families, moved since, are written again.
+        for f in &ahead {
+            assert!(next.iter().any(|n| n.text.as_ptr() == f.text.as_ptr()));
+        }
+        let usage = texts(&next)
+            .into_iter()
+            .find(|t| t.contains("# TYPE podmeter_cgroup_cpu_usage_seconds_total"))
+            .unwrap();
+        assert!(usage.contains("cgroup=\"/c7\"} 0.000007002\n"), "{usage}");
+
+        // A refresh while a scrape holds the last families: nothing is
+        // rendered ahead, and that scrape's families stay.
+        let held = take(&exporter.last);
+        assert!(exporter.prerender().is_empty());
+        assert!(take(&exporter.last).is_none());
+        *exporter.last.lock().unwrap() = held;
     }
 
     #[test]

@@ -341,6 +341,27 @@ impl Tracker {
 
     /// One scrape.
     pub fn snapshot(&self) -> Snapshot {
+        self.read(true)
+    }
+
+    /// What a render between scrapes needs ([`crate::prerender`]): the
+    /// rows as a scrape would have them, but without throttling counters
+    /// (their families are rendered by each scrape), so no `cpu.stat` is
+    /// read and the CFS walk does not take `cgroup_mutex`. Collector
+    /// failures are not logged from it (each scrape notes them), and it
+    /// asks the refresher for nothing.
+    pub fn snapshot_between_scrapes(&self) -> Snapshot {
+        self.read(false)
+    }
+
+    /// A newest index, each time the refresher publishes one.
+    pub fn index_updates(&self) -> watch::Receiver<Arc<Index>> {
+        self.index.clone()
+    }
+
+    fn read(&self, scrape: bool) -> Snapshot {
+        // A render between scrapes counts as one for the watchdog: it makes
+        // the same map reads, and one stuck there is as much a stall.
         let _scrape = self.health.scrape(Instant::now());
         let index = self.index.borrow().clone();
         // Where the kernel has cgroup iterators, one walk gives every
@@ -352,7 +373,9 @@ impl Tracker {
         // Up to four threads: the scrape is not the node's main work.
         let walk_started = Instant::now();
         // Not while nothing is limited: the walk holds `cgroup_mutex`.
-        let cfs = index.has_cpu_limits().then(|| self.counters.cfs()).flatten();
+        let cfs = (scrape && index.has_cpu_limits())
+            .then(|| self.counters.cfs())
+            .flatten();
         let walk = match cfs {
             Some(Ok(w)) => {
                 self.walk_log.note(Ok(&w));
@@ -366,8 +389,11 @@ impl Tracker {
         };
         let walk_time = walk_started.elapsed();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let (reading, throttling) =
-            index.throttling_beside(cores, walk.as_ref(), || self.counters.read());
+        let (reading, throttling) = if scrape {
+            index.throttling_beside(cores, walk.as_ref(), || self.counters.read())
+        } else {
+            (self.counters.read(), None)
+        };
         if let Some(t) = &throttling {
             tracing::debug!(
                 walked = t.walked,
@@ -387,7 +413,9 @@ impl Tracker {
             let mut names = self.namer.session(&index);
             join(&index, &reading, &mut names, now)
         };
-        if let Some(want) = joined.want {
+        // Only scrapes ask: a render between scrapes follows a publication
+        // of the refresher's, and asking from there could keep it busy.
+        if let Some(want) = joined.want.filter(|_| scrape) {
             // Full: a request is already pending, which serves this one too.
             let _ = self.wants.try_send(want);
         }
@@ -402,6 +430,7 @@ impl Tracker {
                     t.last_error.unwrap_or_default()
                 )),
             ),
+            None if !scrape => (IdMap::default(), Ok(())),
             None => (
                 IdMap::default(),
                 Err("reading throttling counters panicked".to_owned()),
@@ -422,9 +451,12 @@ impl Tracker {
             index.pressure.then(|| {
                 read_status(&index.read_errors[FileGroup::Pressure as usize], "pressure")
             }),
-            Some(throttling_ok),
+            // Not read between scrapes: not in use there.
+            scrape.then_some(throttling_ok),
         ];
-        self.failures.note(&collectors);
+        if scrape {
+            self.failures.note(&collectors);
+        }
 
         // Counted from the rows' own reading, not the index's lists: the
         // refresher deletes a retired cgroup's counters before it publishes

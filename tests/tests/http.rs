@@ -1,6 +1,7 @@
 //! The HTTP server's bounds against a real agent: an idle-connection flood,
 //! malformed requests, a slow request head, and a shutdown with a stuck
-//! client. The limits are the agent's defaults (`http::Limits`): 128
+//! client; and its gzip bodies, those with families rendered and deflated
+//! ahead of the scrape included. The limits are the agent's defaults (`http::Limits`): 128
 //! connections, a 10 s header timeout, 16 KiB request heads, 5 s of grace.
 
 use std::{
@@ -11,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podmeter_test_support::Agent;
+use podmeter_test_support::{Agent, Scrape, TestTree};
 
 const MAX_CONNECTIONS: usize = 128;
 /// Connections being closed that the agent may still hold (its
@@ -342,6 +343,113 @@ fn names(text: &str) -> std::collections::BTreeSet<String> {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
         .collect()
+}
+
+/// Pods in [`families_rendered_ahead_after_a_refresh_go_out_as_the_kernel_has_them`]:
+/// enough for its CPU limit family to be a gzip piece of its own (16 KiB),
+/// the kind deflated ahead.
+const AHEAD_PODS: usize = 120;
+
+#[test]
+fn families_rendered_ahead_after_a_refresh_go_out_as_the_kernel_has_them() {
+    let tree = TestTree::with_cpu("ahead");
+    let cgs: Vec<_> = (0..AHEAD_PODS)
+        .map(|i| {
+            let cg = tree.cgroup(&format!(
+                "kubepods/burstable/pod0c000000-0000-4000-8000-{i:012x}/{:064x}",
+                i + 1
+            ));
+            cg.set_cpu_limit(50_000, 100_000);
+            cg
+        })
+        .collect();
+    let agent = Agent::start(&["--refresh-interval", "1s"]);
+    // A short task in each, so that each is counted and has rows.
+    for cg in &cgs {
+        cg.spawn(None, &["alloc", "1"]).wait();
+    }
+    let limits = |s: &Scrape| -> Vec<(String, f64)> {
+        let mut v: Vec<(String, f64)> = s
+            .find("podmeter_container_cpu_limit_cores", &[])
+            .into_iter()
+            .filter(|(l, _)| l["pod_uid"].starts_with("0c000000-"))
+            .map(|(l, v)| (l["pod_uid"].clone(), v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let all_at = |s: &Scrape, cores: f64| {
+        let l = limits(s);
+        l.len() == AHEAD_PODS && l.iter().all(|(_, v)| (v - cores).abs() < 1e-9)
+    };
+    agent.scrape_until(Duration::from_secs(30), "every pod's limit", |s| {
+        all_at(s, 0.5)
+    });
+    let gzipped = || {
+        let (code, body) =
+            podmeter_test_support::curl(&agent.url("http", "/metrics"), &["--compressed"])
+                .expect("a gzipped scrape curl can read");
+        assert_eq!(code, 200, "{body}");
+        Scrape::parse(&body)
+    };
+    // A gzip scrape: from now on the agent renders and deflates ahead.
+    assert!(all_at(&gzipped(), 0.5));
+
+    // Every limit changes. The refresh that reads them is followed by a
+    // render ahead that writes and deflates the limit family anew, and the
+    // next gzip scrape takes that piece: it must send the kernel's new
+    // limits. A refresh that read some limits before they all changed, or
+    // one between the render and the scrape, makes another attempt.
+    let field = |line: &str, key: &str| -> Option<String> {
+        Some(
+            line.split(&format!(" {key}="))
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .to_owned(),
+        )
+    };
+    let family = "podmeter_container_cpu_limit_cores";
+    let taken = (1..=5u64).find(|&attempt| {
+        let cores = 0.5 + 0.1 * attempt as f64;
+        let from = agent.log().len();
+        for cg in &cgs {
+            cg.set_cpu_limit(50_000 + 10_000 * attempt, 100_000);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = agent.log();
+            let warmed = log.get(from..).unwrap_or_default().lines().any(|l| {
+                l.contains("rendered the refreshed families ahead of the next scrape")
+                    && field(l, "deflated").is_some_and(|d| d.split(',').any(|n| n == family))
+            });
+            if warmed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the limit family was never deflated ahead:\n{}",
+                agent.log_tail(20)
+            );
+            sleep(Duration::from_millis(100));
+        }
+        let before = agent.log().len();
+        let s = gzipped();
+        let log = agent.log();
+        let ahead: u64 = log
+            .get(before..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("gzip body"))
+            .filter_map(|l| field(l, "ahead")?.parse::<u64>().ok())
+            .sum();
+        ahead > 0 && all_at(&s, cores)
+    });
+    assert!(
+        taken.is_some(),
+        "no gzip scrape took the limits deflated ahead with the kernel's values:\n{}",
+        agent.log_tail(30)
+    );
 }
 
 #[test]
