@@ -261,8 +261,8 @@ impl Gzip {
                 .collect()
         };
         let mut earlier = std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|e| e.into_inner()));
-        // Deflated with no lock held: a scrape meanwhile takes the pieces
-        // as they are.
+        // Deflated with no lock held: a scrape meanwhile finds nothing
+        // ahead and deflates those families itself (only time is lost).
         let mut next = HashMap::with_capacity(todo.len());
         let mut deflated = Vec::new();
         for i in todo {

@@ -8,6 +8,8 @@
 //!   fails when none completed for `--refresh-interval` + the bound;
 //! * a scrape (`/metrics`) must finish within the bound; `/healthz` fails
 //!   while one has been running longer. No scrapes at all is not a fault.
+//!   The render between scrapes after a refresh (`prerender`) makes the
+//!   same map reads and counts as a scrape here.
 //!
 //! Time comes in as an argument, so the rules are unit tested with an
 //! injected clock.

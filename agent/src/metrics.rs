@@ -988,7 +988,10 @@ impl Exporter {
     /// It works on copies of the caches (a few dozen families, a block
     /// per row: `Arc`s), so a scrape meanwhile finds them as they were;
     /// and while a scrape holds them it does nothing (that scrape renders
-    /// everything itself).
+    /// everything itself). A scrape that starts and ends between the copy
+    /// and the merge may have some of its families replaced by this
+    /// render's older ones: the next scrape writes those again, since
+    /// their fingerprints no longer match (time lost, never a wrong text).
     pub fn prerender(&self) -> Vec<(String, Family)> {
         let Some(last) = self.last.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
             return Vec::new();

@@ -24,7 +24,8 @@
 //! at 1000 pods a few milliseconds of CPU). The render asks the refresher
 //! for nothing, so it cannot make refreshes itself.
 //!
-//! The task runs until the runtime shuts down.
+//! The task runs until the runtime shuts down (or the refresher's channel
+//! closes).
 
 use std::{
     sync::Arc,
