@@ -1269,14 +1269,7 @@ mod tests {
                 identity,
                 first_seen: Instant::now(),
                 files: CgroupFiles::new(
-                    &Mounts {
-                        unified: "/nonexistent".into(),
-                        memory_v1: None,
-                        cpu_v1: None,
-                        unified_shows: Some("/".into()),
-                        psi: false,
-                        memory_local_events: false,
-                    },
+                    &Mounts::nowhere(),
                     path,
                     false,
                 ),
@@ -1526,14 +1519,7 @@ mod tests {
             namer::Namer,
         };
         use std::time::Duration;
-        let mounts = Mounts {
-            unified: "/nonexistent".into(),
-            memory_v1: None,
-            cpu_v1: None,
-            unified_shows: Some("/".into()),
-            psi: false,
-            memory_local_events: false,
-        };
+        let mounts = Mounts::nowhere();
         let ids: Vec<u64> = (1..=30).collect();
         let counters = Arc::new(FakeCounters::default());
         let (publish, index) = tokio::sync::watch::channel(Arc::new(crate::index::Index::default()));

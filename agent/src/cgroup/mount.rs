@@ -71,6 +71,21 @@ pub enum MountError {
 }
 
 impl Mounts {
+    /// Mounts where no file exists (cgroup2 at `/nonexistent`, no v1
+    /// hierarchies, no pressure): for unit tests that feed the index by
+    /// hand, whose cgroups read nothing.
+    #[cfg(test)]
+    pub fn nowhere() -> Self {
+        Self {
+            unified: "/nonexistent".into(),
+            memory_v1: None,
+            cpu_v1: None,
+            unified_shows: Some("/".into()),
+            psi: false,
+            memory_local_events: false,
+        }
+    }
+
     /// The mount of the hierarchy holding the cpu controller: the v1 `cpu`
     /// one on hybrid hosts, else the cgroup2 one.
     pub fn cpu_hierarchy(&self) -> &Path {

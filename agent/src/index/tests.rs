@@ -6,14 +6,7 @@ use crate::cgroup::cpu::Cfs;
 const GRACE: Duration = Duration::from_secs(90);
 
 fn state() -> IndexState {
-    let mounts = Mounts {
-        unified: "/nonexistent".into(),
-        memory_v1: None,
-        cpu_v1: None,
-        unified_shows: Some("/".into()),
-        psi: false,
-        memory_local_events: false,
-    };
+    let mounts = Mounts::nowhere();
     IndexState::new(mounts, GRACE)
 }
 

@@ -43,14 +43,7 @@ fn pod(with_container: bool) -> Pod {
 /// An index holding the pod's cgroup (id 1), its container (2) and a host
 /// cgroup (3), first seen at `t0`.
 fn index(t0: Instant) -> (IndexState, Arc<Index>) {
-    let mounts = Mounts {
-        unified: "/nonexistent".into(),
-        memory_v1: None,
-        cpu_v1: None,
-        unified_shows: Some("/".into()),
-        psi: false,
-        memory_local_events: false,
-    };
+    let mounts = Mounts::nowhere();
     let mut s = IndexState::new(mounts, Duration::from_secs(90));
     let ev = |id, path: String| TreeEvent::Created { id, path };
     s.apply(

@@ -14,14 +14,7 @@ use crate::{
 };
 
 fn mounts() -> Mounts {
-    Mounts {
-        unified: "/nonexistent".into(),
-        memory_v1: None,
-        cpu_v1: None,
-        unified_shows: Some("/".into()),
-        psi: false,
-        memory_local_events: false,
-    }
+    Mounts::nowhere()
 }
 
 fn cpu(t: u64) -> CpuCounters {
