@@ -1,7 +1,7 @@
 //! The scrape path with a fake counter source, a fed index and no kernel.
 
 use std::{
-    sync::{Arc, Barrier},
+    sync::{Arc, Barrier, atomic::AtomicU64},
     thread,
 };
 
@@ -247,15 +247,18 @@ fn concurrent_scrapes_and_retirements_neither_deadlock_nor_leak() {
     let t = Arc::new(t);
     let start = Arc::new(Barrier::new(SCRAPERS + 1));
     let done = Arc::new(AtomicBool::new(false));
+    let scraped = Arc::new(AtomicU64::new(0));
     let scrapers: Vec<_> = (0..SCRAPERS)
         .map(|_| {
             let (t, start, done) = (t.clone(), start.clone(), done.clone());
+            let scraped = scraped.clone();
             thread::spawn(move || {
                 start.wait();
                 let mut n = 0u64;
                 while !done.load(Ordering::Relaxed) {
                     t.snapshot();
                     n += 1;
+                    scraped.fetch_add(1, Ordering::Relaxed);
                 }
                 n
             })
@@ -266,6 +269,16 @@ fn concurrent_scrapes_and_retirements_neither_deadlock_nor_leak() {
     let t0 = Instant::now();
     start.wait();
     for round in 0..ROUNDS {
+        // Halfway, until a scrape has run: on a loaded machine the rounds
+        // could otherwise all end before any scraper is scheduled, and
+        // nothing would have raced them.
+        if round == ROUNDS / 2 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while scraped.load(Ordering::Relaxed) == 0 {
+                assert!(Instant::now() < deadline, "no scraper ran in 30 s");
+                thread::yield_now();
+            }
+        }
         let now = t0 + Duration::from_millis(round);
         let id = round + 1;
         s.apply(&[created(id, &format!("/kubepods/pod{id}"))], now);
